@@ -1,0 +1,41 @@
+"""The navigation bar: each role sees the entries it can use, and only those."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.translation import gettext_lazy as _
+from django.utils.functional import Promise
+
+from annotation.roles import Role, user_roles
+
+
+@dataclass(frozen=True)
+class NavItem:
+    label: str | Promise
+    url_name: str
+    role: str | None  # None: every signed-in user
+
+
+NAV_ITEMS = (
+    NavItem(_("Home"), "home", None),
+    NavItem(_("Label"), "label", Role.LABELER),
+    NavItem(_("Evaluate"), "evaluate", Role.EVALUATOR),
+    NavItem(_("Manage"), "manage", Role.MANAGER),
+    NavItem(_("Admin"), "admin:index", Role.MANAGER),
+)
+
+
+def navigation(request: HttpRequest) -> dict[str, object]:
+    roles = user_roles(request.user)
+    if not request.user.is_authenticated:
+        return {"nav_items": [], "user_roles": roles}
+    items = [
+        {"label": item.label, "url": reverse(item.url_name), "active": request.resolver_match is not None
+         and request.resolver_match.view_name == item.url_name}
+        for item in NAV_ITEMS
+        if item.role is None or item.role in roles
+    ]
+    return {"nav_items": items, "user_roles": roles}

@@ -1,0 +1,21 @@
+"""Defaults for the test environment, set before pytest-django reads settings.
+
+Loaded as a pytest plugin (see pyproject.toml) so plain `pytest` and `make
+test` agree. Each default yields to a value already in the environment.
+"""
+
+from __future__ import annotations
+
+import os
+
+TEST_DEFAULTS = {
+    # Debug-style values for cookies and redirects; Django still runs the
+    # tests themselves with DEBUG off.
+    "DEBUG": "1",
+    "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/rankwise",
+    # Database 15 keeps test queues apart from a demo running on database 0.
+    "REDIS_URL": "redis://127.0.0.1:6379/15",
+}
+
+for _name, _value in TEST_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
