@@ -1,0 +1,295 @@
+"""The human side's data: projects, prompts, completions, tasks, assignments,
+judgments and the pairwise comparisons derived from them.
+
+Invariants live in database constraints as well as in the services, so a bug
+or a race in Python cannot store a second assignment of a task to a person, a
+second judgment of an assignment, or more live assignments than a task has
+slots.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils.translation import gettext_lazy as _
+
+from annotation.roles import Role
+
+MIN_K = 2
+MAX_K = 9  # digits 1..9 rank on the keyboard
+LIKERT_MIN = 1
+LIKERT_MAX = 7
+
+
+class Project(models.Model):
+    class Kind(models.TextChoices):
+        RANKING = "ranking", _("Ranking")
+        AB = "ab", _("Blind A/B")
+
+    name = models.CharField(max_length=200, unique=True)
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.RANKING)
+    instructions = models.TextField(blank=True, help_text=_("Markdown, shown to every labeler."))
+    k = models.PositiveSmallIntegerField(
+        "K", default=4, help_text=_("Completions judged together in one task (2–9; 2 for A/B).")
+    )
+    overlap = models.PositiveSmallIntegerField(default=1, help_text=_("Judgments wanted per task."))
+    ties_allowed = models.BooleanField(default=True)
+    likert_enabled = models.BooleanField(default=False, help_text=_("Ask for a 1–7 rating of each completion."))
+    flags = models.JSONField(
+        default=list, blank=True, help_text=_("Flags a labeler may put on a completion, e.g. harmful.")
+    )
+    rationale_required = models.BooleanField(default=False)
+    lease_minutes = models.PositiveIntegerField(default=30)
+    gold_rate = models.FloatField(default=0.0, help_text=_("Share of tasks shown that are gold (0–1)."))
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    members = models.ManyToManyField(settings.AUTH_USER_MODEL, through="Membership", related_name="projects")
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(k__gte=MIN_K, k__lte=MAX_K), name="project_k_between_2_and_9"
+            ),
+            models.CheckConstraint(condition=~Q(kind="ab") | Q(k=2), name="project_ab_has_k_2"),
+            models.CheckConstraint(condition=Q(overlap__gte=1), name="project_overlap_at_least_1"),
+            models.CheckConstraint(condition=Q(lease_minutes__gte=1), name="project_lease_at_least_1_minute"),
+            models.CheckConstraint(condition=Q(gold_rate__gte=0, gold_rate__lte=1), name="project_gold_rate_0_1"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Membership(models.Model):
+    """A person's role in one project. A person may hold several roles in it."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=16, choices=Role.choices)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["project", "user", "role"], name="membership_unique_role"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} — {self.role} in {self.project}"
+
+
+class Policy(models.Model):
+    """Something that writes completions: a model, or an imported source."""
+
+    class Kind(models.TextChoices):
+        MODEL = "model", _("Model")
+        IMPORTED = "imported", _("Imported")
+        BEST_OF_N = "best_of_n", _("Best-of-n")
+
+    name = models.CharField(max_length=200, unique=True)
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.MODEL)
+    base_model = models.CharField(max_length=500, blank=True, help_text=_("Local path or hub id."))
+    adapter = models.CharField(max_length=500, blank=True, help_text=_("PEFT adapter path, if any."))
+    generation_settings = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name_plural = "policies"
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"imported:{self.name}" if self.kind == self.Kind.IMPORTED else self.name
+
+
+class Prompt(models.Model):
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="prompts")
+    external_id = models.CharField(max_length=200, blank=True)
+    text = models.TextField(blank=True, help_text=_("The prompt as text (empty for a chat prompt)."))
+    messages = models.JSONField(null=True, blank=True, help_text=_("Chat turns: [{role, content}, …]."))
+    metadata = models.JSONField(default=dict, blank=True)
+    # sha256 of the canonical prompt: exact duplicates are found by index.
+    content_hash = models.CharField(max_length=64)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(fields=["project", "content_hash"], name="prompt_unique_content"),
+            models.UniqueConstraint(
+                fields=["project", "external_id"], condition=~Q(external_id=""), name="prompt_unique_external_id"
+            ),
+            models.CheckConstraint(
+                condition=(~Q(text="") & Q(messages__isnull=True)) | (Q(text="") & Q(messages__isnull=False)),
+                name="prompt_text_xor_messages",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.external_id or f"prompt {self.pk}"
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+
+class Completion(models.Model):
+    # Clients and pages refer to completions by this id, never by the row id.
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="completions")
+    policy = models.ForeignKey(Policy, on_delete=models.PROTECT, related_name="completions")
+    text = models.TextField()
+    generation_settings = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.policy} on {self.prompt}"
+
+
+class Task(models.Model):
+    """A prompt and the completions judged together: K for ranking, 2 for A/B."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="tasks")
+    prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="tasks")
+    completions = models.ManyToManyField(Completion, through="TaskCompletion", related_name="tasks")
+    is_gold = models.BooleanField(default=False)
+    # The known answer of a gold task: rank per completion, in TaskCompletion.position order.
+    gold_ranks = models.JSONField(null=True, blank=True)
+    # Judgments stored so far; written under the task's row lock at submit.
+    judgment_count = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["project", "is_gold", "judgment_count"])]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(is_gold=False) | Q(gold_ranks__isnull=False), name="task_gold_has_ranks"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"task {self.pk} ({self.project})"
+
+
+class TaskCompletion(models.Model):
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="items")
+    completion = models.ForeignKey(Completion, on_delete=models.CASCADE, related_name="+")
+    position = models.PositiveSmallIntegerField()
+
+    class Meta:
+        ordering = ["task", "position"]
+        constraints = [
+            models.UniqueConstraint(fields=["task", "position"], name="taskcompletion_unique_position"),
+            models.UniqueConstraint(fields=["task", "completion"], name="taskcompletion_unique_completion"),
+        ]
+
+
+class Assignment(models.Model):
+    """A task leased to one person.
+
+    `slot` numbers the task's judgments-in-progress and done (0 … overlap−1);
+    a partial unique constraint lets only one live assignment hold a slot, so
+    two racing claims can never put more people on a task than it needs.
+    """
+
+    class Status(models.TextChoices):
+        ACTIVE = "active", _("Active")
+        SUBMITTED = "submitted", _("Submitted")
+        SKIPPED = "skipped", _("Skipped")
+        EXPIRED = "expired", _("Expired")
+
+    LIVE_STATUSES = (Status.ACTIVE, Status.SUBMITTED)
+
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="assignments")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="assignments")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
+    slot = models.PositiveSmallIntegerField()
+    # Display order for this person: positions of the task's completions, e.g. [2, 0, 3, 1].
+    permutation = models.JSONField()
+    leased_at = models.DateTimeField()
+    lease_expires_at = models.DateTimeField()
+    finished_at = models.DateTimeField(null=True, blank=True)
+    skip_reason = models.CharField(max_length=500, blank=True)
+
+    class Meta:
+        ordering = ["-leased_at", "-id"]
+        indexes = [
+            models.Index(fields=["user", "status"]),
+            models.Index(fields=["status", "lease_expires_at"]),
+        ]
+        constraints = [
+            models.UniqueConstraint(fields=["task", "user"], name="assignment_one_per_person_and_task"),
+            models.UniqueConstraint(
+                fields=["task", "slot"],
+                condition=Q(status__in=["active", "submitted"]),
+                name="assignment_one_live_per_slot",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"assignment {self.pk}: {self.user} on task {self.task_id}"
+
+
+class Judgment(models.Model):
+    """A person's answer to one assignment. Ranks: 1 is best; equal numbers are a tie."""
+
+    assignment = models.OneToOneField(Assignment, on_delete=models.CASCADE, related_name="judgment")
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="judgments")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="judgments")
+    # Keyed by completion uid (str) -> value.
+    ranks = models.JSONField(default=dict)
+    likert = models.JSONField(default=dict, blank=True)
+    flags = models.JSONField(default=dict, blank=True)
+    none_acceptable = models.BooleanField(default=False)
+    rationale = models.TextField(blank=True)
+    active_seconds = models.FloatField(null=True, blank=True)
+    # Chosen by the client per answer: a retried submit with the same token is the same judgment.
+    client_token = models.CharField(max_length=64)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["user", "client_token"], name="judgment_unique_client_token"),
+        ]
+
+    def __str__(self) -> str:
+        return f"judgment {self.pk} by {self.user}"
+
+
+class Comparison(models.Model):
+    """One pair out of a judgment: chosen over rejected, or a tie.
+
+    For a tie, `chosen`/`rejected` hold the pair in task position order and
+    carry no preference. `margin` is the rank gap, or the Likert gap when the
+    project collects Likert ratings; None for a tie.
+    """
+
+    judgment = models.ForeignKey(Judgment, on_delete=models.CASCADE, related_name="comparisons")
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="comparisons")
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="comparisons")
+    prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="comparisons")
+    chosen = models.ForeignKey(Completion, on_delete=models.CASCADE, related_name="+")
+    rejected = models.ForeignKey(Completion, on_delete=models.CASCADE, related_name="+")
+    is_tie = models.BooleanField(default=False)
+    margin = models.FloatField(null=True, blank=True)
+    labeler = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="comparisons")
+    created_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["project", "created_at"])]
+        constraints = [
+            models.CheckConstraint(condition=~Q(chosen=models.F("rejected")), name="comparison_two_completions"),
+            models.UniqueConstraint(fields=["judgment", "chosen", "rejected"], name="comparison_unique_pair"),
+        ]
+
+    def __str__(self) -> str:
+        sign = "=" if self.is_tie else ">"
+        return f"{self.chosen_id} {sign} {self.rejected_id}"
