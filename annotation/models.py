@@ -37,7 +37,9 @@ class Project(models.Model):
     )
     overlap = models.PositiveSmallIntegerField(default=1, help_text=_("Judgments wanted per task."))
     ties_allowed = models.BooleanField(default=True)
-    likert_enabled = models.BooleanField(default=False, help_text=_("Ask for a 1–7 rating of each completion."))
+    likert_enabled = models.BooleanField(
+        default=False, help_text=_("Ask for a 1–7 rating of each completion.")
+    )
     flags = models.JSONField(
         default=list, blank=True, help_text=_("Flags a labeler may put on a completion, e.g. harmful.")
     )
@@ -46,19 +48,21 @@ class Project(models.Model):
     gold_rate = models.FloatField(default=0.0, help_text=_("Share of tasks shown that are gold (0–1)."))
     is_active = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
-    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
     members = models.ManyToManyField(settings.AUTH_USER_MODEL, through="Membership", related_name="projects")
 
     class Meta:
         ordering = ["-created_at", "-id"]
         constraints = [
-            models.CheckConstraint(
-                condition=Q(k__gte=MIN_K, k__lte=MAX_K), name="project_k_between_2_and_9"
-            ),
+            models.CheckConstraint(condition=Q(k__gte=MIN_K, k__lte=MAX_K), name="project_k_between_2_and_9"),
             models.CheckConstraint(condition=~Q(kind="ab") | Q(k=2), name="project_ab_has_k_2"),
             models.CheckConstraint(condition=Q(overlap__gte=1), name="project_overlap_at_least_1"),
             models.CheckConstraint(condition=Q(lease_minutes__gte=1), name="project_lease_at_least_1_minute"),
-            models.CheckConstraint(condition=Q(gold_rate__gte=0, gold_rate__lte=1), name="project_gold_rate_0_1"),
+            models.CheckConstraint(
+                condition=Q(gold_rate__gte=0, gold_rate__lte=1), name="project_gold_rate_0_1"
+            ),
         ]
 
     def __str__(self) -> str:
@@ -119,7 +123,9 @@ class Prompt(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["project", "content_hash"], name="prompt_unique_content"),
             models.UniqueConstraint(
-                fields=["project", "external_id"], condition=~Q(external_id=""), name="prompt_unique_external_id"
+                fields=["project", "external_id"],
+                condition=~Q(external_id=""),
+                name="prompt_unique_external_id",
             ),
             models.CheckConstraint(
                 condition=(~Q(text="") & Q(messages__isnull=True)) | (Q(text="") & Q(messages__isnull=False)),
@@ -188,6 +194,9 @@ class TaskCompletion(models.Model):
             models.UniqueConstraint(fields=["task", "position"], name="taskcompletion_unique_position"),
             models.UniqueConstraint(fields=["task", "completion"], name="taskcompletion_unique_completion"),
         ]
+
+    def __str__(self) -> str:
+        return f"task {self.task_id} position {self.position}"
 
 
 class Assignment(models.Model):
@@ -279,14 +288,18 @@ class Comparison(models.Model):
     rejected = models.ForeignKey(Completion, on_delete=models.CASCADE, related_name="+")
     is_tie = models.BooleanField(default=False)
     margin = models.FloatField(null=True, blank=True)
-    labeler = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="comparisons")
+    labeler = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="comparisons"
+    )
     created_at = models.DateTimeField()
 
     class Meta:
         ordering = ["id"]
         indexes = [models.Index(fields=["project", "created_at"])]
         constraints = [
-            models.CheckConstraint(condition=~Q(chosen=models.F("rejected")), name="comparison_two_completions"),
+            models.CheckConstraint(
+                condition=~Q(chosen=models.F("rejected")), name="comparison_two_completions"
+            ),
             models.UniqueConstraint(fields=["judgment", "chosen", "rejected"], name="comparison_unique_pair"),
         ]
 

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import math
 import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
 
 from django.contrib.auth import get_user_model
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AbstractUser, Group
 from django.contrib.auth.password_validation import validate_password
 from django.db import transaction
+from django.db.models import Count, Exists, F, OuterRef, Prefetch, Q, QuerySet, Subquery, Value
+from django.db.models.functions import Coalesce
+from django.utils import timezone
 
+from annotation.models import (
+    LIKERT_MAX,
+    LIKERT_MIN,
+    Assignment,
+    Comparison,
+    Completion,
+    Judgment,
+    Project,
+    Prompt,
+    Task,
+    TaskCompletion,
+)
 from annotation.roles import Role
 
 
@@ -66,3 +86,469 @@ def user_sync_staff(*, user: AbstractUser) -> None:
         user.save(update_fields=["is_staff"])
     if hasattr(user, "_rankwise_roles"):
         del user._rankwise_roles
+
+
+# --- tasks -------------------------------------------------------------------
+
+
+def _pick_diverse(completions: list[Completion], k: int) -> list[Completion]:
+    """Up to k completions, taking one per policy in turn before repeating a policy."""
+    by_policy: dict[int, list[Completion]] = {}
+    for completion in completions:
+        by_policy.setdefault(completion.policy_id, []).append(completion)
+    queues = [list(group) for _policy, group in sorted(by_policy.items())]
+    picked: list[Completion] = []
+    while len(picked) < k and any(queues):
+        for queue in queues:
+            if queue and len(picked) < k:
+                picked.append(queue.pop(0))
+    return picked
+
+
+@transaction.atomic
+def tasks_create_for_project(*, project: Project) -> int:
+    """Make one task per prompt that has no task yet and at least K completions.
+
+    The K completions come from as many different policies as there are
+    (round-robin over policies, oldest first). A prompt whose metadata holds
+    `gold_ranks` (one rank per completion, in import order) becomes a gold task
+    over its first K completions. Returns the number of tasks made.
+    """
+    prompts = (
+        Prompt.objects.filter(project=project, tasks__isnull=True)
+        .prefetch_related(Prefetch("completions", queryset=Completion.objects.order_by("id")))
+        .order_by("id")
+    )
+    created = 0
+    for prompt in prompts:
+        completions = list(prompt.completions.all())
+        if len(completions) < project.k:
+            continue
+        gold_ranks = prompt.metadata.get("gold_ranks") if isinstance(prompt.metadata, dict) else None
+        if gold_ranks:
+            chosen = completions[: project.k]
+            task_gold_ranks: list[int] | None = [int(rank) for rank in gold_ranks[: project.k]]
+        else:
+            chosen = _pick_diverse(completions, project.k)
+            task_gold_ranks = None
+        task = Task.objects.create(
+            project=project, prompt=prompt, is_gold=task_gold_ranks is not None, gold_ranks=task_gold_ranks
+        )
+        TaskCompletion.objects.bulk_create(
+            TaskCompletion(task=task, completion=completion, position=position)
+            for position, completion in enumerate(chosen)
+        )
+        created += 1
+    return created
+
+
+# --- the queue ---------------------------------------------------------------
+
+_random = secrets.SystemRandom()
+# Claims try this many locked-or-full candidates before giving up for now.
+_CLAIM_CANDIDATES = 20
+
+
+def _live_assignments(now: datetime) -> Q:
+    """Assignments that hold a slot: submitted, or active with a lease still running."""
+    return Q(status=Assignment.Status.SUBMITTED) | Q(
+        status=Assignment.Status.ACTIVE, lease_expires_at__gt=now
+    )
+
+
+def _wants_gold(*, project: Project, user: AbstractBaseUser) -> bool:
+    """Whether the next task should be gold, so the person's gold share tracks the project's rate."""
+    if project.gold_rate <= 0:
+        return False
+    done = Assignment.objects.filter(task__project=project, user=user).exclude(
+        status=Assignment.Status.SKIPPED
+    )
+    total = done.count()
+    gold = done.filter(task__is_gold=True).count()
+    return gold < project.gold_rate * (total + 1)
+
+
+def _claim_candidates(
+    *, project: Project, user: AbstractBaseUser, gold: bool, now: datetime
+) -> QuerySet[Task]:
+    live = (
+        Assignment.objects.filter(_live_assignments(now), task=OuterRef("pk"))
+        .order_by()
+        .values("task")
+        .annotate(n=Count("pk"))
+        .values("n")
+    )
+    tasks = Task.objects.filter(project=project, is_gold=gold).exclude(
+        Exists(Assignment.objects.filter(task=OuterRef("pk"), user=user))
+    )
+    if not gold:
+        # Gold tasks go to everyone once; regular ones stop at the overlap.
+        tasks = (
+            tasks.filter(judgment_count__lt=project.overlap)
+            .alias(live=Coalesce(Subquery(live), Value(0)))
+            .filter(live__lt=project.overlap)
+        )
+    # Closest to done first, so finished tasks (and datasets) arrive early.
+    return tasks.order_by("-judgment_count", "id")
+
+
+def _free_slot(*, task: Task, project: Project, now: datetime) -> int | None:
+    """Under the task's row lock: expire stale leases, then the lowest free slot (None if full)."""
+    Assignment.objects.filter(task=task, status=Assignment.Status.ACTIVE, lease_expires_at__lte=now).update(
+        status=Assignment.Status.EXPIRED
+    )
+    used = set(
+        Assignment.objects.filter(task=task, status__in=Assignment.LIVE_STATUSES).values_list(
+            "slot", flat=True
+        )
+    )
+    if task.is_gold:
+        return max(used, default=-1) + 1
+    return next((slot for slot in range(project.overlap) if slot not in used), None)
+
+
+def _lock_task_with_free_slot(
+    *, candidates: QuerySet[Task], project: Project, now: datetime
+) -> tuple[Task | None, int]:
+    """Lock the best candidate that still has a free slot.
+
+    First pass: SKIP LOCKED, so parallel claimers spread over tasks. If every
+    candidate was locked, wait for the best one: otherwise people racing for
+    the last tasks would be told "nothing left" while slots remain. Waiting on
+    a single row, holding no other, cannot deadlock.
+    """
+    skipping = candidates.select_for_update(skip_locked=True, no_key=True, of=("self",))
+    tried: list[int] = []
+    for _attempt in range(_CLAIM_CANDIDATES):
+        task = skipping.exclude(pk__in=tried).first()
+        if task is None:
+            break
+        slot = _free_slot(task=task, project=project, now=now)
+        if slot is not None:
+            return task, slot
+        tried.append(task.pk)
+    if tried:
+        # We hold locks on full tasks; waiting now could deadlock. Rare: try again later.
+        return None, 0
+    task = candidates.select_for_update(no_key=True, of=("self",)).first()
+    if task is not None:
+        slot = _free_slot(task=task, project=project, now=now)
+        if slot is not None:
+            return task, slot
+    return None, 0
+
+
+def assignment_claim_next(
+    *, project: Project, user: AbstractBaseUser, now: datetime | None = None
+) -> Assignment | None:
+    """Lease the next task of the project to this person, or None when nothing is left for them.
+
+    1. A person holding a live lease in the project gets that assignment back.
+    2. Candidates: tasks they never had, with a free slot; gold first when
+       their gold share is below the project's rate; most judged first.
+    3. The candidate row is locked with SKIP LOCKED (PostgreSQL), so parallel
+       claims spread over tasks instead of queueing on one; on SQLite the
+       IMMEDIATE transaction serializes claims.
+    4. Under the lock, stale leases of that task expire and the lowest free
+       slot is taken; unique constraints back both rules.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        current = (
+            Assignment.objects.filter(
+                task__project=project, user=user, status=Assignment.Status.ACTIVE, lease_expires_at__gt=now
+            )
+            .order_by("leased_at", "id")
+            .first()
+        )
+        if current is not None:
+            return current
+        wants_gold = _wants_gold(project=project, user=user)
+        kinds = [True, False] if wants_gold else [False]
+        for gold in kinds:
+            candidates = _claim_candidates(project=project, user=user, gold=gold, now=now)
+            task, slot = _lock_task_with_free_slot(candidates=candidates, project=project, now=now)
+            if task is None:
+                continue
+            size = TaskCompletion.objects.filter(task=task).count()
+            permutation = list(range(size))
+            _random.shuffle(permutation)
+            return Assignment.objects.create(
+                task=task,
+                user=user,
+                slot=slot,
+                permutation=permutation,
+                leased_at=now,
+                lease_expires_at=now + timedelta(minutes=project.lease_minutes),
+            )
+        return None
+
+
+class AssignmentNotActive(Exception):
+    """The assignment was already submitted, skipped or taken over."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def assignment_skip(*, assignment: Assignment, reason: str = "", now: datetime | None = None) -> Assignment:
+    """Give the task back: the lease ends now and the person will not be offered it again."""
+    now = now or timezone.now()
+    reason = reason.strip()[:500]
+    changed = Assignment.objects.filter(pk=assignment.pk, status=Assignment.Status.ACTIVE).update(
+        status=Assignment.Status.SKIPPED, skip_reason=reason, finished_at=now
+    )
+    assignment.refresh_from_db()
+    if changed != 1:
+        raise AssignmentNotActive(
+            assignment.status, f"This assignment is {assignment.status}; it cannot be skipped."
+        )
+    return assignment
+
+
+def assignments_expire_stale(*, now: datetime | None = None) -> int:
+    """Mark every lapsed lease expired, returning its slot to the pool. Returns how many."""
+    now = now or timezone.now()
+    return Assignment.objects.filter(status=Assignment.Status.ACTIVE, lease_expires_at__lte=now).update(
+        status=Assignment.Status.EXPIRED
+    )
+
+
+# --- judgments and comparisons ----------------------------------------------
+
+
+class JudgmentInvalid(ValueError):
+    """The answer does not fit the task; `errors` maps a field to what is wrong with it."""
+
+    def __init__(self, errors: dict[str, str]) -> None:
+        super().__init__("; ".join(f"{field}: {message}" for field, message in errors.items()))
+        self.errors = errors
+
+
+class LeaseTakenOver(Exception):
+    """The lease expired and someone else took the task; the answer was not stored."""
+
+
+@dataclass(frozen=True)
+class JudgmentInput:
+    ranks: dict[str, int]
+    client_token: str
+    likert: dict[str, int] = field(default_factory=dict)
+    flags: dict[str, list[str]] = field(default_factory=dict)
+    none_acceptable: bool = False
+    rationale: str = ""
+    active_seconds: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ranks": self.ranks,
+            "likert": self.likert,
+            "flags": self.flags,
+            "none_acceptable": self.none_acceptable,
+            "rationale": self.rationale,
+            "active_seconds": self.active_seconds,
+            "client_token": self.client_token,
+        }
+
+
+_TOKEN_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+MAX_RATIONALE = 10_000
+MAX_ACTIVE_SECONDS = 24 * 3600
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def judgment_validate(*, answer: JudgmentInput, project: Project, uids: list[str]) -> None:
+    """Check an answer against the task's completions and the project's rules; raise JudgmentInvalid."""
+    errors: dict[str, str] = {}
+    k = len(uids)
+    expected = set(uids)
+    token = answer.client_token
+    if not isinstance(token, str) or not 1 <= len(token) <= 64 or not set(token) <= _TOKEN_CHARS:
+        errors["client_token"] = "must be 1–64 characters of letters, digits, '-' or '_'"  # noqa: S105
+
+    ranks = answer.ranks
+    if not isinstance(ranks, dict):
+        errors["ranks"] = "must be an object mapping each completion id to its rank"
+    elif answer.none_acceptable and not ranks:
+        pass  # "none acceptable" may come without a ranking
+    elif set(ranks) != expected:
+        missing, unknown = expected - set(ranks), set(ranks) - expected
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} completion(s): {', '.join(sorted(missing))}")
+        if unknown:
+            parts.append(f"unknown completion id(s): {', '.join(sorted(map(str, unknown)))}")
+        errors["ranks"] = "; ".join(parts)
+    elif not all(_is_int(rank) and 1 <= rank <= k for rank in ranks.values()):
+        errors["ranks"] = f"every rank must be a whole number from 1 (best) to {k}"
+    elif not project.ties_allowed and len(set(ranks.values())) != k:
+        errors["ranks"] = "this project does not allow ties: give every completion a different rank"
+
+    likert = answer.likert
+    if not isinstance(likert, dict):
+        errors["likert"] = "must be an object mapping each completion id to a rating"
+    elif (project.likert_enabled and not answer.none_acceptable) or likert:
+        if not project.likert_enabled:
+            errors["likert"] = "this project does not collect Likert ratings"
+        elif set(likert) != expected:
+            errors["likert"] = f"rate every completion of the task ({k}), and only those"
+        elif not all(_is_int(value) and LIKERT_MIN <= value <= LIKERT_MAX for value in likert.values()):
+            errors["likert"] = f"ratings are whole numbers from {LIKERT_MIN} to {LIKERT_MAX}"
+        elif "ranks" not in errors and isinstance(ranks, dict) and ranks:
+            for a in uids:
+                for b in uids:
+                    if ranks[a] < ranks[b] and likert[a] < likert[b]:
+                        errors["likert"] = (
+                            "a completion ranked better cannot have a lower rating than a worse one"
+                        )
+
+    flags = answer.flags
+    allowed_flags = set(project.flags)
+    if not isinstance(flags, dict):
+        errors["flags"] = "must be an object mapping completion ids to lists of flags"
+    else:
+        for uid, names in flags.items():
+            if uid not in expected:
+                errors["flags"] = f"unknown completion id {uid!r}"
+            elif not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+                errors["flags"] = "each completion's flags must be a list of flag names"
+            elif set(names) - allowed_flags:
+                unknown_flags = ", ".join(sorted(set(names) - allowed_flags))
+                errors["flags"] = (
+                    f"unknown flag(s) {unknown_flags}; this project has: {', '.join(project.flags)}"
+                )
+
+    if not isinstance(answer.rationale, str) or len(answer.rationale) > MAX_RATIONALE:
+        errors["rationale"] = f"must be text of at most {MAX_RATIONALE} characters"
+    elif project.rationale_required and not answer.rationale.strip():
+        errors["rationale"] = "this project asks for a rationale with every answer"
+
+    seconds = answer.active_seconds
+    if seconds is not None and (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not math.isfinite(seconds)
+        or not 0 <= seconds <= MAX_ACTIVE_SECONDS
+    ):
+        errors["active_seconds"] = f"must be a number of seconds from 0 to {MAX_ACTIVE_SECONDS}"
+    if errors:
+        raise JudgmentInvalid(errors)
+
+
+def comparisons_from_judgment(
+    *, judgment: Judgment, items: list[TaskCompletion], likert_margins: bool
+) -> list[Comparison]:
+    """Every pair (i, j) of the task's completions as an unsaved Comparison.
+
+    Lower rank wins; equal ranks are a tie (kept in position order, no margin).
+    The margin is the rank gap, or the Likert gap when the project rates.
+    "None acceptable" yields no pairs.
+    """
+    if judgment.none_acceptable:
+        return []
+    ranks = judgment.ranks
+    comparisons = []
+    ordered = sorted(items, key=lambda item: item.position)
+    for i, first in enumerate(ordered):
+        for second in ordered[i + 1 :]:
+            a, b = first.completion, second.completion
+            rank_a, rank_b = ranks[str(a.uid)], ranks[str(b.uid)]
+            tie = rank_a == rank_b
+            chosen, rejected = (a, b) if rank_a <= rank_b else (b, a)
+            margin: float | None = None
+            if not tie:
+                if likert_margins:
+                    margin = float(judgment.likert[str(chosen.uid)] - judgment.likert[str(rejected.uid)])
+                else:
+                    margin = float(abs(rank_a - rank_b))
+            comparisons.append(
+                Comparison(
+                    judgment=judgment,
+                    project_id=judgment.task.project_id,
+                    task_id=judgment.task_id,
+                    prompt_id=judgment.task.prompt_id,
+                    chosen=chosen,
+                    rejected=rejected,
+                    is_tie=tie,
+                    margin=margin,
+                    labeler_id=judgment.user_id,
+                    created_at=judgment.created_at,
+                )
+            )
+    return comparisons
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    judgment: Judgment
+    created: bool
+
+
+def judgment_submit(
+    *, assignment: Assignment, user: AbstractBaseUser, answer: JudgmentInput, now: datetime | None = None
+) -> SubmitResult:
+    """Store a person's answer and its C(K,2) comparisons in one transaction.
+
+    Idempotent per client token: a retry returns the judgment already stored.
+    The lease is re-checked under the task's row lock. An answer after the
+    lease ran out is still taken while nobody else holds the slot; once the
+    task was taken over it raises LeaseTakenOver and stores nothing.
+    """
+    now = now or timezone.now()
+    if assignment.user_id != user.pk:
+        raise AssignmentNotActive("not_yours", "This assignment belongs to someone else.")
+    with transaction.atomic():
+        previous = Judgment.objects.filter(user=user, client_token=answer.client_token).first()
+        if previous is not None:
+            if previous.assignment_id != assignment.pk:
+                raise JudgmentInvalid({"client_token": "already used for another assignment"})
+            return SubmitResult(previous, created=False)
+
+        task = (
+            Task.objects.select_for_update(no_key=True)
+            .select_related("project", "prompt")
+            .get(pk=assignment.task_id)
+        )
+        project = task.project
+        locked = Assignment.objects.select_for_update(no_key=True).get(pk=assignment.pk)
+        items = list(
+            TaskCompletion.objects.filter(task=task).select_related("completion").order_by("position")
+        )
+        judgment_validate(answer=answer, project=project, uids=[str(item.completion.uid) for item in items])
+
+        if locked.status == Assignment.Status.SUBMITTED:
+            raise AssignmentNotActive("submitted", "This task was already answered with another submission.")
+        if locked.status == Assignment.Status.SKIPPED:
+            raise AssignmentNotActive("skipped", "This task was skipped; the answer was not stored.")
+        lease_running = locked.status == Assignment.Status.ACTIVE and locked.lease_expires_at > now
+        if not lease_running:
+            others = Assignment.objects.filter(_live_assignments(now), task=task).exclude(pk=locked.pk)
+            taken_over = others.filter(slot=locked.slot).exists() or (
+                not task.is_gold and others.count() >= project.overlap
+            )
+            if taken_over:
+                raise LeaseTakenOver("Your lease ran out and another person took over this task.")
+
+        judgment = Judgment.objects.create(
+            assignment=locked,
+            task=task,
+            user=user,
+            ranks=answer.ranks,
+            likert=answer.likert,
+            flags={uid: names for uid, names in answer.flags.items() if names},
+            none_acceptable=answer.none_acceptable,
+            rationale=answer.rationale.strip(),
+            active_seconds=answer.active_seconds,
+            client_token=answer.client_token,
+        )
+        Comparison.objects.bulk_create(
+            comparisons_from_judgment(judgment=judgment, items=items, likert_margins=project.likert_enabled)
+        )
+        Assignment.objects.filter(pk=locked.pk).update(status=Assignment.Status.SUBMITTED, finished_at=now)
+        Task.objects.filter(pk=task.pk).update(judgment_count=F("judgment_count") + 1)
+        assignment.refresh_from_db()
+        return SubmitResult(judgment, created=True)

@@ -2,8 +2,21 @@ from __future__ import annotations
 
 from django.contrib.auth import views as auth_views
 from django.urls import path
+from drf_spectacular.views import SpectacularAPIView
 
-from annotation import views
+from annotation import api, views
+
+api_patterns = [
+    path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("api/projects/", api.project_list, name="api-project-list"),
+    path("api/projects/<int:project_id>/", api.project_detail, name="api-project-detail"),
+    path("api/projects/<int:project_id>/next", api.project_claim_next, name="api-project-next"),
+    path("api/projects/<int:project_id>/import", api.project_import, name="api-project-import"),
+    path("api/projects/<int:project_id>/stats", api.project_stats_view, name="api-project-stats"),
+    path("api/projects/<int:project_id>/judgments", api.project_judgments_export, name="api-project-judgments"),
+    path("api/assignments/<int:assignment_id>/judgment", api.assignment_judgment, name="api-assignment-judgment"),
+    path("api/assignments/<int:assignment_id>/skip", api.assignment_skip_view, name="api-assignment-skip"),
+]
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -13,4 +26,5 @@ urlpatterns = [
     # Sign-up is closed: accounts are made by a manager (admin) or `manage.py create_user`.
     path("accounts/login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    *api_patterns,
 ]

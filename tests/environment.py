@@ -12,7 +12,9 @@ TEST_DEFAULTS = {
     # Debug-style values for cookies and redirects; Django still runs the
     # tests themselves with DEBUG off.
     "DEBUG": "1",
-    "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/rankwise",
+    # One database per pytest process (pytest-django prefixes it with test_),
+    # so two runs on one machine never drop each other's tables.
+    "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/rankwise_{os.getpid()}",
     # Database 15 keeps test queues apart from a demo running on database 0.
     "REDIS_URL": "redis://127.0.0.1:6379/15",
 }

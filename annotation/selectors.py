@@ -1,0 +1,110 @@
+"""Reads on the annotation side, and the access helpers every door goes through.
+
+An object a person may not see does not exist for them: the helpers raise
+Http404, never 403, so ids reveal nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db.models import QuerySet
+from django.http import Http404
+
+from annotation.models import Assignment, Membership, Project, TaskCompletion
+from annotation.roles import Role
+
+AnyUser = AbstractBaseUser | AnonymousUser
+
+# Who answers the tasks of each kind of project.
+JUDGE_ROLE = {Project.Kind.RANKING: Role.LABELER, Project.Kind.AB: Role.EVALUATOR}
+
+
+def projects_for_user(*, user: AnyUser, role: str | None = None) -> QuerySet[Project]:
+    if not user.is_authenticated:
+        return Project.objects.none()
+    if user.is_superuser:  # type: ignore[union-attr]
+        return Project.objects.all()
+    memberships = Membership.objects.filter(user=user)
+    if role is not None:
+        memberships = memberships.filter(role=role)
+    return Project.objects.filter(pk__in=memberships.values("project_id"))
+
+
+def project_roles_for_user(*, user: AnyUser, project: Project) -> frozenset[str]:
+    if not user.is_authenticated:
+        return frozenset()
+    roles = set(Membership.objects.filter(project=project, user=user).values_list("role", flat=True))
+    if user.is_superuser:  # type: ignore[union-attr]
+        roles.add(Role.MANAGER)
+    return frozenset(roles)
+
+
+def project_get_for_user(*, user: AnyUser, pk: Any, role: str | None = None) -> Project:
+    """The project with this id if the user is a member (holding `role`, if given); else Http404."""
+    try:
+        project = projects_for_user(user=user, role=role).get(pk=int(pk))
+    except (Project.DoesNotExist, TypeError, ValueError):
+        raise Http404("No such project.") from None
+    return project
+
+
+def project_get_for_judge(*, user: AnyUser, pk: Any) -> Project:
+    """A project the user answers tasks in (labeler of a ranking project, evaluator of an A/B one)."""
+    project = project_get_for_user(user=user, pk=pk)
+    if JUDGE_ROLE[Project.Kind(project.kind)] not in project_roles_for_user(user=user, project=project):
+        raise Http404("No such project.")
+    return project
+
+
+def assignment_get_for_user(*, user: AnyUser, pk: Any) -> Assignment:
+    """The person's own assignment; anybody else's is Http404, managers included."""
+    if not user.is_authenticated:
+        raise Http404("No such assignment.")
+    try:
+        return Assignment.objects.select_related("task__project", "task__prompt").get(pk=int(pk), user=user)
+    except (Assignment.DoesNotExist, TypeError, ValueError):
+        raise Http404("No such assignment.") from None
+
+
+def assignment_items_in_display_order(*, assignment: Assignment) -> list[TaskCompletion]:
+    """The task's completions in the order this person sees them (A, B, C, …)."""
+    items = list(TaskCompletion.objects.filter(task_id=assignment.task_id).select_related("completion"))
+    by_position = {item.position: item for item in items}
+    return [by_position[position] for position in assignment.permutation]
+
+
+def display_label(index: int) -> str:
+    return chr(ord("A") + index)
+
+
+def assignment_payload(*, assignment: Assignment) -> dict[str, Any]:
+    """What a client needs to show and answer an assignment.
+
+    Completions are named by their opaque uid and a display letter only;
+    nothing here says which policy wrote them.
+    """
+    task = assignment.task
+    project = task.project
+    prompt = task.prompt
+    items = assignment_items_in_display_order(assignment=assignment)
+    return {
+        "id": assignment.pk,
+        "project": project.pk,
+        "status": assignment.status,
+        "lease_expires_at": assignment.lease_expires_at.isoformat(),
+        "prompt": {"text": prompt.text, "messages": prompt.messages},
+        "completions": [
+            {"id": str(item.completion.uid), "label": display_label(index), "text": item.completion.text}
+            for index, item in enumerate(items)
+        ],
+        "settings": {
+            "kind": project.kind,
+            "k": len(items),
+            "ties_allowed": project.ties_allowed,
+            "likert_enabled": project.likert_enabled,
+            "flags": list(project.flags),
+            "rationale_required": project.rationale_required,
+        },
+    }
