@@ -130,7 +130,9 @@ def assignment_judgment(request: Request, assignment_id: int) -> Response:
 
 
 def _conflict(detail: str, reason: str, answer: dict[str, object]) -> Response:
-    return Response({"detail": detail, "reason": reason, "your_answer": answer}, status=status.HTTP_409_CONFLICT)
+    return Response(
+        {"detail": detail, "reason": reason, "your_answer": answer}, status=status.HTTP_409_CONFLICT
+    )
 
 
 @extend_schema(request=SkipRequestSerializer, responses={200: AssignmentSerializer, 409: ConflictSerializer})

@@ -80,7 +80,8 @@ class JudgmentRequestSerializer(serializers.Serializer):
     rationale = serializers.CharField(required=False, allow_blank=True, default="", max_length=MAX_RATIONALE)
     active_seconds = serializers.FloatField(required=False, allow_null=True, default=None)
     client_token = serializers.CharField(
-        max_length=64, help_text="Chosen by the client for this answer; a retry with the same token is a no-op."
+        max_length=64,
+        help_text="Chosen by the client for this answer; a retry with the same token is a no-op.",
     )
 
     def to_answer(self) -> JudgmentInput:

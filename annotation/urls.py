@@ -13,8 +13,14 @@ api_patterns = [
     path("api/projects/<int:project_id>/next", api.project_claim_next, name="api-project-next"),
     path("api/projects/<int:project_id>/import", api.project_import, name="api-project-import"),
     path("api/projects/<int:project_id>/stats", api.project_stats_view, name="api-project-stats"),
-    path("api/projects/<int:project_id>/judgments", api.project_judgments_export, name="api-project-judgments"),
-    path("api/assignments/<int:assignment_id>/judgment", api.assignment_judgment, name="api-assignment-judgment"),
+    path(
+        "api/projects/<int:project_id>/judgments", api.project_judgments_export, name="api-project-judgments"
+    ),
+    path(
+        "api/assignments/<int:assignment_id>/judgment",
+        api.assignment_judgment,
+        name="api-assignment-judgment",
+    ),
     path("api/assignments/<int:assignment_id>/skip", api.assignment_skip_view, name="api-assignment-skip"),
 ]
 

@@ -41,7 +41,7 @@ def _run_in_threads(people: list, work) -> list[BaseException]:  # type: ignore[
         try:
             barrier.wait()
             work(person)
-        except BaseException as error:  # noqa: BLE001 - reported by the test
+        except BaseException as error:
             errors.append(error)
         finally:
             connections.close_all()
