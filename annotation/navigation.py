@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from django.http import HttpRequest
 from django.urls import reverse
-from django.utils.translation import gettext_lazy as _
 from django.utils.functional import Promise
+from django.utils.translation import gettext_lazy as _
 
 from annotation.roles import Role, user_roles
 
@@ -33,8 +33,12 @@ def navigation(request: HttpRequest) -> dict[str, object]:
     if not request.user.is_authenticated:
         return {"nav_items": [], "user_roles": roles}
     items = [
-        {"label": item.label, "url": reverse(item.url_name), "active": request.resolver_match is not None
-         and request.resolver_match.view_name == item.url_name}
+        {
+            "label": item.label,
+            "url": reverse(item.url_name),
+            "active": request.resolver_match is not None
+            and request.resolver_match.view_name == item.url_name,
+        }
         for item in NAV_ITEMS
         if item.role is None or item.role in roles
     ]

@@ -70,8 +70,15 @@ def role_required(role: str) -> Callable[[Callable[..., HttpResponse]], Callable
 
 
 def roles_sync_permissions(**kwargs: Any) -> None:
-    """Grant the manager group every permission of the product's apps and user accounts."""
-    manager, _created = Group.objects.get_or_create(name=Role.MANAGER)
+    """Make sure every role group exists and grant the manager group every
+    permission of the product's apps and user accounts.
+
+    Runs after every migrate, and after every flush (which also empties the
+    groups the data migration made), so the roles are always there.
+    """
+    for role in Role.values:
+        Group.objects.get_or_create(name=role)
+    manager = Group.objects.get(name=Role.MANAGER)
     wanted = Permission.objects.filter(content_type__app_label__in=MANAGER_APPS) | Permission.objects.filter(
         content_type__app_label="auth", codename__in=MANAGER_USER_PERMISSIONS
     )

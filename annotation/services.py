@@ -105,14 +105,21 @@ def _pick_diverse(completions: list[Completion], k: int) -> list[Completion]:
     return picked
 
 
+def _dense_ranks(ranks: list[int]) -> list[int]:
+    """Renumber ranks 1, 2, … keeping their order and ties: [3, 1, 3] -> [2, 1, 2]."""
+    levels = {rank: index for index, rank in enumerate(sorted(set(ranks)), start=1)}
+    return [levels[rank] for rank in ranks]
+
+
 @transaction.atomic
-def tasks_create_for_project(*, project: Project) -> int:
+def tasks_create_for_project(*, project: Project, batch_size: int = 1000) -> int:
     """Make one task per prompt that has no task yet and at least K completions.
 
     The K completions come from as many different policies as there are
     (round-robin over policies, oldest first). A prompt whose metadata holds
     `gold_ranks` (one rank per completion, in import order) becomes a gold task
-    over its first K completions. Returns the number of tasks made.
+    over its first K completions, their ranks renumbered from 1. Rows are
+    written in batches. Returns the number of tasks made.
     """
     prompts = (
         Prompt.objects.filter(project=project, tasks__isnull=True)
@@ -120,25 +127,39 @@ def tasks_create_for_project(*, project: Project) -> int:
         .order_by("id")
     )
     created = 0
-    for prompt in prompts:
+    pending: list[tuple[Task, list[Completion]]] = []
+
+    def flush() -> None:
+        Task.objects.bulk_create([task for task, _chosen in pending])
+        TaskCompletion.objects.bulk_create(
+            TaskCompletion(task=task, completion=completion, position=position)
+            for task, chosen in pending
+            for position, completion in enumerate(chosen)
+        )
+        pending.clear()
+
+    for prompt in prompts.iterator(chunk_size=batch_size):
         completions = list(prompt.completions.all())
         if len(completions) < project.k:
             continue
         gold_ranks = prompt.metadata.get("gold_ranks") if isinstance(prompt.metadata, dict) else None
         if gold_ranks:
             chosen = completions[: project.k]
-            task_gold_ranks: list[int] | None = [int(rank) for rank in gold_ranks[: project.k]]
+            task = Task(
+                project=project,
+                prompt=prompt,
+                is_gold=True,
+                gold_ranks=_dense_ranks([int(rank) for rank in gold_ranks[: project.k]]),
+            )
         else:
             chosen = _pick_diverse(completions, project.k)
-            task_gold_ranks = None
-        task = Task.objects.create(
-            project=project, prompt=prompt, is_gold=task_gold_ranks is not None, gold_ranks=task_gold_ranks
-        )
-        TaskCompletion.objects.bulk_create(
-            TaskCompletion(task=task, completion=completion, position=position)
-            for position, completion in enumerate(chosen)
-        )
+            task = Task(project=project, prompt=prompt)
+        pending.append((task, chosen))
         created += 1
+        if len(pending) >= batch_size:
+            flush()
+    if pending:
+        flush()
     return created
 
 

@@ -89,9 +89,7 @@ def env_path(name: str, default: Path, *, environ: Mapping[str, str] | None = No
 _DATABASE_SCHEMES = ("sqlite", "postgres", "postgresql", "pgsql")
 
 
-def env_database(
-    name: str, default: str, *, environ: Mapping[str, str] | None = None
-) -> dict[str, object]:
+def env_database(name: str, default: str, *, environ: Mapping[str, str] | None = None) -> dict[str, object]:
     """A database URL parsed by dj-database-url, limited to the engines Rankwise supports."""
     import dj_database_url
 

@@ -191,6 +191,8 @@ SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", not DEBUG)
 CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", not DEBUG)
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", not DEBUG)
+# Load balancers probe the health check over plain HTTP inside the network.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
 SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0 if DEBUG else 31_536_000, minimum=0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", not DEBUG)
 # The header alone changes nothing until the domain owner submits it to the
@@ -271,6 +273,11 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {
     "interval_step": 0.5,
     "interval_max": 1,
 }
+# Periodic jobs, run by `celery -A config beat` (the demo embeds beat in its default worker).
+CELERY_BEAT_SCHEDULE = {
+    "expire-stale-leases": {"task": "annotation.tasks.assignments_expire_stale", "schedule": 60.0},
+}
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # Hard limit for a GPU job; the soft limit leaves time to save a checkpoint.
 TRAINING_TIME_LIMIT_S = env_int("TRAINING_TIME_LIMIT_S", 6 * 3600, minimum=60)
 TRAINING_SOFT_TIME_LIMIT_S = TRAINING_TIME_LIMIT_S - min(600, TRAINING_TIME_LIMIT_S // 10)

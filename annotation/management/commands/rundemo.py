@@ -20,13 +20,22 @@ import redis
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-REDIS_INSTALL_HINT = (
-    "Redis is not answering at {url} and no `redis-server` program was found to start one.\n"
-    "Install Redis, then run `make demo` again:\n"
+REDIS_INSTALL_STEPS = (
     "  Debian/Ubuntu:  sudo apt-get install redis-server\n"
     "  Fedora:         sudo dnf install redis\n"
     "  macOS:          brew install redis\n"
-    "or point REDIS_URL at a Redis server you already run."
+)
+REDIS_INSTALL_HINT = (
+    "Redis is not answering at {url} and no `redis-server` program was found on PATH to start one.\n"
+    "Install Redis (the `redis-server` program), then run `make demo` again:\n"
+    + REDIS_INSTALL_STEPS
+    + "or point REDIS_URL at a Redis server you already run."
+)
+REDIS_REMOTE_HINT = (
+    "Redis is not answering at {url}. rundemo starts a Redis server only on this machine "
+    "(a redis:// URL on 127.0.0.1 or localhost);\n"
+    "start Redis on that host, or unset REDIS_URL to use a local one.\n"
+    "To run Redis on this machine, install it (the `redis-server` program):\n" + REDIS_INSTALL_STEPS
 )
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
 
@@ -81,7 +90,9 @@ class Command(BaseCommand):
             return
         parsed = urlparse(url)
         binary = shutil.which("redis-server")
-        if parsed.scheme != "redis" or parsed.hostname not in LOCAL_HOSTS or binary is None:
+        if parsed.scheme != "redis" or parsed.hostname not in LOCAL_HOSTS:
+            raise CommandError(REDIS_REMOTE_HINT.format(url=url))
+        if binary is None:
             raise CommandError(REDIS_INSTALL_HINT.format(url=url))
         port = parsed.port or 6379
         data_dir = Path(settings.VAR_DIR) / "redis"
@@ -89,8 +100,19 @@ class Command(BaseCommand):
         self.stdout.write(f"Redis: none answered at {url}; starting {binary} on port {port}")
         process = self._spawn(
             "redis",
-            [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-             "--dir", str(data_dir)],
+            [
+                binary,
+                "--bind",
+                "::1" if parsed.hostname == "::1" else "127.0.0.1",
+                "--port",
+                str(port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(data_dir),
+            ],
         )
         deadline = time.monotonic() + 15
         while not redis_answers(url):
@@ -100,7 +122,9 @@ class Command(BaseCommand):
 
     def _start_workers(self) -> None:
         celery = [sys.executable, "-m", "celery", "-A", "config", "worker", "--loglevel", "INFO"]
-        self._spawn("worker-default", [*celery, "-Q", "default", "--concurrency", "2", "-n", "default@%h"])
+        self._spawn(
+            "worker-default", [*celery, "-Q", "default", "--concurrency", "2", "-n", "default@%h", "--beat"]
+        )
         # One GPU job at a time per worker, as on a real GPU machine.
         self._spawn("worker-gpu", [*celery, "-Q", "gpu", "--concurrency", "1", "-n", "gpu@%h"])
 

@@ -1,0 +1,734 @@
+"""Import of prompts, with optional completions, from JSON Lines.
+
+One JSON object per line (blank lines are ignored):
+
+    {"id": "ext-1", "prompt": "text" | [{"role": "user", "content": "…"}],
+     "completions": [{"text": "…", "policy": "name", "gold_rank": 1}], "metadata": {…}}
+
+A null `id`, `completions` or `metadata` counts as absent. Every problem is
+reported as `line N: field: message`.
+
+`prompts_import` works in two steps:
+
+1. Validate, streaming line by line: every problem of every line is collected
+   with its line number and field, and only the validated lines are kept, so
+   the parsed file is held in memory once.
+2. In one transaction, with the project row locked so two imports into the
+   same project cannot race on duplicates: check the lines against prompts
+   already in the project, then write policies, prompts and completions, then
+   build tasks. Any problem raises `ImportValidationError` before anything is
+   written.
+
+Gold ranks: when the completions of a line carry `gold_rank`, the prompt's
+`metadata["gold_ranks"]` holds the ranks as a list in the line's completion
+order, which is also the creation (id) order of the prompt's completions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any, TypeVar
+
+from django.conf import settings
+from django.db import transaction
+
+from annotation.models import Completion, Policy, Project, Prompt
+from annotation.services import tasks_create_for_project
+
+MIB = 1024 * 1024
+
+# Defaults of the limits; each can be overridden by a Django setting of the same name.
+DEFAULT_LIMITS = {
+    "IMPORT_MAX_BYTES": 50 * MIB,
+    "IMPORT_MAX_LINE_BYTES": 1 * MIB,
+    "IMPORT_MAX_DEPTH": 10,
+    "IMPORT_MAX_LINES": 200_000,
+    "IMPORT_MAX_COMPLETIONS_PER_PROMPT": 64,
+}
+
+TOP_LEVEL_FIELDS = ("id", "prompt", "completions", "metadata")
+MESSAGE_FIELDS = ("role", "content")
+MESSAGE_ROLES = ("system", "user", "assistant")
+COMPLETION_FIELDS = ("text", "policy", "gold_rank")
+MAX_NAME_LENGTH = 200  # Prompt.external_id and Policy.name
+GOLD_RANKS_KEY = "gold_ranks"
+# A line with a pathological value (thousands of bad strings) reports this many and a count.
+MAX_STRING_ERRORS_PER_LINE = 10
+PROGRESS_EVERY_LINES = 1000
+DB_BATCH_SIZE = 1000
+
+
+def import_limit(name: str) -> int:
+    """The limit `name` (one of DEFAULT_LIMITS): the Django setting if set, else the default."""
+    return int(getattr(settings, name, DEFAULT_LIMITS[name]))
+
+
+def bytes_display(size: int) -> str:
+    """'50 MiB', '1.5 KiB', '100 bytes': sizes as people read them in error messages."""
+    for unit, scale in (("GiB", 1024**3), ("MiB", MIB), ("KiB", 1024)):
+        if size >= scale:
+            return f"{size / scale:.1f}".removesuffix(".0") + f" {unit}"
+    return f"{size} byte" if size == 1 else f"{size} bytes"
+
+
+def prompt_content_hash(prompt: str | list[dict]) -> str:
+    """sha256 (hex) of the canonical JSON of a prompt: exact duplicates share it."""
+    canonical = json.dumps(prompt, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class ImportError_:  # the trailing underscore keeps clear of the builtin ImportError
+    """One problem: the line it is on (None for the file as a whole), the field, what is wrong."""
+
+    line: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = "file" if self.line is None else f"line {self.line}"
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class ImportValidationError(Exception):
+    """The input has problems; nothing was written. `.errors` lists every one of them."""
+
+    def __init__(self, errors: list[ImportError_]) -> None:
+        self.errors = errors
+        super().__init__(errors)  # args stay (errors,) so the exception pickles and re-raises whole
+
+    def __str__(self) -> str:
+        count = len(self.errors)
+        heading = f"{count} problem{'' if count == 1 else 's'} in the import; nothing was imported:"
+        return "\n".join([heading, *(str(error) for error in self.errors)])
+
+
+@dataclass
+class ImportReport:
+    prompts_created: int = 0
+    completions_created: int = 0
+    policies_created: int = 0
+    # (line number, why it was skipped)
+    duplicates: list[tuple[int, str]] = field(default_factory=list)
+    tasks_created: int = 0
+
+
+@dataclass(frozen=True)
+class _CompletionRow:
+    text: str
+    policy: str
+
+
+@dataclass(frozen=True)
+class _PromptRow:
+    """A validated line, ready to write."""
+
+    line: int
+    external_id: str
+    text: str
+    messages: list[dict[str, str]] | None
+    metadata: dict[str, Any]
+    completions: tuple[_CompletionRow, ...]
+    content_hash: str
+
+
+# -- parsing ------------------------------------------------------------------
+
+
+class _JSONRejected(ValueError):
+    """JSON that the standard library accepts but an import must not."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise _JSONRejected(f"{name} is not allowed (NaN and Infinity are not JSON numbers)")
+
+
+def _finite_float(literal: str) -> float:
+    number = float(literal)
+    if not math.isfinite(number):  # 1e999 parses to inf
+        raise _JSONRejected(f"the number {literal[:40]} is too large")
+    return number
+
+
+def _object_without_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _value in pairs:
+            if key in seen:
+                raise _JSONRejected(f"the key {json.dumps(key)[:80]} appears twice in one object")
+            seen.add(key)
+    return result
+
+
+def _json_loads(text: str) -> Any:
+    return json.loads(
+        text,
+        parse_constant=_reject_constant,
+        parse_float=_finite_float,
+        object_pairs_hook=_object_without_duplicate_keys,
+    )
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _child_path(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    name = key if key.isidentifier() else json.dumps(key)[:80]
+    return f"{path}.{name}" if path else name
+
+
+def _string_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "contains a NUL character (\\u0000), which cannot be stored"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains an unpaired surrogate (a lone \\ud800–\\udfff escape), which is not valid Unicode"
+    return None
+
+
+def _structure_errors(line: int, document: dict[str, Any], max_depth: int) -> tuple[list[ImportError_], bool]:
+    """Strings (keys too) that cannot be stored, and whether nesting is deeper than `max_depth`.
+
+    Iterative, so a hostile document cannot exhaust the stack here. Too deep a
+    document reports that alone: its fields are not worth reading further.
+    """
+    errors: list[ImportError_] = []
+    string_errors = 0
+    stack: list[tuple[Any, str, int]] = [(document, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            problem = _string_problem(value)
+            if problem:
+                string_errors += 1
+                if string_errors <= MAX_STRING_ERRORS_PER_LINE:
+                    errors.append(ImportError_(line, path or "(key)", problem))
+            continue
+        if not isinstance(value, dict | list):
+            continue
+        if depth > max_depth:
+            message = (
+                f"nested too deeply: more than {max_depth} levels of arrays and objects (IMPORT_MAX_DEPTH)"
+            )
+            return [ImportError_(line, path, message)], True
+        if isinstance(value, dict):
+            for key, child in value.items():
+                child_path = _child_path(path, key)
+                problem = _string_problem(key)
+                if problem:
+                    string_errors += 1
+                    if string_errors <= MAX_STRING_ERRORS_PER_LINE:
+                        errors.append(ImportError_(line, child_path, f"the key {problem}"))
+                stack.append((child, child_path, depth + 1))
+        else:
+            stack.extend((child, _child_path(path, index), depth + 1) for index, child in enumerate(value))
+    if string_errors > MAX_STRING_ERRORS_PER_LINE:
+        more = string_errors - MAX_STRING_ERRORS_PER_LINE
+        errors.append(ImportError_(line, "", f"and {more} more strings with the same problems"))
+    return errors, False
+
+
+# -- validating one line ----------------------------------------------------
+
+
+def _is_non_blank_string(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _validate_prompt(line: int, value: Any, errors: list[ImportError_]) -> None:
+    if isinstance(value, str):
+        if not value.strip():
+            errors.append(ImportError_(line, "prompt", "must not be empty"))
+        return
+    if not isinstance(value, list):
+        errors.append(
+            ImportError_(
+                line,
+                "prompt",
+                "must be a non-empty string or a list of {role, content} messages, "
+                f"not {_json_type(value)}",
+            )
+        )
+        return
+    if not value:
+        errors.append(ImportError_(line, "prompt", "must have at least one message"))
+        return
+    for index, message in enumerate(value):
+        path = f"prompt[{index}]"
+        if not isinstance(message, dict):
+            errors.append(
+                ImportError_(line, path, f"must be an object {{role, content}}, not {_json_type(message)}")
+            )
+            continue
+        for key in message:
+            if key not in MESSAGE_FIELDS:
+                errors.append(
+                    ImportError_(
+                        line, _child_path(path, key), "unknown field; a message has role and content"
+                    )
+                )
+        role = message.get("role")
+        if "role" not in message:
+            errors.append(ImportError_(line, f"{path}.role", "is required"))
+        elif role not in MESSAGE_ROLES:
+            errors.append(
+                ImportError_(
+                    line, f"{path}.role", f"must be one of {', '.join(MESSAGE_ROLES)}, not {_brief(role)}"
+                )
+            )
+        if "content" not in message:
+            errors.append(ImportError_(line, f"{path}.content", "is required"))
+        elif not _is_non_blank_string(message["content"]):
+            errors.append(ImportError_(line, f"{path}.content", "must be a non-empty string"))
+    last = value[-1]
+    if isinstance(last, dict) and last.get("role") in MESSAGE_ROLES and last["role"] != "user":
+        errors.append(
+            ImportError_(
+                line,
+                f"prompt[{len(value) - 1}].role",
+                f"the last turn must be from the user, not {last['role']}",
+            )
+        )
+
+
+def _brief(value: Any) -> str:
+    """A value quoted for an error message, cut short."""
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+        return text if len(text) <= 60 else text[:57] + '…"'
+    return _json_type(value)
+
+
+def _validate_completions(line: int, value: Any, errors: list[ImportError_]) -> None:
+    if not isinstance(value, list):
+        errors.append(ImportError_(line, "completions", f"must be an array, not {_json_type(value)}"))
+        return
+    limit = import_limit("IMPORT_MAX_COMPLETIONS_PER_PROMPT")
+    if len(value) > limit:
+        errors.append(
+            ImportError_(
+                line,
+                "completions",
+                f"has {len(value)} completions; the limit is {limit} (IMPORT_MAX_COMPLETIONS_PER_PROMPT)",
+            )
+        )
+        return
+    ranked = [isinstance(c, dict) and "gold_rank" in c for c in value]
+    for index, completion in enumerate(value):
+        path = f"completions[{index}]"
+        if not isinstance(completion, dict):
+            errors.append(
+                ImportError_(line, path, f"must be an object {{text, policy}}, not {_json_type(completion)}")
+            )
+            continue
+        for key in completion:
+            if key not in COMPLETION_FIELDS:
+                errors.append(
+                    ImportError_(
+                        line,
+                        _child_path(path, key),
+                        f"unknown field; a completion has {', '.join(COMPLETION_FIELDS)}",
+                    )
+                )
+        if not _is_non_blank_string(completion.get("text")):
+            errors.append(ImportError_(line, f"{path}.text", "must be a non-empty string"))
+        policy = completion.get("policy")
+        if not _is_non_blank_string(policy):
+            errors.append(ImportError_(line, f"{path}.policy", "must be a non-empty string"))
+        elif len(policy) > MAX_NAME_LENGTH:
+            errors.append(
+                ImportError_(line, f"{path}.policy", f"must be at most {MAX_NAME_LENGTH} characters")
+            )
+        if any(ranked):
+            _validate_gold_rank(line, path, completion, len(value), errors)
+    if any(ranked) and len(value) < 2:
+        errors.append(ImportError_(line, "completions", "a gold ranking needs at least 2 completions"))
+
+
+def _validate_gold_rank(
+    line: int, path: str, completion: dict[str, Any], count: int, errors: list[ImportError_]
+) -> None:
+    if "gold_rank" not in completion:
+        errors.append(
+            ImportError_(
+                line, f"{path}.gold_rank", "is required: other completions of this line have a gold_rank"
+            )
+        )
+        return
+    rank = completion["gold_rank"]
+    if not isinstance(rank, int) or isinstance(rank, bool):
+        errors.append(ImportError_(line, f"{path}.gold_rank", f"must be an integer, not {_json_type(rank)}"))
+    elif not 1 <= rank <= count:
+        errors.append(
+            ImportError_(line, f"{path}.gold_rank", f"must be between 1 and {count} (1 = best), not {rank}")
+        )
+
+
+def _validate_id(line: int, value: Any, errors: list[ImportError_]) -> str:
+    """The external id as stored ('' for none)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        errors.append(ImportError_(line, "id", f"must be a string or an integer, not {_json_type(value)}"))
+        return ""
+    external_id = str(value)
+    if not external_id.strip():
+        errors.append(ImportError_(line, "id", "must not be empty (leave it out for no id)"))
+        return ""
+    if len(external_id) > MAX_NAME_LENGTH:
+        errors.append(ImportError_(line, "id", f"must be at most {MAX_NAME_LENGTH} characters"))
+        return ""
+    return external_id
+
+
+def _validate_document(
+    line: int, document: dict[str, Any]
+) -> tuple[_PromptRow | None, str, list[ImportError_]]:
+    """The row to write (None if the line has problems), the line's valid id or '', and its problems."""
+    errors, too_deep = _structure_errors(line, document, import_limit("IMPORT_MAX_DEPTH"))
+    if too_deep:
+        return None, "", errors
+    for key in document:
+        if key not in TOP_LEVEL_FIELDS:
+            errors.append(
+                ImportError_(
+                    line, _child_path("", key), f"unknown field; a line has {', '.join(TOP_LEVEL_FIELDS)}"
+                )
+            )
+    external_id = _validate_id(line, document.get("id"), errors)
+    if "prompt" not in document:
+        errors.append(ImportError_(line, "prompt", "is required"))
+    else:
+        _validate_prompt(line, document["prompt"], errors)
+    completions = document.get("completions")
+    if completions is not None:
+        _validate_completions(line, completions, errors)
+    metadata = document.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            errors.append(ImportError_(line, "metadata", f"must be an object, not {_json_type(metadata)}"))
+        elif GOLD_RANKS_KEY in metadata:
+            errors.append(
+                ImportError_(
+                    line,
+                    f"metadata.{GOLD_RANKS_KEY}",
+                    "is reserved for the import; put gold_rank on each completion instead",
+                )
+            )
+    if errors:
+        return None, external_id, errors
+
+    prompt = document["prompt"]
+    metadata = dict(metadata or {})
+    completions = completions or []
+    if completions and "gold_rank" in completions[0]:
+        metadata[GOLD_RANKS_KEY] = [completion["gold_rank"] for completion in completions]
+    row = _PromptRow(
+        line=line,
+        external_id=external_id,
+        text=prompt if isinstance(prompt, str) else "",
+        messages=None if isinstance(prompt, str) else prompt,
+        metadata=metadata,
+        completions=tuple(_CompletionRow(text=c["text"], policy=c["policy"]) for c in completions),
+        content_hash=prompt_content_hash(prompt),
+    )
+    return row, external_id, []
+
+
+# -- reading the stream -----------------------------------------------------
+
+
+@dataclass
+class _Validation:
+    rows: list[_PromptRow] = field(default_factory=list)
+    errors: list[ImportError_] = field(default_factory=list)
+    duplicates: list[tuple[int, str]] = field(default_factory=list)
+
+
+def _raw_lines(stream: IO[bytes], errors: list[ImportError_]) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes without the line break) per line; None for a line over the length limit.
+
+    Stops, with an error in `errors`, once the file is over the size limit.
+    """
+    max_bytes = import_limit("IMPORT_MAX_BYTES")
+    max_line = import_limit("IMPORT_MAX_LINE_BYTES")
+    total = 0
+    number = 0
+    while True:
+        # One byte over the limit tells a too-long line apart; the line break itself does not count.
+        chunk = stream.readline(max_line + 2)
+        if not chunk:
+            return
+        number += 1
+        total += len(chunk)
+        content = chunk.removesuffix(b"\n").removesuffix(b"\r")
+        too_long = len(content) > max_line
+        # Skip the rest of a long line without holding it.
+        while too_long and not chunk.endswith(b"\n") and total <= max_bytes:
+            chunk = stream.readline(64 * 1024)
+            if not chunk:
+                break
+            total += len(chunk)
+        if total > max_bytes:
+            errors.append(
+                ImportError_(
+                    None,
+                    "",
+                    f"the file is larger than the {bytes_display(max_bytes)} limit (IMPORT_MAX_BYTES); "
+                    f"split it into smaller files",
+                )
+            )
+            return
+        if too_long:
+            errors.append(
+                ImportError_(
+                    number,
+                    "",
+                    f"the line is longer than the {bytes_display(max_line)} limit (IMPORT_MAX_LINE_BYTES)",
+                )
+            )
+            yield number, None
+        else:
+            yield number, content
+
+
+def _validate_stream(stream: IO[bytes], progress: Callable[[int], None] | None) -> _Validation:
+    result = _Validation()
+    errors = result.errors
+    max_lines = import_limit("IMPORT_MAX_LINES")
+    first_line_of_hash: dict[str, int] = {}
+    first_line_of_id: dict[str, int] = {}
+    records = 0
+    unreported = 0
+    for number, content in _raw_lines(stream, errors):
+        unreported += 1
+        if progress is not None and unreported >= PROGRESS_EVERY_LINES:
+            progress(unreported)
+            unreported = 0
+        if content is None:
+            continue
+        try:
+            text = content.decode("utf-8")
+        except UnicodeDecodeError as error:
+            errors.append(
+                ImportError_(
+                    number,
+                    "",
+                    f"is not valid UTF-8 (byte 0x{content[error.start]:02x} at byte {error.start + 1}); "
+                    "save the file as UTF-8",
+                )
+            )
+            continue
+        if number == 1:
+            text = text.removeprefix("\ufeff")  # a byte order mark some editors write
+        if not text.strip():
+            continue
+        records += 1
+        if records > max_lines:
+            errors.append(
+                ImportError_(
+                    number,
+                    "",
+                    f"the file has more than {max_lines} prompt lines, the limit (IMPORT_MAX_LINES); "
+                    "split it into smaller files",
+                )
+            )
+            break
+        try:
+            document = _json_loads(text)
+        except RecursionError:
+            errors.append(
+                ImportError_(
+                    number, "", "nested too deeply: arrays and objects inside each other without end"
+                )
+            )
+            continue
+        except _JSONRejected as error:
+            errors.append(ImportError_(number, "", f"is not accepted JSON: {error}"))
+            continue
+        except json.JSONDecodeError as error:
+            errors.append(ImportError_(number, "", f"is not valid JSON: {error.msg} (column {error.colno})"))
+            continue
+        except ValueError as error:  # e.g. an integer with more digits than Python converts
+            errors.append(ImportError_(number, "", f"is not valid JSON: {error}"))
+            continue
+        if not isinstance(document, dict):
+            errors.append(
+                ImportError_(number, "", f'must be a JSON object {{"prompt": …}}, not {_json_type(document)}')
+            )
+            continue
+        row, external_id, line_errors = _validate_document(number, document)
+        errors.extend(line_errors)
+        if row is None:
+            if external_id:
+                first_line_of_id.setdefault(external_id, number)
+            continue
+        if row.content_hash in first_line_of_hash:
+            result.duplicates.append(
+                (number, f"same prompt as line {first_line_of_hash[row.content_hash]}; skipped")
+            )
+            continue
+        if external_id and external_id in first_line_of_id:
+            errors.append(
+                ImportError_(
+                    number,
+                    "id",
+                    f"{_brief(external_id)} is already used on line {first_line_of_id[external_id]}",
+                )
+            )
+            continue
+        first_line_of_hash[row.content_hash] = number
+        if external_id:
+            first_line_of_id[external_id] = number
+        result.rows.append(row)
+    if progress is not None and unreported:
+        progress(unreported)
+    return result
+
+
+# -- writing ------------------------------------------------------------------
+
+_T = TypeVar("_T")
+
+
+def _batches(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _rows_new_to_project(project: Project, validation: _Validation) -> list[_PromptRow]:
+    """The rows whose prompt the project lacks; existing prompts become duplicates, taken ids errors."""
+    existing_by_hash: dict[str, tuple[int, str]] = {}
+    existing_by_id: dict[str, int] = {}
+    for batch in _batches(validation.rows, DB_BATCH_SIZE):
+        hashes = [row.content_hash for row in batch]
+        for pk, content_hash, external_id in Prompt.objects.filter(
+            project=project, content_hash__in=hashes
+        ).values_list("pk", "content_hash", "external_id"):
+            existing_by_hash[content_hash] = (pk, external_id)
+        ids = [row.external_id for row in batch if row.external_id]
+        if ids:
+            existing_by_id.update(
+                Prompt.objects.filter(project=project, external_id__in=ids).values_list("external_id", "pk")
+            )
+    new_rows = []
+    for row in validation.rows:
+        if row.content_hash in existing_by_hash:
+            pk, external_id = existing_by_hash[row.content_hash]
+            named = f" (id {_brief(external_id)})" if external_id else ""
+            validation.duplicates.append(
+                (row.line, f"same prompt as prompt {pk}{named} in the project; skipped")
+            )
+        elif row.external_id in existing_by_id:
+            validation.errors.append(
+                ImportError_(
+                    row.line,
+                    "id",
+                    f"{_brief(row.external_id)} is already used in this project "
+                    f"by prompt {existing_by_id[row.external_id]}",
+                )
+            )
+        else:
+            new_rows.append(row)
+    return new_rows
+
+
+def _policies_for(names: set[str]) -> tuple[dict[str, Policy], int]:
+    """Policies by name, creating the missing ones as imported; and how many were created.
+
+    A policy of another kind with the same name is used as it is: an import may
+    bring more outputs of a model the project already knows.
+    """
+    policies = {policy.name: policy for policy in Policy.objects.filter(name__in=names)}
+    created = 0
+    for name in sorted(names - policies.keys()):
+        policies[name], was_created = Policy.objects.get_or_create(
+            name=name, defaults={"kind": Policy.Kind.IMPORTED}
+        )
+        created += was_created
+    return policies, created
+
+
+def _write(project: Project, rows: list[_PromptRow], report: ImportReport) -> None:
+    policies, report.policies_created = _policies_for(
+        {completion.policy for row in rows for completion in row.completions}
+    )
+    for batch in _batches(rows, DB_BATCH_SIZE):
+        prompts = Prompt.objects.bulk_create(
+            [
+                Prompt(
+                    project=project,
+                    external_id=row.external_id,
+                    text=row.text,
+                    messages=row.messages,
+                    metadata=row.metadata,
+                    content_hash=row.content_hash,
+                )
+                for row in batch
+            ]
+        )
+        # In line order, so metadata["gold_ranks"] lines up with the completions' id order.
+        completions = Completion.objects.bulk_create(
+            [
+                Completion(prompt=prompt, policy=policies[completion.policy], text=completion.text)
+                for prompt, row in zip(prompts, batch, strict=True)
+                for completion in row.completions
+            ],
+            batch_size=DB_BATCH_SIZE,
+        )
+        report.prompts_created += len(prompts)
+        report.completions_created += len(completions)
+
+
+def prompts_import(
+    *,
+    project: Project,
+    data: bytes | IO[bytes],
+    progress: Callable[[int], None] | None = None,
+) -> ImportReport:
+    """Import prompts (and their completions) from JSON Lines into `project`, all or nothing.
+
+    `progress`, if given, is called with the number of lines read since its
+    previous call (so `tqdm.update` fits). Exact duplicate prompts, in the
+    file or already in the project, are skipped and listed in the report.
+    Raises ImportValidationError listing every problem; then nothing is written.
+    """
+    stream: IO[bytes] = io.BytesIO(data) if isinstance(data, bytes | bytearray | memoryview) else data
+    validation = _validate_stream(stream, progress)
+    report = ImportReport()
+    with transaction.atomic():
+        # Locking the project serialises imports into it, so the duplicate check below holds at write.
+        list(Project.objects.select_for_update(no_key=True).filter(pk=project.pk).values_list("pk"))
+        rows = _rows_new_to_project(project, validation)
+        if validation.errors:
+            # sorted() is stable: the errors of one line keep their field order.
+            raise ImportValidationError(
+                sorted(validation.errors, key=lambda error: (error.line is None, error.line or 0))
+            )
+        validation.rows = []  # the rows to write are in `rows`; let the rest go
+        _write(project, rows, report)
+        report.duplicates = sorted(validation.duplicates)
+        report.tasks_created = tasks_create_for_project(project=project)
+    return report
