@@ -37,6 +37,7 @@ demo: export DEBUG = 1
 demo: $(VENV)/.runtime-installed
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py demo_users
+	$(PY) manage.py seed_demo
 	$(PY) manage.py rundemo --host $(DEMO_HOST) --port $(DEMO_PORT)
 
 test: $(VENV)/.dev-installed

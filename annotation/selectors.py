@@ -9,10 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import QuerySet
+from django.db.models import Count, QuerySet, Sum, Value
+from django.db.models.functions import Least
 from django.http import Http404
+from django.utils import timezone
 
-from annotation.models import Assignment, Membership, Project, TaskCompletion
+from annotation.models import Assignment, Judgment, Membership, Project, Task, TaskCompletion
 from annotation.roles import Role
 
 AnyUser = AbstractBaseUser | AnonymousUser
@@ -108,3 +110,23 @@ def assignment_payload(*, assignment: Assignment) -> dict[str, Any]:
             "rationale_required": project.rationale_required,
         },
     }
+
+
+def project_fraction_done(*, project: Project) -> float:
+    """Share of wanted judgments stored: each regular task counts up to its overlap; gold excluded."""
+    totals = Task.objects.filter(project=project, is_gold=False).aggregate(
+        tasks=Count("pk"), counted=Sum(Least("judgment_count", Value(project.overlap)))
+    )
+    wanted = totals["tasks"] * project.overlap
+    return (totals["counted"] or 0) / wanted if wanted else 0.0
+
+
+def judgments_today_count(*, user: AnyUser, project: Project | None = None) -> int:
+    """Judgments the person stored since local midnight (settings.TIME_ZONE)."""
+    if not user.is_authenticated:
+        return 0
+    midnight = timezone.localtime().replace(hour=0, minute=0, second=0, microsecond=0)
+    judgments = Judgment.objects.filter(user=user, created_at__gte=midnight)
+    if project is not None:
+        judgments = judgments.filter(task__project=project)
+    return judgments.count()

@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 from django.contrib.auth import views as auth_views
-from django.urls import path
+from django.urls import include, path
+from django.views.i18n import JavaScriptCatalog
 from drf_spectacular.views import SpectacularAPIView
 
 from annotation import api, views
@@ -27,8 +28,13 @@ api_patterns = [
 urlpatterns = [
     path("", views.home, name="home"),
     path("label/", views.label, name="label"),
+    path("label/<int:project_id>/", views.label_project, name="label-project"),
+    path("label/<int:project_id>/next", views.label_next, name="label-next"),
     path("evaluate/", views.evaluate, name="evaluate"),
     path("manage/", views.manage, name="manage"),
+    path("manage/projects/<int:project_id>/", views.project_dashboard, name="project-dashboard"),
+    path("i18n/", include("django.conf.urls.i18n")),
+    path("jsi18n/", JavaScriptCatalog.as_view(), name="javascript-catalog"),
     # Sign-up is closed: accounts are made by a manager (admin) or `manage.py create_user`.
     path("accounts/login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),

@@ -1,10 +1,27 @@
+"""Pages people use. Each view finds objects through the access helpers in
+selectors (404 for what a person may not see) and calls one service."""
+
 from __future__ import annotations
 
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
+from django.utils import timezone
+from django.views.decorators.http import require_GET, require_POST
 
+from annotation.models import Project
+from annotation.rendering import markdown_to_safe_html
 from annotation.roles import Role, role_required
+from annotation.selectors import (
+    assignment_items_in_display_order,
+    judgments_today_count,
+    project_fraction_done,
+    project_get_for_judge,
+    project_get_for_user,
+    projects_for_user,
+)
+from annotation.services import assignment_claim_next
+from annotation.stats import project_stats
 
 
 @login_required
@@ -14,7 +31,49 @@ def home(request: HttpRequest) -> HttpResponse:
 
 @role_required(Role.LABELER)
 def label(request: HttpRequest) -> HttpResponse:
-    return render(request, "annotation/label.html")
+    projects = projects_for_user(user=request.user, role=Role.LABELER).filter(
+        kind=Project.Kind.RANKING, is_active=True
+    )
+    rows = [
+        {"project": project, "fraction_done": project_fraction_done(project=project)} for project in projects
+    ]
+    context = {"rows": rows, "done_today": judgments_today_count(user=request.user)}
+    return render(request, "annotation/label.html", context)
+
+
+@require_GET
+@role_required(Role.LABELER)
+def label_project(request: HttpRequest, project_id: int) -> HttpResponse:
+    """The ranking page's shell; static/js/rank.js claims and shows tasks in it."""
+    project = project_get_for_judge(user=request.user, pk=project_id)
+    context = {"project": project, "instructions_html": markdown_to_safe_html(project.instructions)}
+    return render(request, "annotation/rank.html", context)
+
+
+@require_POST
+@role_required(Role.LABELER)
+def label_next(request: HttpRequest, project_id: int) -> HttpResponse:
+    """Claim the next task (or the one already leased) and return it as an HTML fragment."""
+    project = project_get_for_judge(user=request.user, pk=project_id)
+    assignment = assignment_claim_next(project=project, user=request.user)
+    context = {
+        "project": project,
+        "assignment": assignment,
+        "done_today": judgments_today_count(user=request.user, project=project),
+        "fraction_done": project_fraction_done(project=project),
+    }
+    if assignment is not None:
+        items = assignment_items_in_display_order(assignment=assignment)
+        context["cards"] = [
+            {"uid": str(item.completion.uid), "letter": chr(ord("A") + index), "text": item.completion.text}
+            for index, item in enumerate(items)
+        ]
+        context["ranks"] = range(1, len(items) + 1)
+        context["likert_scale"] = range(1, 8)
+        context["prompt"] = assignment.task.prompt
+        context["lease_expires_at"] = assignment.lease_expires_at
+        context["now"] = timezone.now()
+    return render(request, "annotation/_rank_task.html", context)
 
 
 @role_required(Role.EVALUATOR)
@@ -24,4 +83,47 @@ def evaluate(request: HttpRequest) -> HttpResponse:
 
 @role_required(Role.MANAGER)
 def manage(request: HttpRequest) -> HttpResponse:
-    return render(request, "annotation/manage.html")
+    projects = projects_for_user(user=request.user, role=Role.MANAGER)
+    rows = [
+        {"project": project, "fraction_done": project_fraction_done(project=project)} for project in projects
+    ]
+    return render(request, "annotation/manage.html", {"rows": rows})
+
+
+@require_GET
+@role_required(Role.MANAGER)
+def project_dashboard(request: HttpRequest, project_id: int) -> HttpResponse:
+    project = project_get_for_user(user=request.user, pk=project_id, role=Role.MANAGER)
+    stats = project_stats(project=project)
+    return render(
+        request,
+        "annotation/dashboard.html",
+        {"project": project, "stats": stats, "charts": dashboard_charts(stats=stats, project=project)},
+    )
+
+
+def dashboard_charts(*, stats: dict, project: Project) -> dict[str, object]:
+    from annotation.charts import bar_chart, line_chart
+
+    days = stats["judgments_per_day"]
+    cumulative, total = [], 0
+    for day in days:
+        total += day["judgments"]
+        cumulative.append(total)
+    wanted = stats["progress"]["judgments_wanted"]
+    labelers = [row for row in stats["labelers"] if row["agreement_rate"] is not None]
+    return {
+        "throughput": bar_chart(
+            labels=[day["date"][5:] for day in days], values=[day["judgments"] for day in days], unit=""
+        ),
+        "progress": line_chart(
+            labels=[day["date"][5:] for day in days], values=cumulative, target=wanted or None
+        ),
+        "agreement": bar_chart(
+            labels=[row["username"] for row in labelers],
+            values=[row["agreement_rate"] for row in labelers],
+            unit="%",
+            scale=100,
+            maximum=1.0,
+        ),
+    }

@@ -1,0 +1,60 @@
+"""Untrusted text (prompts, model outputs, instructions) into safe HTML.
+
+Two independent layers, so a bug in one does not open the page:
+
+1. markdown-it renders CommonMark with raw HTML off (a `<script>` stays
+   visible text) and images off (`![x](url)` stays text, nothing is fetched);
+2. nh3 (the ammonia sanitizer) keeps an allow-list of tags and attributes,
+   only http(s) and mailto links, and stamps every link with
+   `rel="noopener noreferrer nofollow"`.
+
+The page's Content-Security-Policy (`script-src 'self'`) is the third.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import nh3
+from markdown_it import MarkdownIt
+
+ALLOWED_TAGS = {
+    "p", "br", "hr", "em", "strong", "del", "code", "pre", "blockquote", "kbd", "sub", "sup",
+    "ul", "ol", "li", "h1", "h2", "h3", "h4", "h5", "h6",
+    "table", "thead", "tbody", "tr", "th", "td", "a",
+}  # fmt: skip
+ALLOWED_ATTRIBUTES = {
+    "a": {"href", "title"},
+    "code": {"class"},  # language-xyz from fenced code blocks
+    "ol": {"start"},
+    "th": {"align"},
+    "td": {"align"},
+}
+LINK_SCHEMES = {"http", "https", "mailto"}
+LINK_REL = "noopener noreferrer nofollow"
+
+
+@lru_cache(maxsize=1)
+def _markdown() -> MarkdownIt:
+    renderer = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False})
+    renderer.enable(["table", "strikethrough"])
+    renderer.disable("image")
+    return renderer
+
+
+def sanitize_html(html: str) -> str:
+    return nh3.clean(
+        html,
+        tags=ALLOWED_TAGS,
+        attributes=ALLOWED_ATTRIBUTES,
+        url_schemes=LINK_SCHEMES,
+        link_rel=LINK_REL,
+        # A link opens in a new tab, so following one never loses a half-done ranking.
+        set_tag_attribute_values={"a": {"target": "_blank"}},
+        strip_comments=True,
+    )
+
+
+def markdown_to_safe_html(text: str) -> str:
+    """Render Markdown from an untrusted source into HTML that is safe to insert as-is."""
+    return sanitize_html(_markdown().render(text or ""))

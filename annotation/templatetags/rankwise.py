@@ -1,0 +1,30 @@
+"""Template filters for untrusted text. Every model output goes through `markdown`."""
+
+from __future__ import annotations
+
+from django import template
+from django.utils.safestring import SafeString, mark_safe
+
+from annotation.rendering import markdown_to_safe_html
+
+register = template.Library()
+
+
+@register.filter(name="markdown")
+def markdown_filter(text: str) -> SafeString:
+    # Safe because markdown_to_safe_html escapes raw HTML and sanitizes the result.
+    return mark_safe(markdown_to_safe_html(str(text)))  # noqa: S308
+
+
+@register.filter(name="rank_letter")
+def rank_letter(index: int) -> str:
+    """0 -> A, 1 -> B, …: the display label of a card."""
+    return chr(ord("A") + int(index))
+
+
+@register.filter(name="percent")
+def percent(fraction: float | None) -> str:
+    """0.456 -> '46%'; None -> '–'."""
+    if fraction is None:
+        return "–"
+    return f"{float(fraction) * 100:.0f}%"
