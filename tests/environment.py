@@ -15,8 +15,9 @@ TEST_DEFAULTS = {
     # One database per pytest process (pytest-django prefixes it with test_),
     # so two runs on one machine never drop each other's tables.
     "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/rankwise_{os.getpid()}",
-    # Database 15 keeps test queues apart from a demo running on database 0.
-    "REDIS_URL": "redis://127.0.0.1:6379/15",
+    # A Redis database of its own (1–15, never the demo's 0), so two runs'
+    # workers never take each other's tasks.
+    "REDIS_URL": f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}",
 }
 
 for _name, _value in TEST_DEFAULTS.items():

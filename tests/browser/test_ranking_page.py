@@ -258,3 +258,27 @@ def test_a_manager_sees_the_dashboard_with_charts(open_page, live_server, rankin
     assert "lena" in page.inner_text("table.table")
     page.screenshot(path=str(artifacts_dir / "dashboard.png"), full_page=True)
     assert watch.errors == []
+
+
+def test_likert_ratings_are_given_with_shift_and_a_digit(open_page, live_server, make_project):
+    project = make_project(tasks=2, k=2, likert_enabled=True, name="likert")
+    labeler = user_with_roles(Role.LABELER, username="rater")
+    add_member(project, labeler, Role.LABELER)
+    page, watch = open_page(labeler)
+    current = open_task(page, live_server, project)
+    expected_ranks_by_uid = expected_ranks(page, {"A": 1, "B": 2})
+    expected_likert = {uid_of(page, "A"): 6, uid_of(page, "B"): 3}
+
+    page.keyboard.press("a")
+    page.keyboard.press("1")
+    page.keyboard.press("Shift+Digit6")
+    page.keyboard.press("b")
+    page.keyboard.press("2")
+    page.keyboard.press("Shift+Digit3")
+    page.keyboard.press("Control+Enter")
+    wait_for_next(page, current)
+
+    judgment = Judgment.objects.get(assignment_id=current)
+    assert (judgment.ranks, judgment.likert) == (expected_ranks_by_uid, expected_likert)
+    assert judgment.comparisons.get().margin == 3  # the Likert gap, as the project rates
+    assert watch.errors == []
