@@ -38,6 +38,7 @@ demo: $(VENV)/.runtime-installed
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py demo_users
 	$(PY) manage.py seed_demo
+	HF_HUB_OFFLINE=1 $(PY) manage.py build_demo_model
 	$(PY) manage.py rundemo --host $(DEMO_HOST) --port $(DEMO_PORT)
 
 test: $(VENV)/.dev-installed

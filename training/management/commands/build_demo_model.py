@@ -1,0 +1,85 @@
+"""Build the offline demo SFT policy: a small GPT-2 trained from scratch on arithmetic problems."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+
+def _looks_like_a_model(directory: Path) -> bool:
+    return (directory / "config.json").is_file() or (directory / "rankwise_demo.json").is_file()
+
+
+class Command(BaseCommand):
+    help = (
+        "Train the demo SFT policy (own tokenizer, random GPT-2, TRL SFT on noisy arithmetic answers) "
+        "and save it with safetensors; skips a complete model already at --out unless --force."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--out", type=Path, default=None, help="target folder (default: MODELS_DIR/demo-sft)"
+        )
+        parser.add_argument("--steps", type=int, default=None, help="optimizer steps")
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument(
+            "--noise", type=float, default=0.35, help="share of training answers that are wrong"
+        )
+        parser.add_argument("--quick", action="store_true", help="a tiny model in seconds (for tests)")
+        parser.add_argument("--force", action="store_true", help="rebuild over an existing model")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        # The demo model is built from generated data; nothing may reach the hub.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        # Imported here, not at module level, so listing commands stays light.
+        from training.demo_model import (
+            DEMO_DEFAULT_STEPS,
+            DEMO_QUICK_SETTINGS,
+            demo_model_build,
+            demo_model_is_complete,
+            demo_report_read,
+        )
+
+        out_dir: Path = options["out"] or Path(settings.MODELS_DIR) / "demo-sft"
+        if demo_model_is_complete(out_dir) and not options["force"]:
+            accuracy = demo_report_read(out_dir).get("accuracy")
+            self.stdout.write(
+                self.style.WARNING(
+                    f"A demo model already exists at {out_dir} (held-out accuracy {accuracy}); "
+                    "not overwriting it. Use --force to rebuild."
+                )
+            )
+            return
+
+        if out_dir.is_dir() and any(out_dir.iterdir()) and not _looks_like_a_model(out_dir):
+            # --force replaces a model folder, never an arbitrary one (say, MODELS_DIR itself).
+            raise CommandError(
+                f"{out_dir} holds files but no model; refusing to replace it. Pick another --out."
+            )
+
+        build_options: dict[str, Any] = dict(DEMO_QUICK_SETTINGS) if options["quick"] else {}
+        build_options.setdefault("steps", DEMO_DEFAULT_STEPS)
+        if options["steps"] is not None:
+            build_options["steps"] = options["steps"]
+        self.stdout.write(f"Building the demo model at {out_dir} ({build_options['steps']} steps)…")
+        report = demo_model_build(
+            out_dir=out_dir, seed=options["seed"], noise=options["noise"], **build_options
+        )
+        loss = "n/a" if report.final_loss is None else f"{report.final_loss:.4f}"
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"Demo model saved to {report.out_dir}\n"
+                f"  time:               {report.seconds:.1f} s\n"
+                f"  steps:              {report.steps}\n"
+                f"  final loss:         {loss}\n"
+                f"  held-out accuracy:  {report.accuracy:.1%} "
+                f"({report.eval_problems} test problems, greedy)\n"
+                f"  training answers right: {report.train_labels_correct:.1%} (noise {report.noise})\n"
+                f"  size:               {report.parameters:,} parameters, "
+                f"{report.n_layer} layers × {report.n_embd}, vocabulary {report.vocab_size}"
+            )
+        )
