@@ -24,6 +24,8 @@ NAV_ITEMS = (
     NavItem(_("Label"), "label", Role.LABELER),
     NavItem(_("Evaluate"), "evaluate", Role.EVALUATOR),
     NavItem(_("Manage"), "manage", Role.MANAGER),
+    NavItem(_("Datasets"), "dataset-build-list", Role.MANAGER),
+    NavItem(_("Training"), "training-run-list", Role.MANAGER),
     NavItem(_("Admin"), "admin:index", Role.MANAGER),
 )
 

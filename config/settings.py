@@ -281,12 +281,16 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {
 # Periodic jobs, run by `celery -A config beat` (the demo embeds beat in its default worker).
 CELERY_BEAT_SCHEDULE = {
     "expire-stale-leases": {"task": "annotation.tasks.assignments_expire_stale", "schedule": 60.0},
+    "reap-stalled-training-runs": {"task": "training.tasks.training_runs_reap", "schedule": 60.0},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # Hard limit for a GPU job; the soft limit leaves time to save a checkpoint.
 TRAINING_TIME_LIMIT_S = env_int("TRAINING_TIME_LIMIT_S", 6 * 3600, minimum=60)
 TRAINING_SOFT_TIME_LIMIT_S = TRAINING_TIME_LIMIT_S - min(600, TRAINING_TIME_LIMIT_S // 10)
 TRAINING_MAX_ATTEMPTS = env_int("TRAINING_MAX_ATTEMPTS", 3, minimum=1)
+# A running run whose process wrote no heartbeat for this long is taken as dead
+# (its process heartbeats every few seconds while training).
+TRAINING_HEARTBEAT_TIMEOUT_S = env_int("TRAINING_HEARTBEAT_TIMEOUT_S", 300, minimum=10)
 # With acks_late, Redis re-delivers an unacknowledged message after the
 # visibility timeout. It must exceed the longest task, or a running job would
 # be delivered a second time while the first is still at work.

@@ -11,5 +11,6 @@ admin.site.site_title = "Rankwise"
 urlpatterns = [
     path("healthz", healthz, name="healthz"),
     path("admin/", admin.site.urls),
+    path("", include("training.urls")),
     path("", include("annotation.urls")),
 ]

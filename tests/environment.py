@@ -7,6 +7,7 @@ test` agree. Each default yields to a value already in the environment.
 from __future__ import annotations
 
 import os
+import tempfile
 
 TEST_DEFAULTS = {
     # Debug-style values for cookies and redirects; Django still runs the
@@ -19,6 +20,9 @@ TEST_DEFAULTS = {
     # workers never take each other's tasks.
     "REDIS_URL": f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}",
 }
+
+# Files the tests and their Celery worker both write (dataset builds, runs), outside the checkout.
+TEST_DEFAULTS["ARTIFACTS_DIR"] = os.path.join(tempfile.gettempdir(), f"rankwise-test-{os.getpid()}", "artifacts")
 
 for _name, _value in TEST_DEFAULTS.items():
     os.environ.setdefault(_name, _value)

@@ -28,3 +28,9 @@ def percent(fraction: float | None) -> str:
     if fraction is None:
         return "–"
     return f"{float(fraction) * 100:.0f}%"
+
+
+@register.filter(name="get_item")
+def get_item(mapping: dict, key: str) -> object:
+    """mapping[key], or None: for tables whose columns are only known at run time."""
+    return mapping.get(key) if isinstance(mapping, dict) else None

@@ -1,0 +1,389 @@
+"""Training runs end to end: a real Celery worker on the gpu queue, real run processes, tiny models."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from django.db import transaction
+
+from annotation.models import Policy
+from annotation.roles import Role
+from tests.factories import user_with_roles
+from tests.training.test_builds_support import judge, make_manager, project_with_prompts, tasks_of
+from training.models import DatasetBuild, RewardModel, TrainingRun, TrainingRunMetric
+from training.services import (
+    QueueUnavailable,
+    dataset_build_create,
+    dataset_build_run,
+    training_run_cancel,
+    training_run_claim,
+    training_run_create,
+    training_run_enqueue,
+    training_runs_reap,
+)
+
+RUN_TIMEOUT_S = 240
+TINY = {
+    "max_steps": 4,
+    "logging_steps": 1,
+    "save_steps": 2,
+    "per_device_train_batch_size": 2,
+    "max_length": 96,
+}
+
+
+@pytest.fixture
+def build(db):  # type: ignore[no-untyped-def]
+    """A succeeded dataset build: 16 prompts of 3 completions, ranked by two people."""
+    project = project_with_prompts([f"What is {n} plus {n + 1}?" for n in range(16)], name="runs", k=3)
+    people = [user_with_roles(Role.LABELER, username=f"judge{index}") for index in range(2)]
+    for task in tasks_of(project):
+        for person in people:
+            judge(task, person, [1, 2, 3])
+    manager = make_manager(project, user_with_roles(Role.MANAGER, username="trainer"))
+    build = dataset_build_create(created_by=manager, name="runs build", projects=[project], test_fraction=0.25)
+    # Run it here; in tests with a live worker, the worker may have taken it already.
+    dataset_build_run(build_id=build.pk)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while build.status not in DatasetBuild.FINISHED_STATUSES and time.monotonic() < deadline:
+        time.sleep(0.1)
+        build.refresh_from_db()
+    assert build.status == DatasetBuild.Status.SUCCEEDED, build.error
+    return build
+
+
+def wait_for(run: TrainingRun, statuses: tuple[str, ...], timeout: float = RUN_TIMEOUT_S) -> TrainingRun:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run.refresh_from_db()
+        if run.status in statuses:
+            return run
+        time.sleep(0.2)
+    raise AssertionError(
+        f"run {run.pk} still {run.status} after {timeout} s; error={run.error!r}\n{run.log_tail}"
+    )
+
+
+def create(build, tiny_model_dir, **fields):  # type: ignore[no-untyped-def]
+    fields.setdefault("kind", "reward")
+    fields.setdefault("hyperparameters", dict(TINY))
+    return training_run_create(
+        dataset_build=build, base_model=str(tiny_model_dir), created_by=build.created_by, **fields
+    )
+
+
+worker_test = pytest.mark.django_db(transaction=True)
+
+
+def start_from_admin(client, build, tiny_model_dir, kind: str, **fields):  # type: ignore[no-untyped-def]
+    """A manager picks the build in the admin, runs the action, and submits the run form."""
+    client.force_login(build.created_by)
+    action = client.post(
+        "/admin/training/datasetbuild/", {"action": f"start_{kind}_run", "_selected_action": [build.pk]}
+    )
+    assert action.status_code == 302, action.content
+    form_page = client.get(action["Location"])
+    assert form_page.status_code == 200
+    assert form_page.context["form"].initial == {"kind": kind, "dataset_build": build.pk}
+    values = {
+        "kind": kind,
+        "dataset_build": build.pk,
+        "base_model": str(tiny_model_dir),
+        "peft": "lora",
+        "num_processes": 1,
+        "num_train_epochs": 1,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "max_length": 96,
+        "beta": 0.1,
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.05,
+        "seed": 0,
+        "max_steps": 4,
+        "logging_steps": 1,
+        "save_steps": 2,
+        **fields,
+    }
+    created = client.post(action["Location"], values)
+    assert created.status_code == 302, created.context["form"].errors
+    return TrainingRun.objects.get(pk=int(created["Location"].rstrip("/").split("/")[-1]))
+
+
+@worker_test
+def test_a_reward_run_started_from_the_admin_action_succeeds_and_registers_a_reward_model(
+    celery_worker, client, build, tiny_model_dir
+):
+    run = wait_for(start_from_admin(client, build, tiny_model_dir, "reward"), TrainingRun.TERMINAL)
+    assert run.status == TrainingRun.Status.SUCCEEDED, run.error
+    assert run.attempts == 1
+    assert run.step == run.total_steps == 4
+    assert {"pairwise_accuracy", "ece", "tie_rate"} <= set(run.metrics)
+    assert TrainingRunMetric.objects.filter(run=run).exists()
+    reward_model = RewardModel.objects.get(run=run)
+    assert (Path(reward_model.path) / "adapter_model.safetensors").exists()
+    # the run page shows the result, and the model downloads as an attachment
+    page = client.get(f"/training/runs/{run.pk}/")
+    assert b"pairwise_accuracy" in page.content
+    download = client.get(f"/training/runs/{run.pk}/files/model.zip")
+    assert download["Content-Disposition"].startswith("attachment;")
+    assert download.content[:2] == b"PK"
+
+
+@worker_test
+def test_a_dpo_run_started_from_the_admin_action_succeeds_and_registers_a_policy(
+    celery_worker, client, build, tiny_model_dir
+):
+    run = wait_for(start_from_admin(client, build, tiny_model_dir, "dpo"), TrainingRun.TERMINAL)
+    assert run.status == TrainingRun.Status.SUCCEEDED, run.error
+    assert {"reward_accuracy", "reward_margin"} <= set(run.metrics)
+    policy = Policy.objects.get(training_runs=run)
+    assert policy.base_model == str(tiny_model_dir)
+    assert Path(policy.adapter, "adapter_model.safetensors").exists()
+
+
+@pytest.mark.django_db
+def test_a_labeler_cannot_start_a_run_by_any_door(client, build, tiny_model_dir):
+    labeler = user_with_roles(Role.LABELER, username="curious")
+    client.force_login(labeler)
+    assert client.get("/training/runs/new").status_code == 403
+    assert (
+        client.post(
+            "/admin/training/datasetbuild/", {"action": "start_reward_run", "_selected_action": [build.pk]}
+        ).status_code
+        == 302
+    )
+    from rest_framework.test import APIClient
+
+    api = APIClient()
+    api.force_authenticate(labeler)
+    response = api.post(
+        "/api/training-runs/",
+        {"dataset_build": build.pk, "kind": "reward", "base_model": str(tiny_model_dir)},
+        format="json",
+    )
+    assert response.status_code == 404
+    assert not TrainingRun.objects.exists()
+
+
+@pytest.mark.django_db
+def test_another_projects_manager_sees_no_run(client, build, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr("training.services.training_run_enqueue", lambda *, run_id: True)
+    run = TrainingRun.objects.create(name="x", kind="reward", dataset_build=build, base_model="m")
+    stranger = user_with_roles(Role.MANAGER, username="stranger")
+    client.force_login(stranger)
+    for url in (
+        f"/training/runs/{run.pk}/",
+        f"/training/runs/{run.pk}/status",
+        f"/api/training-runs/{run.pk}/",
+        f"/training/runs/{run.pk}/files/log.txt",
+    ):
+        assert client.get(url).status_code == 404, url
+    assert client.post(f"/training/runs/{run.pk}/cancel").status_code == 404
+    run.refresh_from_db()
+    assert not run.cancel_requested
+
+
+@pytest.mark.django_db
+def test_the_api_starts_a_run_and_names_a_bad_hyperparameter(build, tiny_model_dir, monkeypatch):
+    from rest_framework.test import APIClient
+
+    monkeypatch.setattr("training.services.training_run_enqueue", lambda *, run_id: True)
+    api = APIClient()
+    api.force_authenticate(build.created_by)
+    bad = api.post(
+        "/api/training-runs/",
+        {
+            "dataset_build": build.pk,
+            "kind": "reward",
+            "base_model": str(tiny_model_dir),
+            "hyperparameters": {"learning_rat": 0.1},
+        },
+        format="json",
+    )
+    assert bad.status_code == 400
+    assert "learning_rat" in str(bad.json())
+    good = api.post(
+        "/api/training-runs/",
+        {
+            "dataset_build": build.pk,
+            "kind": "dpo",
+            "base_model": str(tiny_model_dir),
+            "hyperparameters": {"max_steps": 2},
+        },
+        format="json",
+    )
+    assert good.status_code == 201, good.json()
+    assert good.json()["status"] == "queued"
+    cancelled = api.post(f"/api/training-runs/{good.json()['id']}/cancel")
+    assert cancelled.json()["status"] == "cancelled"
+
+
+def _kill_run_process(run: TrainingRun) -> None:
+    """SIGKILL the run's whole process group (accelerate launch and the trainer) once it is running."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        run.refresh_from_db()
+        if run.status == TrainingRun.Status.RUNNING and run.process_id:
+            os.killpg(run.process_id, signal.SIGKILL)
+            return
+        time.sleep(0.05)
+    raise AssertionError("the run never started")
+
+
+@worker_test
+def test_a_killed_run_process_is_retried_and_finishes_never_stuck_running(
+    celery_worker, build, tiny_model_dir
+):
+    run = create(build, tiny_model_dir)
+    _kill_run_process(run)
+    run = wait_for(run, TrainingRun.TERMINAL)
+    assert run.status == TrainingRun.Status.SUCCEEDED, run.error
+    assert run.attempts == 2
+    assert "killed by signal 9" in run.error  # the first attempt's fate is kept
+
+
+@worker_test
+def test_a_killed_run_on_its_last_attempt_fails_with_the_reason(
+    celery_worker, build, tiny_model_dir, settings
+):
+    # given a run that already used all but one of its attempts
+    run = TrainingRun.objects.create(
+        name="last try",
+        kind="reward",
+        dataset_build=build,
+        base_model=str(tiny_model_dir),
+        hyperparameters=dict(TINY),
+        attempts=settings.TRAINING_MAX_ATTEMPTS - 1,
+    )
+    TrainingRun.objects.filter(pk=run.pk).update(
+        output_dir=str(Path(settings.ARTIFACTS_DIR) / "runs" / str(run.pk))
+    )
+    training_run_enqueue(run_id=run.pk)
+    _kill_run_process(run)
+    run = wait_for(run, TrainingRun.TERMINAL)
+    assert run.status == TrainingRun.Status.FAILED
+    assert "killed by signal 9" in run.error
+
+
+@worker_test
+def test_a_second_delivery_of_the_same_message_does_nothing(celery_worker, build, tiny_model_dir):
+    from config.celery import ping
+
+    run = wait_for(create(build, tiny_model_dir), TrainingRun.TERMINAL)
+    assert training_run_enqueue(run_id=run.pk)
+    ping.apply_async(queue="gpu").get(timeout=60)  # the solo worker handled the duplicate before this
+    run.refresh_from_db()
+    assert (run.status, run.attempts) == (TrainingRun.Status.SUCCEEDED, 1)
+    assert RewardModel.objects.filter(run=run).count() == 1
+
+
+@worker_test
+def test_cancel_stops_a_running_run_within_a_few_steps(celery_worker, build, tiny_model_dir):
+    run = create(build, tiny_model_dir, hyperparameters={**TINY, "max_steps": 400})
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while run.step < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        run.refresh_from_db()
+    training_run_cancel(run=run)
+    run = wait_for(run, TrainingRun.TERMINAL)
+    assert run.status == TrainingRun.Status.CANCELLED
+    assert run.step < 400
+
+
+@worker_test
+def test_accelerate_launch_with_two_processes_completes_a_reward_run(celery_worker, build, tiny_model_dir):
+    run = wait_for(create(build, tiny_model_dir, num_processes=2), TrainingRun.TERMINAL)
+    assert run.status == TrainingRun.Status.SUCCEEDED, run.error + run.log_tail
+    log = Path(run.output_dir, "process-attempt-1.log").read_text()
+    assert "process rank 0 of 2 started" in log
+    assert "process rank 1 of 2 started" in log
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rolled_back_transaction_enqueues_nothing(build, tiny_model_dir, monkeypatch):
+    published = []
+    monkeypatch.setattr("training.services.training_run_enqueue", lambda *, run_id: published.append(run_id))
+    with pytest.raises(RuntimeError), transaction.atomic():
+        create(build, tiny_model_dir)
+        raise RuntimeError("the admin request failed after the run was saved")
+    assert published == []
+    assert not TrainingRun.objects.exists()
+
+
+@pytest.mark.django_db
+def test_an_unreachable_queue_is_said_clearly_and_leaves_no_run(build, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr("config.health.broker_reachable", lambda: False)
+    with pytest.raises(QueueUnavailable, match="Redis"):
+        create(build, tiny_model_dir)
+    assert not TrainingRun.objects.exists()
+
+
+@pytest.mark.django_db
+def test_bad_hyperparameters_are_refused_naming_the_field(build, tiny_model_dir):
+    from django.core.exceptions import ValidationError
+
+    with pytest.raises(ValidationError, match="learning_rate"):
+        create(build, tiny_model_dir, hyperparameters={"learning_rate": -1})
+    assert not TrainingRun.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_run_is_claimed_once_even_when_delivered_twice(build, tiny_model_dir):
+    run = TrainingRun.objects.create(name="x", kind="reward", dataset_build=build, base_model="m")
+    assert training_run_claim(run_id=run.pk) is not None
+    assert training_run_claim(run_id=run.pk) is None
+    run.refresh_from_db()
+    assert (run.status, run.attempts) == (TrainingRun.Status.RUNNING, 1)
+
+
+@pytest.mark.django_db
+def test_the_reaper_requeues_a_run_whose_heartbeat_stopped_and_fails_it_when_out_of_attempts(
+    build, settings, django_capture_on_commit_callbacks, monkeypatch
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    enqueued = []
+    monkeypatch.setattr("training.services.training_run_enqueue", lambda *, run_id: enqueued.append(run_id))
+    old = timezone.now() - timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_S + 5)
+    retry = TrainingRun.objects.create(
+        name="r",
+        kind="reward",
+        dataset_build=build,
+        base_model="m",
+        status="running",
+        attempts=1,
+        heartbeat_at=old,
+    )
+    spent = TrainingRun.objects.create(
+        name="s",
+        kind="reward",
+        dataset_build=build,
+        base_model="m",
+        status="running",
+        attempts=settings.TRAINING_MAX_ATTEMPTS,
+        heartbeat_at=old,
+    )
+    alive = TrainingRun.objects.create(
+        name="a",
+        kind="reward",
+        dataset_build=build,
+        base_model="m",
+        status="running",
+        attempts=1,
+        heartbeat_at=timezone.now(),
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        reaped = training_runs_reap()
+    assert sorted(reaped) == sorted([retry.pk, spent.pk])
+    for run in (retry, spent, alive):
+        run.refresh_from_db()
+    assert (retry.status, spent.status, alive.status) == ("queued", "failed", "running")
+    assert "heartbeat stopped" in spent.error
+    assert enqueued == [retry.pk]

@@ -1,0 +1,261 @@
+"""The JSON API for dataset builds: create one, list them, read one's state and files.
+
+Views parse input, find objects through the access helpers (404 for a build
+the caller may not see) and call one service.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.urls import reverse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.decorators import api_view
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from training.models import DatasetBuild, TrainingRun
+from training.selectors import (
+    dataset_build_files,
+    dataset_build_get_for_user,
+    dataset_build_options,
+    dataset_builds_for_user,
+    labeler_choices_for_builds,
+    project_choices_for_builds,
+    training_run_get_for_user,
+    training_runs_for_user,
+)
+from training.services import (
+    DatasetBuildInvalid,
+    QueueUnavailable,
+    dataset_build_create,
+    training_run_cancel,
+    training_run_create,
+)
+
+LIST_LIMIT = 200
+
+
+class DatasetBuildRequestSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=200)
+    projects = serializers.ListField(child=serializers.IntegerField(), min_length=1)
+    labelers = serializers.ListField(child=serializers.IntegerField(), required=False, default=list)
+    date_from = serializers.DateField(required=False, allow_null=True, default=None)
+    date_to = serializers.DateField(required=False, allow_null=True, default=None)
+    min_gold_accuracy = serializers.FloatField(required=False, allow_null=True, default=None)
+    exclude_flagged = serializers.BooleanField(required=False, default=False)
+    aggregation = serializers.ChoiceField(
+        choices=DatasetBuild.Aggregation.choices, default=DatasetBuild.Aggregation.EVERY_VOTE
+    )
+    agreement_threshold = serializers.FloatField(required=False, default=0.5)
+    ties = serializers.ChoiceField(choices=DatasetBuild.Ties.choices, default=DatasetBuild.Ties.DROP)
+    margin = serializers.ChoiceField(choices=DatasetBuild.Margin.choices, default=DatasetBuild.Margin.NONE)
+    format = serializers.ChoiceField(
+        choices=DatasetBuild.Format.choices, default=DatasetBuild.Format.STANDARD
+    )
+    test_fraction = serializers.FloatField(required=False, default=0.1)
+    seed = serializers.IntegerField(required=False, default=0, min_value=0)
+    near_duplicate_threshold = serializers.FloatField(required=False, default=0.6)
+
+
+class DatasetBuildSerializer(serializers.Serializer):
+    """The response shape (documentation for the schema; the payload is built by `_payload`)."""
+
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    status = serializers.ChoiceField(choices=DatasetBuild.Status.choices)
+    progress = serializers.FloatField()
+    counts = serializers.DictField()
+    content_hash = serializers.CharField()
+    error = serializers.CharField()
+    options = serializers.DictField()
+    files = serializers.ListField(child=serializers.DictField())
+    created_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+    url = serializers.CharField()
+
+
+def _payload(request: Request, build: DatasetBuild) -> dict[str, Any]:
+    files = [
+        {
+            **file,
+            "url": request.build_absolute_uri(
+                reverse("dataset-build-file", kwargs={"build_id": build.pk, "key": file["key"]})
+            ),
+        }
+        for file in dataset_build_files(build=build)
+    ]
+    return {
+        "id": build.pk,
+        "name": build.name,
+        "status": build.status,
+        "progress": build.progress,
+        "counts": build.counts,
+        "content_hash": build.content_hash,
+        "error": build.error,
+        "options": dataset_build_options(build=build),
+        "files": files,
+        "created_at": build.created_at.isoformat(),
+        "started_at": build.started_at.isoformat() if build.started_at else None,
+        "finished_at": build.finished_at.isoformat() if build.finished_at else None,
+        "url": request.build_absolute_uri(reverse("dataset-build-detail", kwargs={"build_id": build.pk})),
+    }
+
+
+def _errors(messages: dict[str, Any]) -> Response:
+    return Response({"errors": messages}, status=status.HTTP_400_BAD_REQUEST)
+
+
+@extend_schema(
+    methods=["POST"], request=DatasetBuildRequestSerializer, responses={201: DatasetBuildSerializer}
+)
+@extend_schema(methods=["GET"], responses=DatasetBuildSerializer(many=True))
+@api_view(["GET", "POST"])
+def dataset_build_list_create(request: Request) -> Response:
+    """GET: the builds you may see (you manage all their projects), newest first.
+    POST: start a build of projects you manage; it is queued and runs on a worker."""
+    if request.method == "GET":
+        builds = dataset_builds_for_user(user=request.user)[:LIST_LIMIT]
+        return Response([_payload(request, build) for build in builds])
+
+    serializer = DatasetBuildRequestSerializer(data=request.data)
+    if not serializer.is_valid():
+        return _errors({field: " ".join(map(str, messages)) for field, messages in serializer.errors.items()})
+    data = dict(serializer.validated_data)
+    project_ids = set(data.pop("projects"))
+    projects = list(project_choices_for_builds(user=request.user).filter(pk__in=project_ids))
+    if len(projects) != len(project_ids):
+        # Projects the caller does not manage are as unknown as ones that do not exist.
+        return _errors({"projects": "unknown project id(s); use projects you manage"})
+    labeler_ids = set(data.pop("labelers"))
+    labelers = list(labeler_choices_for_builds(user=request.user).filter(pk__in=labeler_ids))
+    if len(labelers) != len(labeler_ids):
+        return _errors({"labelers": "unknown labeler id(s); use people who judge in projects you manage"})
+    try:
+        build = dataset_build_create(created_by=request.user, projects=projects, labelers=labelers, **data)
+    except DatasetBuildInvalid as error:
+        return _errors(error.errors)
+    return Response(_payload(request, build), status=status.HTTP_201_CREATED)
+
+
+@extend_schema(responses=DatasetBuildSerializer)
+@api_view(["GET"])
+def dataset_build_detail(request: Request, build_id: int) -> Response:
+    """A build's state, counts, options and file links."""
+    build = dataset_build_get_for_user(user=request.user, pk=build_id)
+    return Response(_payload(request, build))
+
+
+# --- training runs ------------------------------------------------------------------
+
+
+class TrainingRunRequestSerializer(serializers.Serializer):
+    dataset_build = serializers.IntegerField()
+    kind = serializers.ChoiceField(choices=TrainingRun.Kind.choices)
+    base_model = serializers.CharField(max_length=500)
+    peft = serializers.ChoiceField(choices=TrainingRun.Peft.choices, default=TrainingRun.Peft.LORA)
+    num_processes = serializers.IntegerField(min_value=1, max_value=64, default=1)
+    name = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
+    hyperparameters = serializers.DictField(
+        required=False,
+        default=dict,
+        help_text="Fields of the run spec (learning_rate, max_steps, beta, …); unknown names are refused.",
+    )
+
+
+class TrainingRunSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    kind = serializers.CharField()
+    status = serializers.CharField()
+    dataset_build = serializers.IntegerField()
+    base_model = serializers.CharField()
+    peft = serializers.CharField()
+    trainer = serializers.CharField()
+    hyperparameters = serializers.DictField()
+    attempts = serializers.IntegerField()
+    step = serializers.IntegerField()
+    total_steps = serializers.IntegerField()
+    progress = serializers.FloatField()
+    metrics = serializers.DictField()
+    error = serializers.CharField(allow_blank=True)
+    policy = serializers.IntegerField(allow_null=True)
+    reward_model = serializers.IntegerField(allow_null=True)
+    url = serializers.CharField()
+
+
+def _run_payload(run: TrainingRun) -> dict[str, Any]:
+    reward_model = getattr(run, "reward_model", None) if run.status == TrainingRun.Status.SUCCEEDED else None
+    return {
+        "id": run.pk,
+        "name": run.name,
+        "kind": run.kind,
+        "status": run.status,
+        "dataset_build": run.dataset_build_id,
+        "base_model": run.base_model,
+        "peft": run.peft,
+        "trainer": run.trainer,
+        "hyperparameters": run.hyperparameters,
+        "attempts": run.attempts,
+        "step": run.step,
+        "total_steps": run.total_steps,
+        "progress": run.progress,
+        "metrics": run.metrics,
+        "error": run.error,
+        "policy": run.policy_id,
+        "reward_model": reward_model.pk if reward_model else None,
+        "url": reverse("training-run-detail", args=[run.pk]),
+    }
+
+
+@extend_schema(
+    methods=["POST"],
+    request=TrainingRunRequestSerializer,
+    responses={201: TrainingRunSerializer, 400: OpenApiTypes.OBJECT, 503: OpenApiTypes.OBJECT},
+)
+@extend_schema(methods=["GET"], responses=TrainingRunSerializer(many=True))
+@api_view(["GET", "POST"])
+def training_run_list_create(request: Request) -> Response:
+    """List the runs you may see, or start one (managers of all the build's projects only)."""
+    if request.method == "GET":
+        runs = training_runs_for_user(user=request.user).select_related("reward_model")[:LIST_LIMIT]
+        return Response([_run_payload(run) for run in runs])
+    serializer = TrainingRunRequestSerializer(data=request.data)
+    if not serializer.is_valid():
+        return _errors(serializer.errors)
+    data = serializer.validated_data
+    build = dataset_build_get_for_user(user=request.user, pk=data["dataset_build"])
+    try:
+        run = training_run_create(
+            dataset_build=build,
+            kind=data["kind"],
+            base_model=data["base_model"],
+            peft=data["peft"],
+            num_processes=data["num_processes"],
+            hyperparameters=data["hyperparameters"],
+            name=data["name"],
+            created_by=request.user,
+        )
+    except QueueUnavailable as error:
+        return Response({"detail": str(error)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
+    except ValidationError as error:
+        return _errors(error.message_dict)
+    return Response(_run_payload(run), status=status.HTTP_201_CREATED)
+
+
+@extend_schema(responses=TrainingRunSerializer)
+@api_view(["GET"])
+def training_run_detail(request: Request, run_id: int) -> Response:
+    return Response(_run_payload(training_run_get_for_user(user=request.user, pk=run_id)))
+
+
+@extend_schema(request=None, responses=TrainingRunSerializer)
+@api_view(["POST"])
+def training_run_cancel_view(request: Request, run_id: int) -> Response:
+    """Cancel: a queued run at once, a running one at its next step."""
+    run = training_run_cancel(run=training_run_get_for_user(user=request.user, pk=run_id))
+    return Response(_run_payload(run))

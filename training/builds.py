@@ -1,0 +1,1294 @@
+"""Dataset builds: comparisons into reproducible, TRL-ready preference datasets.
+
+Runs on a worker only (it imports numpy and pyarrow, and datasets for the
+`hf/` folder); `training.services.dataset_build_run` calls `dataset_build_write`.
+
+What a build reads
+    The comparisons (for pairs) and judgments (for grouped, SFT and reference
+    rows) of the build's projects that pass its filters: created on or between
+    `date_from` and `date_to` (whole days in TIME_ZONE), judged by one of
+    `labelers` (when any are chosen), by someone whose gold accuracy in that
+    project is not below `min_gold_accuracy` (people without gold answers are
+    kept), and no newer than the newest judgment when the build began, so its
+    passes agree while people keep judging. With `exclude_flagged` a vote
+    is dropped when its judge flagged either completion. Judgments marked
+    "none acceptable" rank nothing and yield no rows.
+
+How votes become pair rows (`pairs/`, and `pairs_with_ties/` with ties=keep)
+    Comparisons stream from the database ordered by (prompt, unordered
+    completion pair, id), so one pair's votes are together and memory holds
+    one group at a time.
+
+    every_vote: each comparison is its own row, in that order.
+
+    majority: one row per (prompt, unordered pair {a, b}). With n_a votes for
+    a over b, n_b for b over a and n_t ties among the pair's n votes:
+      - ties=drop: ties are votes for neither side but still count in n. The
+        row says a over b when n_a > n_b and n_a / n ≥ agreement_threshold
+        (b over a likewise); otherwise (n_a = n_b, or too small a share) the
+        pair yields no row.
+      - ties=keep: a tie is a third outcome. The outcome with strictly the
+        most votes wins when its share of n reaches the threshold; a winning
+        tie is a tie row. No unique winner, or too small a share: no row.
+    The row's margin is the mean margin of the winning votes.
+
+Ties
+    drop (default): tie votes never become rows. keep: tie rows (`tie: true`,
+    margin 0; the pair in task order, or in completion-id order for a majority
+    tie) are written to `pairs_with_ties/`, with every preference row
+    (`tie: false`). The TRL files (`pairs/`, `hf/`)
+    never hold ties, whatever the option: TRL has no tie label. Grouped rows
+    keep equal ranks either way.
+
+Margins
+    none: no `margin` column. rank_gap: rank(rejected) − rank(chosen) from the
+    judgment. likert_gap: likert(chosen) − likert(rejected) from the judgment;
+    votes without Likert ratings are dropped. TRL's RewardTrainer uses the
+    column as its margin term; DPOTrainer ignores it.
+
+Split by prompt, no near-duplicate on both sides
+    1. Every prompt of the build's projects is normalised (casefold,
+       punctuation to spaces, whitespace collapsed; for chat prompts, the
+       non-system turns) and reduced to a MinHash signature (128 hashes) of
+       its word bigrams. (Bigrams, not longer shingles: prompts are short, and
+       one changed word in a 15-word prompt still leaves a similarity of 0.75.)
+    2. Locality-sensitive hashing (42 bands of 3 rows) proposes candidate
+       pairs; a candidate whose estimated Jaccard similarity reaches
+       `near_duplicate_threshold` is unioned into one group. Identical
+       normalised texts always share a group.
+    3. A group goes to test when sha256("seed:key") read as a fraction of
+       2^64 is below `test_fraction`, where the key is the smallest hash of
+       its members' normalised texts. Sizes are close to `test_fraction`
+       rather than exact, and a prompt keeps its side as new data arrives.
+
+Outputs (each as `<output>/train.jsonl`, `test.jsonl` and the same in Parquet)
+    pairs: prompt, chosen, rejected [, margin]: TRL's preference format.
+    pairs_with_ties (ties=keep): the same rows plus ties, with `tie`.
+    grouped: one row per judgment: prompt, completions (task order), ranks
+        [, likert with likert_gap]; flagged completions removed with
+        exclude_flagged; rows where fewer than two completions are left, or
+        all are tied, are dropped.
+    sft: prompt, completion: TRL's prompt-completion format. every_vote: the
+        top-ranked completion of each judgment; majority: per prompt, the
+        completion ranked top by the most judgments, kept when its share of
+        the prompt's judgments reaches the threshold. A judgment with a tie
+        at the top votes for none; one whose top is flagged (exclude_flagged)
+        does not vote.
+    reference (when a prompt's metadata has a "reference" answer): the
+        reference as chosen against each judged completion of the prompt.
+    hf/: `datasets.DatasetDict` (train/test) of the pairs, save_to_disk.
+    README.md: the dataset card: every option, counts, split sizes, tie
+        rate, agreement and margin distribution.
+
+Formats
+    standard: strings. A text prompt keeps its text with trailing whitespace
+    replaced by one newline; a chat prompt is rendered as "User: …" turns
+    separated by blank lines, ending "Assistant:\\n" (a newline ends the
+    prompt on a token boundary, so prompt + completion tokenize as prompt
+    then completion). conversational: prompt = list of {role, content};
+    chosen/rejected/completion = [{"role": "assistant", "content": …}].
+
+Memory
+    Comparisons and judgments stream from server-side cursors. What is held
+    is one (prompt, pair) group of votes, one prompt's judgments, a Parquet
+    batch (PARQUET_BATCH_ROWS) per open file, and, per prompt of the
+    projects, a MinHash signature (512 bytes) for the split: memory grows
+    with the number of prompts, not with the number of comparisons. (The
+    gold-accuracy filter loads each project's judgments once, through
+    `annotation.stats.gold_accuracy`.)
+
+Reproducibility
+    Rows are ordered by database keys, Parquet row groups have a fixed size,
+    the split depends on the seed and the texts only, and neither the data
+    files nor the card hold a timestamp or the build's id or name: the same
+    options over the same comparisons write the same bytes. content_hash is
+    the sha256 over the JSONL files (sorted by path) and then the card.
+    Everything is written into a temporary folder that is renamed into place
+    at the end: a failed build leaves no folder behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import unicodedata
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from django.db.models.functions import Greatest, Least
+
+from annotation.models import Prompt, TaskCompletion
+from training.models import DatasetBuild
+from training.selectors import (
+    BUILD_OUTPUTS,
+    BUILD_SPLITS,
+    CARD_FILENAME,
+    dataset_build_comparisons,
+    dataset_build_dir,
+    dataset_build_excluded_labelers,
+    dataset_build_judgment_id_max,
+    dataset_build_judgments,
+    datasets_root,
+)
+
+ProgressCallback = Callable[[float], None]
+
+CHUNK_SIZE = 2000  # rows fetched per round trip from the database cursor
+PARQUET_BATCH_ROWS = 5000  # rows per Parquet row group (fixed: part of the bytes)
+PROGRESS_EVERY_ROWS = 5000
+
+SHINGLE_WORDS = 2
+MINHASH_PERMUTATIONS = 128
+# 42 bands of 3 rows (126 of the 128 hashes): a pair at similarity 0.5 is a candidate with
+# probability 0.996, one at 0.2 with 0.29, so candidates stay few and misses rare.
+MINHASH_BANDS = 42
+MINHASH_ROWS = 3
+# Fixed, so signatures never depend on the build's options.
+MINHASH_SEED = 0x5EED_F00D
+
+ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
+# Progress shares of the build's stages.
+PROGRESS_PROMPTS = 0.05
+PROGRESS_ROWS_END = 0.9
+
+Rendered = str | list[dict[str, str]]
+
+
+# --- options ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """A build's options as plain values, read once from the row."""
+
+    aggregation: str
+    agreement_threshold: float
+    ties: str
+    margin: str
+    format: str
+    test_fraction: float
+    seed: int
+    near_duplicate_threshold: float
+    exclude_flagged: bool
+
+    @classmethod
+    def from_build(cls, build: DatasetBuild) -> BuildOptions:
+        return cls(
+            aggregation=build.aggregation,
+            agreement_threshold=build.agreement_threshold,
+            ties=build.ties,
+            margin=build.margin,
+            format=build.format,
+            test_fraction=build.test_fraction,
+            seed=build.seed,
+            near_duplicate_threshold=build.near_duplicate_threshold,
+            exclude_flagged=build.exclude_flagged,
+        )
+
+    @property
+    def conversational(self) -> bool:
+        return self.format == DatasetBuild.Format.CONVERSATIONAL
+
+    @property
+    def majority(self) -> bool:
+        return self.aggregation == DatasetBuild.Aggregation.MAJORITY
+
+    @property
+    def keep_ties(self) -> bool:
+        return self.ties == DatasetBuild.Ties.KEEP
+
+    @property
+    def has_margin(self) -> bool:
+        return self.margin != DatasetBuild.Margin.NONE
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    counts: dict[str, dict[str, int]]
+    summary: dict[str, Any]
+    content_hash: str
+
+
+# --- prompts: rendering and normalisation -----------------------------------------
+
+
+def prompt_render(*, text: str, messages: list[dict[str, Any]] | None, conversational: bool) -> Rendered:
+    """A prompt as the dataset holds it (see "Formats" above)."""
+    if conversational:
+        if messages is None:
+            return [{"role": "user", "content": text}]
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    if messages is None:
+        return text.rstrip() + "\n"
+    turns = [f"{ROLE_NAMES.get(str(m['role']), str(m['role']).title())}: {m['content']}" for m in messages]
+    return "\n\n".join([*turns, "Assistant:"]) + "\n"
+
+
+def completion_render(text: str, *, conversational: bool) -> str | list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}] if conversational else text
+
+
+@functools.cache
+def _punctuation_to_space() -> dict[int, str]:
+    return {
+        codepoint: " "
+        for codepoint in range(sys.maxunicode + 1)
+        if unicodedata.category(chr(codepoint)).startswith("P")
+    }
+
+
+def prompt_normalise(*, text: str, messages: list[dict[str, Any]] | None) -> str:
+    """Casefold, punctuation to spaces, whitespace collapsed. Chat: the non-system turns.
+
+    System prompts are left out because many chat prompts share one: with it,
+    unrelated questions would look alike.
+    """
+    if messages is not None:
+        text = "\n".join(str(m.get("content", "")) for m in messages if m.get("role") != "system")
+    return " ".join(text.casefold().translate(_punctuation_to_space()).split())
+
+
+@functools.cache
+def _minhash_parameters() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(MINHASH_SEED)
+    # Multiply-shift hashing: odd 64-bit multipliers, the top 32 bits kept.
+    random_63_bits = rng.integers(0, 2**63, size=MINHASH_PERMUTATIONS, dtype=np.uint64)
+    multipliers = random_63_bits * np.uint64(2) + np.uint64(1)
+    offsets = rng.integers(0, 2**63, size=MINHASH_PERMUTATIONS, dtype=np.uint64)
+    return multipliers, offsets
+
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def minhash_signature(normalised: str) -> np.ndarray:
+    """MinHash (uint32 × 128) of the text's word bigrams; a one-word text is one shingle."""
+    words = normalised.split()
+    shingles = {
+        " ".join(words[start : start + SHINGLE_WORDS])
+        for start in range(max(1, len(words) - SHINGLE_WORDS + 1))
+    }
+    hashes = np.fromiter((_hash64(shingle) for shingle in shingles), dtype=np.uint64, count=len(shingles))
+    multipliers, offsets = _minhash_parameters()
+    permuted = (hashes[:, None] * multipliers[None, :] + offsets[None, :]) >> np.uint64(32)
+    return permuted.min(axis=0).astype(np.uint32)
+
+
+def near_duplicate_roots(signatures: np.ndarray, *, threshold: float) -> np.ndarray:
+    """Union-find root of every row: rows whose estimated Jaccard similarity reaches the threshold
+    (directly or through others) share a root. Candidates come from LSH banding."""
+    count = len(signatures)
+    parent = np.arange(count)
+
+    def find(node: int) -> int:
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = int(parent[node])
+        return node
+
+    for band in range(MINHASH_BANDS):
+        block = signatures[:, band * MINHASH_ROWS : (band + 1) * MINHASH_ROWS].astype(np.uint64)
+        high = (block[:, 0] << np.uint64(32)) | block[:, 1]
+        low = block[:, 2]
+        order = np.lexsort((low, high))
+        same_as_previous = (high[order][1:] == high[order][:-1]) & (low[order][1:] == low[order][:-1])
+        starts = np.flatnonzero(~np.concatenate(([False], same_as_previous)))
+        ends = np.append(starts[1:], count)
+        for start, end in zip(starts, ends, strict=True):
+            if end - start < 2:
+                continue
+            representatives: list[int] = []
+            for member in (int(m) for m in order[start:end]):
+                joined = False
+                for other in representatives:
+                    if find(member) == find(other):
+                        joined = True
+                        continue
+                    similarity = float(np.mean(signatures[member] == signatures[other]))
+                    if similarity >= threshold:
+                        parent[find(member)] = find(other)
+                        joined = True
+                if not joined:
+                    representatives.append(member)
+    return np.array([find(node) for node in range(count)], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class PromptSplit:
+    test_prompt_ids: frozenset[int]
+    prompts: int
+    groups: int
+    merged_groups: int  # groups of two or more prompts
+    prompts_in_merged_groups: int
+
+    def split_of(self, prompt_id: int) -> str:
+        return "test" if prompt_id in self.test_prompt_ids else "train"
+
+
+def _fraction_of(seed: int, key: int) -> float:
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def prompt_split(*, build: DatasetBuild, options: BuildOptions) -> PromptSplit:
+    """Assign every prompt of the build's projects to train or test (numbered steps above)."""
+    prompts = Prompt.objects.filter(project__in=build.projects.values("pk")).order_by("pk")
+    ids: list[int] = []
+    text_hashes: list[int] = []
+    # Signatures are stacked a chunk at a time: 512 bytes a prompt, not a Python object each.
+    blocks: list[np.ndarray] = []
+    pending: list[np.ndarray] = []
+    for prompt_id, text, messages in prompts.values_list("pk", "text", "messages").iterator(CHUNK_SIZE):
+        normalised = prompt_normalise(text=text, messages=messages)
+        ids.append(prompt_id)
+        text_hashes.append(_hash64(normalised))
+        pending.append(minhash_signature(normalised))
+        if len(pending) == CHUNK_SIZE:
+            blocks.append(np.stack(pending))
+            pending.clear()
+    if pending:
+        blocks.append(np.stack(pending))
+    if not ids:
+        return PromptSplit(frozenset(), 0, 0, 0, 0)
+    signatures = np.concatenate(blocks)
+    blocks.clear()
+    roots = near_duplicate_roots(signatures, threshold=options.near_duplicate_threshold)
+    keys: dict[int, int] = {}
+    sizes: Counter[int] = Counter()
+    for root, text_hash in zip(roots.tolist(), text_hashes, strict=True):
+        keys[root] = min(keys.get(root, text_hash), text_hash)
+        sizes[root] += 1
+    test_roots = {
+        root for root, key in keys.items() if _fraction_of(options.seed, key) < options.test_fraction
+    }
+    test_ids = frozenset(
+        prompt_id for prompt_id, root in zip(ids, roots.tolist(), strict=True) if root in test_roots
+    )
+    merged = [size for size in sizes.values() if size > 1]
+    return PromptSplit(test_ids, len(ids), len(keys), len(merged), sum(merged))
+
+
+# --- writing ---------------------------------------------------------------------
+
+_MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+
+
+def output_schemas(options: BuildOptions) -> dict[str, pa.Schema]:
+    text = pa.list_(_MESSAGE) if options.conversational else pa.string()
+    margin = [("margin", pa.float64())] if options.has_margin else []
+    likert = [("likert", pa.list_(pa.int64()))] if options.margin == DatasetBuild.Margin.LIKERT_GAP else []
+    pairs = [("prompt", text), ("chosen", text), ("rejected", text), *margin]
+    return {
+        "pairs": pa.schema(pairs),
+        "pairs_with_ties": pa.schema([*pairs, ("tie", pa.bool_())]),
+        "grouped": pa.schema(
+            [("prompt", text), ("completions", pa.list_(text)), ("ranks", pa.list_(pa.int64())), *likert]
+        ),
+        "sft": pa.schema([("prompt", text), ("completion", text)]),
+        "reference": pa.schema([("prompt", text), ("chosen", text), ("rejected", text)]),
+    }
+
+
+class SplitWriter:
+    """One output's rows for one split: JSON Lines, Parquet, and optionally an Arrow stream."""
+
+    def __init__(
+        self, *, folder: Path, output: str, split: str, schema: pa.Schema, arrow: Path | None
+    ) -> None:
+        directory = folder / output
+        directory.mkdir(parents=True, exist_ok=True)
+        self.schema = schema
+        self.rows = 0
+        self.prompts = 0
+        self._last_prompt: int | None = None
+        self._batch: list[dict[str, Any]] = []
+        self._jsonl = (directory / f"{split}.jsonl").open("w", encoding="utf-8", newline="\n")
+        self._parquet = pq.ParquetWriter(directory / f"{split}.parquet", schema)
+        self._arrow_sink = pa.OSFile(str(arrow), "wb") if arrow is not None else None
+        self._arrow = pa.ipc.new_stream(self._arrow_sink, schema) if self._arrow_sink is not None else None
+
+    def write(self, row: dict[str, Any], *, prompt_id: int) -> None:
+        self._jsonl.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._batch.append(row)
+        self.rows += 1
+        if prompt_id != self._last_prompt:
+            self.prompts += 1
+            self._last_prompt = prompt_id
+        if len(self._batch) >= PARQUET_BATCH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._batch:
+            return
+        table = pa.Table.from_pylist(self._batch, schema=self.schema)
+        self._parquet.write_table(table)
+        if self._arrow is not None:
+            self._arrow.write_table(table)
+        self._batch.clear()
+
+    def close(self) -> None:
+        self._flush()
+        self._jsonl.close()
+        self._parquet.close()
+        if self._arrow is not None and self._arrow_sink is not None:
+            self._arrow.close()
+            self._arrow_sink.close()
+
+
+class Outputs:
+    """Every output's writers, opened when the output gets its first row (both splits at once)."""
+
+    # Written even when empty, so a consumer always finds them.
+    ALWAYS = ("pairs", "grouped", "sft")
+
+    def __init__(self, *, folder: Path, arrow_folder: Path, options: BuildOptions) -> None:
+        self.folder = folder
+        self.arrow_folder = arrow_folder
+        self.schemas = output_schemas(options)
+        self.writers: dict[str, dict[str, SplitWriter]] = {}
+        for output in (*self.ALWAYS, *(["pairs_with_ties"] if options.keep_ties else [])):
+            self._open(output)
+
+    def _open(self, output: str) -> dict[str, SplitWriter]:
+        writers = self.writers.get(output)
+        if writers is None:
+            writers = {
+                split: SplitWriter(
+                    folder=self.folder,
+                    output=output,
+                    split=split,
+                    schema=self.schemas[output],
+                    arrow=self.arrow_folder / f"{split}.arrow" if output == "pairs" else None,
+                )
+                for split in BUILD_SPLITS
+            }
+            self.writers[output] = writers
+        return writers
+
+    def write(self, output: str, split: str, row: dict[str, Any], *, prompt_id: int) -> None:
+        self._open(output)[split].write(row, prompt_id=prompt_id)
+
+    def close(self) -> None:
+        for writers in self.writers.values():
+            for writer in writers.values():
+                writer.close()
+
+    def _opened(self) -> list[tuple[str, dict[str, SplitWriter]]]:
+        return [(output, self.writers[output]) for output in BUILD_OUTPUTS if output in self.writers]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Rows per output and split, outputs in BUILD_OUTPUTS order."""
+        return {output: {split: w.rows for split, w in writers.items()} for output, writers in self._opened()}
+
+    def prompt_counts(self) -> dict[str, dict[str, int]]:
+        return {
+            output: {split: w.prompts for split, w in writers.items()} for output, writers in self._opened()
+        }
+
+
+# --- pairs -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Vote:
+    chosen_id: int
+    rejected_id: int
+    tie: bool
+    margin: float | None
+
+
+@dataclass
+class PairStats:
+    comparisons_read: int = 0
+    dropped_flagged: int = 0
+    dropped_no_likert: int = 0
+    votes: int = 0
+    tie_votes: int = 0
+    groups: int = 0
+    groups_judged_twice: int = 0
+    vote_pairs: int = 0
+    vote_pairs_agreeing: int = 0
+    majority_kept: int = 0
+    majority_ties_kept: int = 0
+    majority_no_winner: int = 0
+    majority_below_threshold: int = 0
+    majority_tie_dropped: int = 0
+    tie_rows_dropped: int = 0
+    winning_shares: Counter[str] = field(default_factory=Counter)
+    margins: Counter[str] = field(default_factory=Counter)
+
+
+def _pairs_of(count: int) -> int:
+    return count * (count - 1) // 2
+
+
+class PairWriter:
+    """Turns one (prompt, pair) group of votes at a time into rows (rules above)."""
+
+    def __init__(self, *, outputs: Outputs, options: BuildOptions, split: PromptSplit) -> None:
+        self.outputs = outputs
+        self.options = options
+        self.split = split
+        self.stats = PairStats()
+
+    def _row(self, prompt: Rendered, chosen: str, rejected: str, margin: float | None) -> dict[str, Any]:
+        conversational = self.options.conversational
+        row: dict[str, Any] = {
+            "prompt": prompt,
+            "chosen": completion_render(chosen, conversational=conversational),
+            "rejected": completion_render(rejected, conversational=conversational),
+        }
+        if self.options.has_margin:
+            row["margin"] = float(margin if margin is not None else 0.0)
+        return row
+
+    def _emit(self, *, prompt_id: int, prompt: Rendered, texts: dict[int, str], vote: Vote) -> None:
+        split = self.split.split_of(prompt_id)
+        row = self._row(
+            prompt, texts[vote.chosen_id], texts[vote.rejected_id], 0.0 if vote.tie else vote.margin
+        )
+        if not vote.tie:
+            self.outputs.write("pairs", split, row, prompt_id=prompt_id)
+            if self.options.has_margin:
+                self.stats.margins[_number(row["margin"])] += 1
+        if self.options.keep_ties:
+            self.outputs.write("pairs_with_ties", split, {**row, "tie": vote.tie}, prompt_id=prompt_id)
+        elif vote.tie:
+            self.stats.tie_rows_dropped += 1
+
+    def group(self, *, prompt_id: int, prompt: Rendered, texts: dict[int, str], votes: list[Vote]) -> None:
+        stats = self.stats
+        stats.groups += 1
+        low, high = min(texts), max(texts)
+        low_wins = sum(1 for v in votes if not v.tie and v.chosen_id == low)
+        high_wins = sum(1 for v in votes if not v.tie and v.chosen_id == high)
+        ties = len(votes) - low_wins - high_wins
+        if len(votes) > 1:
+            stats.groups_judged_twice += 1
+            stats.vote_pairs += _pairs_of(len(votes))
+            stats.vote_pairs_agreeing += _pairs_of(low_wins) + _pairs_of(high_wins) + _pairs_of(ties)
+        if not self.options.majority:
+            for vote in votes:
+                self._emit(prompt_id=prompt_id, prompt=prompt, texts=texts, vote=vote)
+            return
+        winner = self._majority(low_wins=low_wins, high_wins=high_wins, ties=ties, total=len(votes))
+        if winner is None:
+            return
+        if winner == "tie":
+            winning = [v for v in votes if v.tie]
+            vote = Vote(low, high, True, 0.0)
+        else:
+            chosen, rejected = (low, high) if winner == "low" else (high, low)
+            winning = [v for v in votes if not v.tie and v.chosen_id == chosen]
+            margins = [v.margin for v in winning if v.margin is not None]
+            vote = Vote(chosen, rejected, False, sum(margins) / len(margins) if margins else None)
+        stats.winning_shares[_share_bucket(len(winning) / len(votes))] += 1
+        self._emit(prompt_id=prompt_id, prompt=prompt, texts=texts, vote=vote)
+
+    def _majority(self, *, low_wins: int, high_wins: int, ties: int, total: int) -> str | None:
+        """The winning outcome ("low", "high" or "tie"), or None when the pair yields no row."""
+        stats = self.stats
+        outcomes = {"low": low_wins, "high": high_wins}
+        if self.options.keep_ties:
+            outcomes["tie"] = ties
+        best = max(outcomes.values())
+        leaders = [name for name, votes in outcomes.items() if votes == best]
+        if len(leaders) != 1 or best == 0:
+            if not self.options.keep_ties and low_wins == high_wins and ties > 0 and low_wins == 0:
+                stats.majority_tie_dropped += 1
+            else:
+                stats.majority_no_winner += 1
+            return None
+        if best / total < self.options.agreement_threshold:
+            stats.majority_below_threshold += 1
+            return None
+        if leaders[0] == "tie":
+            stats.majority_ties_kept += 1
+        else:
+            stats.majority_kept += 1
+        return leaders[0]
+
+
+def _share_bucket(share: float) -> str:
+    """Shares in tenths: "0.5–0.6", …, "1.0" on its own."""
+    if share >= 1.0:
+        return "1.0"
+    tenth = math.floor(share * 10 + 1e-9) / 10
+    return f"{tenth:.1f}–{tenth + 0.1:.1f}"
+
+
+def _number(value: float) -> str:
+    return f"{value:.4f}".rstrip("0").rstrip(".") if value == value else "nan"
+
+
+def _vote_from(row: Any, options: BuildOptions, stats: PairStats) -> Vote | None:
+    chosen_uid, rejected_uid = str(row.chosen__uid), str(row.rejected__uid)
+    if options.exclude_flagged:
+        flags = row.judgment__flags or {}
+        if flags.get(chosen_uid) or flags.get(rejected_uid):
+            stats.dropped_flagged += 1
+            return None
+    margin: float | None = None
+    if options.margin == DatasetBuild.Margin.RANK_GAP:
+        ranks = row.judgment__ranks or {}
+        margin = float(ranks[rejected_uid] - ranks[chosen_uid])
+    elif options.margin == DatasetBuild.Margin.LIKERT_GAP:
+        likert = row.judgment__likert or {}
+        if chosen_uid not in likert or rejected_uid not in likert:
+            stats.dropped_no_likert += 1
+            return None
+        margin = float(likert[chosen_uid] - likert[rejected_uid])
+    return Vote(row.chosen_id, row.rejected_id, row.is_tie, 0.0 if row.is_tie else margin)
+
+
+def pairs_write(
+    *,
+    build: DatasetBuild,
+    options: BuildOptions,
+    split: PromptSplit,
+    outputs: Outputs,
+    excluded: dict[int, list[int]],
+    judgment_id_max: int,
+    tick: Callable[[], None],
+) -> PairStats:
+    """Stream the selected comparisons group by group into pair rows."""
+    fields = ["id", "prompt_id", "chosen_id", "rejected_id", "is_tie", "chosen__uid", "rejected__uid"]
+    fields += ["chosen__text", "rejected__text", "prompt__text", "prompt__messages"]
+    if options.exclude_flagged:
+        fields.append("judgment__flags")
+    if options.margin == DatasetBuild.Margin.RANK_GAP:
+        fields.append("judgment__ranks")
+    if options.margin == DatasetBuild.Margin.LIKERT_GAP:
+        fields.append("judgment__likert")
+    comparisons = (
+        dataset_build_comparisons(build=build, excluded=excluded, judgment_id_max=judgment_id_max)
+        .annotate(pair_low=Least("chosen_id", "rejected_id"), pair_high=Greatest("chosen_id", "rejected_id"))
+        .order_by("prompt_id", "pair_low", "pair_high", "id")
+        .values_list(*fields, "pair_low", "pair_high", named=True)
+    )
+    writer = PairWriter(outputs=outputs, options=options, split=split)
+    stats = writer.stats
+    key: tuple[int, int, int] | None = None
+    votes: list[Vote] = []
+    texts: dict[int, str] = {}
+    prompt: Rendered = ""
+    prompt_id = 0
+    for row in comparisons.iterator(chunk_size=CHUNK_SIZE):
+        tick()
+        stats.comparisons_read += 1
+        row_key = (row.prompt_id, row.pair_low, row.pair_high)
+        if row_key != key:
+            if votes:
+                writer.group(prompt_id=prompt_id, prompt=prompt, texts=texts, votes=votes)
+            if key is None or row.prompt_id != prompt_id:
+                prompt_id = row.prompt_id
+                prompt = prompt_render(
+                    text=row.prompt__text,
+                    messages=row.prompt__messages,
+                    conversational=options.conversational,
+                )
+            key, votes = row_key, []
+            texts = {row.chosen_id: row.chosen__text, row.rejected_id: row.rejected__text}
+        vote = _vote_from(row, options, stats)
+        if vote is None:
+            continue
+        stats.votes += 1
+        stats.tie_votes += vote.tie
+        votes.append(vote)
+    if votes:
+        writer.group(prompt_id=prompt_id, prompt=prompt, texts=texts, votes=votes)
+    return stats
+
+
+# --- judgments: grouped, SFT and reference rows ---------------------------------
+
+
+@dataclass
+class JudgmentStats:
+    judgments_read: int = 0
+    grouped_dropped: int = 0
+    sft_tied_top: int = 0
+    sft_flagged_top: int = 0
+    sft_majority_kept: int = 0
+    sft_majority_dropped: int = 0
+    reference_prompts: int = 0
+
+
+@dataclass
+class PromptJudgments:
+    """What one prompt's judgments leave for the rows written when the prompt is done."""
+
+    prompt_id: int
+    prompt: Rendered
+    reference: str | None
+    top_votes: Counter[int] = field(default_factory=Counter)
+    top_voters: int = 0
+    completions: dict[int, str] = field(default_factory=dict)
+
+
+def _judgments_with_items(judgments: Any) -> Iterator[tuple[Any, list[tuple[int, str, str]]]]:
+    """Each judgment with its task's completions (id, uid, text) in task order, loaded per chunk."""
+    batch: list[Any] = []
+
+    def with_items() -> Iterator[tuple[Any, list[tuple[int, str, str]]]]:
+        items: dict[int, list[tuple[int, str, str]]] = {}
+        task_ids = {judgment.task_id for judgment in batch}
+        for task_id, completion_id, uid, text in (
+            TaskCompletion.objects.filter(task_id__in=task_ids)
+            .order_by("task_id", "position")
+            .values_list("task_id", "completion_id", "completion__uid", "completion__text")
+        ):
+            items.setdefault(task_id, []).append((completion_id, str(uid), text))
+        for judgment in batch:
+            yield judgment, items.get(judgment.task_id, [])
+        batch.clear()
+
+    for judgment in judgments.iterator(chunk_size=CHUNK_SIZE):
+        batch.append(judgment)
+        if len(batch) >= CHUNK_SIZE:
+            yield from with_items()
+    if batch:
+        yield from with_items()
+
+
+class JudgmentWriter:
+    def __init__(self, *, outputs: Outputs, options: BuildOptions, split: PromptSplit) -> None:
+        self.outputs = outputs
+        self.options = options
+        self.split = split
+        self.stats = JudgmentStats()
+
+    def judgment(self, current: PromptJudgments, judgment: Any, items: list[tuple[int, str, str]]) -> None:
+        options = self.options
+        stats = self.stats
+        stats.judgments_read += 1
+        ranks_by_uid = judgment.ranks or {}
+        if not items or any(uid not in ranks_by_uid for _id, uid, _text in items):
+            stats.grouped_dropped += 1
+            return
+        flags = judgment.flags or {}
+        flagged = {uid for uid, names in flags.items() if names} if options.exclude_flagged else set()
+        split = self.split.split_of(current.prompt_id)
+        for completion_id, _uid, text in items:
+            current.completions.setdefault(completion_id, text)
+
+        kept = [(cid, uid, text) for cid, uid, text in items if uid not in flagged]
+        ranks = [int(ranks_by_uid[uid]) for _cid, uid, _text in kept]
+        if len(kept) >= 2 and len(set(ranks)) > 1:
+            row: dict[str, Any] = {
+                "prompt": current.prompt,
+                "completions": [
+                    completion_render(text, conversational=options.conversational) for *_, text in kept
+                ],
+                "ranks": ranks,
+            }
+            if options.margin == DatasetBuild.Margin.LIKERT_GAP:
+                likert = judgment.likert or {}
+                row["likert"] = (
+                    [int(likert[uid]) for _cid, uid, _text in kept]
+                    if all(uid in likert for _c, uid, _t in kept)
+                    else None
+                )
+            self.outputs.write("grouped", split, row, prompt_id=current.prompt_id)
+        else:
+            stats.grouped_dropped += 1
+
+        best = min(int(ranks_by_uid[uid]) for _cid, uid, _text in items)
+        tops = [(cid, uid, text) for cid, uid, text in items if int(ranks_by_uid[uid]) == best]
+        if len(tops) > 1:
+            stats.sft_tied_top += 1
+            current.top_voters += 1  # a vote for none
+            return
+        top_id, top_uid, top_text = tops[0]
+        if top_uid in flagged:
+            stats.sft_flagged_top += 1
+            return
+        if options.majority:
+            current.top_voters += 1
+            current.top_votes[top_id] += 1
+        else:
+            self._sft(current, top_text)
+
+    def _sft(self, current: PromptJudgments, text: str) -> None:
+        row = {
+            "prompt": current.prompt,
+            "completion": completion_render(text, conversational=self.options.conversational),
+        }
+        self.outputs.write("sft", self.split.split_of(current.prompt_id), row, prompt_id=current.prompt_id)
+
+    def prompt_done(self, current: PromptJudgments) -> None:
+        if self.options.majority and current.top_voters:
+            # Every judgment may have tied at the top: then nobody voted for a completion.
+            ranked = current.top_votes.most_common(2) or [(0, 0)]
+            leader, votes = ranked[0]
+            unique = len(ranked) == 1 or ranked[1][1] < votes
+            if votes and unique and votes / current.top_voters >= self.options.agreement_threshold:
+                self.stats.sft_majority_kept += 1
+                self._sft(current, current.completions[leader])
+            else:
+                self.stats.sft_majority_dropped += 1
+        reference = current.reference
+        if isinstance(reference, str) and reference.strip():
+            self.stats.reference_prompts += 1
+            chosen = completion_render(reference, conversational=self.options.conversational)
+            split = self.split.split_of(current.prompt_id)
+            for _completion_id, text in sorted(current.completions.items()):
+                if text == reference:
+                    continue
+                row = {
+                    "prompt": current.prompt,
+                    "chosen": chosen,
+                    "rejected": completion_render(text, conversational=self.options.conversational),
+                }
+                self.outputs.write("reference", split, row, prompt_id=current.prompt_id)
+
+
+def judgments_write(
+    *,
+    build: DatasetBuild,
+    options: BuildOptions,
+    split: PromptSplit,
+    outputs: Outputs,
+    excluded: dict[int, list[int]],
+    judgment_id_max: int,
+    tick: Callable[[], None],
+) -> JudgmentStats:
+    """Stream the selected judgments, prompt by prompt, into grouped, SFT and reference rows."""
+    judgments = (
+        dataset_build_judgments(build=build, excluded=excluded, judgment_id_max=judgment_id_max)
+        .order_by("task__prompt_id", "id")
+        .values_list(
+            "id",
+            "task_id",
+            "task__prompt_id",
+            "task__prompt__text",
+            "task__prompt__messages",
+            "task__prompt__metadata__reference",
+            "ranks",
+            "likert",
+            "flags",
+            named=True,
+        )
+    )
+    writer = JudgmentWriter(outputs=outputs, options=options, split=split)
+    current: PromptJudgments | None = None
+    for judgment, items in _judgments_with_items(judgments):
+        tick()
+        if current is None or judgment.task__prompt_id != current.prompt_id:
+            if current is not None:
+                writer.prompt_done(current)
+            current = PromptJudgments(
+                prompt_id=judgment.task__prompt_id,
+                prompt=prompt_render(
+                    text=judgment.task__prompt__text,
+                    messages=judgment.task__prompt__messages,
+                    conversational=options.conversational,
+                ),
+                reference=judgment.task__prompt__metadata__reference,
+            )
+        writer.judgment(current, judgment, items)
+    if current is not None:
+        writer.prompt_done(current)
+    return writer.stats
+
+
+# --- hf/, the card, the hash -------------------------------------------------------
+
+
+def hf_save(*, folder: Path, arrow_folder: Path) -> None:
+    """The pairs as a DatasetDict (train/test) with save_to_disk, read from the Arrow streams."""
+    import datasets
+    from datasets.table import MemoryMappedTable
+
+    datasets.disable_progress_bars()
+    splits = {}
+    for split in BUILD_SPLITS:
+        table = MemoryMappedTable.from_file(str(arrow_folder / f"{split}.arrow"))
+        # A fingerprint from the content, not a random one, so hf/ is reproducible too.
+        fingerprint = _file_sha256(folder / "pairs" / f"{split}.jsonl")[:16]
+        splits[split] = datasets.Dataset(table, fingerprint=fingerprint, split=datasets.NamedSplit(split))
+    # One shard at least: an empty split saved with none cannot be loaded back.
+    shards = {name: max(1, math.ceil(dataset.data.nbytes / 500_000_000)) for name, dataset in splits.items()}
+    datasets.DatasetDict(splits).save_to_disk(str(folder / "hf"), num_shards=shards)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def content_hash(folder: Path) -> str:
+    """sha256 over the JSONL files (sorted by relative path) and then the card."""
+    paths = sorted(path.relative_to(folder).as_posix() for path in folder.glob("*/*.jsonl"))
+    digest = hashlib.sha256()
+    for relative in [*paths, CARD_FILENAME]:
+        path = folder / relative
+        digest.update(f"{relative}\0{path.stat().st_size}\0".encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _rate(numerator: int, denominator: int) -> float | None:
+    return round(numerator / denominator, 4) if denominator else None
+
+
+def build_summary(
+    *,
+    build: DatasetBuild,
+    options: BuildOptions,
+    split: PromptSplit,
+    pair_stats: PairStats,
+    judgment_stats: JudgmentStats,
+    excluded: dict[int, list[int]],
+    judgment_id_max: int,
+    outputs: Outputs,
+) -> dict[str, Any]:
+    """Everything the card reports, as JSON-ready values (no timestamps, no build id)."""
+    projects = [
+        {"id": project.pk, "name": project.name, "kind": project.kind}
+        for project in build.projects.order_by("pk")
+    ]
+    return {
+        "projects": projects,
+        "filters": {
+            "date_from": build.date_from.isoformat() if build.date_from else None,
+            "date_to": build.date_to.isoformat() if build.date_to else None,
+            "labeler_ids": sorted(build.labelers.values_list("pk", flat=True)),
+            "min_gold_accuracy": build.min_gold_accuracy,
+            "left_out_for_gold_accuracy": {str(k): v for k, v in sorted(excluded.items())},
+            "exclude_flagged": options.exclude_flagged,
+            "judgments_up_to_id": judgment_id_max,
+        },
+        "options": {
+            "aggregation": options.aggregation,
+            "agreement_threshold": options.agreement_threshold,
+            "ties": options.ties,
+            "margin": options.margin,
+            "format": options.format,
+            "test_fraction": options.test_fraction,
+            "seed": options.seed,
+            "near_duplicate_threshold": options.near_duplicate_threshold,
+            "shingle_words": SHINGLE_WORDS,
+            "minhash_permutations": MINHASH_PERMUTATIONS,
+            "minhash_bands": MINHASH_BANDS,
+        },
+        "split": {
+            "prompts": split.prompts,
+            "prompt_groups": split.groups,
+            "near_duplicate_groups": split.merged_groups,
+            "prompts_in_near_duplicate_groups": split.prompts_in_merged_groups,
+            "test_prompts": len(split.test_prompt_ids),
+        },
+        "prompts_with_rows": outputs.prompt_counts(),
+        "comparisons": {
+            "read": pair_stats.comparisons_read,
+            "dropped_flagged": pair_stats.dropped_flagged,
+            "dropped_without_likert": pair_stats.dropped_no_likert,
+            "votes": pair_stats.votes,
+            "tie_votes": pair_stats.tie_votes,
+            "tie_rate": _rate(pair_stats.tie_votes, pair_stats.votes),
+            "tie_rows_dropped": pair_stats.tie_rows_dropped,
+        },
+        "agreement": {
+            "pairs": pair_stats.groups,
+            "pairs_judged_more_than_once": pair_stats.groups_judged_twice,
+            "vote_pairs": pair_stats.vote_pairs,
+            "vote_pairs_agreeing": pair_stats.vote_pairs_agreeing,
+            "rate": _rate(pair_stats.vote_pairs_agreeing, pair_stats.vote_pairs),
+        },
+        "majority": (
+            {
+                "preference_rows": pair_stats.majority_kept,
+                "tie_rows": pair_stats.majority_ties_kept,
+                "dropped_no_unique_winner": pair_stats.majority_no_winner,
+                "dropped_below_threshold": pair_stats.majority_below_threshold,
+                "dropped_tied": pair_stats.majority_tie_dropped,
+                "winning_share": dict(sorted(pair_stats.winning_shares.items())),
+                "sft_kept": judgment_stats.sft_majority_kept,
+                "sft_dropped": judgment_stats.sft_majority_dropped,
+            }
+            if options.majority
+            else None
+        ),
+        "margins": dict(sorted(pair_stats.margins.items(), key=lambda item: float(item[0]))),
+        "judgments": {
+            "read": judgment_stats.judgments_read,
+            "grouped_dropped": judgment_stats.grouped_dropped,
+            "sft_tied_top": judgment_stats.sft_tied_top,
+            "sft_flagged_top": judgment_stats.sft_flagged_top,
+            "prompts_with_reference": judgment_stats.reference_prompts,
+        },
+    }
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return _number(value)
+    return str(value)
+
+
+def card_render(*, summary: dict[str, Any], counts: dict[str, dict[str, int]]) -> str:
+    """The dataset card (README.md): front matter for the Hub's loaders, then the report."""
+    lines = ["---", "configs:"]
+    for index, output in enumerate(counts):
+        lines.append(f"- config_name: {output}")
+        if index == 0:
+            lines.append("  default: true")
+        lines.append("  data_files:")
+        for split in BUILD_SPLITS:
+            lines += [f"  - split: {split}", f"    path: {output}/{split}.jsonl"]
+    lines += ["tags:", "- preference", "- rlhf", "- rankwise", "---", ""]
+
+    lines += ["# Preference dataset", ""]
+    lines += [
+        "Human rankings of K completions per prompt, exported by Rankwise: every ranking is",
+        "split into its C(K, 2) pairwise comparisons, filtered and aggregated as below.",
+        "",
+        "## Source",
+        "",
+    ]
+    lines += _table(("project", "id", "kind"), [(p["name"], p["id"], p["kind"]) for p in summary["projects"]])
+    filters = summary["filters"]
+    lines += [""]
+    lines += _table(
+        ("filter", "value"),
+        [
+            ("comparisons from (day, inclusive)", _shown(filters["date_from"])),
+            ("comparisons to (day, inclusive)", _shown(filters["date_to"])),
+            ("labelers (user ids)", ", ".join(map(str, filters["labeler_ids"])) or "everyone"),
+            ("minimum gold accuracy", _shown(filters["min_gold_accuracy"])),
+            (
+                "left out for gold accuracy (project: user ids)",
+                "; ".join(
+                    f"{k}: {', '.join(map(str, v))}" for k, v in filters["left_out_for_gold_accuracy"].items()
+                )
+                or "nobody",
+            ),
+            ("pairs with a flagged completion", "dropped" if filters["exclude_flagged"] else "kept"),
+            ("judgments up to id", filters["judgments_up_to_id"]),
+        ],
+    )
+    lines += ["", "## Options", ""]
+    lines += _table(("option", "value"), [(k, _shown(v)) for k, v in summary["options"].items()])
+
+    lines += ["", "## Files", ""]
+    prompts = summary["prompts_with_rows"]
+    rows = []
+    for output, splits in counts.items():
+        for split in BUILD_SPLITS:
+            rows.append((f"{output}/{split}.jsonl (.parquet)", splits[split], prompts[output][split]))
+    lines += _table(("file", "rows", "prompts"), rows)
+    lines += [
+        "",
+        "`hf/` holds the `pairs` splits as a `datasets.DatasetDict` (`load_from_disk`).",
+        "The TRL files (`pairs/` and `hf/`) never contain ties, whatever the tie option:",
+        "TRL's trainers have no tie label. With ties kept, `pairs_with_ties/` has every",
+        "pair row plus the ties, marked by `tie`. Grouped rows keep equal ranks.",
+        "",
+        "## Split",
+        "",
+    ]
+    split = summary["split"]
+    lines += _table(
+        ("measure", "value"),
+        [
+            ("prompts in the projects", split["prompts"]),
+            ("prompt groups", split["prompt_groups"]),
+            ("groups of near-duplicates (2+ prompts)", split["near_duplicate_groups"]),
+            ("prompts in those groups", split["prompts_in_near_duplicate_groups"]),
+            ("prompts assigned to test", split["test_prompts"]),
+        ],
+    )
+    lines += [
+        "",
+        "No prompt, and no near-duplicate of one, is on both sides: near-duplicates",
+        "(normalised text, MinHash of word bigrams at the threshold above) are one group,",
+        "and whole groups go to one side.",
+        "",
+        "## Statistics",
+        "",
+    ]
+    comparisons = summary["comparisons"]
+    agreement = summary["agreement"]
+    lines += _table(
+        ("measure", "value"),
+        [
+            ("comparisons read", comparisons["read"]),
+            ("dropped: flagged completion", comparisons["dropped_flagged"]),
+            ("dropped: no Likert ratings", comparisons["dropped_without_likert"]),
+            ("votes", comparisons["votes"]),
+            ("tie votes", comparisons["tie_votes"]),
+            ("tie rate", _shown(comparisons["tie_rate"])),
+            ("distinct (prompt, pair)", agreement["pairs"]),
+            ("pairs judged more than once", agreement["pairs_judged_more_than_once"]),
+            ("agreement (agreeing vote pairs / vote pairs)", _shown(agreement["rate"])),
+            ("vote pairs", agreement["vote_pairs"]),
+        ],
+    )
+    majority = summary["majority"]
+    if majority is not None:
+        lines += ["", "### Majority", ""]
+        lines += _table(
+            ("measure", "value"),
+            [
+                ("preference rows", majority["preference_rows"]),
+                ("tie rows", majority["tie_rows"]),
+                ("dropped: no unique winner", majority["dropped_no_unique_winner"]),
+                ("dropped: winner below the threshold", majority["dropped_below_threshold"]),
+                ("dropped: only ties", majority["dropped_tied"]),
+                ("SFT rows kept / dropped", f"{majority['sft_kept']} / {majority['sft_dropped']}"),
+            ],
+        )
+        lines += ["", "Winning share of the votes:", ""]
+        lines += _table(("share", "rows"), list(majority["winning_share"].items()))
+    if summary["margins"]:
+        lines += ["", "### Margin (label) distribution of the pairs", ""]
+        lines += _table(("margin", "rows"), list(summary["margins"].items()))
+    judgments = summary["judgments"]
+    lines += ["", "### Judgments", ""]
+    lines += _table(
+        ("measure", "value"),
+        [
+            ("judgments read", judgments["read"]),
+            ("grouped rows dropped (under two completions, or all tied)", judgments["grouped_dropped"]),
+            ("tie at the top (no SFT vote)", judgments["sft_tied_top"]),
+            ("flagged top (no SFT vote)", judgments["sft_flagged_top"]),
+            ("prompts with a reference answer", judgments["prompts_with_reference"]),
+        ],
+    )
+    lines += [
+        "",
+        "## Rules",
+        "",
+        "- every_vote: each comparison is a row. majority: one row per (prompt, unordered",
+        "  pair); the outcome with strictly the most votes wins when its share of the pair's",
+        "  votes reaches the agreement threshold. With ties dropped a tie vote counts in the",
+        "  total but for neither side; with ties kept a tie is a third outcome. The row's",
+        "  margin is the mean margin of the winning votes.",
+        "- rank_gap: rank(rejected) − rank(chosen); likert_gap: likert(chosen) − likert(rejected),",
+        "  votes without ratings dropped.",
+        "- Standard format: a text prompt ends with one newline; a chat prompt is rendered as",
+        "  `Role: content` turns separated by blank lines, ending `Assistant:` and a newline.",
+        "- The same options over the same comparisons give the same bytes.",
+        "",
+        "## Loading",
+        "",
+        "```python",
+        "from datasets import load_dataset, load_from_disk",
+        "",
+        'pairs = load_dataset("json", data_files={"train": "pairs/train.jsonl", "test": "pairs/test.jsonl"})',
+        'pairs = load_from_disk("hf")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --- the build -----------------------------------------------------------------------
+
+
+class _Progress:
+    """Counts rows and reports the build's progress every PROGRESS_EVERY_ROWS rows."""
+
+    def __init__(self, report: ProgressCallback, total: int) -> None:
+        self.report = report
+        self.total = max(total, 1)
+        self.done = 0
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.done % PROGRESS_EVERY_ROWS == 0:
+            share = min(self.done / self.total, 1.0)
+            self.report(PROGRESS_PROMPTS + (PROGRESS_ROWS_END - PROGRESS_PROMPTS) * share)
+
+
+def dataset_build_write(*, build: DatasetBuild, progress: ProgressCallback) -> BuildResult:
+    """Write every file of the build and move the folder into place; returns counts, summary, hash.
+
+    1. Read the filters once: gold-accuracy exclusions and the newest judgment id.
+    2. Split the prompts (near-duplicate groups to one side).
+    3. Stream comparisons into pair rows, then judgments into grouped, SFT and
+       reference rows, in a temporary folder.
+    4. Save hf/, write the card, hash, and rename the folder into place.
+    Any error removes the temporary folder and propagates.
+    """
+    root = datasets_root()
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".tmp-{build.pk}-{uuid.uuid4().hex}"
+    staging.mkdir()
+    arrow_folder = staging / ".arrow"
+    arrow_folder.mkdir()
+    outputs: Outputs | None = None
+    try:
+        options = BuildOptions.from_build(build)
+        excluded = dataset_build_excluded_labelers(build=build)
+        judgment_id_max = dataset_build_judgment_id_max(build=build)
+        split = prompt_split(build=build, options=options)
+        progress(PROGRESS_PROMPTS)
+
+        selection = {"build": build, "excluded": excluded, "judgment_id_max": judgment_id_max}
+        total = dataset_build_comparisons(**selection).count() + dataset_build_judgments(**selection).count()
+        counter = _Progress(progress, total)
+        outputs = Outputs(folder=staging, arrow_folder=arrow_folder, options=options)
+        common = {**selection, "options": options, "split": split, "outputs": outputs, "tick": counter.tick}
+        pair_stats = pairs_write(**common)
+        judgment_stats = judgments_write(**common)
+        outputs.close()
+        progress(PROGRESS_ROWS_END)
+
+        hf_save(folder=staging, arrow_folder=arrow_folder)
+        shutil.rmtree(arrow_folder)
+        counts = outputs.counts()
+        summary = build_summary(
+            build=build,
+            options=options,
+            split=split,
+            pair_stats=pair_stats,
+            judgment_stats=judgment_stats,
+            excluded=excluded,
+            judgment_id_max=judgment_id_max,
+            outputs=outputs,
+        )
+        (staging / CARD_FILENAME).write_text(card_render(summary=summary, counts=counts), encoding="utf-8")
+        digest = content_hash(staging)
+
+        final = dataset_build_dir(build_id=build.pk)
+        if final.exists():
+            # Left by an earlier attempt of this same build, which the row says is ours now.
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        return BuildResult(counts=counts, summary=summary, content_hash=digest)
+    except BaseException:
+        if outputs is not None:
+            # The original error is the one to report.
+            with contextlib.suppress(Exception):
+                outputs.close()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

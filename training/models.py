@@ -1,0 +1,332 @@
+"""The machine side's data: dataset builds (frozen, reproducible exports of
+comparisons), training runs, and the reward models they register.
+
+Only Django is imported here: the web process loads this module.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import models
+from django.db.models import F, Q
+from django.utils.deconstruct import deconstructible
+from django.utils.translation import gettext_lazy as _
+
+from annotation.models import Policy, Project
+
+NEAR_DUPLICATE_THRESHOLD_MIN = 0.5  # below it MinHash banding (42 bands × 3 rows) proposes too many pairs
+
+
+@deconstructible
+class RangeValidator:
+    """A number in [low, high] (or [low, high) without `high_included`), with a message for the field.
+
+    The check constraints below hold the same rules in the database; this puts
+    the message on the field in forms and the API.
+    """
+
+    def __init__(self, low: float, high: float, message: str, *, high_included: bool = True) -> None:
+        self.low = low
+        self.high = high
+        self.message = message
+        self.high_included = high_included
+
+    def __call__(self, value: float | None) -> None:
+        if value is None:
+            return
+        if not self.low <= value <= self.high or (not self.high_included and value == self.high):
+            raise ValidationError(self.message, code="out_of_range")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RangeValidator) and (
+            self.low,
+            self.high,
+            self.message,
+            self.high_included,
+        ) == (other.low, other.high, other.message, other.high_included)
+
+    def __hash__(self) -> int:
+        return hash((self.low, self.high, str(self.message), self.high_included))
+
+
+class DatasetBuild(models.Model):
+    """A build of TRL-ready preference datasets from the comparisons of some projects.
+
+    The options below are the build's whole input besides the database: the
+    same options over the same comparisons write the same bytes. The row, not
+    Celery, is the source of truth for the build's state; `training.builds`
+    documents every rule and the files it writes.
+    """
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", _("Queued")
+        RUNNING = "running", _("Running")
+        SUCCEEDED = "succeeded", _("Succeeded")
+        FAILED = "failed", _("Failed")
+
+    FINISHED_STATUSES = (Status.SUCCEEDED, Status.FAILED)
+
+    class Aggregation(models.TextChoices):
+        EVERY_VOTE = "every_vote", _("Every vote (one row per comparison)")
+        MAJORITY = "majority", _("Majority (one row per prompt and pair)")
+
+    class Ties(models.TextChoices):
+        DROP = "drop", _("Drop ties")
+        KEEP = "keep", _("Keep ties (flagged rows; never in TRL files)")
+
+    class Margin(models.TextChoices):
+        NONE = "none", _("No margin")
+        RANK_GAP = "rank_gap", _("Rank gap")
+        LIKERT_GAP = "likert_gap", _("Likert gap")
+
+    class Format(models.TextChoices):
+        STANDARD = "standard", _("Standard (strings)")
+        CONVERSATIONAL = "conversational", _("Conversational (messages)")
+
+    name = models.CharField(max_length=200)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    # --- which comparisons ---------------------------------------------------
+    projects = models.ManyToManyField(Project, related_name="dataset_builds")
+    date_from = models.DateField(
+        null=True, blank=True, help_text=_("First day of comparisons to include (inclusive).")
+    )
+    date_to = models.DateField(
+        null=True, blank=True, help_text=_("Last day of comparisons to include (inclusive).")
+    )
+    labelers = models.ManyToManyField(
+        settings.AUTH_USER_MODEL,
+        blank=True,
+        related_name="+",
+        help_text=_("Only these people's judgments; none selected means everyone's."),
+    )
+    min_gold_accuracy = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[RangeValidator(0, 1, _("The minimum gold accuracy is a fraction from 0 to 1."))],
+        help_text=_("Leave out people whose gold accuracy in a project is below this (0–1)."),
+    )
+    exclude_flagged = models.BooleanField(
+        default=False, help_text=_("Drop pairs where the judge flagged either completion.")
+    )
+
+    # --- how they become rows ------------------------------------------------
+    aggregation = models.CharField(max_length=16, choices=Aggregation.choices, default=Aggregation.EVERY_VOTE)
+    agreement_threshold = models.FloatField(
+        default=0.5,
+        validators=[RangeValidator(0, 1, _("The agreement threshold is a fraction from 0 to 1."))],
+        help_text=_("Majority only: the winning outcome's share of the votes needed (0–1)."),
+    )
+    ties = models.CharField(max_length=8, choices=Ties.choices, default=Ties.DROP)
+    margin = models.CharField(max_length=16, choices=Margin.choices, default=Margin.NONE)
+    format = models.CharField(max_length=16, choices=Format.choices, default=Format.STANDARD)
+
+    # --- split ---------------------------------------------------------------
+    test_fraction = models.FloatField(
+        default=0.1,
+        validators=[
+            RangeValidator(0, 1, _("The test fraction must be at least 0 and below 1."), high_included=False)
+        ],
+        help_text=_("Share of prompts held out (0 ≤ x < 1)."),
+    )
+    seed = models.PositiveIntegerField(default=0)
+    near_duplicate_threshold = models.FloatField(
+        default=0.6,
+        validators=[
+            RangeValidator(
+                NEAR_DUPLICATE_THRESHOLD_MIN, 1, _("The near-duplicate threshold must be from 0.5 to 1.")
+            )
+        ],
+        help_text=_("Prompts whose word-bigram Jaccard similarity reaches this stay on one side (0.5–1)."),
+    )
+
+    # --- state and results ---------------------------------------------------
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    progress = models.FloatField(default=0.0)
+    # {"pairs": {"train": n, "test": m}, "grouped": {...}, ...}
+    counts = models.JSONField(default=dict, blank=True)
+    # What the dataset card reports: rows read and dropped, tie rate, agreement, margins.
+    summary = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    content_hash = models.CharField(max_length=64, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(progress__gte=0, progress__lte=1),
+                name="datasetbuild_progress_0_1",
+                violation_error_message=_("Progress is a fraction from 0 to 1."),
+            ),
+            models.CheckConstraint(
+                condition=Q(test_fraction__gte=0, test_fraction__lt=1),
+                name="datasetbuild_test_fraction_0_1",
+                violation_error_message=_("The test fraction must be at least 0 and below 1."),
+            ),
+            models.CheckConstraint(
+                condition=Q(agreement_threshold__gte=0, agreement_threshold__lte=1),
+                name="datasetbuild_agreement_threshold_0_1",
+                violation_error_message=_("The agreement threshold is a fraction from 0 to 1."),
+            ),
+            models.CheckConstraint(
+                condition=Q(
+                    near_duplicate_threshold__gte=NEAR_DUPLICATE_THRESHOLD_MIN,
+                    near_duplicate_threshold__lte=1,
+                ),
+                name="datasetbuild_near_duplicate_threshold",
+                violation_error_message=_("The near-duplicate threshold must be from 0.5 to 1."),
+            ),
+            models.CheckConstraint(
+                condition=Q(min_gold_accuracy__isnull=True)
+                | Q(min_gold_accuracy__gte=0, min_gold_accuracy__lte=1),
+                name="datasetbuild_min_gold_accuracy_0_1",
+                violation_error_message=_("The minimum gold accuracy is a fraction from 0 to 1."),
+            ),
+            models.CheckConstraint(
+                condition=Q(date_from__isnull=True)
+                | Q(date_to__isnull=True)
+                | Q(date_from__lte=F("date_to")),
+                name="datasetbuild_dates_in_order",
+                violation_error_message=_("The first day must not come after the last day."),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} (build {self.pk})"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in self.FINISHED_STATUSES
+
+
+class TrainingRun(models.Model):
+    """A reward-model or DPO run over a dataset build. This row is the source of truth for its state.
+
+    Transitions are compare-and-set (see training.services): queued → running →
+    succeeded | failed | cancelled; a run whose process died goes back to
+    queued while attempts remain, and resumes from its last checkpoint.
+    """
+
+    class Kind(models.TextChoices):
+        REWARD = "reward", _("Reward model")
+        DPO = "dpo", _("DPO policy")
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", _("Queued")
+        RUNNING = "running", _("Running")
+        SUCCEEDED = "succeeded", _("Succeeded")
+        FAILED = "failed", _("Failed")
+        CANCELLED = "cancelled", _("Cancelled")
+
+    class Peft(models.TextChoices):
+        LORA = "lora", _("LoRA")
+        IA3 = "ia3", _("IA3")
+        FULL = "full", _("Full fine-tuning")
+
+    class Trainer(models.TextChoices):
+        TRL = "trl", _("TRL (RewardTrainer / DPOTrainer)")
+
+    TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
+    name = models.CharField(max_length=200)
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    dataset_build = models.ForeignKey(DatasetBuild, on_delete=models.PROTECT, related_name="training_runs")
+    base_model = models.CharField(
+        max_length=500, help_text=_("Local path or hub id of a causal language model.")
+    )
+    peft = models.CharField(_("PEFT method"), max_length=8, choices=Peft.choices, default=Peft.LORA)
+    trainer = models.CharField(max_length=16, choices=Trainer.choices, default=Trainer.TRL)
+    # Validated by TrainingRunForm / training.runner.RunSpec; only RunSpec's field names.
+    hyperparameters = models.JSONField(default=dict, blank=True)
+    num_processes = models.PositiveSmallIntegerField(
+        default=1, help_text=_("Processes (GPUs) for `accelerate launch`.")
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    cancel_requested = models.BooleanField(default=False)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    step = models.PositiveIntegerField(default=0)
+    total_steps = models.PositiveIntegerField(default=0)
+    metrics = models.JSONField(default=dict, blank=True, help_text=_("Final evaluation on the test split."))
+    log_tail = models.TextField(blank=True)
+    error = models.TextField(blank=True)
+    output_dir = models.CharField(max_length=500, blank=True)
+    process_id = models.PositiveIntegerField(
+        null=True, blank=True, help_text=_("Launcher process of the current attempt.")
+    )
+    policy = models.ForeignKey(
+        Policy,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="training_runs",
+        help_text=_("The policy a finished DPO run registered."),
+    )
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["status", "heartbeat_at"])]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(num_processes__gte=1), name="trainingrun_at_least_one_process"
+            ),
+            models.CheckConstraint(
+                condition=Q(step__lte=models.F("total_steps")) | Q(total_steps=0),
+                name="trainingrun_step_within_total",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name or f"{self.get_kind_display()} run {self.pk}"
+
+    @property
+    def progress(self) -> float:
+        return self.step / self.total_steps if self.total_steps else 0.0
+
+
+class TrainingRunMetric(models.Model):
+    """One logging step of a run: loss, accuracy, margins… as the trainer logged them."""
+
+    run = models.ForeignKey(TrainingRun, on_delete=models.CASCADE, related_name="metric_rows")
+    step = models.PositiveIntegerField()
+    values = models.JSONField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["run", "step", "id"]
+        indexes = [models.Index(fields=["run", "step"])]
+
+    def __str__(self) -> str:
+        return f"run {self.run_id} step {self.step}"
+
+
+class RewardModel(models.Model):
+    """A trained reward model, usable for scoring (training.scoring)."""
+
+    name = models.CharField(max_length=200, unique=True)
+    run = models.OneToOneField(TrainingRun, on_delete=models.PROTECT, related_name="reward_model")
+    base_model = models.CharField(max_length=500)
+    path = models.CharField(
+        max_length=500, help_text=_("Folder with the adapter (or full model) and tokenizer.")
+    )
+    metrics = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.name

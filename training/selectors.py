@@ -1,0 +1,292 @@
+"""Reads on the training side, and the access helpers every door goes through.
+
+A dataset build is visible only to someone who manages every one of its
+projects; for anyone else it does not exist (Http404, never 403).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, time, timedelta
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.http import Http404
+from django.utils import timezone
+
+from annotation.models import Comparison, Judgment, Membership, Project
+from annotation.roles import Role
+from annotation.selectors import projects_for_user
+from training.models import DatasetBuild, TrainingRun
+
+AnyUser = AbstractBaseUser | AnonymousUser
+
+# The options a build is made of: what a copy carries over, what the API shows.
+BUILD_OPTION_FIELDS = (
+    "date_from",
+    "date_to",
+    "min_gold_accuracy",
+    "exclude_flagged",
+    "aggregation",
+    "agreement_threshold",
+    "ties",
+    "margin",
+    "format",
+    "test_fraction",
+    "seed",
+    "near_duplicate_threshold",
+)
+
+# --- the files of a build ------------------------------------------------------
+
+# Every output a build can write, in the order the dataset card lists them.
+BUILD_OUTPUTS = ("pairs", "pairs_with_ties", "grouped", "sft", "reference")
+BUILD_SPLITS = ("train", "test")
+BUILD_FILE_FORMATS = ("jsonl", "parquet")
+CARD_FILENAME = "README.md"
+
+# Download key -> path inside the build's folder. The only files a request can
+# name: nothing from a URL ever becomes part of a path.
+BUILD_FILES: dict[str, str] = {
+    f"{output}-{split}.{extension}": f"{output}/{split}.{extension}"
+    for output in BUILD_OUTPUTS
+    for split in BUILD_SPLITS
+    for extension in BUILD_FILE_FORMATS
+}
+BUILD_FILES[CARD_FILENAME] = CARD_FILENAME
+
+
+def datasets_root() -> Path:
+    return Path(settings.ARTIFACTS_DIR) / "datasets"
+
+
+def dataset_build_dir(*, build_id: int) -> Path:
+    """Where a finished build's files live: ARTIFACTS_DIR/datasets/<id>/."""
+    return datasets_root() / str(int(build_id))
+
+
+# --- access --------------------------------------------------------------------
+
+
+def dataset_builds_for_user(*, user: AnyUser) -> QuerySet[DatasetBuild]:
+    """Builds every one of whose projects the user manages (superusers: all builds)."""
+    if not user.is_authenticated:
+        return DatasetBuild.objects.none()
+    through = DatasetBuild.projects.through.objects
+    managed = projects_for_user(user=user, role=Role.MANAGER).values("pk")
+    has_project = through.filter(datasetbuild_id=OuterRef("pk"))
+    has_unmanaged_project = has_project.exclude(project_id__in=managed)
+    # A build without projects would pass "manages all of them" vacuously.
+    return DatasetBuild.objects.filter(Exists(has_project)).exclude(Exists(has_unmanaged_project))
+
+
+def dataset_build_get_for_user(*, user: AnyUser, pk: Any) -> DatasetBuild:
+    """The build with this id if the user manages all its projects; else Http404."""
+    try:
+        return dataset_builds_for_user(user=user).select_related("created_by").get(pk=int(pk))
+    except (DatasetBuild.DoesNotExist, TypeError, ValueError):
+        raise Http404("No such dataset build.") from None
+
+
+def dataset_build_file_path(*, build: DatasetBuild, key: str) -> Path:
+    """The file named by an allow-listed key in a finished build's folder; else Http404."""
+    relative = BUILD_FILES.get(key)
+    if relative is None or build.status != DatasetBuild.Status.SUCCEEDED:
+        raise Http404("No such file.")
+    path = dataset_build_dir(build_id=build.pk) / relative
+    if not path.is_file():
+        raise Http404("No such file.")
+    return path
+
+
+def dataset_build_files(*, build: DatasetBuild) -> list[dict[str, Any]]:
+    """The downloadable files of a finished build, card first: key, size in bytes."""
+    if build.status != DatasetBuild.Status.SUCCEEDED:
+        return []
+    folder = dataset_build_dir(build_id=build.pk)
+    files = []
+    for key in (CARD_FILENAME, *(k for k in BUILD_FILES if k != CARD_FILENAME)):
+        path = folder / BUILD_FILES[key]
+        if path.is_file():
+            files.append({"key": key, "size": path.stat().st_size})
+    return files
+
+
+def dataset_build_status(*, build: DatasetBuild) -> dict[str, Any]:
+    """The small JSON the detail page polls."""
+    return {
+        "id": build.pk,
+        "status": build.status,
+        "progress": round(build.progress, 4),
+        "finished": build.is_finished,
+        "counts": build.counts,
+        "content_hash": build.content_hash,
+        "error": build.error,
+    }
+
+
+def dataset_build_options(*, build: DatasetBuild) -> dict[str, Any]:
+    """The build's projects, labelers and options as JSON-ready values."""
+    values: dict[str, Any] = {field: getattr(build, field) for field in BUILD_OPTION_FIELDS}
+    for field in ("date_from", "date_to"):
+        values[field] = values[field].isoformat() if values[field] else None
+    values["projects"] = list(build.projects.order_by("pk").values_list("pk", flat=True))
+    values["labelers"] = list(build.labelers.order_by("pk").values_list("pk", flat=True))
+    return values
+
+
+def project_choices_for_builds(*, user: AnyUser) -> QuerySet[Project]:
+    """Projects the user may build datasets from: the ones they manage."""
+    return projects_for_user(user=user, role=Role.MANAGER).order_by("name")
+
+
+def labeler_choices_for_builds(*, user: AnyUser) -> QuerySet[Any]:
+    """People who judge in a project the user manages (labelers and evaluators)."""
+    managed = projects_for_user(user=user, role=Role.MANAGER).values("pk")
+    judges = Membership.objects.filter(project__in=managed, role__in=[Role.LABELER, Role.EVALUATOR])
+    return get_user_model().objects.filter(pk__in=judges.values("user_id")).order_by("username")
+
+
+# --- what a build reads --------------------------------------------------------
+
+
+def dataset_build_excluded_labelers(*, build: DatasetBuild) -> dict[int, list[int]]:
+    """Per project id, the people whose gold accuracy there is below the build's minimum.
+
+    People without gold answers in a project have no accuracy there and are
+    kept: the filter leaves out those measured to be below the bar.
+    """
+    if build.min_gold_accuracy is None:
+        return {}
+    # Imported here: the statistics pull in scipy, which only this path needs.
+    from annotation.stats import gold_accuracy
+
+    excluded: dict[int, list[int]] = {}
+    for project in build.projects.order_by("pk"):
+        below = [
+            user_id
+            for user_id, row in gold_accuracy(project=project).items()
+            if row["accuracy"] is not None and row["accuracy"] < build.min_gold_accuracy
+        ]
+        if below:
+            excluded[project.pk] = sorted(below)
+    return excluded
+
+
+def _day_start(day: Any) -> datetime:
+    return timezone.make_aware(datetime.combine(day, time.min), timezone.get_default_timezone())
+
+
+def _selection(
+    *,
+    build: DatasetBuild,
+    excluded: dict[int, list[int]],
+    project: str,
+    person: str,
+    judgment_id: str,
+    judgment_id_max: int,
+) -> Q:
+    """The build's filters as one Q over rows naming a project, a person and a judgment."""
+    query = Q(**{f"{project}__in": build.projects.values("pk"), f"{judgment_id}__lte": judgment_id_max})
+    # Days are whole days in the site's TIME_ZONE, both ends included.
+    if build.date_from is not None:
+        query &= Q(created_at__gte=_day_start(build.date_from))
+    if build.date_to is not None:
+        query &= Q(created_at__lt=_day_start(build.date_to + timedelta(days=1)))
+    labeler_ids = list(build.labelers.values_list("pk", flat=True))
+    if labeler_ids:
+        query &= Q(**{f"{person}__in": labeler_ids})
+    for project_id, user_ids in excluded.items():
+        query &= ~Q(**{project: project_id, f"{person}__in": user_ids})
+    return query
+
+
+def dataset_build_judgment_id_max(*, build: DatasetBuild) -> int:
+    """The newest judgment of the build's projects now: later ones stay out of this build."""
+    latest = (
+        Judgment.objects.filter(task__project__in=build.projects.values("pk"))
+        .order_by("-id")
+        .values_list("id", flat=True)
+        .first()
+    )
+    return latest or 0
+
+
+def dataset_build_comparisons(
+    *, build: DatasetBuild, excluded: dict[int, list[int]], judgment_id_max: int
+) -> QuerySet[Comparison]:
+    """The comparisons the build's filters select (flags are checked row by row)."""
+    return Comparison.objects.filter(
+        _selection(
+            build=build,
+            excluded=excluded,
+            project="project_id",
+            person="labeler_id",
+            judgment_id="judgment_id",
+            judgment_id_max=judgment_id_max,
+        )
+    )
+
+
+def dataset_build_judgments(
+    *, build: DatasetBuild, excluded: dict[int, list[int]], judgment_id_max: int
+) -> QuerySet[Judgment]:
+    """The judgments behind those comparisons: same filters, rankings only ("none acceptable" has none)."""
+    return Judgment.objects.filter(
+        _selection(
+            build=build,
+            excluded=excluded,
+            project="task__project_id",
+            person="user_id",
+            judgment_id="id",
+            judgment_id_max=judgment_id_max,
+        ),
+        none_acceptable=False,
+    )
+
+
+# --- training runs ----------------------------------------------------------------
+
+# The filters the run list accepts; nothing else from the query string reaches the ORM.
+RUN_LIST_FILTERS = {"status": TrainingRun.Status.values, "kind": TrainingRun.Kind.values}
+
+
+def training_runs_for_user(*, user: AnyUser) -> QuerySet[TrainingRun]:
+    """Runs over dataset builds the user may see (a manager of all of the build's projects)."""
+    return TrainingRun.objects.filter(dataset_build__in=dataset_builds_for_user(user=user))
+
+
+def training_run_get_for_user(*, user: AnyUser, pk: Any) -> TrainingRun:
+    try:
+        return training_runs_for_user(user=user).select_related("dataset_build", "policy").get(pk=int(pk))
+    except (TrainingRun.DoesNotExist, TypeError, ValueError):
+        raise Http404("No such training run.") from None
+
+
+def training_run_eta_seconds(*, run: TrainingRun, now: datetime | None = None) -> float | None:
+    """Seconds left, from the pace so far; None before the first step or once the run is over."""
+    if run.status != TrainingRun.Status.RUNNING or not run.started_at or not run.step or not run.total_steps:
+        return None
+    elapsed = ((now or timezone.now()) - run.started_at).total_seconds()
+    return max(0.0, elapsed / run.step * (run.total_steps - run.step))
+
+
+def training_run_metric_series(*, run: TrainingRun) -> dict[str, list[tuple[int, float]]]:
+    """Each logged metric as (step, value) points, training and evaluation alike."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for step, values in run.metric_rows.order_by("step", "id").values_list("step", "values"):
+        for name, value in values.items():
+            if isinstance(value, int | float):
+                series.setdefault(name, []).append((step, float(value)))
+    return series
+
+
+# Artifact key -> how it is produced; the only names a download URL can carry.
+RUN_FILES = ("model.zip", "metrics.json", "log.txt")
+
+
+def training_run_final_dir(*, run: TrainingRun) -> Path:
+    return Path(run.output_dir) / "final"

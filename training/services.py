@@ -1,0 +1,516 @@
+"""Writes on the training side. Views, the admin, the API and tasks call these.
+
+Dataset builds move queued → running → succeeded | failed, each step a
+compare-and-set on the row, so a task delivered twice runs the build once.
+Training runs move queued → running → succeeded | failed | cancelled the same
+way (see the section below).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import traceback
+from collections.abc import Iterable
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from annotation.models import Policy, Project
+from annotation.roles import Role
+from annotation.selectors import projects_for_user
+from training.models import DatasetBuild, RewardModel, TrainingRun
+from training.selectors import BUILD_OPTION_FIELDS, dataset_build_dir
+
+logger = logging.getLogger(__name__)
+
+ERROR_MAX_CHARS = 10_000
+
+
+class DatasetBuildInvalid(ValueError):
+    """The options do not make a build; `errors` maps a field to what is wrong with it."""
+
+    def __init__(self, errors: dict[str, str]) -> None:
+        super().__init__("; ".join(f"{name}: {message}" for name, message in errors.items()))
+        self.errors = errors
+
+
+def _validation_errors(error: ValidationError) -> dict[str, str]:
+    if hasattr(error, "error_dict"):
+        return {
+            name: " ".join(m for e in errors for m in e.messages) for name, errors in error.error_dict.items()
+        }
+    return {"__all__": " ".join(error.messages)}
+
+
+@transaction.atomic
+def dataset_build_create(
+    *,
+    created_by: AbstractBaseUser,
+    name: str,
+    projects: Iterable[Project],
+    labelers: Iterable[AbstractBaseUser] = (),
+    date_from: date | None = None,
+    date_to: date | None = None,
+    min_gold_accuracy: float | None = None,
+    exclude_flagged: bool = False,
+    aggregation: str = DatasetBuild.Aggregation.EVERY_VOTE,
+    agreement_threshold: float = 0.5,
+    ties: str = DatasetBuild.Ties.DROP,
+    margin: str = DatasetBuild.Margin.NONE,
+    format: str = DatasetBuild.Format.STANDARD,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    near_duplicate_threshold: float = 0.6,
+) -> DatasetBuild:
+    """Save a build and queue it on the `default` queue once the transaction commits.
+
+    The creator must manage every project of the build (the same rule that
+    decides who may see it afterwards). Raises DatasetBuildInvalid.
+    """
+    projects = list(projects)
+    errors: dict[str, str] = {}
+    if not projects:
+        errors["projects"] = "choose at least one project"
+    else:
+        managed = set(projects_for_user(user=created_by, role=Role.MANAGER).values_list("pk", flat=True))
+        if any(project.pk not in managed for project in projects):
+            errors["projects"] = "you can build datasets only from projects you manage"
+    build = DatasetBuild(
+        name=name.strip(),
+        created_by=created_by,
+        date_from=date_from,
+        date_to=date_to,
+        min_gold_accuracy=min_gold_accuracy,
+        exclude_flagged=exclude_flagged,
+        aggregation=aggregation,
+        agreement_threshold=agreement_threshold,
+        ties=ties,
+        margin=margin,
+        format=format,
+        test_fraction=test_fraction,
+        seed=seed,
+        near_duplicate_threshold=near_duplicate_threshold,
+    )
+    try:
+        build.full_clean(exclude=["created_by"])
+    except ValidationError as error:
+        errors.update(_validation_errors(error))
+    if errors:
+        raise DatasetBuildInvalid(errors)
+    build.save()
+    build.projects.set(projects)
+    build.labelers.set(list(labelers))
+    dataset_build_enqueue(build=build)
+    return build
+
+
+def dataset_build_copy(*, build: DatasetBuild, created_by: AbstractBaseUser, name: str = "") -> DatasetBuild:
+    """A new build with the same projects, filters and options (e.g. to rebuild after new judgments)."""
+    return dataset_build_create(
+        created_by=created_by,
+        name=name or f"{build.name} (rebuild)"[:200],
+        projects=build.projects.all(),
+        labelers=build.labelers.all(),
+        **{field: getattr(build, field) for field in BUILD_OPTION_FIELDS},
+    )
+
+
+def dataset_build_enqueue(*, build: DatasetBuild) -> None:
+    """Send the build to a worker after the current transaction commits."""
+    # Imported here: the task module imports this one.
+    from training.tasks import dataset_build_execute
+
+    build_id = build.pk
+    transaction.on_commit(lambda: dataset_build_execute.delay(build_id))
+
+
+def dataset_build_progress(*, build_id: int, progress: float) -> None:
+    """Record how far a running build is (0–1); a build no longer running is left alone."""
+    DatasetBuild.objects.filter(pk=build_id, status=DatasetBuild.Status.RUNNING).update(
+        progress=min(max(float(progress), 0.0), 1.0)
+    )
+
+
+def dataset_build_fail(*, build_id: int, error: str) -> bool:
+    """Mark a queued or running build failed with the error; False if it had finished already."""
+    for status in (DatasetBuild.Status.RUNNING, DatasetBuild.Status.QUEUED):
+        changed = DatasetBuild.objects.filter(pk=build_id, status=status).update(
+            status=DatasetBuild.Status.FAILED, error=error[-ERROR_MAX_CHARS:], finished_at=timezone.now()
+        )
+        if changed == 1:
+            return True
+    return False
+
+
+def dataset_build_run(*, build_id: int) -> DatasetBuild | None:
+    """Run a queued build to its end; what a worker does with the task.
+
+    1. Compare-and-set queued → running: a second delivery of the task, or a
+       build already started elsewhere, changes nothing and returns None.
+    2. Write the files (`training.builds`), moving the progress on the row.
+    3. Compare-and-set running → succeeded with counts, summary and hash; on
+       any error, running → failed with the error text. No folder is left by
+       a failed build.
+    """
+    started = DatasetBuild.objects.filter(pk=build_id, status=DatasetBuild.Status.QUEUED).update(
+        status=DatasetBuild.Status.RUNNING, started_at=timezone.now(), progress=0.0, error=""
+    )
+    if started != 1:
+        logger.info("dataset build %s is not queued; nothing to do", build_id)
+        return None
+    build = DatasetBuild.objects.get(pk=build_id)
+    try:
+        # Imported here: it needs numpy, pyarrow and datasets, which the web process never loads.
+        from training.builds import dataset_build_write
+
+        result = dataset_build_write(
+            build=build, progress=lambda share: dataset_build_progress(build_id=build_id, progress=share)
+        )
+    except Exception as error:
+        logger.exception("dataset build %s failed", build_id)
+        detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+        dataset_build_fail(build_id=build_id, error=f"{detail}\n\n{traceback.format_exc()}")
+        build.refresh_from_db()
+        return build
+    finished = DatasetBuild.objects.filter(pk=build_id, status=DatasetBuild.Status.RUNNING).update(
+        status=DatasetBuild.Status.SUCCEEDED,
+        progress=1.0,
+        counts=result.counts,
+        summary=result.summary,
+        content_hash=result.content_hash,
+        finished_at=timezone.now(),
+    )
+    if finished != 1:
+        # Someone marked it failed meanwhile (a reaper, an admin): the row wins; drop the files.
+        shutil.rmtree(dataset_build_dir(build_id=build_id), ignore_errors=True)
+    build.refresh_from_db()
+    return build
+
+
+def dataset_build_delete(*, build: DatasetBuild) -> None:
+    """Delete the row and its files."""
+    folder = dataset_build_dir(build_id=build.pk)
+    build.delete()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- training runs ------------------------------------------------------------
+#
+# The run's row is the source of truth. Every transition is a compare-and-set
+# on the status (and, where it matters, on the heartbeat), so a redelivered
+# Celery message, a reaper and a finishing process can never both win.
+
+
+class QueueUnavailable(Exception):
+    """The broker (Redis) does not answer; nothing was created."""
+
+
+def broker_check() -> None:
+    from config.health import broker_reachable
+
+    if not broker_reachable():
+        raise QueueUnavailable(
+            "The job queue (Redis) cannot be reached, so the run was not created. "
+            "Check that Redis is running and REDIS_URL points at it, then try again."
+        )
+
+
+def training_run_files(*, build: DatasetBuild) -> dict[str, str | None]:
+    """The dataset files a run reads: TRL pairs for training and testing, grouped test rows for tau."""
+    folder = dataset_build_dir(build_id=build.pk)
+    test = folder / "pairs" / "test.jsonl"
+    grouped = folder / "grouped" / "test.jsonl"
+    return {
+        "train_file": str(folder / "pairs" / "train.jsonl"),
+        "test_file": str(test) if test.exists() and test.stat().st_size else None,
+        "grouped_test_file": str(grouped) if grouped.exists() and grouped.stat().st_size else None,
+    }
+
+
+def training_run_spec(*, run: TrainingRun) -> Any:
+    """The RunSpec for this run (validated: a bad hyper-parameter raises ValueError naming it)."""
+    from training.runner import RunSpec
+
+    return RunSpec.with_defaults(
+        kind=run.kind,
+        peft=run.peft,
+        run_id=run.pk or 0,
+        base_model=run.base_model,
+        output_dir=run.output_dir or str(Path(settings.ARTIFACTS_DIR) / "runs" / "pending"),
+        trainer=run.trainer,
+        **training_run_files(build=run.dataset_build),
+        **run.hyperparameters,
+    )
+
+
+def training_run_create(
+    *,
+    dataset_build: DatasetBuild,
+    kind: str,
+    base_model: str,
+    created_by: AbstractBaseUser | None,
+    peft: str = "lora",
+    hyperparameters: dict[str, Any] | None = None,
+    name: str = "",
+    num_processes: int = 1,
+    trainer: str = "trl",
+) -> TrainingRun:
+    """Create a queued run and enqueue it once the transaction commits.
+
+    Checks the broker first, so an unreachable queue leaves nothing behind,
+    and validates the hyper-parameters as the run process will (ValidationError).
+    """
+    if dataset_build.status != DatasetBuild.Status.SUCCEEDED:
+        raise ValidationError({"dataset_build": "the dataset build has not succeeded yet"})
+    run = TrainingRun(
+        name=name or f"{kind} on {dataset_build.name or f'build {dataset_build.pk}'}",
+        kind=kind,
+        dataset_build=dataset_build,
+        base_model=base_model,
+        peft=peft,
+        trainer=trainer,
+        hyperparameters=dict(hyperparameters or {}),
+        num_processes=num_processes,
+        created_by=created_by,
+    )
+    run.full_clean(exclude=["created_by"])
+    try:
+        training_run_spec(run=run)
+    except (TypeError, ValueError) as error:
+        raise ValidationError({"hyperparameters": str(error)}) from None
+    broker_check()
+    with transaction.atomic():
+        run.save()
+        run.output_dir = str(Path(settings.ARTIFACTS_DIR) / "runs" / str(run.pk))
+        run.save(update_fields=["output_dir"])
+        transaction.on_commit(lambda: training_run_enqueue(run_id=run.pk))
+    return run
+
+
+def training_run_enqueue(*, run_id: int) -> bool:
+    """Publish the run's task on the gpu queue; a run that cannot be queued is failed, saying why."""
+    from training.tasks import training_run_execute
+
+    try:
+        training_run_execute.apply_async((run_id,), queue="gpu")
+    except Exception as error:  # kombu raises several kinds when the broker is gone
+        training_run_fail(run_id=run_id, error=f"could not be queued: {error}", from_statuses=("queued",))
+        return False
+    return True
+
+
+def training_run_claim(*, run_id: int, now: datetime | None = None) -> TrainingRun | None:
+    """Move the run to `running` for this delivery, or return None if another delivery owns it.
+
+    A queued run is claimed by compare-and-set. A running run is taken over
+    only when its heartbeat stopped (its worker died without the process
+    recording anything); a live or finished run makes a redelivery a no-op.
+    """
+    now = now or timezone.now()
+    max_attempts = settings.TRAINING_MAX_ATTEMPTS
+    claimed = TrainingRun.objects.filter(
+        pk=run_id, status=TrainingRun.Status.QUEUED, attempts__lt=max_attempts, cancel_requested=False
+    ).update(status=TrainingRun.Status.RUNNING, attempts=F("attempts") + 1, started_at=now, heartbeat_at=now)
+    if not claimed:
+        stale = now - timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_S)
+        claimed = TrainingRun.objects.filter(
+            pk=run_id, status=TrainingRun.Status.RUNNING, heartbeat_at__lt=stale, attempts__lt=max_attempts
+        ).update(attempts=F("attempts") + 1, heartbeat_at=now)
+    if not claimed:
+        run = TrainingRun.objects.filter(pk=run_id).first()
+        if run is not None and run.status == TrainingRun.Status.QUEUED and run.attempts >= max_attempts:
+            training_run_fail(
+                run_id=run_id, error=f"gave up after {run.attempts} attempts", from_statuses=("queued",)
+            )
+        return None
+    return TrainingRun.objects.get(pk=run_id)
+
+
+def training_run_command(*, run: TrainingRun, spec_path: Path) -> list[str]:
+    """`accelerate launch` of the run process: one process per GPU (or CPU process where there is none)."""
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+    ]
+    command += ["--dynamo_backend", "no", "--num_processes", str(run.num_processes)]
+    if run.num_processes > 1:
+        # torch.distributed across the processes: NCCL on GPUs, gloo on CPUs.
+        command.append("--multi_gpu")
+    return [*command, "-m", "training.run_process", str(spec_path)]
+
+
+def training_run_execute(*, run_id: int) -> None:
+    """Run one delivery of the run's task: claim it, launch its process, wait, clean up after a crash.
+
+    The process records success, cancellation and its own errors. If it
+    dies without doing so (killed, out of memory), the run goes back to
+    `queued` while attempts remain, to resume from its last checkpoint, or
+    fails with the reason.
+    """
+    run = training_run_claim(run_id=run_id)
+    if run is None:
+        return
+    spec = training_run_spec(run=run)
+    output = Path(run.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    spec_path = output / f"spec-attempt-{run.attempts}.json"
+    spec.to_json(spec_path)
+    log_path = output / f"process-attempt-{run.attempts}.log"
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            training_run_command(run=run, spec_path=spec_path),
+            cwd=settings.BASE_DIR,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        TrainingRun.objects.filter(pk=run_id).update(process_id=process.pid)
+        try:
+            returncode = process.wait()
+        except BaseException:
+            # Soft time limit or worker shutdown: stop the whole process group, then report.
+            _process_group_stop(process)
+            training_run_fail(
+                run_id=run_id, error="stopped: the task hit its time limit or its worker shut down"
+            )
+            raise
+    run.refresh_from_db()
+    if run.status != TrainingRun.Status.RUNNING:
+        return  # the process recorded its own outcome
+    reason = f"the run process exited with status {returncode}"
+    if returncode < 0:
+        reason = f"the run process was killed by signal {-returncode}"
+    tail = _file_tail(log_path)
+    if run.attempts < settings.TRAINING_MAX_ATTEMPTS and not run.cancel_requested:
+        requeued = TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.RUNNING).update(
+            status=TrainingRun.Status.QUEUED,
+            error=f"attempt {run.attempts}: {reason}; retrying from the last checkpoint",
+            log_tail=tail,
+        )
+        if requeued:
+            training_run_enqueue(run_id=run_id)
+        return
+    training_run_fail(
+        run_id=run_id, error=f"{reason} (attempt {run.attempts} of {settings.TRAINING_MAX_ATTEMPTS})"
+    )
+
+
+def _process_group_stop(process: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+
+
+def _file_tail(path: Path, lines: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+@transaction.atomic
+def training_run_finish(*, run_id: int, result: Any) -> bool:
+    """Record a finished process's outcome and register what it made (a RewardModel or a Policy)."""
+    now = timezone.now()
+    run = TrainingRun.objects.select_for_update().get(pk=run_id)
+    if run.status != TrainingRun.Status.RUNNING:
+        return False
+    if result.status == "cancelled":
+        run.status = TrainingRun.Status.CANCELLED
+    else:
+        run.status = TrainingRun.Status.SUCCEEDED
+        run.step = run.total_steps = max(run.total_steps, result.steps)
+        if run.kind == TrainingRun.Kind.REWARD:
+            RewardModel.objects.create(
+                name=f"rm-{run.pk}",
+                run=run,
+                base_model=run.base_model,
+                path=result.final_dir,
+                metrics=result.metrics,
+            )
+        else:
+            run.policy = Policy.objects.create(
+                name=f"dpo-{run.pk}",
+                kind=Policy.Kind.MODEL,
+                base_model=run.base_model,
+                adapter=result.final_dir if run.peft != TrainingRun.Peft.FULL else "",
+                generation_settings={},
+            )
+            if run.peft == TrainingRun.Peft.FULL:
+                run.policy.base_model = result.final_dir
+                run.policy.save(update_fields=["base_model"])
+    run.metrics = result.metrics
+    run.finished_at = now
+    run.save()
+    return True
+
+
+def training_run_fail(
+    *, run_id: int, error: str, from_statuses: tuple[str, ...] = ("queued", "running")
+) -> bool:
+    """Fail the run (compare-and-set from the given statuses), keeping the reason."""
+    changed = TrainingRun.objects.filter(pk=run_id, status__in=from_statuses).update(
+        status=TrainingRun.Status.FAILED, error=error[:10_000], finished_at=timezone.now()
+    )
+    return changed == 1
+
+
+def training_run_cancel(*, run: TrainingRun) -> TrainingRun:
+    """A queued run is cancelled at once; a running one is asked to stop at its next step."""
+    now = timezone.now()
+    TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.QUEUED).update(
+        status=TrainingRun.Status.CANCELLED, cancel_requested=True, finished_at=now
+    )
+    TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING).update(cancel_requested=True)
+    run.refresh_from_db()
+    return run
+
+
+def training_runs_reap(*, now: datetime | None = None) -> list[int]:
+    """Runs whose heartbeat stopped: back to the queue while attempts remain, else failed. Returns their ids."""
+    now = now or timezone.now()
+    stale = now - timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_S)
+    reaped = []
+    for run in TrainingRun.objects.filter(status=TrainingRun.Status.RUNNING, heartbeat_at__lt=stale):
+        if run.attempts < settings.TRAINING_MAX_ATTEMPTS and not run.cancel_requested:
+            moved = TrainingRun.objects.filter(
+                pk=run.pk, status=TrainingRun.Status.RUNNING, heartbeat_at=run.heartbeat_at
+            ).update(
+                status=TrainingRun.Status.QUEUED, error="heartbeat stopped; retrying from the last checkpoint"
+            )
+            if moved:
+                transaction.on_commit(lambda run_id=run.pk: training_run_enqueue(run_id=run_id))
+                reaped.append(run.pk)
+        elif TrainingRun.objects.filter(
+            pk=run.pk, status=TrainingRun.Status.RUNNING, heartbeat_at=run.heartbeat_at
+        ).update(
+            status=TrainingRun.Status.FAILED,
+            error=f"heartbeat stopped at {run.heartbeat_at:%Y-%m-%d %H:%M:%S} and no attempts remain",
+            finished_at=now,
+        ):
+            reaped.append(run.pk)
+    return reaped

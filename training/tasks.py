@@ -1,0 +1,64 @@
+"""Celery tasks of the training side: thin wrappers that take ids and call services.
+
+Dataset builds run on the `default` queue (only training runs and generation
+jobs are routed to `gpu`, see CELERY_TASK_ROUTES).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task, shared_task
+from django.conf import settings
+
+from training.services import dataset_build_fail, dataset_build_run, training_run_fail
+from training.services import training_run_execute as training_run_execute_service
+from training.services import training_runs_reap as training_runs_reap_service
+
+
+class DatasetBuildTask(Task):
+    """Writes the terminal state to the row when the task itself dies (the row is the truth)."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        build_id = kwargs.get("build_id", args[0] if args else None)
+        if build_id is not None:
+            dataset_build_fail(build_id=int(build_id), error=f"{type(exc).__name__}: {exc}\n\n{einfo}")
+
+
+@shared_task(name="training.tasks.dataset_build_execute", base=DatasetBuildTask, ignore_result=True)
+def dataset_build_execute(build_id: int) -> str:
+    """Run a queued dataset build; a second delivery finds it no longer queued and does nothing."""
+    build = dataset_build_run(build_id=int(build_id))
+    return build.status if build is not None else "skipped"
+
+
+class TrainingRunTask(Task):
+    """Fails the run, with the reason, when the task dies outside the run process (the row is the truth)."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        run_id = kwargs.get("run_id", args[0] if args else None)
+        if run_id is not None:
+            training_run_fail(run_id=int(run_id), error=f"{type(exc).__name__}: {exc}")
+
+
+@shared_task(
+    name="training.tasks.training_run_execute",
+    base=TrainingRunTask,
+    ignore_result=True,
+    # Acknowledged only once the run is over; a worker lost mid-run puts the
+    # message back, and the redelivery takes over only if the run's heartbeat
+    # stopped (training_run_claim). The attempt cap lives on the row.
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=settings.TRAINING_SOFT_TIME_LIMIT_S,
+    time_limit=settings.TRAINING_TIME_LIMIT_S,
+)
+def training_run_execute(run_id: int) -> None:
+    """Launch the run's own process (`accelerate launch`) and wait for it. No torch in the worker."""
+    training_run_execute_service(run_id=int(run_id))
+
+
+@shared_task(name="training.tasks.training_runs_reap", ignore_result=True)
+def training_runs_reap() -> list[int]:
+    """Runs whose heartbeat stopped go back to the queue (attempts left) or fail."""
+    return training_runs_reap_service()

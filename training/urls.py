@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from django.urls import path
+
+from training import api, views
+
+urlpatterns = [
+    path("datasets/", views.dataset_build_list, name="dataset-build-list"),
+    path("datasets/new", views.dataset_build_new, name="dataset-build-new"),
+    path("datasets/<int:build_id>/", views.dataset_build_detail, name="dataset-build-detail"),
+    path("datasets/<int:build_id>/status", views.dataset_build_status_view, name="dataset-build-status"),
+    path("datasets/<int:build_id>/files/<str:key>", views.dataset_build_download, name="dataset-build-file"),
+    path("training/runs/", views.training_run_list, name="training-run-list"),
+    path("training/runs/new", views.training_run_new, name="training-run-new"),
+    path("training/runs/<int:run_id>/", views.training_run_detail, name="training-run-detail"),
+    path("training/runs/<int:run_id>/status", views.training_run_status_view, name="training-run-status"),
+    path("training/runs/<int:run_id>/cancel", views.training_run_cancel_view, name="training-run-cancel"),
+    path("training/runs/<int:run_id>/files/<str:key>", views.training_run_download, name="training-run-file"),
+    path("api/training-runs/", api.training_run_list_create, name="api-training-run-list"),
+    path("api/training-runs/<int:run_id>/", api.training_run_detail, name="api-training-run-detail"),
+    path("api/training-runs/<int:run_id>/cancel", api.training_run_cancel_view, name="api-training-run-cancel"),
+    path("api/dataset-builds/", api.dataset_build_list_create, name="api-dataset-build-list"),
+    path("api/dataset-builds/<int:build_id>/", api.dataset_build_detail, name="api-dataset-build-detail"),
+]

@@ -1,0 +1,259 @@
+"""Pages for dataset builds and training runs. Each view finds objects through
+the access helpers (404 for what the person may not see) and calls one service."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.utils.translation import gettext as _
+from django.views.decorators.http import require_POST
+
+from annotation.charts import line_chart
+from annotation.roles import Role, role_required
+from training.forms import DatasetBuildForm, TrainingRunForm
+from training.models import DatasetBuild, TrainingRun
+from training.selectors import (
+    BUILD_OPTION_FIELDS,
+    BUILD_OUTPUTS,
+    BUILD_SPLITS,
+    RUN_FILES,
+    RUN_LIST_FILTERS,
+    dataset_build_file_path,
+    dataset_build_files,
+    dataset_build_get_for_user,
+    dataset_build_status,
+    dataset_builds_for_user,
+    training_run_eta_seconds,
+    training_run_final_dir,
+    training_run_get_for_user,
+    training_run_metric_series,
+    training_runs_for_user,
+)
+from training.services import (
+    DatasetBuildInvalid,
+    QueueUnavailable,
+    dataset_build_create,
+    training_run_cancel,
+    training_run_create,
+)
+
+LIST_LIMIT = 200
+
+
+@role_required(Role.MANAGER)
+def dataset_build_list(request: HttpRequest) -> HttpResponse:
+    builds = (
+        dataset_builds_for_user(user=request.user).select_related("created_by").prefetch_related("projects")
+    )
+    return render(request, "training/dataset_build_list.html", {"builds": builds[:LIST_LIMIT]})
+
+
+@role_required(Role.MANAGER)
+def dataset_build_new(request: HttpRequest) -> HttpResponse:
+    form = DatasetBuildForm(request.POST or None, user=request.user)
+    if request.method == "POST" and form.is_valid():
+        try:
+            build = dataset_build_create(created_by=request.user, **form.service_arguments())
+        except DatasetBuildInvalid as error:
+            for field, message in error.errors.items():
+                form.add_error(field if field in form.fields else None, message)
+        else:
+            return redirect("dataset-build-detail", build_id=build.pk)
+    return render(request, "training/dataset_build_form.html", {"form": form})
+
+
+@login_required
+def dataset_build_detail(request: HttpRequest, build_id: int) -> HttpResponse:
+    build = dataset_build_get_for_user(user=request.user, pk=build_id)
+    counts = [
+        (output, [build.counts[output].get(split, 0) for split in BUILD_SPLITS])
+        for output in BUILD_OUTPUTS
+        if output in build.counts
+    ]
+    context = {
+        "build": build,
+        "projects": build.projects.order_by("name"),
+        "options": _option_rows(build),
+        "counts": counts,
+        "splits": BUILD_SPLITS,
+        "files": dataset_build_files(build=build),
+        # For the page script, which shows the status in the person's language.
+        "status_labels": {value: str(label) for value, label in DatasetBuild.Status.choices},
+    }
+    return render(request, "training/dataset_build_detail.html", context)
+
+
+def _option_rows(build: DatasetBuild) -> list[tuple[str, str]]:
+    """The build's options as (label, value) for people: choices by their names, empty as "—"."""
+    rows = []
+    for name in BUILD_OPTION_FIELDS:
+        field = DatasetBuild._meta.get_field(name)
+        value = getattr(build, name)
+        if field.choices:
+            shown = getattr(build, f"get_{name}_display")()
+        elif isinstance(value, bool):
+            shown = _("yes") if value else _("no")
+        else:
+            shown = "—" if value is None else str(value)
+        rows.append((str(field.verbose_name), str(shown)))
+    people = ", ".join(build.labelers.order_by("username").values_list("username", flat=True))
+    rows.insert(2, (str(DatasetBuild._meta.get_field("labelers").verbose_name), people or _("everyone")))
+    return rows
+
+
+@login_required
+def dataset_build_status_view(request: HttpRequest, build_id: int) -> JsonResponse:
+    """What the detail page's script polls while the build runs."""
+    build = dataset_build_get_for_user(user=request.user, pk=build_id)
+    return JsonResponse(dataset_build_status(build=build))
+
+
+@login_required
+def dataset_build_download(request: HttpRequest, build_id: int, key: str) -> FileResponse:
+    """A file of a finished build, by allow-listed key, as an attachment."""
+    build = dataset_build_get_for_user(user=request.user, pk=build_id)
+    path = dataset_build_file_path(build=build, key=key)
+    return FileResponse(path.open("rb"), as_attachment=True, filename=f"dataset-{build.pk}-{key}")
+
+
+# --- training runs ------------------------------------------------------------------
+
+
+@role_required(Role.MANAGER)
+def training_run_list(request: HttpRequest) -> HttpResponse:
+    runs = training_runs_for_user(user=request.user).select_related("dataset_build")
+    active = {}
+    for name, allowed in RUN_LIST_FILTERS.items():
+        value = request.GET.get(name, "")
+        if value in allowed:  # only known values reach the query
+            runs = runs.filter(**{name: value})
+            active[name] = value
+    context = {
+        "runs": runs[:LIST_LIMIT],
+        "active": active,
+        "statuses": TrainingRun.Status.choices,
+        "kinds": TrainingRun.Kind.choices,
+    }
+    return render(request, "training/run_list.html", context)
+
+
+@role_required(Role.MANAGER)
+def training_run_new(request: HttpRequest) -> HttpResponse:
+    """Start a run; `?build=ID&kind=reward|dpo` pre-fills it (the admin action on builds links here)."""
+    initial = {key: request.GET[key] for key in ("kind",) if request.GET.get(key) in TrainingRun.Kind.values}
+    if (build_id := request.GET.get("build", "")).isdigit():
+        initial["dataset_build"] = int(build_id)
+    form = TrainingRunForm(request.POST or None, user=request.user, initial=initial)
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        try:
+            run = training_run_create(
+                dataset_build=data["dataset_build"],
+                kind=data["kind"],
+                base_model=data["base_model"],
+                peft=data["peft"],
+                num_processes=data["num_processes"],
+                hyperparameters=form.hyperparameters(),
+                name=data["name"],
+                created_by=request.user,
+            )
+        except QueueUnavailable as error:
+            form.add_error(None, str(error))
+        except ValidationError as error:
+            for field, messages in error.message_dict.items():
+                form.add_error(field if field in form.fields else None, messages)
+        else:
+            return redirect("training-run-detail", run.pk)
+    status = 503 if form.non_field_errors() and request.method == "POST" else 200
+    return render(request, "training/run_form.html", {"form": form}, status=status)
+
+
+@login_required
+def training_run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
+    run = training_run_get_for_user(user=request.user, pk=run_id)
+    series = training_run_metric_series(run=run)
+    charts = []
+    for name in ("loss", "accuracy", "rewards/accuracies", "margin", "rewards/margins", "eval_loss"):
+        points = series.get(name)
+        if points:
+            charts.append(
+                {
+                    "name": name,
+                    "chart": line_chart(
+                        labels=[str(step) for step, _value in points], values=[v for _s, v in points]
+                    ),
+                }
+            )
+    rows = list(run.metric_rows.order_by("-step", "-id")[:50])
+    context = {
+        "run": run,
+        "charts": charts,
+        "metric_rows": rows,
+        "metric_names": sorted({name for row in rows for name in row.values}),
+        "eta_seconds": training_run_eta_seconds(run=run),
+        "files": RUN_FILES if run.status == TrainingRun.Status.SUCCEEDED else ("log.txt",),
+    }
+    return render(request, "training/run_detail.html", context)
+
+
+@login_required
+def training_run_status_view(request: HttpRequest, run_id: int) -> JsonResponse:
+    run = training_run_get_for_user(user=request.user, pk=run_id)
+    return JsonResponse(
+        {
+            "status": run.status,
+            "status_display": run.get_status_display(),
+            "step": run.step,
+            "total_steps": run.total_steps,
+            "progress": run.progress,
+            "eta_seconds": training_run_eta_seconds(run=run),
+            "attempts": run.attempts,
+            "error": run.error,
+            "log_tail": run.log_tail,
+            "terminal": run.status in TrainingRun.TERMINAL,
+        }
+    )
+
+
+@require_POST
+@role_required(Role.MANAGER)
+def training_run_cancel_view(request: HttpRequest, run_id: int) -> HttpResponse:
+    run = training_run_get_for_user(user=request.user, pk=run_id)
+    training_run_cancel(run=run)
+    return redirect("training-run-detail", run.pk)
+
+
+@login_required
+def training_run_download(request: HttpRequest, run_id: int, key: str) -> HttpResponse:
+    """A run's artifacts by run id and a fixed key, as attachments; never a path from the request."""
+    run = training_run_get_for_user(user=request.user, pk=run_id)
+    if key not in RUN_FILES:
+        raise Http404("No such file.")
+    if key == "log.txt":
+        response = HttpResponse(run.log_tail or "", content_type="text/plain; charset=utf-8")
+    elif key == "metrics.json":
+        body = {
+            "run": run.pk,
+            "kind": run.kind,
+            "metrics": run.metrics,
+            "history": training_run_metric_series(run=run),
+        }
+        response = HttpResponse(json.dumps(body, indent=2), content_type="application/json")
+    else:
+        final = training_run_final_dir(run=run)
+        if run.status != TrainingRun.Status.SUCCEEDED or not final.is_dir():
+            raise Http404("The run has no model to download.")
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted(final.rglob("*")):
+                if path.is_file():
+                    archive.write(path, path.relative_to(final))
+        response = HttpResponse(buffer.getvalue(), content_type="application/zip")
+    response["Content-Disposition"] = f'attachment; filename="run-{run.pk}-{key}"'
+    return response
