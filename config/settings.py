@@ -183,6 +183,13 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    # Several models have a `kind`; each enum gets its own name in the schema.
+    "ENUM_NAME_OVERRIDES": {
+        "ProjectKindEnum": "annotation.models.Project.Kind",
+        "TrainingRunKindEnum": "training.models.TrainingRun.Kind",
+        "TrainingRunStatusEnum": "training.models.TrainingRun.Status",
+        "DatasetBuildStatusEnum": "training.models.DatasetBuild.Status",
+    },
 }
 
 # --- security headers --------------------------------------------------------
@@ -282,12 +289,15 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {
 CELERY_BEAT_SCHEDULE = {
     "expire-stale-leases": {"task": "annotation.tasks.assignments_expire_stale", "schedule": 60.0},
     "reap-stalled-training-runs": {"task": "training.tasks.training_runs_reap", "schedule": 60.0},
+    "reap-stuck-dataset-builds": {"task": "training.tasks.dataset_builds_reap", "schedule": 300.0},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # Hard limit for a GPU job; the soft limit leaves time to save a checkpoint.
 TRAINING_TIME_LIMIT_S = env_int("TRAINING_TIME_LIMIT_S", 6 * 3600, minimum=60)
 TRAINING_SOFT_TIME_LIMIT_S = TRAINING_TIME_LIMIT_S - min(600, TRAINING_TIME_LIMIT_S // 10)
 TRAINING_MAX_ATTEMPTS = env_int("TRAINING_MAX_ATTEMPTS", 3, minimum=1)
+# Hard limit of one dataset build; a build still running after it is reaped as failed.
+DATASET_BUILD_TIME_LIMIT_S = env_int("DATASET_BUILD_TIME_LIMIT_S", 2 * 3600, minimum=60)
 # A running run whose process wrote no heartbeat for this long is taken as dead
 # (its process heartbeats every few seconds while training).
 TRAINING_HEARTBEAT_TIMEOUT_S = env_int("TRAINING_HEARTBEAT_TIMEOUT_S", 300, minimum=10)

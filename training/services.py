@@ -514,3 +514,28 @@ def training_runs_reap(*, now: datetime | None = None) -> list[int]:
         ):
             reaped.append(run.pk)
     return reaped
+
+
+def dataset_builds_reap(*, now: datetime | None = None) -> list[int]:
+    """Fail builds still `running` past the build time limit: their worker died mid-build.
+
+    A build streams at tens of thousands of rows a second, so the limit
+    (DATASET_BUILD_TIME_LIMIT_S, the task's own hard limit too) is far beyond
+    any healthy build; the row then says what happened instead of spinning.
+    """
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=settings.DATASET_BUILD_TIME_LIMIT_S)
+    stuck = list(
+        DatasetBuild.objects.filter(status=DatasetBuild.Status.RUNNING, started_at__lt=cutoff).values_list(
+            "pk", flat=True
+        )
+    )
+    limit = settings.DATASET_BUILD_TIME_LIMIT_S
+    return [
+        build_id
+        for build_id in stuck
+        if dataset_build_fail(
+            build_id=build_id,
+            error=f"the build did not finish within {limit} s (its worker probably stopped); rebuild it",
+        )
+    ]

@@ -11,7 +11,12 @@ from typing import Any
 from celery import Task, shared_task
 from django.conf import settings
 
-from training.services import dataset_build_fail, dataset_build_run, training_run_fail
+from training.services import (
+    dataset_build_fail,
+    dataset_build_run,
+    dataset_builds_reap,
+    training_run_fail,
+)
 from training.services import training_run_execute as training_run_execute_service
 from training.services import training_runs_reap as training_runs_reap_service
 
@@ -25,7 +30,12 @@ class DatasetBuildTask(Task):
             dataset_build_fail(build_id=int(build_id), error=f"{type(exc).__name__}: {exc}\n\n{einfo}")
 
 
-@shared_task(name="training.tasks.dataset_build_execute", base=DatasetBuildTask, ignore_result=True)
+@shared_task(
+    name="training.tasks.dataset_build_execute",
+    base=DatasetBuildTask,
+    ignore_result=True,
+    time_limit=settings.DATASET_BUILD_TIME_LIMIT_S,
+)
 def dataset_build_execute(build_id: int) -> str:
     """Run a queued dataset build; a second delivery finds it no longer queued and does nothing."""
     build = dataset_build_run(build_id=int(build_id))
@@ -62,3 +72,9 @@ def training_run_execute(run_id: int) -> None:
 def training_runs_reap() -> list[int]:
     """Runs whose heartbeat stopped go back to the queue (attempts left) or fail."""
     return training_runs_reap_service()
+
+
+@shared_task(name="training.tasks.dataset_builds_reap", ignore_result=True)
+def dataset_builds_reap_task() -> list[int]:
+    """Builds left `running` by a worker that died are failed, saying so."""
+    return dataset_builds_reap()

@@ -45,7 +45,9 @@ def build(db):  # type: ignore[no-untyped-def]
         for person in people:
             judge(task, person, [1, 2, 3])
     manager = make_manager(project, user_with_roles(Role.MANAGER, username="trainer"))
-    build = dataset_build_create(created_by=manager, name="runs build", projects=[project], test_fraction=0.25)
+    build = dataset_build_create(
+        created_by=manager, name="runs build", projects=[project], test_fraction=0.25
+    )
     # Run it here; in tests with a live worker, the worker may have taken it already.
     dataset_build_run(build_id=build.pk)
     deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -387,3 +389,27 @@ def test_the_reaper_requeues_a_run_whose_heartbeat_stopped_and_fails_it_when_out
     assert (retry.status, spent.status, alive.status) == ("queued", "failed", "running")
     assert "heartbeat stopped" in spent.error
     assert enqueued == [retry.pk]
+
+
+@pytest.mark.django_db
+def test_a_build_left_running_by_a_dead_worker_is_failed_by_the_reaper(build, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from training.services import dataset_builds_reap
+
+    stuck = DatasetBuild.objects.create(
+        name="stuck",
+        created_by=build.created_by,
+        status="running",
+        started_at=timezone.now() - timedelta(seconds=settings.DATASET_BUILD_TIME_LIMIT_S + 1),
+    )
+    fresh = DatasetBuild.objects.create(
+        name="fresh", created_by=build.created_by, status="running", started_at=timezone.now()
+    )
+    assert dataset_builds_reap() == [stuck.pk]
+    stuck.refresh_from_db()
+    fresh.refresh_from_db()
+    assert (stuck.status, fresh.status) == ("failed", "running")
+    assert "did not finish" in stuck.error
