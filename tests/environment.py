@@ -22,7 +22,9 @@ TEST_DEFAULTS = {
 }
 
 # Files the tests and their Celery worker both write (dataset builds, runs), outside the checkout.
-TEST_DEFAULTS["ARTIFACTS_DIR"] = os.path.join(tempfile.gettempdir(), f"rankwise-test-{os.getpid()}", "artifacts")
+TEST_DEFAULTS["ARTIFACTS_DIR"] = os.path.join(
+    tempfile.gettempdir(), f"rankwise-test-{os.getpid()}", "artifacts"
+)
 
 for _name, _value in TEST_DEFAULTS.items():
     os.environ.setdefault(_name, _value)

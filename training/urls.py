@@ -18,7 +18,9 @@ urlpatterns = [
     path("training/runs/<int:run_id>/files/<str:key>", views.training_run_download, name="training-run-file"),
     path("api/training-runs/", api.training_run_list_create, name="api-training-run-list"),
     path("api/training-runs/<int:run_id>/", api.training_run_detail, name="api-training-run-detail"),
-    path("api/training-runs/<int:run_id>/cancel", api.training_run_cancel_view, name="api-training-run-cancel"),
+    path(
+        "api/training-runs/<int:run_id>/cancel", api.training_run_cancel_view, name="api-training-run-cancel"
+    ),
     path("api/dataset-builds/", api.dataset_build_list_create, name="api-dataset-build-list"),
     path("api/dataset-builds/<int:build_id>/", api.dataset_build_detail, name="api-dataset-build-detail"),
 ]

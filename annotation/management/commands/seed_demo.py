@@ -25,7 +25,9 @@ Press `?` for the keyboard shortcuts.
 
 
 class Command(BaseCommand):
-    help = "Create the demo ranking project with readable prompts and completions of clearly different quality."
+    help = (
+        "Create the demo ranking project with readable prompts and completions of clearly different quality."
+    )
 
     @transaction.atomic
     def handle(self, *args: Any, **options: Any) -> None:
@@ -44,11 +46,17 @@ class Command(BaseCommand):
         if created:
             with DEMO_DATA.open("rb") as data:
                 report = prompts_import(project=project, data=data)
-            self.stdout.write(f"Demo project: {report.prompts_created} prompts, {report.tasks_created} tasks.")
+            self.stdout.write(
+                f"Demo project: {report.prompts_created} prompts, {report.tasks_created} tasks."
+            )
         else:
             self.stdout.write("Demo project: already there.")
         User = get_user_model()
-        for username, role in (("manager", Role.MANAGER), ("labeler", Role.LABELER), ("evaluator", Role.EVALUATOR)):
+        for username, role in (
+            ("manager", Role.MANAGER),
+            ("labeler", Role.LABELER),
+            ("evaluator", Role.EVALUATOR),
+        ):
             user = User.objects.filter(username=username).first()
             if user is not None:
                 Membership.objects.get_or_create(project=project, user=user, role=role)
