@@ -1,0 +1,181 @@
+"""Statistics of blind A/B votes: win rates with Wilson intervals, Bradley–Terry
+ratings with prompt-clustered bootstrap intervals, and position bias.
+
+Pure functions over plain data (no ORM), so they are tested on simulated votes
+from policies of known strength.
+
+Conventions, as in Chatbot Arena's published analysis:
+
+- a vote is (prompt, left policy, right policy, outcome) with outcome
+  "left", "right", "tie" or "both_bad"; a tie and "both bad" count as half a
+  win for each side in the ratings and as neither in win rates;
+- ratings are on the Elo scale: 400·log10 of the Bradley–Terry strength,
+  centred so the mean rating is 1000;
+- intervals are percentile intervals of a bootstrap that resamples *prompts*
+  (all votes on a prompt together), because votes on one prompt are not
+  independent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import binomtest
+
+OUTCOMES = ("left", "right", "tie", "both_bad")
+ELO_SCALE = 400.0 / math.log(10.0)
+ELO_CENTRE = 1000.0
+MM_ITERATIONS = 500
+MM_TOLERANCE = 1e-10
+# A pseudo-count of half a win each way between every two policies keeps the
+# maximum-likelihood strengths finite when one policy never loses (it shrinks
+# ratings a little towards each other; Arena applies a similar regulariser).
+PRIOR_WINS = 0.5
+
+
+@dataclass(frozen=True)
+class Vote:
+    prompt: str
+    left: str
+    right: str
+    outcome: str  # one of OUTCOMES
+
+
+def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float] | None:
+    """The Wilson score interval of a proportion (scipy), or None without trials."""
+    if trials == 0:
+        return None
+    interval = binomtest(successes, trials).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def pair_table(votes: Iterable[Vote]) -> list[dict[str, object]]:
+    """Per unordered pair of policies: wins of each, ties, both bad, and the first's win rate with its interval.
+
+    The win rate counts decisive votes only (ties and "both bad" are left out
+    of its denominator and reported beside it).
+    """
+    counts: dict[tuple[str, str], dict[str, int]] = {}
+    for vote in votes:
+        first, second = sorted((vote.left, vote.right))
+        row = counts.setdefault(
+            (first, second), {"wins_first": 0, "wins_second": 0, "ties": 0, "both_bad": 0}
+        )
+        winner = {"left": vote.left, "right": vote.right}.get(vote.outcome)
+        if winner is None:
+            row["ties" if vote.outcome == "tie" else "both_bad"] += 1
+        else:
+            row["wins_first" if winner == first else "wins_second"] += 1
+    table = []
+    for (first, second), row in sorted(counts.items()):
+        decisive = row["wins_first"] + row["wins_second"]
+        interval = wilson_interval(row["wins_first"], decisive)
+        table.append(
+            {
+                "policy": first,
+                "opponent": second,
+                **row,
+                "votes": decisive + row["ties"] + row["both_bad"],
+                "win_rate": row["wins_first"] / decisive if decisive else None,
+                "win_rate_low": interval[0] if interval else None,
+                "win_rate_high": interval[1] if interval else None,
+            }
+        )
+    return table
+
+
+def position_bias(votes: Iterable[Vote]) -> dict[str, float | int | None]:
+    """Share of decisive votes won by the left side, with its Wilson interval (0.5 means no bias)."""
+    left = right = 0
+    for vote in votes:
+        left += vote.outcome == "left"
+        right += vote.outcome == "right"
+    interval = wilson_interval(left, left + right)
+    return {
+        "left_wins": left,
+        "decisive": left + right,
+        "left_share": left / (left + right) if left + right else None,
+        "low": interval[0] if interval else None,
+        "high": interval[1] if interval else None,
+    }
+
+
+def _win_matrices(votes: Sequence[Vote], policies: list[str]) -> tuple[list[str], np.ndarray]:
+    """Per prompt, W[p, i, j] = wins of policy i over j on prompt p (a tie is half each way)."""
+    index = {policy: position for position, policy in enumerate(policies)}
+    prompts = sorted({vote.prompt for vote in votes})
+    prompt_index = {prompt: position for position, prompt in enumerate(prompts)}
+    wins = np.zeros((len(prompts), len(policies), len(policies)))
+    for vote in votes:
+        p, left, right = prompt_index[vote.prompt], index[vote.left], index[vote.right]
+        if vote.outcome == "left":
+            wins[p, left, right] += 1
+        elif vote.outcome == "right":
+            wins[p, right, left] += 1
+        else:
+            wins[p, left, right] += 0.5
+            wins[p, right, left] += 0.5
+    return prompts, wins
+
+
+def bradley_terry_strengths(wins: np.ndarray) -> np.ndarray:
+    """Maximum-likelihood Bradley–Terry strengths by Hunter's MM algorithm.
+
+    `wins` is (..., n, n) with wins[i, j] the wins of i over j; leading axes
+    are independent problems (bootstrap replicates), solved together. Returns
+    log-strengths centred to mean 0 along the last axis.
+    """
+    n = wins.shape[-1]
+    wins = wins + PRIOR_WINS * (1 - np.eye(n))
+    games = wins + np.swapaxes(wins, -1, -2)
+    total_wins = wins.sum(axis=-1)
+    strength = np.ones(wins.shape[:-1])
+    for _iteration in range(MM_ITERATIONS):
+        denominator = (games / (strength[..., :, None] + strength[..., None, :])).sum(axis=-1)
+        updated = total_wins / denominator
+        updated /= np.exp(np.log(updated).mean(axis=-1, keepdims=True))
+        converged = np.max(np.abs(updated - strength)) < MM_TOLERANCE
+        strength = updated
+        if converged:
+            break
+    log_strength = np.log(strength)
+    return log_strength - log_strength.mean(axis=-1, keepdims=True)
+
+
+def bradley_terry_ratings(
+    votes: Sequence[Vote], *, rounds: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> list[dict[str, float | str]]:
+    """Elo-scale ratings with prompt-clustered bootstrap intervals, best first.
+
+    1. One win matrix per prompt.
+    2. The point estimate fits Bradley–Terry to the sum over prompts.
+    3. Each bootstrap round draws prompts with replacement (multinomial
+       counts) and refits; all rounds are solved at once.
+    4. The interval is the (1−confidence)/2 and (1+confidence)/2 percentiles.
+    """
+    policies = sorted({vote.left for vote in votes} | {vote.right for vote in votes})
+    if len(policies) < 2:
+        return []
+    _prompts, per_prompt = _win_matrices(votes, policies)
+    point = bradley_terry_strengths(per_prompt.sum(axis=0))
+    generator = np.random.default_rng(seed)
+    draws = generator.multinomial(
+        per_prompt.shape[0], [1 / per_prompt.shape[0]] * per_prompt.shape[0], size=rounds
+    )
+    resampled = np.einsum("bp,pij->bij", draws, per_prompt)
+    replicates = bradley_terry_strengths(resampled)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(replicates, [tail, 100 - tail], axis=0)
+    rows = [
+        {
+            "policy": policy,
+            "rating": ELO_CENTRE + ELO_SCALE * point[position],
+            "low": ELO_CENTRE + ELO_SCALE * low[position],
+            "high": ELO_CENTRE + ELO_SCALE * high[position],
+        }
+        for position, policy in enumerate(policies)
+    ]
+    return sorted(rows, key=lambda row: -float(row["rating"]))
