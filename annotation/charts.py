@@ -105,3 +105,34 @@ def line_chart(*, labels: list[str], values: list[float], target: float | None =
         "right": WIDTH - 12,
         "empty": not values,
     }
+
+
+def interval_chart(*, rows: list[dict[str, object]]) -> dict[str, object]:
+    """Horizontal rating bars: a dot at the estimate and a whisker over its interval, one row per policy."""
+    if not rows:
+        return {"empty": True}
+    low = min(float(row["low"]) for row in rows)  # type: ignore[arg-type]
+    high = max(float(row["high"]) for row in rows)  # type: ignore[arg-type]
+    span = (high - low) or 1.0
+    left, width, row_height = 150, WIDTH - 150 - 20, 28
+
+    def x(value: object) -> float:
+        return left + width * (float(value) - low) / span  # type: ignore[arg-type]
+
+    return {
+        "empty": False,
+        "width": WIDTH,
+        "height": row_height * len(rows) + 30,
+        "rows": [
+            {
+                "label": row["policy"],
+                "y": 20 + index * row_height,
+                "x": x(row["rating"]),
+                "x_low": x(row["low"]),
+                "x_high": x(row["high"]),
+                "text": f"{float(row['rating']):.0f} [{float(row['low']):.0f}, {float(row['high']):.0f}]",  # type: ignore[arg-type]
+            }
+            for index, row in enumerate(rows)
+        ],
+        "label_x": left - 8,
+    }

@@ -225,12 +225,18 @@ class Assignment(models.Model):
     lease_expires_at = models.DateTimeField()
     finished_at = models.DateTimeField(null=True, blank=True)
     skip_reason = models.CharField(max_length=500, blank=True)
+    # A/B only, never sent to a client: which policy was shown on the left, so
+    # sides can be balanced per policy and position bias measured.
+    left_policy = models.ForeignKey(
+        "Policy", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
 
     class Meta:
         ordering = ["-leased_at", "-id"]
         indexes = [
             models.Index(fields=["user", "status"]),
             models.Index(fields=["status", "lease_expires_at"]),
+            models.Index(fields=["left_policy"]),
         ]
         constraints = [
             models.UniqueConstraint(fields=["task", "user"], name="assignment_one_per_person_and_task"),
@@ -258,6 +264,8 @@ class Judgment(models.Model):
     none_acceptable = models.BooleanField(default=False)
     rationale = models.TextField(blank=True)
     active_seconds = models.FloatField(null=True, blank=True)
+    # A/B only: 1 = slightly better, 2 = clearly better; kept as the comparison's margin.
+    strength = models.PositiveSmallIntegerField(null=True, blank=True)
     # Chosen by the client per answer: a retried submit with the same token is the same judgment.
     client_token = models.CharField(max_length=64)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -266,6 +274,9 @@ class Judgment(models.Model):
         ordering = ["-created_at", "-id"]
         constraints = [
             models.UniqueConstraint(fields=["user", "client_token"], name="judgment_unique_client_token"),
+            models.CheckConstraint(
+                condition=Q(strength__isnull=True) | Q(strength__in=[1, 2]), name="judgment_strength_1_or_2"
+            ),
         ]
 
     def __str__(self) -> str:

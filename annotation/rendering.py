@@ -36,6 +36,17 @@ LINK_REL = "noopener noreferrer nofollow"
 
 @lru_cache(maxsize=1)
 def _markdown() -> MarkdownIt:
+    return _markdown_renderer()
+
+
+@lru_cache(maxsize=1)
+def _markdown_without_links() -> MarkdownIt:
+    renderer = _markdown_renderer()
+    renderer.disable(["link", "autolink"])
+    return renderer
+
+
+def _markdown_renderer() -> MarkdownIt:
     renderer = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False})
     renderer.enable(["table", "strikethrough"])
     renderer.disable("image")
@@ -55,6 +66,11 @@ def sanitize_html(html: str) -> str:
     )
 
 
-def markdown_to_safe_html(text: str) -> str:
-    """Render Markdown from an untrusted source into HTML that is safe to insert as-is."""
-    return sanitize_html(_markdown().render(text or ""))
+def markdown_to_safe_html(text: str, *, links: bool = True) -> str:
+    """Render Markdown from an untrusted source into HTML that is safe to insert as-is.
+
+    With `links=False` (blind A/B) a link stays visible Markdown text: a URL
+    can name its source, and nothing in a blind comparison may be followed.
+    """
+    renderer = _markdown() if links else _markdown_without_links()
+    return sanitize_html(renderer.render(text or ""))

@@ -130,3 +130,30 @@ def judgments_today_count(*, user: AnyUser, project: Project | None = None) -> i
     if project is not None:
         judgments = judgments.filter(task__project=project)
     return judgments.count()
+
+
+def ab_votes(*, project: Project) -> list[Any]:
+    """The session's votes as annotation.ab_stats.Vote, from stored judgments.
+
+    Left is what the person saw on the left (the assignment's permutation);
+    "both bad" is a judgment with none acceptable, a tie one with equal ranks.
+    """
+    from annotation.ab_stats import Vote
+
+    judgments = (
+        Judgment.objects.filter(task__project=project)
+        .select_related("assignment", "task")
+        .prefetch_related("task__items__completion")
+        .order_by("id")
+    )
+    votes = []
+    for judgment in judgments:
+        items = {item.position: item.completion for item in judgment.task.items.all()}
+        left, right = (items[position] for position in judgment.assignment.permutation)
+        if judgment.none_acceptable:
+            outcome = "both_bad"
+        else:
+            left_rank, right_rank = judgment.ranks[str(left.uid)], judgment.ranks[str(right.uid)]
+            outcome = "tie" if left_rank == right_rank else ("left" if left_rank < right_rank else "right")
+        votes.append(Vote(str(judgment.task.prompt_id), str(left.policy), str(right.policy), outcome))
+    return votes

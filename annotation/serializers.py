@@ -79,6 +79,9 @@ class JudgmentRequestSerializer(serializers.Serializer):
     none_acceptable = serializers.BooleanField(required=False, default=False)
     rationale = serializers.CharField(required=False, allow_blank=True, default="", max_length=MAX_RATIONALE)
     active_seconds = serializers.FloatField(required=False, allow_null=True, default=None)
+    strength = serializers.IntegerField(
+        required=False, allow_null=True, default=None, help_text="A/B only: 1 slightly, 2 clearly better."
+    )
     client_token = serializers.CharField(
         max_length=64,
         help_text="Chosen by the client for this answer; a retry with the same token is a no-op.",
@@ -93,6 +96,7 @@ class JudgmentRequestSerializer(serializers.Serializer):
             none_acceptable=data["none_acceptable"],
             rationale=data["rationale"],
             active_seconds=data["active_seconds"],
+            strength=data["strength"],
             client_token=data["client_token"],
         )
 

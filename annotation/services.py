@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from annotation.models import (
     Comparison,
     Completion,
     Judgment,
+    Membership,
+    Policy,
     Project,
     Prompt,
     Task,
@@ -228,6 +231,35 @@ def _free_slot(*, task: Task, project: Project, now: datetime) -> int | None:
     return next((slot for slot in range(project.overlap) if slot not in used), None)
 
 
+def _display_order(*, task: Task, project: Project) -> tuple[list[int], int | None]:
+    """The order this person sees the task's completions in, and (A/B) the policy on the left.
+
+    Ranking: a uniformly random permutation. A/B: the side is random while
+    both policies have been on the left equally often in this session, and
+    otherwise the policy shown on the left less often goes left, so every
+    policy is on each side half the time (give or take the claims racing
+    with this one) while no person can predict the side.
+    """
+    positions = list(
+        TaskCompletion.objects.filter(task=task)
+        .order_by("position")
+        .values_list("position", "completion__policy_id")
+    )
+    permutation = [position for position, _policy in positions]
+    _random.shuffle(permutation)
+    if project.kind != Project.Kind.AB or len(positions) != 2:
+        return permutation, None
+    policy_of = dict(positions)
+    first, second = policy_of[0], policy_of[1]
+    shown = Assignment.objects.filter(task__project=project)
+    imbalance = shown.filter(left_policy_id=first).count() - shown.filter(left_policy_id=second).count()
+    if imbalance > 0:
+        permutation = [1, 0]
+    elif imbalance < 0:
+        permutation = [0, 1]
+    return permutation, policy_of[permutation[0]]
+
+
 def _lock_task_with_free_slot(
     *, candidates: QuerySet[Task], project: Project, now: datetime
 ) -> tuple[Task | None, int]:
@@ -291,14 +323,13 @@ def assignment_claim_next(
             task, slot = _lock_task_with_free_slot(candidates=candidates, project=project, now=now)
             if task is None:
                 continue
-            size = TaskCompletion.objects.filter(task=task).count()
-            permutation = list(range(size))
-            _random.shuffle(permutation)
+            permutation, left_policy_id = _display_order(task=task, project=project)
             return Assignment.objects.create(
                 task=task,
                 user=user,
                 slot=slot,
                 permutation=permutation,
+                left_policy_id=left_policy_id,
                 leased_at=now,
                 lease_expires_at=now + timedelta(minutes=project.lease_minutes),
             )
@@ -360,6 +391,7 @@ class JudgmentInput:
     none_acceptable: bool = False
     rationale: str = ""
     active_seconds: float | None = None
+    strength: int | None = None  # A/B: 1 slightly, 2 clearly better
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -369,6 +401,7 @@ class JudgmentInput:
             "none_acceptable": self.none_acceptable,
             "rationale": self.rationale,
             "active_seconds": self.active_seconds,
+            "strength": self.strength,
             "client_token": self.client_token,
         }
 
@@ -448,6 +481,14 @@ def judgment_validate(*, answer: JudgmentInput, project: Project, uids: list[str
     elif project.rationale_required and not answer.rationale.strip():
         errors["rationale"] = "this project asks for a rationale with every answer"
 
+    if answer.strength is not None:
+        if project.kind != Project.Kind.AB:
+            errors["strength"] = "only A/B sessions record how much better a response is"
+        elif answer.strength not in (1, 2) or isinstance(answer.strength, bool):
+            errors["strength"] = "1 (slightly better) or 2 (clearly better)"
+        elif answer.none_acceptable or (isinstance(ranks, dict) and len(set(ranks.values())) < 2):
+            errors["strength"] = "a tie or 'both bad' has no strength"
+
     seconds = answer.active_seconds
     if seconds is not None and (
         isinstance(seconds, bool)
@@ -482,7 +523,9 @@ def comparisons_from_judgment(
             chosen, rejected = (a, b) if rank_a <= rank_b else (b, a)
             margin: float | None = None
             if not tie:
-                if likert_margins:
+                if judgment.strength is not None:
+                    margin = float(judgment.strength)
+                elif likert_margins:
                     margin = float(judgment.likert[str(chosen.uid)] - judgment.likert[str(rejected.uid)])
                 else:
                     margin = float(abs(rank_a - rank_b))
@@ -564,6 +607,7 @@ def judgment_submit(
             none_acceptable=answer.none_acceptable,
             rationale=answer.rationale.strip(),
             active_seconds=answer.active_seconds,
+            strength=answer.strength,
             client_token=answer.client_token,
         )
         Comparison.objects.bulk_create(
@@ -573,3 +617,89 @@ def judgment_submit(
         Task.objects.filter(pk=task.pk).update(judgment_count=F("judgment_count") + 1)
         assignment.refresh_from_db()
         return SubmitResult(judgment, created=True)
+
+
+# --- A/B sessions -------------------------------------------------------------
+
+
+class MissingOutputs(ValueError):
+    """Some policy has no completion for some prompt: generate them before the session starts."""
+
+    def __init__(self, missing: list[tuple[Policy, Prompt]]) -> None:
+        shown = ", ".join(f"{policy} on {prompt}" for policy, prompt in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        super().__init__(f"{len(missing)} output(s) missing: {shown}{more}")
+        self.missing = missing
+
+
+@transaction.atomic
+def ab_session_create(
+    *,
+    name: str,
+    policies: list[Policy],
+    prompts: list[Prompt],
+    votes_per_pair: int,
+    created_by: AbstractBaseUser,
+    instructions: str = "",
+) -> Project:
+    """A blind A/B session comparing the policies on the prompts.
+
+    1. Every policy must already have a completion for every prompt, so both
+       sides are complete before anything is shown (MissingOutputs lists the
+       gaps; generation jobs fill them).
+    2. A new `ab` project (K=2, overlap = votes per pair) gets a copy of each
+       prompt and of each policy's completion, so the session is frozen.
+    3. Prompt i is judged on pair i mod C(P,2) of the policies (round robin,
+       so every pair gets the same share of prompts); the two completions'
+       task positions alternate between a pair's prompts. Which side each is
+       shown on is decided per assignment, balanced (see _display_order).
+    """
+    if len({policy.pk for policy in policies}) < 2:
+        raise ValueError("an A/B session needs at least two different policies")
+    if not prompts:
+        raise ValueError("an A/B session needs at least one prompt")
+    chosen: dict[tuple[int, int], Completion] = {}
+    for completion in Completion.objects.filter(prompt__in=prompts, policy__in=policies).order_by("id"):
+        chosen.setdefault((completion.policy_id, completion.prompt_id), completion)
+    missing = [
+        (policy, prompt) for prompt in prompts for policy in policies if (policy.pk, prompt.pk) not in chosen
+    ]
+    if missing:
+        raise MissingOutputs(missing)
+    project = Project.objects.create(
+        name=name,
+        kind=Project.Kind.AB,
+        k=2,
+        overlap=votes_per_pair,
+        ties_allowed=True,
+        instructions=instructions,
+        created_by=created_by,
+    )
+    Membership.objects.create(project=project, user=created_by, role=Role.MANAGER)
+    pairs = list(itertools.combinations(sorted(policies, key=lambda policy: policy.pk), 2))
+    uses: dict[tuple[int, int], int] = {}
+    for index, source in enumerate(prompts):
+        first, second = pairs[index % len(pairs)]
+        key = (first.pk, second.pk)
+        uses[key] = uses.get(key, 0) + 1
+        if uses[key] % 2 == 0:
+            first, second = second, first
+        prompt = Prompt.objects.create(
+            project=project,
+            external_id=source.external_id,
+            text=source.text,
+            messages=source.messages,
+            metadata=source.metadata,
+            content_hash=source.content_hash,
+        )
+        task = Task.objects.create(project=project, prompt=prompt)
+        for position, policy in enumerate((first, second)):
+            original = chosen[(policy.pk, source.pk)]
+            completion = Completion.objects.create(
+                prompt=prompt,
+                policy=policy,
+                text=original.text,
+                generation_settings={**original.generation_settings, "copied_from": str(original.uid)},
+            )
+            TaskCompletion.objects.create(task=task, completion=completion, position=position)
+    return project

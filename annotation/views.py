@@ -13,6 +13,7 @@ from annotation.models import Project
 from annotation.rendering import markdown_to_safe_html
 from annotation.roles import Role, role_required
 from annotation.selectors import (
+    ab_votes,
     assignment_items_in_display_order,
     judgments_today_count,
     project_fraction_done,
@@ -22,6 +23,8 @@ from annotation.selectors import (
 )
 from annotation.services import assignment_claim_next
 from annotation.stats import project_stats
+
+AB_BOOTSTRAP_ROUNDS = 1000
 
 
 @login_required
@@ -78,7 +81,70 @@ def label_next(request: HttpRequest, project_id: int) -> HttpResponse:
 
 @role_required(Role.EVALUATOR)
 def evaluate(request: HttpRequest) -> HttpResponse:
-    return render(request, "annotation/evaluate.html")
+    projects = projects_for_user(user=request.user, role=Role.EVALUATOR).filter(
+        kind=Project.Kind.AB, is_active=True
+    )
+    rows = [
+        {"project": project, "fraction_done": project_fraction_done(project=project)} for project in projects
+    ]
+    return render(request, "annotation/evaluate.html", {"rows": rows})
+
+
+@require_GET
+@role_required(Role.EVALUATOR)
+def evaluate_project(request: HttpRequest, project_id: int) -> HttpResponse:
+    """The blind A/B page's shell; static/js/ab.js claims and shows the pairs in it."""
+    project = project_get_for_judge(user=request.user, pk=project_id)
+    context = {"project": project, "instructions_html": markdown_to_safe_html(project.instructions)}
+    return render(request, "annotation/ab.html", context)
+
+
+@require_POST
+@role_required(Role.EVALUATOR)
+def evaluate_next(request: HttpRequest, project_id: int) -> HttpResponse:
+    """Claim the next pair and return it as an HTML fragment that names no policy."""
+    project = project_get_for_judge(user=request.user, pk=project_id)
+    assignment = assignment_claim_next(project=project, user=request.user)
+    context: dict[str, object] = {
+        "project": project,
+        "assignment": assignment,
+        "done_today": judgments_today_count(user=request.user, project=project),
+        "fraction_done": project_fraction_done(project=project),
+    }
+    if assignment is not None:
+        left, right = (item.completion for item in assignment_items_in_display_order(assignment=assignment))
+        context.update(
+            left=left,
+            right=right,
+            identical=left.text.strip() == right.text.strip(),
+            prompt=assignment.task.prompt,
+            lease_expires_at=assignment.lease_expires_at,
+        )
+    return render(request, "annotation/_ab_task.html", context)
+
+
+@require_GET
+@role_required(Role.MANAGER)
+def ab_results(request: HttpRequest, project_id: int) -> HttpResponse:
+    """Win rates, ratings with intervals, position bias and agreement of an A/B session."""
+    from annotation.ab_stats import bradley_terry_ratings, pair_table, position_bias
+    from annotation.charts import interval_chart
+    from annotation.stats import pairwise_agreement
+
+    project = project_get_for_user(user=request.user, pk=project_id, role=Role.MANAGER)
+    votes = ab_votes(project=project)
+    ratings = bradley_terry_ratings(votes, rounds=AB_BOOTSTRAP_ROUNDS)
+    context = {
+        "project": project,
+        "votes_total": len(votes),
+        "pairs": pair_table(votes),
+        "ratings": ratings,
+        "ratings_chart": interval_chart(rows=ratings),
+        "bias": position_bias(votes),
+        "agreement": pairwise_agreement(project=project),
+        "rounds": AB_BOOTSTRAP_ROUNDS,
+    }
+    return render(request, "annotation/ab_results.html", context)
 
 
 @role_required(Role.MANAGER)

@@ -16,6 +16,12 @@ def markdown_filter(text: str) -> SafeString:
     return mark_safe(markdown_to_safe_html(str(text)))  # noqa: S308
 
 
+@register.filter(name="markdown_inert")
+def markdown_inert_filter(text: str) -> SafeString:
+    """Markdown for blind comparisons: links and images stay text."""
+    return mark_safe(markdown_to_safe_html(str(text), links=False))  # noqa: S308
+
+
 @register.filter(name="rank_letter")
 def rank_letter(index: int) -> str:
     """0 -> A, 1 -> B, …: the display label of a card."""

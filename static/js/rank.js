@@ -17,41 +17,8 @@
 
   let state = null;
 
-  function csrfToken() {
-    const match = document.cookie.match(/(?:^|;\s*)csrftoken=([^;]+)/);
-    return match ? decodeURIComponent(match[1]) : "";
-  }
-
-  function post(url, body, isJson) {
-    const headers = { "X-CSRFToken": csrfToken(), "X-Requested-With": "fetch" };
-    if (isJson) headers["Content-Type"] = "application/json";
-    return fetch(url, {
-      method: "POST",
-      credentials: "same-origin",
-      headers: headers,
-      body: isJson ? JSON.stringify(body) : undefined,
-    });
-  }
-
-  function newToken() {
-    if (window.crypto && window.crypto.randomUUID) return window.crypto.randomUUID();
-    return Date.now().toString(36) + "-" + Math.random().toString(36).slice(2);
-  }
-
-  // --- active time: counted while the page is visible and the person did something in the last minute
-  const IDLE_AFTER_MS = 60000;
-  let lastActivity = Date.now();
-  let activeMs = 0;
-  let lastTick = Date.now();
-  function tick() {
-    const now = Date.now();
-    if (document.visibilityState === "visible" && now - lastActivity < IDLE_AFTER_MS) activeMs += now - lastTick;
-    lastTick = now;
-  }
-  setInterval(tick, 1000);
-  ["keydown", "pointerdown", "scroll", "mousemove"].forEach((name) =>
-    document.addEventListener(name, () => { tick(); lastActivity = Date.now(); }, { passive: true })
-  );
+  const { post, newToken, typingInField } = window.Rankwise;
+  const timer = window.Rankwise.activeTimer();
 
   // --- loading tasks
   async function loadNext() {
@@ -99,9 +66,7 @@
       token: newToken(),
       busy: false,
     };
-    activeMs = 0;
-    lastTick = Date.now();
-    lastActivity = Date.now();
+    timer.reset();
     cards.forEach((card) => {
       card.addEventListener("focus", () => select(card, false));
       card.addEventListener("click", (event) => {
@@ -228,7 +193,6 @@
 
   async function submit() {
     if (!state || state.busy) return;
-    tick();
     const noneAcceptable = state.section.querySelector("#none-acceptable").checked;
     const answer = {
       ranks: Object.assign({}, state.ranks),
@@ -236,7 +200,7 @@
       flags: collectFlags(),
       none_acceptable: noneAcceptable,
       rationale: state.section.querySelector("#rationale").value,
-      active_seconds: Math.round(activeMs / 100) / 10,
+      active_seconds: timer.seconds(),
       client_token: state.token,
     };
     const found = problems(answer);
@@ -311,11 +275,6 @@
   });
 
   // --- keyboard
-  function typingInField(target) {
-    return target && (target.tagName === "TEXTAREA" || target.tagName === "SELECT" ||
-      (target.tagName === "INPUT" && target.type !== "checkbox"));
-  }
-
   document.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
       event.preventDefault();
