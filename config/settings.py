@@ -290,6 +290,7 @@ CELERY_BEAT_SCHEDULE = {
     "expire-stale-leases": {"task": "annotation.tasks.assignments_expire_stale", "schedule": 60.0},
     "reap-stalled-training-runs": {"task": "training.tasks.training_runs_reap", "schedule": 60.0},
     "reap-stuck-dataset-builds": {"task": "training.tasks.dataset_builds_reap", "schedule": 300.0},
+    "reap-stalled-generation-jobs": {"task": "training.tasks.stalled_generation_jobs_reap", "schedule": 60.0},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # Hard limit for a GPU job; the soft limit leaves time to save a checkpoint.

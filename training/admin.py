@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.forms import ModelForm
 from django.http import HttpRequest
@@ -18,7 +20,10 @@ from django.utils.html import format_html
 from django.utils.http import urlencode
 from django.utils.translation import gettext_lazy as _
 
-from training.models import DatasetBuild, RewardModel, TrainingRun
+from annotation.models import Policy
+from annotation.roles import Role
+from annotation.selectors import projects_for_user
+from training.models import DatasetBuild, GenerationJob, RewardModel, TrainingRun
 from training.selectors import (
     BUILD_OPTION_FIELDS,
     dataset_builds_for_user,
@@ -28,9 +33,14 @@ from training.selectors import (
 )
 from training.services import (
     DatasetBuildInvalid,
+    QueueUnavailable,
+    broker_check,
     dataset_build_copy,
     dataset_build_create,
     dataset_build_delete,
+    generation_job_cancel,
+    generation_job_create,
+    generation_job_validate,
     training_run_cancel,
 )
 
@@ -244,3 +254,123 @@ class RewardModelAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
+
+
+class GenerationJobForm(forms.ModelForm):
+    """A new generation job: the policy, the project whose prompts it answers, n and the sampling settings.
+
+    The fields carry the model's validators; `_post_clean` adds the service's
+    own checks (a policy that can generate, a project the person manages, a
+    queue that answers), so the form says what is wrong instead of failing on save.
+    """
+
+    user: Any = None  # set by the admin for each request
+
+    class Meta:
+        model = GenerationJob
+        fields = ["policy", "project", "n", "temperature", "top_p", "max_new_tokens", "seed"]
+
+    def _post_clean(self) -> None:
+        super()._post_clean()
+        if self._errors:
+            return
+        try:
+            generation_job_validate(job=self.instance, created_by=self.user)
+            broker_check()
+        except ValidationError as error:
+            self.add_error(None, error)
+        except QueueUnavailable as error:
+            self.add_error(None, str(error))
+
+
+@admin.register(GenerationJob)
+class GenerationJobAdmin(admin.ModelAdmin):
+    """Jobs are read-only once made; the add page starts one through `generation_job_create`."""
+
+    form = GenerationJobForm
+    list_display = (
+        "__str__",
+        "status",
+        "prompts",
+        "n",
+        "completions_written",
+        "tasks_created",
+        "attempts",
+        "created_at",
+    )
+    list_filter = ("status",)
+    search_fields = ("policy__name", "project__name")
+    list_select_related = ("policy", "project")
+    actions = ["cancel"]
+    fieldsets = (
+        (None, {"fields": ("policy", "project", "n")}),
+        (_("Sampling"), {"fields": ("temperature", "top_p", "max_new_tokens", "seed")}),
+    )
+    result_fields = (
+        "status",
+        "prompts",
+        "completions_written",
+        "tasks_created",
+        "attempts",
+        "cancel_requested",
+        "heartbeat_at",
+        "error",
+        "log_tail",
+        "created_by",
+        "created_at",
+        "started_at",
+        "finished_at",
+    )
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[GenerationJob]:
+        managed = projects_for_user(user=request.user, role=Role.MANAGER)
+        return GenerationJob.objects.filter(project__in=managed).select_related("policy", "project")
+
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        if obj is None:
+            return self.fieldsets
+        return (*self.fieldsets, (_("Result"), {"fields": self.result_fields}))
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        if obj is None:
+            return ()
+        return [field.name for field in GenerationJob._meta.fields] + ["prompts"]
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
+        form = super().get_form(request, obj, change=change, **kwargs)
+        form.user = request.user
+        return form
+
+    def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        if db_field.name == "project":
+            kwargs["queryset"] = projects_for_user(user=request.user, role=Role.MANAGER)
+        elif db_field.name == "policy":
+            kwargs["queryset"] = Policy.objects.exclude(kind=Policy.Kind.IMPORTED)
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
+    def save_model(self, request: HttpRequest, obj: GenerationJob, form: ModelForm, change: bool) -> None:
+        if change:
+            return
+        data = form.cleaned_data
+        job = generation_job_create(
+            created_by=request.user, **{name: data[name] for name in form.Meta.fields}
+        )
+        # The admin goes on with `obj` (messages, log entry, redirect): make it the saved row.
+        obj.pk = job.pk
+        obj.created_by = job.created_by
+        obj.created_at = job.created_at
+        obj._state.adding = False
+        obj._state.db = job._state.db
+
+    @admin.display(description=_("prompts done"))
+    def prompts(self, obj: GenerationJob) -> str:
+        return f"{obj.prompts_done} / {obj.prompts_total}" if obj.prompts_total else "—"
+
+    @admin.action(description=_("Cancel the selected generation jobs"))
+    def cancel(self, request: HttpRequest, queryset: QuerySet[GenerationJob]) -> None:
+        for job in queryset:
+            generation_job_cancel(job=job)
+        self.message_user(request, _("Cancel requested."), messages.SUCCESS)

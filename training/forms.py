@@ -10,6 +10,9 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.utils.translation import gettext_lazy as _
 
+from annotation.models import Policy, Project
+from annotation.roles import Role
+from annotation.selectors import projects_for_user
 from training.models import DatasetBuild, TrainingRun
 from training.selectors import (
     BUILD_OPTION_FIELDS,
@@ -126,3 +129,32 @@ class TrainingRunForm(forms.Form):
             "beta" if data.get("kind") == TrainingRun.Kind.REWARD else "center_rewards_coefficient", None
         )
         return values
+
+
+class ABSessionForm(forms.Form):
+    """A blind A/B session: policies compared on the prompts of a project the manager runs."""
+
+    name = forms.CharField(max_length=200)
+    source_project = forms.ModelChoiceField(
+        queryset=Project.objects.none(), help_text=_("Its prompts are the ones the policies answer.")
+    )
+    policies = forms.ModelMultipleChoiceField(
+        queryset=Policy.objects.all(), widget=forms.CheckboxSelectMultiple, help_text=_("Two or more.")
+    )
+    votes_per_pair = forms.IntegerField(
+        min_value=1, max_value=50, initial=1, help_text=_("Votes wanted per prompt and pair of policies.")
+    )
+    max_new_tokens = forms.IntegerField(
+        min_value=1, max_value=8192, initial=256, help_text=_("For outputs that must be generated first.")
+    )
+    seed = forms.IntegerField(min_value=0, initial=0)
+
+    def __init__(self, *args: Any, user: AbstractBaseUser | AnonymousUser, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["source_project"].queryset = projects_for_user(user=user, role=Role.MANAGER)  # type: ignore[attr-defined]
+
+    def clean_policies(self) -> Any:
+        policies = self.cleaned_data["policies"]
+        if len(policies) < 2:
+            raise forms.ValidationError(_("Pick at least two policies."))
+        return policies

@@ -330,3 +330,151 @@ class RewardModel(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class GenerationJob(models.Model):
+    """A policy writing `n` completions for every prompt of a project. This row is the source of truth.
+
+    Transitions are compare-and-set (see training.services): queued → running →
+    succeeded | failed | cancelled. A job whose process died goes back to
+    queued while attempts remain; the next attempt skips the prompts that
+    already have `n` completions from the policy, so a retry never writes a
+    prompt's completions twice.
+    """
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", _("Queued")
+        RUNNING = "running", _("Running")
+        SUCCEEDED = "succeeded", _("Succeeded")
+        FAILED = "failed", _("Failed")
+        CANCELLED = "cancelled", _("Cancelled")
+
+    TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+    N_MAX = 64
+    MAX_NEW_TOKENS_MAX = 8192
+
+    policy = models.ForeignKey(Policy, on_delete=models.PROTECT, related_name="generation_jobs")
+    project = models.ForeignKey(
+        Project,
+        on_delete=models.CASCADE,
+        related_name="generation_jobs",
+        help_text=_("Every prompt of this project gets completions."),
+    )
+    n = models.PositiveSmallIntegerField(
+        _("completions per prompt"),
+        default=1,
+        validators=[RangeValidator(1, N_MAX, _("Completions per prompt: from 1 to 64."))],
+        help_text=_("The job makes sure each prompt has this many completions from the policy."),
+    )
+    temperature = models.FloatField(
+        default=1.0,
+        validators=[RangeValidator(0.01, 5, _("The temperature is from 0.01 to 5."))],
+        help_text=_("Sampling temperature (0.01–5); lower is more deterministic."),
+    )
+    top_p = models.FloatField(
+        _("top-p"),
+        default=1.0,
+        validators=[RangeValidator(0.01, 1, _("Top-p is a fraction from 0.01 to 1."))],
+        help_text=_(
+            "Nucleus sampling: keep the smallest set of tokens holding this much probability (1: all)."
+        ),
+    )
+    max_new_tokens = models.PositiveIntegerField(
+        default=256,
+        validators=[RangeValidator(1, MAX_NEW_TOKENS_MAX, _("New tokens: from 1 to 8192."))],
+    )
+    seed = models.PositiveIntegerField(
+        default=0, help_text=_("The same seed, policy and settings write the same texts.")
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    cancel_requested = models.BooleanField(default=False)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    prompts_done = models.PositiveIntegerField(default=0)
+    prompts_total = models.PositiveIntegerField(default=0)
+    completions_written = models.PositiveIntegerField(default=0)
+    tasks_created = models.PositiveIntegerField(
+        default=0, help_text=_("Ranking tasks made from the completions when the job succeeded.")
+    )
+    error = models.TextField(blank=True)
+    log_tail = models.TextField(blank=True)
+    process_id = models.PositiveIntegerField(
+        null=True, blank=True, help_text=_("Generation process of the current attempt.")
+    )
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["status", "heartbeat_at"])]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(n__gte=1, n__lte=64),
+                name="generationjob_n_1_64",
+                violation_error_message=_("Completions per prompt: from 1 to 64."),
+            ),
+            models.CheckConstraint(
+                condition=Q(temperature__gte=0.01, temperature__lte=5),
+                name="generationjob_temperature_range",
+                violation_error_message=_("The temperature is from 0.01 to 5."),
+            ),
+            models.CheckConstraint(
+                condition=Q(top_p__gte=0.01, top_p__lte=1),
+                name="generationjob_top_p_range",
+                violation_error_message=_("Top-p is a fraction from 0.01 to 1."),
+            ),
+            models.CheckConstraint(
+                condition=Q(max_new_tokens__gte=1, max_new_tokens__lte=8192),
+                name="generationjob_max_new_tokens_range",
+                violation_error_message=_("New tokens: from 1 to 8192."),
+            ),
+            models.CheckConstraint(
+                condition=Q(prompts_done__lte=F("prompts_total")),
+                name="generationjob_done_within_total",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"generation {self.pk}: {self.policy} on {self.project}"
+
+    @property
+    def progress(self) -> float:
+        return self.prompts_done / self.prompts_total if self.prompts_total else 0.0
+
+    @property
+    def sampling_settings(self) -> dict[str, float | int]:
+        """What every completion of the job records in its generation settings (with its seeds)."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_new_tokens": self.max_new_tokens,
+        }
+
+
+class BestOfN(models.Model):
+    """What a best-of-n policy stands for: sample `n` from the base policy, keep the reward model's favourite."""
+
+    policy = models.OneToOneField(Policy, on_delete=models.CASCADE, related_name="best_of_n")
+    base_policy = models.ForeignKey(Policy, on_delete=models.PROTECT, related_name="best_of_n_policies")
+    reward_model = models.ForeignKey(RewardModel, on_delete=models.PROTECT, related_name="best_of_n_policies")
+    n = models.PositiveSmallIntegerField(
+        validators=[RangeValidator(2, 64, _("Best-of-n samples from 2 to 64 candidates."))]
+    )
+
+    class Meta:
+        verbose_name = _("best-of-n policy")
+        verbose_name_plural = _("best-of-n policies")
+        constraints = [
+            models.CheckConstraint(condition=Q(n__gte=2, n__lte=64), name="bestofn_n_2_64"),
+            models.CheckConstraint(
+                condition=~Q(policy=F("base_policy")), name="bestofn_base_is_another_policy"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"best of {self.n} from {self.base_policy} by {self.reward_model}"

@@ -15,8 +15,11 @@ from training.services import (
     dataset_build_fail,
     dataset_build_run,
     dataset_builds_reap,
+    generation_job_fail,
+    generation_jobs_reap,
     training_run_fail,
 )
+from training.services import generation_job_execute as generation_job_execute_service
 from training.services import training_run_execute as training_run_execute_service
 from training.services import training_runs_reap as training_runs_reap_service
 
@@ -78,3 +81,37 @@ def training_runs_reap() -> list[int]:
 def dataset_builds_reap_task() -> list[int]:
     """Builds left `running` by a worker that died are failed, saying so."""
     return dataset_builds_reap()
+
+
+class GenerationJobTask(Task):
+    """Fails the job, with the reason, when the task dies outside the job's process (the row is the truth)."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        job_id = kwargs.get("job_id", args[0] if args else None)
+        if job_id is not None:
+            generation_job_fail(job_id=int(job_id), error=f"{type(exc).__name__}: {exc}")
+
+
+@shared_task(
+    name="training.tasks.generation_job_execute",
+    base=GenerationJobTask,
+    ignore_result=True,
+    # As for training runs: acknowledged once the job is over; a lost worker
+    # puts the message back, and the redelivery takes over only if the job's
+    # heartbeat stopped (generation_job_claim). The attempt cap lives on the row.
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=settings.TRAINING_SOFT_TIME_LIMIT_S,
+    time_limit=settings.TRAINING_TIME_LIMIT_S,
+)
+def generation_job_execute(job_id: int) -> None:
+    """Launch the job's own process (`python -m training.generation_process`) and wait. No torch here."""
+    generation_job_execute_service(job_id=int(job_id))
+
+
+# Not named generation_job_*: CELERY_TASK_ROUTES would send it to the gpu queue,
+# behind the jobs it is meant to watch.
+@shared_task(name="training.tasks.stalled_generation_jobs_reap", ignore_result=True)
+def stalled_generation_jobs_reap() -> list[int]:
+    """Generation jobs whose heartbeat stopped go back to the queue (attempts left) or fail."""
+    return generation_jobs_reap()

@@ -10,6 +10,7 @@ urlpatterns = [
     path("datasets/<int:build_id>/", views.dataset_build_detail, name="dataset-build-detail"),
     path("datasets/<int:build_id>/status", views.dataset_build_status_view, name="dataset-build-status"),
     path("datasets/<int:build_id>/files/<str:key>", views.dataset_build_download, name="dataset-build-file"),
+    path("ab-sessions/new", views.ab_session_new, name="ab-session-new"),
     path("training/runs/", views.training_run_list, name="training-run-list"),
     path("training/runs/new", views.training_run_new, name="training-run-new"),
     path("training/runs/<int:run_id>/", views.training_run_detail, name="training-run-detail"),

@@ -7,16 +7,20 @@ import io
 import json
 import zipfile
 
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
+from django.db import IntegrityError
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.utils.translation import gettext as _
 from django.views.decorators.http import require_POST
 
 from annotation.charts import line_chart
+from annotation.models import Policy
 from annotation.roles import Role, role_required
-from training.forms import DatasetBuildForm, TrainingRunForm
+from annotation.services import MissingOutputs, ab_session_create
+from training.forms import ABSessionForm, DatasetBuildForm, TrainingRunForm
 from training.models import DatasetBuild, TrainingRun
 from training.selectors import (
     BUILD_OPTION_FIELDS,
@@ -39,6 +43,7 @@ from training.services import (
     DatasetBuildInvalid,
     QueueUnavailable,
     dataset_build_create,
+    generation_job_create,
     training_run_cancel,
     training_run_create,
 )
@@ -257,3 +262,77 @@ def training_run_download(request: HttpRequest, run_id: int, key: str) -> HttpRe
         response = HttpResponse(buffer.getvalue(), content_type="application/zip")
     response["Content-Disposition"] = f'attachment; filename="run-{run.pk}-{key}"'
     return response
+
+
+# --- blind A/B sessions ----------------------------------------------------------------
+
+
+@role_required(Role.MANAGER)
+def ab_session_new(request: HttpRequest) -> HttpResponse:
+    """Create a blind A/B session; outputs a policy still lacks are generated first.
+
+    The session is made only when every policy has an output for every
+    prompt, so nobody ever sees half a pair. Until then this queues a
+    generation job per model policy with missing outputs and says so; the
+    manager submits again once they have finished.
+    """
+    form = ABSessionForm(request.POST or None, user=request.user)
+    status = 200
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        prompts = list(data["source_project"].prompts.order_by("id"))
+        try:
+            project = ab_session_create(
+                name=data["name"],
+                policies=list(data["policies"]),
+                prompts=prompts,
+                votes_per_pair=data["votes_per_pair"],
+                created_by=request.user,
+            )
+        except MissingOutputs as missing:
+            status = _ab_generate_missing(request, form, missing)
+        except (ValueError, IntegrityError) as error:
+            form.add_error(None, str(error))
+        else:
+            messages.success(request, _("The A/B session is ready. Add evaluators to it in the admin."))
+            return redirect("ab-results", project.pk)
+    return render(request, "training/ab_session_form.html", {"form": form}, status=status)
+
+
+def _ab_generate_missing(request: HttpRequest, form: ABSessionForm, missing: MissingOutputs) -> int:
+    data = form.cleaned_data
+    lacking = sorted({policy for policy, _prompt in missing.missing}, key=lambda policy: policy.pk)
+    imported = [policy for policy in lacking if policy.kind == Policy.Kind.IMPORTED]
+    if imported:
+        names = ", ".join(str(policy) for policy in imported)
+        form.add_error(
+            "policies", _("%(names)s cannot generate; import their outputs first.") % {"names": names}
+        )
+        return 200
+    try:
+        jobs = [
+            generation_job_create(
+                policy=policy,
+                project=data["source_project"],
+                n=1,
+                created_by=request.user,
+                max_new_tokens=data["max_new_tokens"],
+                seed=data["seed"],
+            )
+            for policy in lacking
+        ]
+    except QueueUnavailable as error:
+        form.add_error(None, str(error))
+        return 503
+    except ValidationError as error:
+        form.add_error(None, " ".join(error.messages))
+        return 200
+    messages.info(
+        request,
+        _(
+            "%(count)d output(s) are missing, so generation jobs %(jobs)s were queued. "
+            "Submit this form again when they have finished: a session starts only with both sides complete."
+        )
+        % {"count": len(missing.missing), "jobs": ", ".join(f"#{job.pk}" for job in jobs)},
+    )
+    return 202
