@@ -12,6 +12,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.decorators import api_view, parser_classes
+from rest_framework.exceptions import ParseError
 from rest_framework.parsers import MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -108,7 +109,10 @@ def assignment_judgment(request: Request, assignment_id: int) -> Response:
     """Submit your answer. 201 when stored, 200 when this client token was stored before,
     409 (with your answer echoed) when the lease ran out and the task was taken over."""
     assignment = assignment_get_for_user(user=request.user, pk=assignment_id)
-    serializer = JudgmentRequestSerializer(data=request.data)
+    try:
+        serializer = JudgmentRequestSerializer(data=request.data)
+    except ParseError as error:  # a body that is no JSON gets the documented 400 shape too
+        return Response({"errors": {"body": str(error.detail)}}, status=status.HTTP_400_BAD_REQUEST)
     if not serializer.is_valid():
         errors = {field: " ".join(str(m) for m in messages) for field, messages in serializer.errors.items()}
         return Response({"errors": errors}, status=status.HTTP_400_BAD_REQUEST)
@@ -158,17 +162,24 @@ def assignment_skip_view(request: Request, assignment_id: int) -> Response:
 def project_import(request: Request, project_id: int) -> Response:
     """Import prompts (and completions) from a JSONL file. All or nothing: any bad line writes nothing."""
     project = project_get_for_user(user=request.user, pk=project_id, role=Role.MANAGER)
-    serializer = ImportRequestSerializer(data=request.data)
-    serializer.is_valid(raise_exception=True)
+    try:
+        serializer = ImportRequestSerializer(data=request.data)
+    except ParseError as error:
+        return _import_refused([{"line": None, "field": "file", "message": str(error.detail)}])
+    if not serializer.is_valid():  # no file: the documented 400 shape, like a bad line
+        return _import_refused(
+            [
+                {"line": None, "field": field, "message": " ".join(map(str, messages))}
+                for field, messages in serializer.errors.items()
+            ]
+        )
     upload = serializer.validated_data["file"]
     try:
         report = prompts_import(project=project, data=upload)
     except ImportValidationError as error:
-        body = {
-            "detail": f"{len(error.errors)} problem(s); nothing was imported.",
-            "errors": [{"line": e.line, "field": e.field, "message": e.message} for e in error.errors],
-        }
-        return Response(body, status=status.HTTP_400_BAD_REQUEST)
+        return _import_refused(
+            [{"line": e.line, "field": e.field, "message": e.message} for e in error.errors]
+        )
     return Response(
         {
             "prompts_created": report.prompts_created,
@@ -179,6 +190,11 @@ def project_import(request: Request, project_id: int) -> Response:
         },
         status=status.HTTP_201_CREATED,
     )
+
+
+def _import_refused(errors: list[dict[str, object]]) -> Response:
+    body = {"detail": f"{len(errors)} problem(s); nothing was imported.", "errors": errors}
+    return Response(body, status=status.HTTP_400_BAD_REQUEST)
 
 
 @extend_schema(responses={200: OpenApiTypes.OBJECT})

@@ -172,7 +172,12 @@ class Task(models.Model):
 
     class Meta:
         ordering = ["id"]
-        indexes = [models.Index(fields=["project", "is_gold", "judgment_count"])]
+        # Matches the claim's ORDER BY (most judged first, then id), so a claim
+        # reads the index in order and stops at the first free task instead of
+        # sorting every open task of the project.
+        indexes = [
+            models.Index(fields=["project", "is_gold", "-judgment_count", "id"], name="task_claim_order")
+        ]
         constraints = [
             models.CheckConstraint(
                 condition=Q(is_gold=False) | Q(gold_ranks__isnull=False), name="task_gold_has_ranks"

@@ -407,6 +407,13 @@ class JudgmentInput:
 
 
 _TOKEN_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+CLIENT_TOKEN_RULE = "must be 1–64 characters of letters, digits, '-' or '_'"  # noqa: S105
+
+
+def _client_token_valid(token: object) -> bool:
+    return isinstance(token, str) and 1 <= len(token) <= 64 and set(token) <= _TOKEN_CHARS
+
+
 MAX_RATIONALE = 10_000
 MAX_ACTIVE_SECONDS = 24 * 3600
 
@@ -421,8 +428,8 @@ def judgment_validate(*, answer: JudgmentInput, project: Project, uids: list[str
     k = len(uids)
     expected = set(uids)
     token = answer.client_token
-    if not isinstance(token, str) or not 1 <= len(token) <= 64 or not set(token) <= _TOKEN_CHARS:
-        errors["client_token"] = "must be 1–64 characters of letters, digits, '-' or '_'"  # noqa: S105
+    if not _client_token_valid(token):
+        errors["client_token"] = CLIENT_TOKEN_RULE
 
     ranks = answer.ranks
     if not isinstance(ranks, dict):
@@ -476,8 +483,13 @@ def judgment_validate(*, answer: JudgmentInput, project: Project, uids: list[str
                     f"unknown flag(s) {unknown_flags}; this project has: {', '.join(project.flags)}"
                 )
 
-    if not isinstance(answer.rationale, str) or len(answer.rationale) > MAX_RATIONALE:
-        errors["rationale"] = f"must be text of at most {MAX_RATIONALE} characters"
+    # PostgreSQL text cannot hold NUL; refused here rather than failing the insert.
+    if (
+        not isinstance(answer.rationale, str)
+        or len(answer.rationale) > MAX_RATIONALE
+        or "\x00" in answer.rationale
+    ):
+        errors["rationale"] = f"must be text of at most {MAX_RATIONALE} characters, without NUL characters"
     elif project.rationale_required and not answer.rationale.strip():
         errors["rationale"] = "this project asks for a rationale with every answer"
 
@@ -486,14 +498,17 @@ def judgment_validate(*, answer: JudgmentInput, project: Project, uids: list[str
             errors["strength"] = "only A/B sessions record how much better a response is"
         elif answer.strength not in (1, 2) or isinstance(answer.strength, bool):
             errors["strength"] = "1 (slightly better) or 2 (clearly better)"
-        elif answer.none_acceptable or (isinstance(ranks, dict) and len(set(ranks.values())) < 2):
+        elif answer.none_acceptable or (
+            # only valid ranks are hashable whole numbers; bad ones are reported under "ranks"
+            "ranks" not in errors and isinstance(ranks, dict) and len(set(ranks.values())) < 2
+        ):
             errors["strength"] = "a tie or 'both bad' has no strength"
 
     seconds = answer.active_seconds
     if seconds is not None and (
         isinstance(seconds, bool)
         or not isinstance(seconds, int | float)
-        or not math.isfinite(seconds)
+        or (isinstance(seconds, float) and not math.isfinite(seconds))  # a huge int would overflow float()
         or not 0 <= seconds <= MAX_ACTIVE_SECONDS
     ):
         errors["active_seconds"] = f"must be a number of seconds from 0 to {MAX_ACTIVE_SECONDS}"
@@ -565,6 +580,9 @@ def judgment_submit(
     now = now or timezone.now()
     if assignment.user_id != user.pk:
         raise AssignmentNotActive("not_yours", "This assignment belongs to someone else.")
+    if not _client_token_valid(answer.client_token):
+        # Before the lookup below: the database refuses some strings (NUL) outright.
+        raise JudgmentInvalid({"client_token": CLIENT_TOKEN_RULE})
     with transaction.atomic():
         previous = Judgment.objects.filter(user=user, client_token=answer.client_token).first()
         if previous is not None:

@@ -121,6 +121,16 @@ class DatasetBuildAdmin(admin.ModelAdmin):
             kwargs["queryset"] = labeler_choices_for_builds(user=request.user)
         return super().formfield_for_manytomany(db_field, request, **kwargs)
 
+    def add_view(self, request: HttpRequest, form_url: str = "", extra_context: Any = None) -> Any:
+        # Refuse before the admin saves anything: a build that cannot be queued would stay queued.
+        if request.method == "POST":
+            try:
+                broker_check()
+            except QueueUnavailable as error:
+                self.message_user(request, str(error), messages.ERROR)
+                return redirect(request.get_full_path())
+        return super().add_view(request, form_url, extra_context)
+
     def save_model(self, request: HttpRequest, obj: DatasetBuild, form: ModelForm, change: bool) -> None:
         if change:
             return
@@ -186,7 +196,7 @@ class DatasetBuildAdmin(admin.ModelAdmin):
         for build in queryset.order_by("pk"):
             try:
                 dataset_build_copy(build=build, created_by=request.user)
-            except DatasetBuildInvalid as error:
+            except (DatasetBuildInvalid, QueueUnavailable) as error:
                 self.message_user(request, f"{build.name}: {error}", messages.ERROR)
             else:
                 made += 1

@@ -17,6 +17,7 @@ from rest_framework.decorators import api_view
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from config import health
 from training.models import DatasetBuild, TrainingRun
 from training.selectors import (
     dataset_build_files,
@@ -37,6 +38,10 @@ from training.services import (
 )
 
 LIST_LIMIT = 200
+BUILD_QUEUE_UNREACHABLE = (
+    "The job queue (Redis) cannot be reached, so the build was not created. "
+    "Check that Redis is running and REDIS_URL points at it, then try again."
+)
 
 
 class DatasetBuildRequestSerializer(serializers.Serializer):
@@ -111,7 +116,9 @@ def _errors(messages: dict[str, Any]) -> Response:
 
 
 @extend_schema(
-    methods=["POST"], request=DatasetBuildRequestSerializer, responses={201: DatasetBuildSerializer}
+    methods=["POST"],
+    request=DatasetBuildRequestSerializer,
+    responses={201: DatasetBuildSerializer, 503: OpenApiTypes.OBJECT},
 )
 @extend_schema(methods=["GET"], responses=DatasetBuildSerializer(many=True))
 @api_view(["GET", "POST"])
@@ -135,6 +142,10 @@ def dataset_build_list_create(request: Request) -> Response:
     labelers = list(labeler_choices_for_builds(user=request.user).filter(pk__in=labeler_ids))
     if len(labelers) != len(labeler_ids):
         return _errors({"labelers": "unknown labeler id(s); use people who judge in projects you manage"})
+    if not health.broker_reachable():
+        # Checked first, as for runs: the build is queued on commit, and a publish that
+        # fails there would answer 500 and leave a build queued forever.
+        return Response({"detail": BUILD_QUEUE_UNREACHABLE}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
     try:
         build = dataset_build_create(created_by=request.user, projects=projects, labelers=labelers, **data)
     except DatasetBuildInvalid as error:
@@ -159,6 +170,9 @@ class TrainingRunRequestSerializer(serializers.Serializer):
     base_model = serializers.CharField(max_length=500)
     peft = serializers.ChoiceField(choices=TrainingRun.Peft.choices, default=TrainingRun.Peft.LORA)
     num_processes = serializers.IntegerField(min_value=1, max_value=64, default=1)
+    trainer = serializers.ChoiceField(
+        choices=TrainingRun.Trainer.choices, default=TrainingRun.Trainer.GROUPED
+    )
     name = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
     hyperparameters = serializers.DictField(
         required=False,
@@ -236,6 +250,7 @@ def training_run_list_create(request: Request) -> Response:
             base_model=data["base_model"],
             peft=data["peft"],
             num_processes=data["num_processes"],
+            trainer=data["trainer"],
             hyperparameters=data["hyperparameters"],
             name=data["name"],
             created_by=request.user,

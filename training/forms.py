@@ -89,6 +89,11 @@ class TrainingRunForm(forms.Form):
     peft = forms.ChoiceField(
         label=_("PEFT method"), choices=TrainingRun.Peft.choices, initial=TrainingRun.Peft.LORA
     )
+    trainer = forms.ChoiceField(
+        choices=TrainingRun.Trainer.choices,
+        initial=TrainingRun.Trainer.GROUPED,
+        help_text=_("Grouped is the fast default; TRL's own trainers are the baseline."),
+    )
     num_processes = forms.IntegerField(
         min_value=1, max_value=64, initial=1, help_text=_("One per GPU; `accelerate launch` starts them.")
     )

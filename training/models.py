@@ -230,6 +230,7 @@ class TrainingRun(models.Model):
         FULL = "full", _("Full fine-tuning")
 
     class Trainer(models.TextChoices):
+        GROUPED = "grouped", _("Grouped K-wise (one forward per completion)")
         TRL = "trl", _("TRL (RewardTrainer / DPOTrainer)")
 
     TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
@@ -241,7 +242,7 @@ class TrainingRun(models.Model):
         max_length=500, help_text=_("Local path or hub id of a causal language model.")
     )
     peft = models.CharField(_("PEFT method"), max_length=8, choices=Peft.choices, default=Peft.LORA)
-    trainer = models.CharField(max_length=16, choices=Trainer.choices, default=Trainer.TRL)
+    trainer = models.CharField(max_length=16, choices=Trainer.choices, default=Trainer.GROUPED)
     # Validated by TrainingRunForm / training.runner.RunSpec; only RunSpec's field names.
     hyperparameters = models.JSONField(default=dict, blank=True)
     num_processes = models.PositiveSmallIntegerField(

@@ -1,5 +1,11 @@
 """One training run, inside its own process: a reward model or a DPO policy with TRL.
 
+`trainer` picks TRL's own RewardTrainer / DPOTrainer on the pair file ("trl",
+the baseline) or the K-wise trainers of `training.grouped` on the grouped file
+("grouped": one forward per completion, the same loss on the expanded pairs;
+the batch size then counts groups). Evaluation, saving and metrics are the same
+for both.
+
 The Celery task launches this process (`python -m training.runner SPEC.json`,
 or `accelerate launch -m training.runner SPEC.json` on several GPUs) or calls
 `run_training` from its own entry module with a database-backed `Reporter`.
@@ -36,9 +42,12 @@ if TYPE_CHECKING:
 
 KINDS = ("reward", "dpo")
 PEFT_METHODS = ("lora", "ia3", "full")
-TRAINERS = ("trl",)
+TRAINERS = ("trl", "grouped")
 # Named in the design but not built yet; asking for one is an error that says so.
-PLANNED_TRAINERS = ("grouped",)
+PLANNED_TRAINERS: tuple[str, ...] = ()
+# How a grouped reward run takes a pair's margin from grouped rows (training.grouped.MARGINS):
+# the dataset build's margin option, which wrote the pair file's `margin` column the same way.
+GROUPED_MARGINS = ("none", "rank_gap", "likert_gap")
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 FINAL_DIRNAME = "final"
@@ -111,8 +120,14 @@ class RunSpec:
     seed: int = 0
     logging_steps: int = 10
     save_steps: int = 100
-    trainer: str = "trl"
+    trainer: str = "trl"  # "trl" | "grouped"
     grouped_test_file: str | None = None  # rows: prompt, completions, ranks → per-prompt Kendall tau
+    # trainer "grouped": its training rows (prompt, completions, ranks[, likert]);
+    # per_device_train_batch_size then counts groups, not pairs.
+    grouped_train_file: str | None = None
+    grouped_margin: str = "none"  # reward runs with use_margin: "none" | "rank_gap" | "likert_gap"
+    grouped_tie_loss: bool = False  # tied completions pull together instead of giving no pair
+    grouped_packing: bool = True  # one packed row per group, its shared prefix forwarded once
     # Optional additions.
     per_device_eval_batch_size: int = 8
     gradient_checkpointing: bool = True  # TRL's default: less memory for ~20% more compute
@@ -129,6 +144,14 @@ class RunSpec:
         if self.trainer in PLANNED_TRAINERS:
             raise ValueError(f"trainer {self.trainer!r} is not available in this runner yet; use 'trl'")
         _require_choice("trainer", self.trainer, TRAINERS)
+        if self.trainer == "grouped":
+            _require(
+                "grouped_train_file",
+                isinstance(self.grouped_train_file, str) and bool(self.grouped_train_file),
+                "a JSONL file of grouped rows (prompt, completions, ranks) when trainer is 'grouped'",
+                self.grouped_train_file,
+            )
+        _require_choice("grouped_margin", self.grouped_margin, GROUPED_MARGINS)
         for name in ("base_model", "train_file", "output_dir"):
             _require(
                 name,
@@ -369,6 +392,19 @@ def jsonl_read(path: str | Path, *, required: tuple[str, ...]) -> list[dict[str,
     return rows
 
 
+def grouped_dataset(path: str) -> Dataset:
+    """Grouped rows (prompt, completions, ranks[, likert]), each with as many ranks as completions."""
+    from datasets import Dataset
+
+    rows = jsonl_read(path, required=GROUPED_COLUMNS)
+    for number, row in enumerate(rows, start=1):
+        completions, ranks = row["completions"], row["ranks"]
+        if not (isinstance(completions, list) and isinstance(ranks, list) and len(completions) == len(ranks)):
+            raise ValueError(f"{path}: row {number}: completions and ranks must be lists of the same length")
+    columns = (*GROUPED_COLUMNS, "likert") if any("likert" in row for row in rows) else GROUPED_COLUMNS
+    return Dataset.from_list([{key: row.get(key) for key in columns} for row in rows])
+
+
 def preference_dataset(path: str, *, with_margin: bool) -> Dataset:
     """TRL's standard (or conversational) preference rows, with the margin column only when wanted."""
     from datasets import Dataset
@@ -499,12 +535,27 @@ def _common_args(spec: RunSpec) -> dict[str, Any]:
 def _reward_trainer(spec: RunSpec, tokenizer: PreTrainedTokenizerBase, callbacks: list[Any]) -> Trainer:
     from trl import RewardConfig, RewardTrainer
 
-    args = RewardConfig(**_common_args(spec), center_rewards_coefficient=spec.center_rewards_coefficient)
+    if spec.trainer == "grouped":
+        from training.grouped import GroupedRewardConfig, GroupedRewardTrainer
+
+        args: RewardConfig = GroupedRewardConfig(
+            **_common_args(spec),
+            center_rewards_coefficient=spec.center_rewards_coefficient,
+            margin=spec.grouped_margin if spec.use_margin else "none",
+            tie_loss=spec.grouped_tie_loss,
+            packing=spec.grouped_packing,
+        )
+        trainer_class: type[RewardTrainer] = GroupedRewardTrainer
+        train_dataset = grouped_dataset(spec.grouped_train_file or "")
+    else:
+        args = RewardConfig(**_common_args(spec), center_rewards_coefficient=spec.center_rewards_coefficient)
+        trainer_class = RewardTrainer
+        train_dataset = preference_dataset(spec.train_file, with_margin=spec.use_margin)
     model = _model_load(spec, tokenizer, reward=True)
-    return RewardTrainer(
+    return trainer_class(
         model=model,
         args=args,
-        train_dataset=preference_dataset(spec.train_file, with_margin=spec.use_margin),
+        train_dataset=train_dataset,
         processing_class=tokenizer,
         callbacks=callbacks,
         peft_config=_peft_config(spec, model, reward=True),
@@ -514,7 +565,22 @@ def _reward_trainer(spec: RunSpec, tokenizer: PreTrainedTokenizerBase, callbacks
 def _dpo_trainer(spec: RunSpec, tokenizer: PreTrainedTokenizerBase, callbacks: list[Any]) -> Trainer:
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(**_common_args(spec), beta=spec.beta, loss_type=["sigmoid"])
+    if spec.trainer == "grouped":
+        from training.grouped import GroupedDPOConfig, GroupedDPOTrainer
+
+        args: DPOConfig = GroupedDPOConfig(
+            **_common_args(spec),
+            beta=spec.beta,
+            loss_type=["sigmoid"],
+            tie_loss=spec.grouped_tie_loss,
+            packing=spec.grouped_packing,
+        )
+        trainer_class: type[DPOTrainer] = GroupedDPOTrainer
+        train_dataset = grouped_dataset(spec.grouped_train_file or "")
+    else:
+        args = DPOConfig(**_common_args(spec), beta=spec.beta, loss_type=["sigmoid"])
+        trainer_class = DPOTrainer
+        train_dataset = preference_dataset(spec.train_file, with_margin=False)
     model = _model_load(spec, tokenizer, reward=False)
     peft_config = _peft_config(spec, model, reward=False)
     ref_model = None
@@ -524,11 +590,11 @@ def _dpo_trainer(spec: RunSpec, tokenizer: PreTrainedTokenizerBase, callbacks: l
         ref_model = _model_load(spec, tokenizer, reward=False)
         ref_model.requires_grad_(False)
         ref_model.eval()
-    return DPOTrainer(
+    return trainer_class(
         model=model,
         ref_model=ref_model,
         args=args,
-        train_dataset=preference_dataset(spec.train_file, with_margin=False),
+        train_dataset=train_dataset,
         processing_class=tokenizer,
         callbacks=callbacks,
         peft_config=peft_config,
@@ -623,8 +689,9 @@ def run_training(spec: RunSpec, reporter: Reporter) -> RunResult:
     """Train `spec`'s model with TRL, reporting to `reporter`; resume from the newest checkpoint if any.
 
     1. Validate the spec, load tokenizer, model(s) and data; build TRL's
-       RewardTrainer or DPOTrainer with a callback that reports, heartbeats
-       and stops at a step end (saving a checkpoint) when asked to.
+       RewardTrainer or DPOTrainer (or their grouped subclasses on the
+       grouped file) with a callback that reports, heartbeats and stops at a
+       step end (saving a checkpoint) when asked to.
     2. Resume from `output_dir/checkpoints/checkpoint-N` with the largest N.
     3. Train. A stop request before the last step ends the run "cancelled".
     4. Save the final weights (adapter only with PEFT) and tokenizer to
@@ -676,7 +743,9 @@ def run_training(spec: RunSpec, reporter: Reporter) -> RunResult:
 
     metrics: dict[str, float] = {"train_loss": float(output.training_loss)}
     if spec.test_file:
-        # Every process takes part: evaluate() gathers across them.
+        # Every process takes part: evaluate() gathers across them. Grouped
+        # trainers read the test pairs as groups of two, so eval_loss is TRL's
+        # loss on the same pairs whichever trainer ran.
         evaluated = trainer.evaluate(
             eval_dataset=preference_dataset(
                 spec.test_file, with_margin=spec.use_margin and spec.kind == "reward"

@@ -81,6 +81,8 @@ def dataset_build_create(
     The creator must manage every project of the build (the same rule that
     decides who may see it afterwards). Raises DatasetBuildInvalid.
     """
+    # A build that cannot be queued would sit in `queued` for ever: refuse up front.
+    broker_check()
     projects = list(projects)
     errors: dict[str, str] = {}
     if not projects:
@@ -230,14 +232,17 @@ def broker_check() -> None:
 
 
 def training_run_files(*, build: DatasetBuild) -> dict[str, str | None]:
-    """The dataset files a run reads: TRL pairs for training and testing, grouped test rows for tau."""
+    """The dataset files a run reads: TRL pairs (train, test) and grouped K-wise rows (train, test)."""
     folder = dataset_build_dir(build_id=build.pk)
-    test = folder / "pairs" / "test.jsonl"
-    grouped = folder / "grouped" / "test.jsonl"
+
+    def present(path: Path) -> str | None:
+        return str(path) if path.exists() and path.stat().st_size else None
+
     return {
         "train_file": str(folder / "pairs" / "train.jsonl"),
-        "test_file": str(test) if test.exists() and test.stat().st_size else None,
-        "grouped_test_file": str(grouped) if grouped.exists() and grouped.stat().st_size else None,
+        "test_file": present(folder / "pairs" / "test.jsonl"),
+        "grouped_train_file": present(folder / "grouped" / "train.jsonl"),
+        "grouped_test_file": present(folder / "grouped" / "test.jsonl"),
     }
 
 
@@ -252,6 +257,8 @@ def training_run_spec(*, run: TrainingRun) -> Any:
         base_model=run.base_model,
         output_dir=run.output_dir or str(Path(settings.ARTIFACTS_DIR) / "runs" / "pending"),
         trainer=run.trainer,
+        # The grouped trainer reads margins from the ranks the way the build chose to.
+        grouped_margin=run.dataset_build.margin,
         **training_run_files(build=run.dataset_build),
         **run.hyperparameters,
     )
@@ -267,7 +274,7 @@ def training_run_create(
     hyperparameters: dict[str, Any] | None = None,
     name: str = "",
     num_processes: int = 1,
-    trainer: str = "trl",
+    trainer: str = TrainingRun.Trainer.GROUPED,
 ) -> TrainingRun:
     """Create a queued run and enqueue it once the transaction commits.
 

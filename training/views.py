@@ -68,6 +68,8 @@ def dataset_build_new(request: HttpRequest) -> HttpResponse:
         except DatasetBuildInvalid as error:
             for field, message in error.errors.items():
                 form.add_error(field if field in form.fields else None, message)
+        except QueueUnavailable as error:
+            form.add_error(None, str(error))
         else:
             return redirect("dataset-build-detail", build_id=build.pk)
     return render(request, "training/dataset_build_form.html", {"form": form})
@@ -163,6 +165,7 @@ def training_run_new(request: HttpRequest) -> HttpResponse:
                 kind=data["kind"],
                 base_model=data["base_model"],
                 peft=data["peft"],
+                trainer=data["trainer"],
                 num_processes=data["num_processes"],
                 hyperparameters=form.hyperparameters(),
                 name=data["name"],

@@ -373,8 +373,7 @@ def test_a_second_run_resumes_from_the_checkpoint_and_counts_on(
     [
         ("kind", "ppo", "kind must be one of 'reward', 'dpo'; got 'ppo'"),
         ("peft", "qlora", "peft must be one of 'lora', 'ia3', 'full'; got 'qlora'"),
-        ("trainer", "magic", "trainer must be one of 'trl'; got 'magic'"),
-        ("trainer", "grouped", "trainer 'grouped' is not available"),
+        ("trainer", "magic", "trainer must be one of 'trl', 'grouped'; got 'magic'"),
         ("learning_rate", 0.0, "learning_rate must be positive"),
     ],
 )

@@ -96,6 +96,7 @@ def start_from_admin(client, build, tiny_model_dir, kind: str, **fields):  # typ
         "dataset_build": build.pk,
         "base_model": str(tiny_model_dir),
         "peft": "lora",
+        "trainer": "grouped",
         "num_processes": 1,
         "num_train_epochs": 1,
         "per_device_train_batch_size": 2,

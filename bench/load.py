@@ -1,0 +1,489 @@
+"""Benchmark: 100 labelers claiming and ranking at once against gunicorn and PostgreSQL.
+
+    .venv/bin/python bench/load.py [--seconds 120] [--users 100] [--tasks 30000]
+                                   [--workers 3] [--threads 4] [--keep]
+
+1. Creates a PostgreSQL database of its own (DATABASE_URL, by default
+   postgres://postgres@127.0.0.1:5432/rankwise_load; dropped first if it is
+   there), migrates it and seeds it with bulk_create: one ranking project
+   (K=4, overlap 1) with --tasks prompts of 4 completions each, made into
+   tasks by the product's own `tasks_create_for_project`, and --users
+   labelers with DRF tokens; then ANALYZE, as a live database would have
+   planner statistics.
+2. Starts `gunicorn config.wsgi` (gthread; by default 3 workers × 4 threads,
+   sized for 2 cores that also run PostgreSQL and the load generator) on a
+   free local port with production settings (DEBUG=0) except HTTPS.
+3. Runs locust headless for --seconds: every simulated labeler loops
+   POST /api/projects/{id}/next → POST /api/assignments/{id}/judgment (the
+   4 completions ranked at random, a fresh client_token), with no think time,
+   and one in five iterations reads GET /api/projects/ instead: a cheap
+   endpoint measured in the same run, the baseline the others are compared
+   with. Users stop after their current iteration, so every submit sent is
+   also counted.
+4. Prints requests/s, p50/p95/p99 latency and errors per endpoint (and the
+   latency ratios to the baseline), then checks the invariants in SQL and
+   prints each as PASS/FAIL:
+   - no person holds two assignments of one task;
+   - judgments stored == submits answered 201;
+   - comparisons == judgments × C(4,2);
+   - no task has more judgments than the overlap (and every task's
+     judgment_count matches its judgments).
+5. Stops gunicorn and drops the database (unless --keep).
+
+This file is also the locustfile: locust imports it (module name `load`) in
+its own process, where the `Labeler` user class below is defined. Locust
+patches sockets with gevent on import, so the benchmark's own process never
+imports it. Traffic goes to 127.0.0.1 only. Speed is measured here, never
+asserted in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/rankwise_load"
+K = 4
+OVERLAP = 1
+BASELINE_EVERY = 5  # one iteration in five reads the baseline endpoint instead
+ENDPOINTS = ("claim", "submit", "baseline")
+
+
+# --- setup ---------------------------------------------------------------------------
+
+
+def setup_django(database_url: str) -> None:
+    os.environ["DATABASE_URL"] = database_url
+    os.environ.setdefault("DEBUG", "1")  # only to load settings here; gunicorn runs with DEBUG=0
+    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+    sys.path.insert(0, str(REPO_ROOT))
+    import django
+
+    django.setup()
+
+
+def database_recreate(database_url: str, *, drop_only: bool = False) -> None:
+    import psycopg
+
+    parts = urlsplit(database_url)
+    name = parts.path.lstrip("/")
+    admin_url = urlunsplit(parts._replace(path="/postgres"))
+    with psycopg.connect(admin_url, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if not drop_only:
+            connection.execute(f'CREATE DATABASE "{name}"')
+
+
+def seed(*, tasks: int, users: int) -> dict[str, Any]:
+    """One K=4 ranking project with `tasks` tasks, `users` labelers with tokens. Returns the locust config."""
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.hashers import make_password
+    from django.contrib.auth.models import Group
+    from rest_framework.authtoken.models import Token
+
+    from annotation.models import Completion, Membership, Policy, Project, Prompt
+    from annotation.roles import Role
+    from annotation.services import tasks_create_for_project
+
+    User = get_user_model()
+    project = Project.objects.create(name="load", k=K, overlap=OVERLAP)
+    policies = [
+        Policy.objects.create(name=f"load-policy-{index}", kind=Policy.Kind.IMPORTED) for index in range(K)
+    ]
+    batch = 5000
+    for start in range(0, tasks, batch):
+        prompts = Prompt.objects.bulk_create(
+            Prompt(
+                project=project,
+                external_id=f"load-{number}",
+                text=f"Question {number}: how would you explain the load test to a new colleague?",
+                content_hash=f"load-{number}",
+            )
+            for number in range(start, min(start + batch, tasks))
+        )
+        Completion.objects.bulk_create(
+            Completion(prompt=prompt, policy=policy, text=f"Answer {index} to {prompt.external_id}, " * 8)
+            for prompt in prompts
+            for index, policy in enumerate(policies)
+        )
+    made = tasks_create_for_project(project=project)
+    assert made == tasks, (made, tasks)
+
+    people = User.objects.bulk_create(
+        User(username=f"load-labeler-{index}", password=make_password(None)) for index in range(users)
+    )
+    Membership.objects.bulk_create(
+        Membership(project=project, user=person, role=Role.LABELER) for person in people
+    )
+    group = Group.objects.get(name=Role.LABELER)
+    User.groups.through.objects.bulk_create(
+        User.groups.through(user=person, group=group) for person in people
+    )
+    tokens = Token.objects.bulk_create(Token(user=person, key=Token.generate_key()) for person in people)
+    return {"project": project.pk, "tokens": [token.key for token in tokens]}
+
+
+# --- gunicorn ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def gunicorn_start(
+    *, database_url: str, port: int, workers: int, threads: int, var_dir: str, log_path: Path
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "DEBUG": "0",
+        "SECRET_KEY": secrets.token_urlsafe(50),
+        "ALLOWED_HOSTS": "127.0.0.1",
+        "SECURE_SSL_REDIRECT": "0",
+        "SESSION_COOKIE_SECURE": "0",
+        "CSRF_COOKIE_SECURE": "0",
+        "DATABASE_URL": database_url,
+        "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        "VAR_DIR": var_dir,
+        "LOG_LEVEL": "WARNING",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "config.wsgi",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--worker-class",
+        "gthread",
+        "--workers",
+        str(workers),
+        "--threads",
+        str(threads),
+        "--backlog",
+        "512",
+    ]
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"gunicorn exited ({server.returncode}):\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+                if response.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.3)
+    server.terminate()
+    raise SystemExit(f"gunicorn did not answer /healthz within 60 s:\n{log_path.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# --- the run -------------------------------------------------------------------------
+
+
+def locust_run(*, host: str, users: int, seconds: int, config: Path, result: Path, log_path: Path) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(Path(__file__).resolve()),
+        "--headless",
+        "--host",
+        host,
+        "--users",
+        str(users),
+        "--spawn-rate",
+        str(max(users // 2, 1)),
+        "--run-time",
+        f"{seconds}s",
+        "--stop-timeout",
+        "30",  # users finish the iteration they are in: every submit sent is counted
+        "--only-summary",
+        "--loglevel",
+        "WARNING",
+    ]
+    env = {**os.environ, "LOAD_CONFIG": str(config), "LOAD_RESULT": str(result)}
+    with log_path.open("wb") as log:
+        subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if not result.exists():
+        raise SystemExit(f"locust wrote no result:\n{log_path.read_text()[-3000:]}")
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of sorted values."""
+    if not values:
+        return math.nan
+    index = max(0, math.ceil(fraction * len(values)) - 1)
+    return values[index]
+
+
+def report(result: dict[str, Any], *, workers: int, threads: int, users: int) -> None:
+    elapsed = result["elapsed"]
+    print()
+    print(
+        f"{users} labelers, no think time, {elapsed:.0f} s measured; gunicorn gthread {workers}×{threads} "
+        f"on {os.cpu_count()} cores shared with PostgreSQL and locust "
+        f"(load average at the end: {os.getloadavg()[0]:.1f})"
+    )
+    header = f"{'endpoint':<10} {'requests':>9} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7}"
+    header += f" {'p50/base':>9} {'p95/base':>9} {'p99/base':>9}"
+    print(header)
+    print("-" * len(header))
+    stats = {}
+    for name in ENDPOINTS:
+        times = sorted(result["times"].get(name, []))
+        stats[name] = {q: percentile(times, q) for q in (0.50, 0.95, 0.99)}
+    base = stats["baseline"]
+    total_requests = total_errors = 0
+    for name in ENDPOINTS:
+        count = len(result["times"].get(name, []))
+        errors = result["errors"].get(name, 0)
+        total_requests += count
+        total_errors += errors
+        row = stats[name]
+        line = f"{name:<10} {count:>9} {count / elapsed:>8.1f} {row[0.50]:>8.1f} {row[0.95]:>8.1f} {row[0.99]:>8.1f}"
+        line += f" {errors:>7}"
+        line += "".join(f" {row[q] / base[q]:>8.1f}x" for q in (0.50, 0.95, 0.99))
+        print(line)
+    print("-" * len(header))
+    print(f"{'all':<10} {total_requests:>9} {total_requests / elapsed:>8.1f} {'':>26} {total_errors:>7}")
+    print(
+        f"statuses: claim {result['statuses'].get('claim', {})}, submit {result['statuses'].get('submit', {})}; "
+        f"ranked tasks/s: {result['statuses'].get('submit', {}).get('201', 0) / elapsed:.1f}"
+    )
+
+
+def invariants(*, project_id: int, submits_201: int) -> bool:
+    from django.db import connection
+
+    def scalar(sql: str, *params: Any) -> int:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return int(cursor.fetchone()[0])
+
+    judgments = scalar(
+        "SELECT count(*) FROM annotation_judgment j JOIN annotation_task t ON t.id = j.task_id WHERE t.project_id = %s",
+        project_id,
+    )
+    comparisons = scalar("SELECT count(*) FROM annotation_comparison WHERE project_id = %s", project_id)
+    checks = [
+        (
+            "no duplicate (task, user) assignment",
+            scalar(
+                "SELECT count(*) FROM (SELECT task_id, user_id FROM annotation_assignment "
+                "GROUP BY task_id, user_id HAVING count(*) > 1) d"
+            )
+            == 0,
+            "",
+        ),
+        ("judgments == successful (201) submits", judgments == submits_201, f"{judgments} vs {submits_201}"),
+        (
+            f"comparisons == judgments × C({K},2)",
+            comparisons == judgments * math.comb(K, 2),
+            f"{comparisons} vs {judgments} × {math.comb(K, 2)}",
+        ),
+        (
+            "no task with more judgments than the overlap",
+            scalar(
+                "SELECT count(*) FROM (SELECT task_id FROM annotation_judgment GROUP BY task_id "
+                "HAVING count(*) > %s) d",
+                OVERLAP,
+            )
+            == 0,
+            "",
+        ),
+        (
+            "every task's judgment_count matches its judgments",
+            scalar(
+                "SELECT count(*) FROM annotation_task t WHERE t.project_id = %s AND t.judgment_count <> "
+                "(SELECT count(*) FROM annotation_judgment j WHERE j.task_id = t.id)",
+                project_id,
+            )
+            == 0,
+            "",
+        ),
+    ]
+    print()
+    ok = True
+    for name, passed, detail in checks:
+        ok &= passed
+        print(f"{'PASS' if passed else 'FAIL'}  {name}{f'  ({detail})' if detail else ''}")
+    return ok
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=120)
+    parser.add_argument("--users", type=int, default=100)
+    parser.add_argument("--tasks", type=int, default=30_000)
+    parser.add_argument("--workers", type=int, default=3, help="gunicorn worker processes")
+    parser.add_argument("--threads", type=int, default=4, help="threads per gunicorn worker")
+    parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    parser.add_argument(
+        "--claim-index",
+        action="store_true",
+        help="what-if: add an index on annotation_task (project_id, is_gold, judgment_count DESC, id), "
+        "the claim query's order, to this database only (the app's migrations do not have it)",
+    )
+    args = parser.parse_args()
+
+    database_url = os.environ.get("LOAD_DATABASE_URL", DEFAULT_DATABASE_URL)
+    if urlsplit(database_url).hostname not in ("127.0.0.1", "localhost"):
+        raise SystemExit("the load benchmark only runs against a local database")
+    work = Path(tempfile.mkdtemp(prefix="rankwise-load-"))
+    print(f"database {database_url}; logs in {work}")
+
+    started = time.monotonic()
+    database_recreate(database_url)
+    setup_django(database_url)
+    from django.core.management import call_command
+    from django.db import connections
+
+    call_command("migrate", verbosity=0)
+    config = seed(tasks=args.tasks, users=args.users)
+    with connections["default"].cursor() as cursor:
+        if args.claim_index:
+            cursor.execute(
+                "CREATE INDEX bench_task_claim_order ON annotation_task (project_id, is_gold, judgment_count DESC, id)"
+            )
+            print("what-if: added index bench_task_claim_order (not in the app's migrations)")
+        cursor.execute("ANALYZE")  # fresh bulk-loaded tables have no statistics; a live database has
+    print(f"seeded {args.tasks} tasks and {args.users} labelers in {time.monotonic() - started:.0f} s")
+    config_path, result_path = work / "config.json", work / "result.json"
+    config_path.write_text(json.dumps(config))
+    connections.close_all()
+
+    port = free_port()
+    server = gunicorn_start(
+        database_url=database_url,
+        port=port,
+        workers=args.workers,
+        threads=args.threads,
+        var_dir=str(work / "var"),
+        log_path=work / "gunicorn.log",
+    )
+    try:
+        locust_run(
+            host=f"http://127.0.0.1:{port}",
+            users=args.users,
+            seconds=args.seconds,
+            config=config_path,
+            result=result_path,
+            log_path=work / "locust.log",
+        )
+    finally:
+        stop(server)
+    result = json.loads(result_path.read_text())
+    report(result, workers=args.workers, threads=args.threads, users=args.users)
+    ok = invariants(
+        project_id=config["project"], submits_201=result["statuses"].get("submit", {}).get("201", 0)
+    )
+    connections.close_all()
+    if not args.keep:
+        database_recreate(database_url, drop_only=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+else:
+    # Imported by locust as its locustfile, in the locust process (never by the benchmark itself).
+    import itertools
+    import random
+    import uuid
+
+    from locust import FastHttpUser, events, task
+
+    _CONFIG = json.loads(Path(os.environ["LOAD_CONFIG"]).read_text())
+    _TOKENS = itertools.count()
+    _RESULT: dict[str, Any] = {"times": {}, "errors": {}, "statuses": {}, "started": None}
+
+    @events.request.add_listener
+    def _on_request(
+        request_type: str, name: str, response_time: float, exception: Any, **kwargs: Any
+    ) -> None:
+        if _RESULT["started"] is None:
+            _RESULT["started"] = time.monotonic()
+        _RESULT["times"].setdefault(name, []).append(response_time)
+        if exception is not None:
+            _RESULT["errors"][name] = _RESULT["errors"].get(name, 0) + 1
+        status = str(getattr(kwargs.get("response"), "status_code", 0))
+        counts = _RESULT["statuses"].setdefault(name, {})
+        counts[status] = counts.get(status, 0) + 1
+
+    @events.test_stop.add_listener
+    def _on_stop(**kwargs: Any) -> None:
+        _RESULT["elapsed"] = time.monotonic() - (_RESULT["started"] or time.monotonic())
+        Path(os.environ["LOAD_RESULT"]).write_text(json.dumps(_RESULT))
+
+    class Labeler(FastHttpUser):
+        """Claims, ranks, submits; every fifth iteration reads the project list instead."""
+
+        def on_start(self) -> None:
+            token = _CONFIG["tokens"][next(_TOKENS) % len(_CONFIG["tokens"])]
+            self.headers = {"Authorization": f"Token {token}"}
+            self.project = _CONFIG["project"]
+            self.iteration = 0
+
+        @task
+        def work(self) -> None:
+            self.iteration += 1
+            if self.iteration % BASELINE_EVERY == 0:
+                with self.client.get(
+                    "/api/projects/", headers=self.headers, name="baseline", catch_response=True
+                ) as response:
+                    if response.status_code != 200:
+                        response.failure(f"status {response.status_code}")
+                return
+            with self.client.post(
+                f"/api/projects/{self.project}/next", headers=self.headers, name="claim", catch_response=True
+            ) as claimed:
+                if claimed.status_code == 204:
+                    return  # nothing left: more tasks are needed for this run
+                if claimed.status_code != 200:
+                    claimed.failure(f"status {claimed.status_code}")
+                    return
+                assignment = claimed.json()
+            ranks = list(range(1, K + 1))
+            random.shuffle(ranks)
+            answer = {
+                "ranks": {c["id"]: rank for c, rank in zip(assignment["completions"], ranks, strict=True)},
+                "client_token": uuid.uuid4().hex,
+                "active_seconds": round(random.uniform(5, 60), 1),  # noqa: S311 — made-up load, not secrets
+            }
+            with self.client.post(
+                f"/api/assignments/{assignment['id']}/judgment",
+                json=answer,
+                headers=self.headers,
+                name="submit",
+                catch_response=True,
+            ) as submitted:
+                if submitted.status_code != 201:
+                    submitted.failure(f"status {submitted.status_code}")
