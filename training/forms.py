@@ -92,6 +92,7 @@ class TrainingRunForm(forms.Form):
     trainer = forms.ChoiceField(
         choices=TrainingRun.Trainer.choices,
         initial=TrainingRun.Trainer.GROUPED,
+        required=False,
         help_text=_("Grouped is the fast default; TRL's own trainers are the baseline."),
     )
     num_processes = forms.IntegerField(

@@ -165,7 +165,7 @@ def training_run_new(request: HttpRequest) -> HttpResponse:
                 kind=data["kind"],
                 base_model=data["base_model"],
                 peft=data["peft"],
-                trainer=data["trainer"],
+                trainer=data["trainer"] or TrainingRun.Trainer.GROUPED,
                 num_processes=data["num_processes"],
                 hyperparameters=form.hyperparameters(),
                 name=data["name"],

@@ -125,8 +125,14 @@ def private_redis(settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path:
 
 
 def forget_broker_connections() -> None:
+    """Drop every cached connection and the result backend, so the next use rebuilds them from the config."""
     celery_app._pool = None
     celery_app.amqp._producer_pool = None
+    # The result backend is cached on the app (per thread unless thread-safe); a backend
+    # left pointing at the private Redis would break every later `.get()` in the suite.
+    celery_app._backend_cache = None
+    if hasattr(celery_app._local, "backend"):
+        del celery_app._local.backend
 
 
 @pytest.fixture
