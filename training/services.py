@@ -308,16 +308,25 @@ def training_run_create(
     return run
 
 
+def _gpu_task_publish(task: Any, row_id: int, fail: Any) -> bool:
+    """Publish a job's task on the gpu queue; when the broker refuses, `fail(error)` records why."""
+    try:
+        task.apply_async((row_id,), queue="gpu")
+    except Exception as error:  # kombu raises several kinds when the broker is gone
+        fail(f"could not be queued: {error}")
+        return False
+    return True
+
+
 def training_run_enqueue(*, run_id: int) -> bool:
     """Publish the run's task on the gpu queue; a run that cannot be queued is failed, saying why."""
     from training.tasks import training_run_execute
 
-    try:
-        training_run_execute.apply_async((run_id,), queue="gpu")
-    except Exception as error:  # kombu raises several kinds when the broker is gone
-        training_run_fail(run_id=run_id, error=f"could not be queued: {error}", from_statuses=("queued",))
-        return False
-    return True
+    return _gpu_task_publish(
+        training_run_execute,
+        run_id,
+        lambda error: training_run_fail(run_id=run_id, error=error, from_statuses=("queued",)),
+    )
 
 
 def training_run_claim(*, run_id: int, now: datetime | None = None) -> TrainingRun | None:
@@ -667,12 +676,11 @@ def generation_job_enqueue(*, job_id: int) -> bool:
     """Publish the job's task on the gpu queue; a job that cannot be queued is failed, saying why."""
     from training.tasks import generation_job_execute as generation_job_execute_task
 
-    try:
-        generation_job_execute_task.apply_async((job_id,), queue="gpu")
-    except Exception as error:  # kombu raises several kinds when the broker is gone
-        generation_job_fail(job_id=job_id, error=f"could not be queued: {error}", from_statuses=("queued",))
-        return False
-    return True
+    return _gpu_task_publish(
+        generation_job_execute_task,
+        job_id,
+        lambda error: generation_job_fail(job_id=job_id, error=error, from_statuses=("queued",)),
+    )
 
 
 def generation_job_claim(*, job_id: int, now: datetime | None = None) -> GenerationJob | None:
