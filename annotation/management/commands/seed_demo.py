@@ -8,11 +8,20 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 
 from annotation.importing import prompts_import
-from annotation.models import Membership, Project
+from annotation.models import Membership, Policy, Project
 from annotation.roles import Role
+from annotation.services import ab_session_create
 
 DEMO_DATA = Path(__file__).resolve().parents[2] / "demo_data" / "ranking.jsonl"
 DEMO_PROJECT = "Demo: helpful answers"
+DEMO_AB_SESSION = "Demo: blind A/B"
+# Two of the demo data's imported sources, close enough in quality that votes are not obvious.
+DEMO_AB_POLICIES = ("sft-large", "sft-small")
+AB_INSTRUCTIONS = """\
+Which response answers the prompt better? Judge correctness first, then helpfulness and clarity.
+
+Keys: `1` or `←` left, `2` or `→` right, `t` tie, `b` both bad.
+"""
 INSTRUCTIONS = """\
 Rank the responses to each prompt from **best (1)** to **worst**.
 
@@ -26,7 +35,8 @@ Press `?` for the keyboard shortcuts.
 
 class Command(BaseCommand):
     help = (
-        "Create the demo ranking project with readable prompts and completions of clearly different quality."
+        "Create the demo ranking project with readable prompts and completions of clearly different quality, "
+        "and a blind A/B session comparing two of its sources."
     )
 
     @transaction.atomic
@@ -52,11 +62,30 @@ class Command(BaseCommand):
         else:
             self.stdout.write("Demo project: already there.")
         User = get_user_model()
-        for username, role in (
-            ("manager", Role.MANAGER),
-            ("labeler", Role.LABELER),
-            ("evaluator", Role.EVALUATOR),
-        ):
+        manager = User.objects.filter(username="manager").first()
+        session = Project.objects.filter(name=DEMO_AB_SESSION, kind=Project.Kind.AB).first()
+        if session is None and manager is None:
+            self.stdout.write("Demo A/B session: skipped, no `manager` account (run demo_users first).")
+        elif session is None:
+            session = ab_session_create(
+                name=DEMO_AB_SESSION,
+                policies=list(Policy.objects.filter(name__in=DEMO_AB_POLICIES)),
+                prompts=list(project.prompts.order_by("id")),
+                votes_per_pair=2,
+                created_by=manager,
+                instructions=AB_INSTRUCTIONS,
+            )
+            self.stdout.write(f"Demo A/B session: {session.tasks.count()} pairs to vote on.")
+        memberships = (
+            (project, "manager", Role.MANAGER),
+            (project, "labeler", Role.LABELER),
+            (project, "evaluator", Role.EVALUATOR),
+            (session, "manager", Role.MANAGER),
+            (session, "evaluator", Role.EVALUATOR),
+        )
+        for target, username, role in memberships:
+            if target is None:
+                continue
             user = User.objects.filter(username=username).first()
             if user is not None:
-                Membership.objects.get_or_create(project=project, user=user, role=role)
+                Membership.objects.get_or_create(project=target, user=user, role=role)

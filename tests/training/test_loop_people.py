@@ -1,0 +1,131 @@
+"""The simulated labelers and evaluators of `simulate_loop`: they judge by the known truth, with set noise."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from training.demo_task import DemoProblem
+from training.loop import evaluator_verdict, labeler_ranks, report_markdown, verdict_answer
+
+PROBLEM = DemoProblem(
+    id="p", prompt="Mia has 5 apples and buys 7 more. How many apples does Mia have now?", answer=12
+)
+
+
+def answer(value: int) -> str:
+    return f"Mia has {value} apples. The answer is {value}."
+
+
+def test_a_careful_labeler_ranks_by_distance_to_the_true_answer_and_ties_equal_distances():
+    completions = {"a": answer(14), "b": answer(12), "c": answer(11), "d": "I do not know.", "e": answer(13)}
+
+    ranks = labeler_ranks(PROBLEM, completions, noise=0.0, rng=random.Random(0))
+
+    assert ranks == {"b": 1, "c": 2, "e": 2, "a": 3, "d": 4}
+
+
+def test_a_noisy_labeler_ranks_at_random_about_as_often_as_its_noise_says():
+    completions = {"a": answer(12), "b": answer(13), "c": answer(15), "d": answer(20)}
+    honest = {"a": 1, "b": 2, "c": 3, "d": 4}
+    rng = random.Random(1)
+
+    rankings = [labeler_ranks(PROBLEM, completions, noise=0.3, rng=rng) for _ in range(4000)]
+
+    # a random order equals the honest one 1 time in 24, so the share off it is 0.3 × 23/24
+    off = sum(ranks != honest for ranks in rankings) / len(rankings)
+    assert off == pytest.approx(0.3 * 23 / 24, abs=0.03)
+    assert all(sorted(ranks.values()) == [1, 2, 3, 4] for ranks in rankings)
+
+
+@pytest.mark.parametrize(
+    ("left", "right", "verdict"),
+    [(12, 13, "left"), (9, 12, "right"), (12, 12, "tie"), (10, 13, "both_bad")],
+)
+def test_a_careful_evaluator_prefers_the_right_answer(left: int, right: int, verdict: str):
+    assert evaluator_verdict(PROBLEM, answer(left), answer(right), noise=0.0, rng=random.Random(0)) == verdict
+
+
+def test_verdicts_become_the_judgment_the_ab_page_would_send():
+    assert verdict_answer("left", "L", "R") == {
+        "ranks": {"L": 1, "R": 2},
+        "none_acceptable": False,
+        "strength": 2,
+    }
+    assert verdict_answer("right", "L", "R")["ranks"] == {"L": 2, "R": 1}
+    assert verdict_answer("tie", "L", "R") == {
+        "ranks": {"L": 1, "R": 1},
+        "none_acceptable": False,
+        "strength": None,
+    }
+    assert verdict_answer("both_bad", "L", "R") == {"ranks": {}, "none_acceptable": True, "strength": None}
+
+
+def measure(successes: int, trials: int) -> dict[str, object]:
+    return {"value": successes / trials, "successes": successes, "trials": trials, "low": 0.4, "high": 0.9}
+
+
+def test_the_markdown_report_puts_the_goals_first_and_says_which_were_missed():
+    report = {
+        "settings": {
+            "train_prompts": 600,
+            "k": 4,
+            "temperature": 1.0,
+            "heldout_prompts": 150,
+            "eval_prompts": 300,
+            "base_model": "var/models/demo-sft",
+            "seed": 0,
+        },
+        "goals": [
+            {
+                "goal": "reward model picks the right answer over a wrong one (held-out)",
+                "target": "≥ 75%",
+                "reached": 0.8,
+                "met": True,
+            },
+            {
+                "goal": "DPO accuracy minus SFT accuracy (held-out)",
+                "target": "≥ +10 points",
+                "reached": 4.0,
+                "met": False,
+            },
+            {
+                "goal": "A/B win rate of DPO over SFT, 95% interval",
+                "target": "lower bound > 50%",
+                "reached": [0.45, 0.7],
+                "met": False,
+            },
+            {"goal": "whole loop on this machine", "target": "< 20 minutes", "reached": 900.0, "met": True},
+        ],
+        "reward_model": {
+            "accuracy_right_vs_wrong": measure(80, 100),
+            "accuracy_nearer_vs_farther": measure(150, 200),
+            "run_metrics": {"accuracy": 0.7},
+        },
+        "policies": {"sft": measure(30, 100), "dpo": measure(34, 100), "gain_points": 4.0},
+        "ab": {
+            "votes": 100,
+            "dpo_wins": 20,
+            "sft_wins": 15,
+            "ties": 30,
+            "both_bad": 35,
+            "dpo_win_rate": measure(20, 35),
+            "position_bias": {"left_share": 0.5, "low": 0.3, "high": 0.7},
+            "ratings": [{"policy": "loop dpo", "rating": 1010.0, "low": 990.0, "high": 1030.0}],
+            "names": {"sft": "loop sft", "dpo": "loop dpo"},
+            "evaluators": [{"name": "careful", "noise": 0.05, "votes": 100}],
+        },
+        "labeling": {"labelers": [{"name": "careful", "noise": 0.05, "judgments": 10, "matches_truth": 9}]},
+        "stages": [{"name": "generate", "seconds": 12.5}],
+        "total_seconds": 900.0,
+    }
+
+    text = report_markdown(report)
+
+    assert text.index("## Goals") < text.index("## Reward model")
+    assert "| DPO accuracy minus SFT accuracy (held-out) | ≥ +10 points | +4.0 points | **no** |" in text
+    assert "| reward model picks the right answer over a wrong one (held-out) | ≥ 75% | 80.0% | yes |" in text
+    assert "| whole loop on this machine | < 20 minutes | 15.0 min | yes |" in text
+    assert "45.0%–70.0%" in text
+    assert "| DPO | 1010 | 990–1030 |" in text

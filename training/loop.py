@@ -1,0 +1,742 @@
+"""The whole loop on the demo task, run the way production runs it, checked against the known truth.
+
+`manage.py simulate_loop` drives it against a running web server, database,
+Redis and Celery workers (it starts them itself unless given `--url`):
+
+1. generate — the SFT policy writes K completions for every training prompt
+   (a generation job on the `gpu` queue); ranking tasks are made from them.
+2. label — simulated labelers of different care claim tasks and submit
+   rankings through the JSON API with their own tokens, as any client would.
+   Each checks the arithmetic: an answer nearer the true one ranks higher,
+   equal distances tie; a labeler with noise p ranks a task at random with
+   probability p.
+3. build — a dataset build through the API (conversational, grouped rows).
+4. train — a reward run and a DPO run through the API, on the `gpu` queue.
+5. evaluate — SFT and DPO answer held-out problems (generation jobs at a
+   near-greedy temperature); a blind A/B session of the two is answered by
+   simulated evaluators through the API (the right answer wins; both right
+   is a tie, both wrong "both bad"; noise p answers at random).
+6. report — reward-model accuracy against the truth on held-out problems,
+   SFT and DPO accuracy, the A/B win rate with its 95% Wilson interval and
+   Bradley–Terry ratings, how long each stage took; JSON and Markdown.
+
+The manager's own steps (accounts, projects, generation jobs, the A/B
+session) call the same services as the admin and the manager pages do; no
+API exists for them. Everything a labeler, an evaluator or a training
+client does goes over HTTP.
+
+Measurement is not product: the reward model's accuracy against the truth
+is computed here, in this process, by scoring held-out completions with the
+saved model (training.scoring), because only this harness knows the truth.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.db import transaction
+from rest_framework.authtoken.models import Token
+
+from annotation.ab_stats import bradley_terry_ratings, pair_table, position_bias, wilson_interval
+from annotation.importing import prompt_content_hash
+from annotation.models import Completion, Membership, Policy, Project, Prompt
+from annotation.roles import Role
+from annotation.selectors import ab_votes
+from annotation.services import ab_session_create, user_create
+from training.demo_task import DemoProblem, answer_extract, answer_is_correct, demo_problems
+from training.models import GenerationJob, TrainingRun
+from training.services import generation_job_create
+
+# (name, noise): the share of tasks each one ranks at random.
+LABELERS: tuple[tuple[str, float], ...] = (("careful", 0.05), ("average", 0.15), ("hasty", 0.30))
+EVALUATORS: tuple[tuple[str, float], ...] = (("careful", 0.05), ("average", 0.15))
+USER_PREFIX = "loop-"
+# A deployed assistant answers a question with one right answer (near) greedily.
+EVAL_TEMPERATURE = 0.01
+UNPARSEABLE = 10**9  # distance of a completion that states no number: worse than any number
+
+
+class LoopFailed(RuntimeError):
+    """A stage could not finish (a job failed, a request was refused); the message says which and why."""
+
+
+@dataclass
+class LoopSettings:
+    base_model: str
+    base_url: str
+    out_dir: Path
+    train_prompts: int = 600
+    heldout_prompts: int = 150
+    eval_prompts: int = 300
+    k: int = 4
+    seed: int = 0
+    temperature: float = 1.0
+    max_new_tokens: int = 32
+    reward_hyperparameters: dict[str, Any] = field(default_factory=dict)
+    dpo_hyperparameters: dict[str, Any] = field(default_factory=dict)
+    peft: str = "full"
+    stage_timeout_s: float = 3600.0
+    poll_s: float = 1.0
+
+
+# --- the simulated people (pure, tested on their own) -------------------------------
+
+
+def distance_to_truth(problem: DemoProblem, text: str) -> int:
+    answer = answer_extract(text)
+    return UNPARSEABLE if answer is None else abs(answer - problem.answer)
+
+
+def labeler_ranks(
+    problem: DemoProblem, completions: dict[str, str], *, noise: float, rng: random.Random
+) -> dict[str, int]:
+    """Ranks (1 = best, equal = tie) a labeler gives: nearer the true answer is better.
+
+    With probability `noise` the labeler does not check and ranks at random.
+    """
+    ids = list(completions)
+    if rng.random() < noise:
+        shuffled = ids[:]
+        rng.shuffle(shuffled)
+        return {uid: position + 1 for position, uid in enumerate(shuffled)}
+    distances = {uid: distance_to_truth(problem, completions[uid]) for uid in ids}
+    levels = sorted(set(distances.values()))
+    return {uid: levels.index(distances[uid]) + 1 for uid in ids}
+
+
+def evaluator_verdict(
+    problem: DemoProblem, left: str, right: str, *, noise: float, rng: random.Random
+) -> str:
+    """ "left", "right", "tie" (both right) or "both_bad" (both wrong); random with probability `noise`."""
+    if rng.random() < noise:
+        return rng.choice(("left", "right", "tie", "both_bad"))
+    left_right, right_right = answer_is_correct(problem, left), answer_is_correct(problem, right)
+    if left_right and right_right:
+        return "tie"
+    if left_right or right_right:
+        return "left" if left_right else "right"
+    return "both_bad"
+
+
+def verdict_answer(verdict: str, left_id: str, right_id: str) -> dict[str, Any]:
+    """The judgment body the A/B page sends for a verdict (see static/js/ab.js)."""
+    ranks = {
+        "left": {left_id: 1, right_id: 2},
+        "right": {left_id: 2, right_id: 1},
+        "tie": {left_id: 1, right_id: 1},
+        "both_bad": {},
+    }[verdict]
+    decisive = verdict in ("left", "right")
+    return {"ranks": ranks, "none_acceptable": verdict == "both_bad", "strength": 2 if decisive else None}
+
+
+# --- HTTP ------------------------------------------------------------------------------
+
+
+class ApiClient:
+    """A JSON client with one person's API token (what any script would use)."""
+
+    def __init__(self, base_url: str, token: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(  # noqa: S310 (the URL is the server this command was given)
+            self.base_url + path,
+            data=data,
+            method=method,
+            headers={
+                "Authorization": f"Token {self.token}",
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310
+                raw = response.read()
+                return response.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as error:
+            raw = error.read()
+            try:
+                payload = json.loads(raw) if raw else None
+            except ValueError:
+                payload = raw.decode(errors="replace")[:500]
+            return error.code, payload
+
+    def expect(self, method: str, path: str, body: Any = None, *, ok: tuple[int, ...] = (200, 201)) -> Any:
+        status, payload = self.request(method, path, body)
+        if status not in ok:
+            raise LoopFailed(f"{method} {path} answered {status}: {payload}")
+        return payload
+
+
+# --- the run -------------------------------------------------------------------------
+
+
+@dataclass
+class StageTiming:
+    name: str
+    seconds: float
+
+
+@dataclass
+class LoopReport:
+    settings: dict[str, Any]
+    stages: list[StageTiming] = field(default_factory=list)
+    labeling: dict[str, Any] = field(default_factory=dict)
+    dataset_build: dict[str, Any] = field(default_factory=dict)
+    reward_model: dict[str, Any] = field(default_factory=dict)
+    policies: dict[str, Any] = field(default_factory=dict)
+    ab: dict[str, Any] = field(default_factory=dict)
+    goals: list[dict[str, Any]] = field(default_factory=list)
+    total_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _interval_dict(successes: int, trials: int) -> dict[str, Any]:
+    interval = wilson_interval(successes, trials)
+    return {
+        "value": successes / trials if trials else None,
+        "successes": successes,
+        "trials": trials,
+        "low": interval[0] if interval else None,
+        "high": interval[1] if interval else None,
+    }
+
+
+class Loop:
+    """One run of the loop; `run()` returns the report (also written as JSON and Markdown)."""
+
+    def __init__(self, settings: LoopSettings, *, say: Callable[[str], Any] = print) -> None:
+        self.settings = settings
+        self.say = say
+        self.tag = time.strftime("%Y%m%d-%H%M%S")
+        self.report = LoopReport(settings={**asdict(settings), "out_dir": str(settings.out_dir)})
+        self.train = demo_problems(count=settings.train_prompts, seed=settings.seed, split="train")
+        test = demo_problems(
+            count=settings.heldout_prompts + settings.eval_prompts, seed=settings.seed, split="test"
+        )
+        self.heldout, self.evaluation = test[: settings.heldout_prompts], test[settings.heldout_prompts :]
+        self.truth: dict[str, DemoProblem] = {p.prompt: p for p in (*self.train, *test)}
+
+    # -- plumbing --
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.say(f"[{name}] …")
+        started = time.monotonic()
+        yield
+        seconds = round(time.monotonic() - started, 1)
+        self.report.stages.append(StageTiming(name, seconds))
+        self.say(f"[{name}] done in {seconds:.1f} s")
+
+    def wait_for(self, what: str, poll: Callable[[], tuple[bool, str]]) -> None:
+        """Poll until `poll()` says done; its text is shown when it changes."""
+        deadline = time.monotonic() + self.settings.stage_timeout_s
+        last = ""
+        while True:
+            done, text = poll()
+            if text != last:
+                self.say(f"  {what}: {text}")
+                last = text
+            if done:
+                return
+            if time.monotonic() > deadline:
+                raise LoopFailed(f"{what} did not finish in {self.settings.stage_timeout_s:.0f} s ({text})")
+            time.sleep(self.settings.poll_s)
+
+    def _person(self, name: str, role: str) -> tuple[Any, str]:
+        User = get_user_model()
+        username = f"{USER_PREFIX}{name}"
+        user = (
+            User.objects.filter(username=username).first() or user_create(username=username, roles=[role])[0]
+        )
+        token, _ = Token.objects.get_or_create(user=user)
+        return user, token.key
+
+    def _project(self, name: str, *, problems: list[DemoProblem], k: int) -> Project:
+        project = Project.objects.create(
+            name=f"Loop {self.tag}: {name}",
+            kind=Project.Kind.RANKING,
+            k=k,
+            overlap=1,
+            ties_allowed=True,
+            instructions="Rank the answers by how close they are to the right answer.",
+            created_by=self.manager,
+        )
+        Membership.objects.create(project=project, user=self.manager, role=Role.MANAGER)
+        rows = []
+        for problem in problems:
+            messages = [{"role": "user", "content": problem.prompt}]
+            rows.append(
+                Prompt(
+                    project=project,
+                    external_id=problem.id,
+                    messages=messages,
+                    content_hash=prompt_content_hash(messages),
+                )
+            )
+        Prompt.objects.bulk_create(rows)
+        return project
+
+    def _generate(self, *, policy: Policy, project: Project, n: int, temperature: float) -> GenerationJob:
+        job = generation_job_create(
+            policy=policy,
+            project=project,
+            n=n,
+            created_by=self.manager,
+            temperature=temperature,
+            max_new_tokens=self.settings.max_new_tokens,
+            seed=self.settings.seed,
+        )
+
+        def poll() -> tuple[bool, str]:
+            job.refresh_from_db()
+            if job.status in (GenerationJob.Status.FAILED, GenerationJob.Status.CANCELLED):
+                raise LoopFailed(f"generation job {job.pk} {job.status}: {job.error}")
+            return (
+                job.status == GenerationJob.Status.SUCCEEDED,
+                f"job {job.pk} {job.status}, {job.prompts_done}/{job.prompts_total} prompts",
+            )
+
+        self.wait_for(f"{policy} on {project.name}", poll)
+        return job
+
+    # -- stages --
+
+    def run(self) -> LoopReport:
+        started = time.monotonic()
+        settings = self.settings
+        with transaction.atomic():
+            self.manager, self.manager_token = self._person("manager", Role.MANAGER)
+            self.sft = Policy.objects.create(
+                name=f"loop {self.tag} sft",
+                kind=Policy.Kind.MODEL,
+                base_model=settings.base_model,
+                generation_settings={"prompt_format": "chat"},
+            )
+            self.train_project = self._project("train", problems=self.train, k=settings.k)
+            self.heldout_project = self._project("held-out", problems=self.heldout, k=settings.k)
+            self.eval_project = self._project("evaluation prompts", problems=self.evaluation, k=2)
+        manager_api = ApiClient(settings.base_url, self.manager_token)
+
+        with self.stage("generate"):
+            job = self._generate(
+                policy=self.sft, project=self.train_project, n=settings.k, temperature=settings.temperature
+            )
+            self.report.labeling["tasks"] = job.tasks_created
+        with self.stage("label"):
+            self._label()
+        with self.stage("build"):
+            build = self._build(manager_api)
+        with self.stage("train reward model"):
+            reward_run = self._train(manager_api, build=build, kind="reward")
+        with self.stage("train DPO policy"):
+            dpo_run = self._train(manager_api, build=build, kind="dpo")
+        self.dpo = Policy.objects.get(pk=dpo_run["policy"])
+        with self.stage("generate held-out answers"):
+            self._generate(
+                policy=self.sft, project=self.heldout_project, n=settings.k, temperature=settings.temperature
+            )
+            for policy in (self.sft, self.dpo):
+                self._generate(policy=policy, project=self.eval_project, n=1, temperature=EVAL_TEMPERATURE)
+        with self.stage("score reward model against truth"):
+            self._reward_accuracy(reward_run)
+        with self.stage("blind A/B"):
+            self._policy_accuracy()
+            self._ab()
+        self.report.total_seconds = round(time.monotonic() - started, 1)
+        self._goals()
+        return self.report
+
+    def _label(self) -> None:
+        people = [(name, noise, *self._person(f"labeler-{name}", Role.LABELER)) for name, noise in LABELERS]
+        for _, _, user, _ in people:
+            Membership.objects.get_or_create(project=self.train_project, user=user, role=Role.LABELER)
+        results = self._in_threads(
+            [(name, noise, token, self.train_project.pk) for name, noise, _, token in people],
+            self._labeler_work,
+        )
+        self.report.labeling["labelers"] = results
+        self.report.labeling["judgments"] = sum(r["judgments"] for r in results)
+
+    def _labeler_work(self, name: str, noise: float, token: str, project_id: int) -> dict[str, Any]:
+        api = ApiClient(self.settings.base_url, token)
+        rng = random.Random(f"{self.settings.seed}:labeler:{name}")  # noqa: S311 (simulation, not secrets)
+        judgments = agree = 0
+        while True:
+            status, assignment = api.request("POST", f"/api/projects/{project_id}/next")
+            if status == 204:
+                break
+            if status != 200:
+                raise LoopFailed(f"labeler {name}: claim answered {status}: {assignment}")
+            problem = self.truth[assignment["prompt"]["messages"][0]["content"]]
+            completions = {c["id"]: c["text"] for c in assignment["completions"]}
+            ranks = labeler_ranks(problem, completions, noise=noise, rng=rng)
+            honest = labeler_ranks(problem, completions, noise=0.0, rng=rng)
+            agree += ranks == honest
+            api.expect(
+                "POST",
+                f"/api/assignments/{assignment['id']}/judgment",
+                {"ranks": ranks, "active_seconds": 20.0, "client_token": uuid.uuid4().hex},
+            )
+            judgments += 1
+        return {"name": name, "noise": noise, "judgments": judgments, "matches_truth": agree}
+
+    def _in_threads(
+        self, jobs: list[tuple[Any, ...]], work: Callable[..., dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        results: list[dict[str, Any] | BaseException] = [RuntimeError("did not run")] * len(jobs)
+
+        def target(index: int, args: tuple[Any, ...]) -> None:
+            from django.db import connection
+
+            try:
+                results[index] = work(*args)
+            except BaseException as error:  # reported below, in the caller's thread
+                results[index] = error
+            finally:
+                connection.close()
+
+        threads = [threading.Thread(target=target, args=(i, args)) for i, args in enumerate(jobs)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for result in results:
+            if isinstance(result, BaseException):
+                raise LoopFailed(f"a simulated person stopped: {result}") from result
+        return results  # type: ignore[return-value]
+
+    def _build(self, api: ApiClient) -> dict[str, Any]:
+        build = api.expect(
+            "POST",
+            "/api/dataset-builds/",
+            {
+                "name": f"loop {self.tag}",
+                "projects": [self.train_project.pk],
+                "format": "conversational",
+                "ties": "drop",
+                "test_fraction": 0.1,
+                "seed": self.settings.seed,
+            },
+        )
+
+        def poll() -> tuple[bool, str]:
+            nonlocal build
+            build = api.expect("GET", f"/api/dataset-builds/{build['id']}/")
+            if build["status"] == "failed":
+                raise LoopFailed(f"dataset build {build['id']} failed: {build['error']}")
+            return build["status"] == "succeeded", f"build {build['id']} {build['status']}"
+
+        self.wait_for("dataset build", poll)
+        self.report.dataset_build = {
+            "id": build["id"],
+            "counts": build["counts"],
+            "hash": build["content_hash"],
+        }
+        return build
+
+    def _train(self, api: ApiClient, *, build: dict[str, Any], kind: str) -> dict[str, Any]:
+        hyperparameters = (
+            self.settings.reward_hyperparameters if kind == "reward" else self.settings.dpo_hyperparameters
+        )
+        run = api.expect(
+            "POST",
+            "/api/training-runs/",
+            {
+                "name": f"loop {self.tag} {kind}",
+                "kind": kind,
+                "dataset_build": build["id"],
+                "base_model": self.settings.base_model,
+                "peft": self.settings.peft,
+                "trainer": TrainingRun.Trainer.GROUPED,
+                "hyperparameters": hyperparameters,
+            },
+        )
+
+        def poll() -> tuple[bool, str]:
+            nonlocal run
+            run = api.expect("GET", f"/api/training-runs/{run['id']}/")
+            if run["status"] in ("failed", "cancelled"):
+                raise LoopFailed(f"{kind} run {run['id']} {run['status']}: {run['error']}")
+            return run[
+                "status"
+            ] == "succeeded", f"run {run['id']} {run['status']} step {run['step']}/{run['total_steps']}"
+
+        self.wait_for(f"{kind} run", poll)
+        return run
+
+    def _reward_accuracy(self, run: dict[str, Any]) -> None:
+        """Pairs of held-out SFT samples whose distances to the truth differ: is the nearer one scored higher?"""
+        from training.models import RewardModel
+        from training.scoring import reward_model_load, reward_scores
+
+        reward_model = RewardModel.objects.get(pk=run["reward_model"])
+        tokenizer, model = reward_model_load(reward_model.path)
+        groups: dict[int, list[Completion]] = {}
+        for completion in Completion.objects.filter(prompt__project=self.heldout_project, policy=self.sft):
+            groups.setdefault(completion.prompt_id, []).append(completion)
+        prompts = {p.pk: p for p in Prompt.objects.filter(project=self.heldout_project)}
+        items = [(prompts[pid], c) for pid, cs in groups.items() for c in cs]
+        scores = reward_scores(
+            tokenizer,
+            model,
+            [prompt.messages for prompt, _ in items],
+            [[{"role": "assistant", "content": c.text}] for _, c in items],
+            batch_size=64,
+        )
+        score = {c.pk: s for (_, c), s in zip(items, scores, strict=True)}
+        right_vs_wrong = [0, 0]
+        nearer = [0, 0]
+        for pid, completions in groups.items():
+            problem = self.truth[prompts[pid].messages[0]["content"]]
+            for i, a in enumerate(completions):
+                for b in completions[i + 1 :]:
+                    da, db = distance_to_truth(problem, a.text), distance_to_truth(problem, b.text)
+                    if da == db:
+                        continue
+                    better, worse = (a, b) if da < db else (b, a)
+                    hit = score[better.pk] > score[worse.pk]
+                    nearer[0] += hit
+                    nearer[1] += 1
+                    if answer_is_correct(problem, better.text):
+                        right_vs_wrong[0] += hit
+                        right_vs_wrong[1] += 1
+        self.report.reward_model = {
+            "run": run["id"],
+            "accuracy_right_vs_wrong": _interval_dict(*right_vs_wrong),
+            "accuracy_nearer_vs_farther": _interval_dict(*nearer),
+            "run_metrics": run["metrics"],
+        }
+
+    def _policy_accuracy(self) -> None:
+        for key, policy in (("sft", self.sft), ("dpo", self.dpo)):
+            completions = Completion.objects.filter(prompt__project=self.eval_project, policy=policy)
+            right = sum(
+                answer_is_correct(self.truth[c.prompt.messages[0]["content"]], c.text)
+                for c in completions.select_related("prompt")
+            )
+            self.report.policies[key] = {"policy": str(policy), **_interval_dict(right, completions.count())}
+        sft, dpo = self.report.policies["sft"]["value"], self.report.policies["dpo"]["value"]
+        self.report.policies["gain_points"] = (
+            None if sft is None or dpo is None else round(100 * (dpo - sft), 1)
+        )
+
+    def _ab(self) -> None:
+        session = ab_session_create(
+            name=f"Loop {self.tag}: SFT vs DPO",
+            policies=[self.sft, self.dpo],
+            prompts=list(self.eval_project.prompts.order_by("id")),
+            votes_per_pair=1,
+            created_by=self.manager,
+        )
+        people = [
+            (name, noise, *self._person(f"evaluator-{name}", Role.EVALUATOR)) for name, noise in EVALUATORS
+        ]
+        for _, _, user, _ in people:
+            Membership.objects.get_or_create(project=session, user=user, role=Role.EVALUATOR)
+        results = self._in_threads(
+            [(name, noise, token, session.pk) for name, noise, _, token in people], self._evaluator_work
+        )
+        votes = ab_votes(project=session)
+        table = pair_table(votes)
+        sft_name, dpo_name = str(self.sft), str(self.dpo)
+        row = table[0]
+        dpo_first = row["policy"] == dpo_name
+        dpo_wins = row["wins_first"] if dpo_first else row["wins_second"]
+        sft_wins = row["wins_second"] if dpo_first else row["wins_first"]
+        ratings = bradley_terry_ratings(votes, rounds=1000, seed=self.settings.seed)
+        self.report.ab = {
+            "session": session.pk,
+            "evaluators": results,
+            "votes": len(votes),
+            "dpo_wins": dpo_wins,
+            "sft_wins": sft_wins,
+            "ties": row["ties"],
+            "both_bad": row["both_bad"],
+            "dpo_win_rate": _interval_dict(dpo_wins, dpo_wins + sft_wins),
+            "ratings": ratings,
+            "position_bias": position_bias(votes),
+            "names": {"sft": sft_name, "dpo": dpo_name},
+        }
+
+    def _evaluator_work(self, name: str, noise: float, token: str, project_id: int) -> dict[str, Any]:
+        api = ApiClient(self.settings.base_url, token)
+        rng = random.Random(f"{self.settings.seed}:evaluator:{name}")  # noqa: S311 (simulation, not secrets)
+        votes = 0
+        while True:
+            status, assignment = api.request("POST", f"/api/projects/{project_id}/next")
+            if status == 204:
+                break
+            if status != 200:
+                raise LoopFailed(f"evaluator {name}: claim answered {status}: {assignment}")
+            problem = self.truth[assignment["prompt"]["messages"][0]["content"]]
+            left, right = assignment["completions"]
+            verdict = evaluator_verdict(problem, left["text"], right["text"], noise=noise, rng=rng)
+            api.expect(
+                "POST",
+                f"/api/assignments/{assignment['id']}/judgment",
+                {**verdict_answer(verdict, left["id"], right["id"]), "client_token": uuid.uuid4().hex},
+            )
+            votes += 1
+        return {"name": name, "noise": noise, "votes": votes}
+
+    def _goals(self) -> None:
+        reward = self.report.reward_model["accuracy_right_vs_wrong"]["value"]
+        gain = self.report.policies["gain_points"]
+        win = self.report.ab["dpo_win_rate"]
+        self.report.goals = [
+            {
+                "goal": "reward model picks the right answer over a wrong one (held-out)",
+                "target": "≥ 75%",
+                "reached": reward,
+                "met": reward is not None and reward >= 0.75,
+            },
+            {
+                "goal": "DPO accuracy minus SFT accuracy (held-out)",
+                "target": "≥ +10 points",
+                "reached": gain,
+                "met": gain is not None and gain >= 10,
+            },
+            {
+                "goal": "A/B win rate of DPO over SFT, 95% interval",
+                "target": "lower bound > 50%",
+                "reached": [win["low"], win["high"]],
+                "met": win["low"] is not None and win["low"] > 0.5,
+            },
+            {
+                "goal": "whole loop on this machine",
+                "target": "< 20 minutes",
+                "reached": self.report.total_seconds,
+                "met": self.report.total_seconds < 20 * 60,
+            },
+        ]
+
+
+# --- the report as Markdown ------------------------------------------------------------------
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _interval_text(measure: dict[str, Any]) -> str:
+    if measure["value"] is None:
+        return "n/a (no trials)"
+    return (
+        f"{_percent(measure['value'])} ({measure['successes']}/{measure['trials']}; "
+        f"95% CI {_percent(measure['low'])}–{_percent(measure['high'])})"
+    )
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The report for people: goals first, then each stage's figures and timings."""
+    settings = report["settings"]
+    lines = [
+        "# Rankwise loop report",
+        "",
+        f"Demo task: arithmetic word problems. {settings['train_prompts']} training prompts × K={settings['k']} "
+        f"SFT samples (temperature {settings['temperature']}), {settings['heldout_prompts']} held-out prompts "
+        f"for the reward model, {settings['eval_prompts']} held-out prompts for SFT vs DPO. "
+        f"Base model: `{Path(settings['base_model']).name}`; seed {settings['seed']}.",
+        "",
+        "## Goals",
+        "",
+        "| goal | target | reached | met |",
+        "| --- | --- | --- | --- |",
+    ]
+    for goal in report["goals"]:
+        reached = goal["reached"]
+        if isinstance(reached, list):
+            reached = f"{_percent(reached[0])}–{_percent(reached[1])}"
+        elif isinstance(reached, float) and goal["target"].endswith("%"):
+            reached = _percent(reached)
+        elif goal["goal"].startswith("whole loop"):
+            reached = f"{reached / 60:.1f} min"
+        elif goal["goal"].startswith("DPO accuracy"):
+            reached = "n/a" if reached is None else f"{reached:+.1f} points"
+        lines.append(
+            f"| {goal['goal']} | {goal['target']} | {reached} | {'yes' if goal['met'] else '**no**'} |"
+        )
+    reward = report["reward_model"]
+    policies = report["policies"]
+    ab = report["ab"]
+    lines += [
+        "",
+        "## Reward model against the truth (held-out problems)",
+        "",
+        f"- right answer scored above a wrong one: {_interval_text(reward['accuracy_right_vs_wrong'])}",
+        f"- nearer answer scored above a farther one: {_interval_text(reward['accuracy_nearer_vs_farther'])}",
+        f"- on the build's test pairs (labelers' preferences, noisy): accuracy "
+        f"{_percent(reward['run_metrics'].get('accuracy'))}",
+        "",
+        "## Policies against the truth (held-out problems, temperature 0.01)",
+        "",
+        f"- SFT: {_interval_text(policies['sft'])}",
+        f"- DPO: {_interval_text(policies['dpo'])}",
+        f"- gain: {policies['gain_points']:+.1f} points"
+        if policies["gain_points"] is not None
+        else "- gain: n/a",
+        "",
+        "## Blind A/B: DPO vs SFT",
+        "",
+        f"{ab['votes']} votes: DPO won {ab['dpo_wins']}, SFT won {ab['sft_wins']}, "
+        f"{ab['ties']} ties (both right), {ab['both_bad']} both bad (both wrong).",
+        "",
+        f"- DPO win rate over decisive votes: {_interval_text(ab['dpo_win_rate'])}",
+        f"- left side won {_percent(ab['position_bias']['left_share'])} of decisive votes "
+        f"(95% CI {_percent(ab['position_bias']['low'])}–{_percent(ab['position_bias']['high'])})",
+        "",
+        "| policy | Bradley–Terry rating | 95% CI (bootstrap over prompts) |",
+        "| --- | --- | --- |",
+    ]
+    names = {value: key.upper() for key, value in ab["names"].items()}
+    for row in ab["ratings"]:
+        lines.append(
+            f"| {names.get(row['policy'], row['policy'])} | {row['rating']:.0f} | {row['low']:.0f}–{row['high']:.0f} |"
+        )
+    labeling = report["labeling"]
+    lines += [
+        "",
+        "## Simulated people",
+        "",
+        "| who | noise (share answered at random) | answers | answers equal to the truth's ranking |",
+        "| --- | --- | --- | --- |",
+    ]
+    for person in labeling["labelers"]:
+        lines.append(
+            f"| labeler {person['name']} | {person['noise']:.0%} | {person['judgments']} | "
+            f"{_percent(person['matches_truth'] / person['judgments'] if person['judgments'] else None)} |"
+        )
+    for person in ab["evaluators"]:
+        lines.append(f"| evaluator {person['name']} | {person['noise']:.0%} | {person['votes']} | |")
+    lines += ["", "## Stages", "", "| stage | seconds |", "| --- | --- |"]
+    lines += [f"| {stage['name']} | {stage['seconds']:.1f} |" for stage in report["stages"]]
+    lines += [f"| **total** | **{report['total_seconds']:.1f}** |", ""]
+    return "\n".join(lines)
+
+
+def report_write(report: LoopReport, out_dir: Path) -> tuple[Path, Path]:
+    """loop-report.json and loop-report.md in `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = report.as_dict()
+    json_path, markdown_path = out_dir / "loop-report.json", out_dir / "loop-report.md"
+    json_path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    markdown_path.write_text(report_markdown(data), encoding="utf-8")
+    return json_path, markdown_path

@@ -1,0 +1,147 @@
+"""Run the whole loop on the demo task with simulated people and print the report (see training.loop)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from config.stack import LocalStack, StackError, port_free
+
+# The full run: sized to reach the goals on a 2-core machine in under 20 minutes.
+FULL = {"train_prompts": 600, "heldout_prompts": 150, "eval_prompts": 300}
+# The test suite's run: every stage, on little data.
+QUICK = {"train_prompts": 24, "heldout_prompts": 8, "eval_prompts": 12}
+REWARD_HYPERPARAMETERS: dict[str, Any] = {
+    "learning_rate": 1e-4,
+    "num_train_epochs": 2,
+    "per_device_train_batch_size": 8,
+    "max_length": 128,
+    "logging_steps": 10,
+    "save_steps": 1000,
+    "gradient_checkpointing": False,
+}
+DPO_HYPERPARAMETERS: dict[str, Any] = {
+    "learning_rate": 5e-5,
+    "num_train_epochs": 2,
+    "per_device_train_batch_size": 8,
+    "max_length": 128,
+    "beta": 0.1,
+    "logging_steps": 10,
+    "save_steps": 1000,
+    "gradient_checkpointing": False,
+}
+
+
+class Command(BaseCommand):
+    help = (
+        "Run the whole loop on the demo arithmetic task: generate, simulated labelers over the API, "
+        "dataset build, reward and DPO runs on the gpu queue, a blind A/B session answered by simulated "
+        "evaluators; print the report and write it as JSON and Markdown."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--url",
+            default=None,
+            help="a Rankwise server already running with its workers (default: start web, workers, Redis here)",
+        )
+        parser.add_argument(
+            "--model", default=None, help="SFT policy (default: MODELS_DIR/demo-sft, built if missing)"
+        )
+        parser.add_argument(
+            "--out", type=Path, default=None, help="report folder (default: VAR_DIR/loop/<time>)"
+        )
+        parser.add_argument("--quick", action="store_true", help="every stage on little data (for tests)")
+        parser.add_argument("--train-prompts", type=int, default=None)
+        parser.add_argument("--heldout-prompts", type=int, default=None)
+        parser.add_argument("--eval-prompts", type=int, default=None)
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--peft", default="full", choices=("full", "lora", "ia3"))
+        parser.add_argument(
+            "--reward-hyperparameters", default=None, help="JSON object overriding the reward run's settings"
+        )
+        parser.add_argument(
+            "--dpo-hyperparameters", default=None, help="JSON object overriding the DPO run's settings"
+        )
+        parser.add_argument("--timeout", type=float, default=3600.0, help="seconds any one stage may take")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from training.loop import Loop, LoopFailed, LoopSettings, report_markdown, report_write
+
+        sizes = dict(QUICK if options["quick"] else FULL)
+        for key in sizes:
+            if options[key] is not None:
+                sizes[key] = options[key]
+        model = options["model"] or str(Path(settings.MODELS_DIR) / "demo-sft")
+        if options["model"] is None:
+            call_command("build_demo_model", *(["--quick"] if options["quick"] else []), out=Path(model))
+        out_dir = options["out"] or Path(settings.VAR_DIR) / "loop" / time.strftime("%Y%m%d-%H%M%S")
+        loop_settings = LoopSettings(
+            base_model=model,
+            base_url="",
+            out_dir=out_dir,
+            seed=options["seed"],
+            peft=options["peft"],
+            reward_hyperparameters={
+                **REWARD_HYPERPARAMETERS,
+                **self._json_option(options, "reward_hyperparameters"),
+            },
+            dpo_hyperparameters={**DPO_HYPERPARAMETERS, **self._json_option(options, "dpo_hyperparameters")},
+            stage_timeout_s=options["timeout"],
+            **sizes,
+        )
+
+        stack = LocalStack(say=self.stdout.write)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            if options["url"]:
+                loop_settings.base_url = options["url"].rstrip("/")
+            else:
+                loop_settings.base_url = self._start_stack(stack, out_dir)
+            self.stdout.write(f"Loop against {loop_settings.base_url}; report in {out_dir}")
+            report = Loop(loop_settings, say=self.stdout.write).run()
+        except (LoopFailed, StackError) as error:
+            raise CommandError(str(error)) from None
+        finally:
+            stack.stop_all()
+        json_path, markdown_path = report_write(report, out_dir)
+        self.stdout.write("\n" + report_markdown(report.as_dict()))
+        self.stdout.write(self.style.SUCCESS(f"Report written to {markdown_path} and {json_path}"))
+
+    def _start_stack(self, stack: LocalStack, out_dir: Path) -> str:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # The workers' and the server's logs would drown the progress lines.
+        stack.log = (out_dir / "processes.log").open("ab")
+        port = port_free()
+        stack.start_redis_if_needed()
+        stack.start_workers(name_suffix="loop-%h")
+        stack.start_web("127.0.0.1", port)
+        base_url = f"http://127.0.0.1:{port}"
+        stack.wait_healthy(base_url)
+        return base_url
+
+    @staticmethod
+    def _json_option(options: dict[str, Any], name: str) -> dict[str, Any]:
+        raw = options[name]
+        if not raw:
+            return {}
+        try:
+            value = json.loads(raw)
+        except ValueError as error:
+            raise CommandError(f"--{name.replace('_', '-')} is not JSON: {error}") from None
+        if not isinstance(value, dict):
+            raise CommandError(f"--{name.replace('_', '-')} must be a JSON object")
+        return value
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
