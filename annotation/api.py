@@ -127,7 +127,7 @@ def assignment_judgment(request: Request, assignment_id: int) -> Response:
         return _conflict(str(error), error.reason, answer.as_dict())
     body = {
         "judgment": result.judgment.pk,
-        "comparisons": result.judgment.comparisons.count(),
+        "comparisons": result.comparisons,
         "created": result.created,
     }
     return Response(body, status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)

@@ -14,7 +14,18 @@ from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AbstractUser, Group
 from django.contrib.auth.password_validation import validate_password
 from django.db import transaction
-from django.db.models import Count, Exists, F, OuterRef, Prefetch, Q, QuerySet, Subquery, Value
+from django.db.models import (
+    Count,
+    Exists,
+    F,
+    OuterRef,
+    Prefetch,
+    Q,
+    QuerySet,
+    Subquery,
+    Value,
+    prefetch_related_objects,
+)
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -33,6 +44,7 @@ from annotation.models import (
     TaskCompletion,
 )
 from annotation.roles import Role
+from annotation.selectors import task_items_prefetch
 
 
 def password_generate() -> str:
@@ -184,12 +196,12 @@ def _wants_gold(*, project: Project, user: AbstractBaseUser) -> bool:
     """Whether the next task should be gold, so the person's gold share tracks the project's rate."""
     if project.gold_rate <= 0:
         return False
-    done = Assignment.objects.filter(task__project=project, user=user).exclude(
-        status=Assignment.Status.SKIPPED
+    shown = (
+        Assignment.objects.filter(task__project=project, user=user)
+        .exclude(status=Assignment.Status.SKIPPED)
+        .aggregate(total=Count("pk"), gold=Count("pk", filter=Q(task__is_gold=True)))
     )
-    total = done.count()
-    gold = done.filter(task__is_gold=True).count()
-    return gold < project.gold_rate * (total + 1)
+    return shown["gold"] < project.gold_rate * (shown["total"] + 1)
 
 
 def _claim_candidates(
@@ -217,21 +229,28 @@ def _claim_candidates(
 
 
 def _free_slot(*, task: Task, project: Project, now: datetime) -> int | None:
-    """Under the task's row lock: expire stale leases, then the lowest free slot (None if full)."""
-    Assignment.objects.filter(task=task, status=Assignment.Status.ACTIVE, lease_expires_at__lte=now).update(
-        status=Assignment.Status.EXPIRED
-    )
-    used = set(
-        Assignment.objects.filter(task=task, status__in=Assignment.LIVE_STATUSES).values_list(
-            "slot", flat=True
+    """Under the task's row lock: expire stale leases, then the lowest free slot (None if full).
+
+    Read first, and write (and read again) only when a lease is stale: that
+    saves a statement on nearly every claim. A read without stale leases holds
+    under the lock: a stale lease comes back to life only by a late submit,
+    which takes this lock too, and a skip or the reaper only frees slots, so a
+    read that raced one of them is merely conservative.
+    """
+    live = Assignment.objects.filter(task=task, status__in=Assignment.LIVE_STATUSES).order_by()
+    rows = list(live.values_list("slot", "status", "lease_expires_at"))
+    if any(status == Assignment.Status.ACTIVE and expires <= now for _slot, status, expires in rows):
+        live.filter(status=Assignment.Status.ACTIVE, lease_expires_at__lte=now).update(
+            status=Assignment.Status.EXPIRED
         )
-    )
+        rows = list(live.values_list("slot", "status", "lease_expires_at"))
+    used = {slot for slot, _status, _expires in rows}
     if task.is_gold:
         return max(used, default=-1) + 1
     return next((slot for slot in range(project.overlap) if slot not in used), None)
 
 
-def _display_order(*, task: Task, project: Project) -> tuple[list[int], int | None]:
+def _display_order(*, items: list[TaskCompletion], project: Project) -> tuple[list[int], int | None]:
     """The order this person sees the task's completions in, and (A/B) the policy on the left.
 
     Ranking: a uniformly random permutation. A/B: the side is random while
@@ -240,11 +259,7 @@ def _display_order(*, task: Task, project: Project) -> tuple[list[int], int | No
     policy is on each side half the time (give or take the claims racing
     with this one) while no person can predict the side.
     """
-    positions = list(
-        TaskCompletion.objects.filter(task=task)
-        .order_by("position")
-        .values_list("position", "completion__policy_id")
-    )
+    positions = [(item.position, item.completion.policy_id) for item in items]
     permutation = [position for position, _policy in positions]
     _random.shuffle(permutation)
     if project.kind != Project.Kind.AB or len(positions) != 2:
@@ -270,6 +285,8 @@ def _lock_task_with_free_slot(
     the last tasks would be told "nothing left" while slots remain. Waiting on
     a single row, holding no other, cannot deadlock.
     """
+    # The prompt comes along (the client shows it); only the task row is locked.
+    candidates = candidates.select_related("prompt")
     skipping = candidates.select_for_update(skip_locked=True, no_key=True, of=("self",))
     tried: list[int] = []
     for _attempt in range(_CLAIM_CANDIDATES):
@@ -315,6 +332,9 @@ def assignment_claim_next(
             .first()
         )
         if current is not None:
+            # Joined here rather than above: most claims find no lease, and the join costs them all.
+            current.task = Task.objects.select_related("prompt").get(pk=current.task_id)
+            current.task.project = project
             return current
         wants_gold = _wants_gold(project=project, user=user)
         kinds = [True, False] if wants_gold else [False]
@@ -323,7 +343,11 @@ def assignment_claim_next(
             task, slot = _lock_task_with_free_slot(candidates=candidates, project=project, now=now)
             if task is None:
                 continue
-            permutation, left_policy_id = _display_order(task=task, project=project)
+            # The caller shows the assignment: project, prompt and completions
+            # ride along, so showing it costs no further queries.
+            task.project = project
+            prefetch_related_objects([task], task_items_prefetch())
+            permutation, left_policy_id = _display_order(items=list(task.items.all()), project=project)
             return Assignment.objects.create(
                 task=task,
                 user=user,
@@ -351,7 +375,10 @@ def assignment_skip(*, assignment: Assignment, reason: str = "", now: datetime |
     changed = Assignment.objects.filter(pk=assignment.pk, status=Assignment.Status.ACTIVE).update(
         status=Assignment.Status.SKIPPED, skip_reason=reason, finished_at=now
     )
-    assignment.refresh_from_db()
+    # With what a client shows of it, read in the same query.
+    assignment.refresh_from_db(
+        from_queryset=Assignment.objects.select_related("task__project", "task__prompt")
+    )
     if changed != 1:
         raise AssignmentNotActive(
             assignment.status, f"This assignment is {assignment.status}; it cannot be skipped."
@@ -565,6 +592,7 @@ def comparisons_from_judgment(
 class SubmitResult:
     judgment: Judgment
     created: bool
+    comparisons: int
 
 
 def judgment_submit(
@@ -584,39 +612,39 @@ def judgment_submit(
         # Before the lookup below: the database refuses some strings (NUL) outright.
         raise JudgmentInvalid({"client_token": CLIENT_TOKEN_RULE})
     with transaction.atomic():
+        # Only the task's row is locked, as claims lock it: that orders this
+        # submit with any claim that would expire the lease and hand the slot
+        # on. (Locking the joined project row too would queue every submit of
+        # the project behind one another.)
+        task = (
+            Task.objects.select_for_update(no_key=True, of=("self",))
+            .select_related("project")
+            .get(pk=assignment.task_id)
+        )
+        project = task.project
+        # Looked up under the lock, so a retry sent while the first request is
+        # still being stored waits for it and gets its judgment back.
         previous = Judgment.objects.filter(user=user, client_token=answer.client_token).first()
         if previous is not None:
             if previous.assignment_id != assignment.pk:
                 raise JudgmentInvalid({"client_token": "already used for another assignment"})
-            return SubmitResult(previous, created=False)
+            return SubmitResult(previous, created=False, comparisons=previous.comparisons.count())
 
-        task = (
-            Task.objects.select_for_update(no_key=True)
-            .select_related("project", "prompt")
-            .get(pk=assignment.task_id)
-        )
-        project = task.project
-        locked = Assignment.objects.select_for_update(no_key=True).get(pk=assignment.pk)
-        items = list(
-            TaskCompletion.objects.filter(task=task).select_related("completion").order_by("position")
-        )
+        items = list(task.items.select_related("completion").order_by("position"))
         judgment_validate(answer=answer, project=project, uids=[str(item.completion.uid) for item in items])
 
-        if locked.status == Assignment.Status.SUBMITTED:
-            raise AssignmentNotActive("submitted", "This task was already answered with another submission.")
-        if locked.status == Assignment.Status.SKIPPED:
-            raise AssignmentNotActive("skipped", "This task was skipped; the answer was not stored.")
-        lease_running = locked.status == Assignment.Status.ACTIVE and locked.lease_expires_at > now
-        if not lease_running:
-            others = Assignment.objects.filter(_live_assignments(now), task=task).exclude(pk=locked.pk)
-            taken_over = others.filter(slot=locked.slot).exists() or (
-                not task.is_gold and others.count() >= project.overlap
+        # The usual case is one compare-and-set: the lease is still running.
+        finished = Assignment.objects.filter(
+            pk=assignment.pk, status=Assignment.Status.ACTIVE, lease_expires_at__gt=now
+        ).update(status=Assignment.Status.SUBMITTED, finished_at=now)
+        if finished != 1:
+            _late_submit_check(assignment=assignment, task=task, project=project, now=now)
+            Assignment.objects.filter(pk=assignment.pk).update(
+                status=Assignment.Status.SUBMITTED, finished_at=now
             )
-            if taken_over:
-                raise LeaseTakenOver("Your lease ran out and another person took over this task.")
 
         judgment = Judgment.objects.create(
-            assignment=locked,
+            assignment=assignment,
             task=task,
             user=user,
             ranks=answer.ranks,
@@ -628,13 +656,33 @@ def judgment_submit(
             strength=answer.strength,
             client_token=answer.client_token,
         )
-        Comparison.objects.bulk_create(
+        comparisons = Comparison.objects.bulk_create(
             comparisons_from_judgment(judgment=judgment, items=items, likert_margins=project.likert_enabled)
         )
-        Assignment.objects.filter(pk=locked.pk).update(status=Assignment.Status.SUBMITTED, finished_at=now)
         Task.objects.filter(pk=task.pk).update(judgment_count=F("judgment_count") + 1)
-        assignment.refresh_from_db()
-        return SubmitResult(judgment, created=True)
+        # What the row now holds, without reading it back: it is locked, and these are our writes.
+        assignment.status = Assignment.Status.SUBMITTED
+        assignment.finished_at = now
+        return SubmitResult(judgment, created=True, comparisons=len(comparisons))
+
+
+def _late_submit_check(*, assignment: Assignment, task: Task, project: Project, now: datetime) -> None:
+    """Under the task's lock, for an assignment whose lease is not running: may its answer still be stored?
+
+    Raises AssignmentNotActive when it was submitted or skipped already, and
+    LeaseTakenOver when someone else holds its slot or the task is full.
+    """
+    locked = Assignment.objects.select_for_update(no_key=True).get(pk=assignment.pk)
+    if locked.status == Assignment.Status.SUBMITTED:
+        raise AssignmentNotActive("submitted", "This task was already answered with another submission.")
+    if locked.status == Assignment.Status.SKIPPED:
+        raise AssignmentNotActive("skipped", "This task was skipped; the answer was not stored.")
+    others = Assignment.objects.filter(_live_assignments(now), task=task).exclude(pk=locked.pk)
+    taken_over = others.filter(slot=locked.slot).exists() or (
+        not task.is_gold and others.count() >= project.overlap
+    )
+    if taken_over:
+        raise LeaseTakenOver("Your lease ran out and another person took over this task.")
 
 
 # --- A/B sessions -------------------------------------------------------------

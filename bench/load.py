@@ -1,7 +1,30 @@
 """Benchmark: 100 labelers claiming and ranking at once against gunicorn and PostgreSQL.
 
     .venv/bin/python bench/load.py [--seconds 120] [--users 100] [--tasks 30000]
-                                   [--workers 3] [--threads 4] [--keep]
+                                   [--workers 3] [--threads 4] [--think MIN,MAX] [--keep]
+
+Two runs answer two questions:
+
+    .venv/bin/python bench/load.py                 # saturation: how many requests/s the server does
+    .venv/bin/python bench/load.py --think 1,2     # paced: how long a labeler waits for an answer
+
+Saturation (the default, no think time): every labeler sends its next request
+the moment the last one is answered, so each of the N labelers always has one
+request in the server. By Little's law (requests in the system = throughput ×
+time in the system) the latency is then N / throughput, whatever one request
+costs: 100 labelers at 90 req/s wait about 1.1 s each. That latency is
+queueing, not service; what this run measures is the throughput, the capacity.
+Cheaper requests raise it, and lower the latency only in proportion.
+
+Paced (--think MIN,MAX seconds): after every call a labeler pauses for a time
+drawn uniformly from [MIN, MAX], as a person reads the task before answering
+and looks at the next one. N labelers with a mean pause Z then offer at most
+N / Z requests/s (100 labelers, 1–2 s: at most 67 req/s; N / (Z + latency)
+exactly). While that stays under the capacity, requests rarely wait for one
+another and the latency is close to what one request costs: the latency a
+labeler feels. If it does not, the run saturates too and the latency grows to
+N / throughput − Z. A person spends tens of seconds on a ranking, so 100
+labelers pausing 1–2 s stand for well over a thousand real ones.
 
 1. Creates a PostgreSQL database of its own (DATABASE_URL, by default
    postgres://postgres@127.0.0.1:5432/rankwise_load; dropped first if it is
@@ -13,15 +36,17 @@
 2. Starts `gunicorn config.wsgi` (gthread; by default 3 workers × 4 threads,
    sized for 2 cores that also run PostgreSQL and the load generator) on a
    free local port with production settings (DEBUG=0) except HTTPS.
+   Keep-alive outlasts the longest pause, so a paced labeler's connection is
+   not closed under it between calls.
 3. Runs locust headless for --seconds: every simulated labeler loops
    POST /api/projects/{id}/next → POST /api/assignments/{id}/judgment (the
-   4 completions ranked at random, a fresh client_token), with no think time,
-   and one in five iterations reads GET /api/projects/ instead: a cheap
-   endpoint measured in the same run, the baseline the others are compared
-   with. Users stop after their current iteration, so every submit sent is
-   also counted.
-4. Prints requests/s, p50/p95/p99 latency and errors per endpoint (and the
-   latency ratios to the baseline), then checks the invariants in SQL and
+   4 completions ranked at random, a fresh client_token), pausing after each
+   call when --think is given, and one in five iterations reads
+   GET /api/projects/ instead: a cheap endpoint measured in the same run, the
+   baseline the others are compared with. Users stop after their current
+   iteration, so every submit sent is also counted.
+4. Prints the pacing, requests/s, p50/p95/p99 latency and errors per endpoint
+   (and the latency ratios to the baseline), then checks the invariants in SQL and
    prints each as PASS/FAIL:
    - no person holds two assignments of one task;
    - judgments stored == submits answered 201;
@@ -147,7 +172,14 @@ def free_port() -> int:
 
 
 def gunicorn_start(
-    *, database_url: str, port: int, workers: int, threads: int, var_dir: str, log_path: Path
+    *,
+    database_url: str,
+    port: int,
+    workers: int,
+    threads: int,
+    keep_alive: int,
+    var_dir: str,
+    log_path: Path,
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -177,6 +209,10 @@ def gunicorn_start(
         str(threads),
         "--backlog",
         "512",
+        # gunicorn's default (2 s) is shorter than a paced labeler's pause: the
+        # server would close connections the client is about to reuse.
+        "--keep-alive",
+        str(keep_alive),
     ]
     with log_path.open("wb") as log:
         server = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -207,7 +243,9 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 # --- the run -------------------------------------------------------------------------
 
 
-def locust_run(*, host: str, users: int, seconds: int, config: Path, result: Path, log_path: Path) -> None:
+def locust_run(
+    *, host: str, users: int, seconds: int, stop_timeout: int, config: Path, result: Path, log_path: Path
+) -> None:
     command = [
         sys.executable,
         "-m",
@@ -224,7 +262,7 @@ def locust_run(*, host: str, users: int, seconds: int, config: Path, result: Pat
         "--run-time",
         f"{seconds}s",
         "--stop-timeout",
-        "30",  # users finish the iteration they are in: every submit sent is counted
+        str(stop_timeout),  # users finish the iteration they are in: every submit sent is counted
         "--only-summary",
         "--loglevel",
         "WARNING",
@@ -244,12 +282,24 @@ def percentile(values: list[float], fraction: float) -> float:
     return values[index]
 
 
-def report(result: dict[str, Any], *, workers: int, threads: int, users: int) -> None:
+def pacing_describe(*, users: int, think: tuple[float, float]) -> str:
+    low, high = think
+    if high == 0:
+        return f"{users} labelers, no think time (saturation: the throughput is the capacity)"
+    return (
+        f"{users} labelers pausing {low:g}–{high:g} s after every call (paced: the latency a labeler feels; "
+        f"they offer at most {users / ((low + high) / 2):.0f} req/s)"
+    )
+
+
+def report(
+    result: dict[str, Any], *, workers: int, threads: int, users: int, think: tuple[float, float]
+) -> None:
     elapsed = result["elapsed"]
     print()
     print(
-        f"{users} labelers, no think time, {elapsed:.0f} s measured; gunicorn gthread {workers}×{threads} "
-        f"on {os.cpu_count()} cores shared with PostgreSQL and locust "
+        f"{pacing_describe(users=users, think=think)}; {elapsed:.0f} s measured; "
+        f"gunicorn gthread {workers}×{threads} on {os.cpu_count()} cores shared with PostgreSQL and locust "
         f"(load average at the end: {os.getloadavg()[0]:.1f})"
     )
     header = f"{'endpoint':<10} {'requests':>9} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7}"
@@ -338,6 +388,19 @@ def invariants(*, project_id: int, submits_201: int) -> bool:
     return ok
 
 
+def think_parse(value: str) -> tuple[float, float]:
+    """`MIN,MAX` seconds (or one number for a fixed pause) → (MIN, MAX)."""
+    try:
+        parts = [float(part) for part in value.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or not all(math.isfinite(part) for part in parts) or not 0 <= parts[0] <= parts[1]:
+        raise argparse.ArgumentTypeError(f"{value!r}: give MIN,MAX seconds with 0 <= MIN <= MAX, e.g. 1,2")
+    return parts[0], parts[1]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=120)
@@ -345,13 +408,14 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=30_000)
     parser.add_argument("--workers", type=int, default=3, help="gunicorn worker processes")
     parser.add_argument("--threads", type=int, default=4, help="threads per gunicorn worker")
-    parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
     parser.add_argument(
-        "--claim-index",
-        action="store_true",
-        help="what-if: add an index on annotation_task (project_id, is_gold, judgment_count DESC, id), "
-        "the claim query's order, to this database only (the app's migrations do not have it)",
+        "--think",
+        type=think_parse,
+        default=(0.0, 0.0),
+        metavar="MIN,MAX",
+        help="pause after every call, drawn uniformly from MIN..MAX seconds (default 0,0: saturation)",
     )
+    parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
     args = parser.parse_args()
 
     database_url = os.environ.get("LOAD_DATABASE_URL", DEFAULT_DATABASE_URL)
@@ -367,13 +431,8 @@ def main() -> int:
     from django.db import connections
 
     call_command("migrate", verbosity=0)
-    config = seed(tasks=args.tasks, users=args.users)
+    config = {**seed(tasks=args.tasks, users=args.users), "think": list(args.think)}
     with connections["default"].cursor() as cursor:
-        if args.claim_index:
-            cursor.execute(
-                "CREATE INDEX bench_task_claim_order ON annotation_task (project_id, is_gold, judgment_count DESC, id)"
-            )
-            print("what-if: added index bench_task_claim_order (not in the app's migrations)")
         cursor.execute("ANALYZE")  # fresh bulk-loaded tables have no statistics; a live database has
     print(f"seeded {args.tasks} tasks and {args.users} labelers in {time.monotonic() - started:.0f} s")
     config_path, result_path = work / "config.json", work / "result.json"
@@ -386,6 +445,7 @@ def main() -> int:
         port=port,
         workers=args.workers,
         threads=args.threads,
+        keep_alive=math.ceil(args.think[1]) + 5,
         var_dir=str(work / "var"),
         log_path=work / "gunicorn.log",
     )
@@ -394,6 +454,7 @@ def main() -> int:
             host=f"http://127.0.0.1:{port}",
             users=args.users,
             seconds=args.seconds,
+            stop_timeout=30 + math.ceil(2 * args.think[1]),  # an iteration holds two pauses
             config=config_path,
             result=result_path,
             log_path=work / "locust.log",
@@ -401,7 +462,7 @@ def main() -> int:
     finally:
         stop(server)
     result = json.loads(result_path.read_text())
-    report(result, workers=args.workers, threads=args.threads, users=args.users)
+    report(result, workers=args.workers, threads=args.threads, users=args.users, think=args.think)
     ok = invariants(
         project_id=config["project"], submits_201=result["statuses"].get("submit", {}).get("201", 0)
     )
@@ -419,9 +480,11 @@ else:
     import random
     import uuid
 
-    from locust import FastHttpUser, events, task
+    import gevent
+    from locust import FastHttpUser, between, events, task
 
     _CONFIG = json.loads(Path(os.environ["LOAD_CONFIG"]).read_text())
+    _THINK_MIN, _THINK_MAX = _CONFIG["think"]
     _TOKENS = itertools.count()
     _RESULT: dict[str, Any] = {"times": {}, "errors": {}, "statuses": {}, "started": None}
 
@@ -444,7 +507,13 @@ else:
         Path(os.environ["LOAD_RESULT"]).write_text(json.dumps(_RESULT))
 
     class Labeler(FastHttpUser):
-        """Claims, ranks, submits; every fifth iteration reads the project list instead."""
+        """Claims, ranks, submits; every fifth iteration reads the project list instead.
+
+        Paced, it pauses after every call: locust waits `wait_time` after each
+        iteration, and the labeler itself between claim and submit.
+        """
+
+        wait_time = between(_THINK_MIN, _THINK_MAX)
 
         def on_start(self) -> None:
             token = _CONFIG["tokens"][next(_TOKENS) % len(_CONFIG["tokens"])]
@@ -471,6 +540,9 @@ else:
                     claimed.failure(f"status {claimed.status_code}")
                     return
                 assignment = claimed.json()
+            if _THINK_MAX > 0:
+                # gevent.sleep, not self.wait(): a stopping run lets the labeler submit what it claimed.
+                gevent.sleep(self.wait_time())
             ranks = list(range(1, K + 1))
             random.shuffle(ranks)
             answer = {

@@ -7,6 +7,7 @@ import math
 from datetime import timedelta
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
@@ -282,3 +283,84 @@ def test_the_openapi_schema_describes_the_endpoints(client):
     assert "/api/projects/{project_id}/next" in paths
     assert "/api/assignments/{assignment_id}/judgment" in paths
     assert "409" in paths["/api/assignments/{assignment_id}/judgment"]["post"]["responses"]
+
+
+# Statements one claim and one submit send, counted with the savepoint pair the
+# service's transaction becomes inside a test. A claim: token, project and role,
+# the lease already held, the locked task with its prompt, its slots, its
+# completions, the insert. A submit: token, assignment, the locked task and its
+# project, the client token, the completions, the lease's compare-and-set, the
+# judgment, its comparisons in one insert, the task's count.
+CLAIM_QUERIES = 7 + 2
+SUBMIT_QUERIES = 9 + 2
+
+
+@pytest.mark.django_db
+def test_a_claim_and_a_submit_each_cost_a_fixed_number_of_queries(team, django_assert_max_num_queries):
+    # given a labeler who has already ranked one task (a session under way)
+    client = token_client(team["alice"])
+    project = team["project"]
+    first = client.post(f"/api/projects/{project.pk}/next").json()
+    answer = {"ranks": ranks_in_display_order(first), "client_token": "warm-1"}
+    assert client.post(f"/api/assignments/{first['id']}/judgment", answer, format="json").status_code == 201
+
+    # when she claims the next task and submits it
+    with django_assert_max_num_queries(CLAIM_QUERIES):
+        claimed = client.post(f"/api/projects/{project.pk}/next")
+    body = claimed.json()
+    answer = {"ranks": ranks_in_display_order(body), "client_token": "next-1"}
+    with django_assert_max_num_queries(SUBMIT_QUERIES):
+        stored = client.post(f"/api/assignments/{body['id']}/judgment", answer, format="json")
+
+    # then both did their whole job within that budget
+    assert claimed.status_code == 200 and len(body["completions"]) == 3
+    assert body["prompt"]["text"] and all(c["text"] for c in body["completions"])
+    assert stored.status_code == 201 and stored.json()["comparisons"] == math.comb(3, 2)
+    assert Assignment.objects.get(pk=body["id"]).status == Assignment.Status.SUBMITTED
+
+
+@pytest.mark.django_db
+def test_claiming_again_while_holding_a_lease_returns_it_whole_at_no_extra_cost(
+    team, django_assert_max_num_queries
+):
+    client = token_client(team["alice"])
+    project = team["project"]
+    held = client.post(f"/api/projects/{project.pk}/next").json()
+    # token, project and role, the lease held, its task and prompt, its completions; the savepoints
+    with django_assert_max_num_queries(5 + 2):
+        again = client.post(f"/api/projects/{project.pk}/next").json()
+    assert again == held
+
+
+@pytest.mark.django_db
+def test_only_the_judging_role_of_the_projects_kind_may_claim(team):
+    # given a ranking project and an A/B session
+    project = team["project"]
+    session = Project.objects.create(name="a/b", kind=Project.Kind.AB, k=2)
+    both, evaluator = make_people(2, prefix="judge")
+    add_member(project, both, Role.LABELER)
+    add_member(project, both, Role.EVALUATOR)
+    add_member(session, both, Role.LABELER)
+    add_member(session, evaluator, Role.EVALUATOR)
+    root = get_user_model().objects.create_superuser("root", "root@example.com", None)
+
+    # then ranking is for labelers and A/B voting for evaluators, whatever else a person holds
+    assert token_client(both).post(f"/api/projects/{project.pk}/next").status_code == 200
+    assert token_client(both).post(f"/api/projects/{session.pk}/next").status_code == 404
+    assert token_client(evaluator).post(f"/api/projects/{session.pk}/next").status_code == 204  # no tasks
+    assert token_client(evaluator).post(f"/api/projects/{project.pk}/next").status_code == 404
+    # a superuser sees every project but judges only where they hold the role
+    assert token_client(root).get(f"/api/projects/{project.pk}/").status_code == 200
+    assert token_client(root).post(f"/api/projects/{project.pk}/next").status_code == 404
+    assert token_client(team["alice"]).post("/api/projects/99999/next").status_code == 404
+
+
+@pytest.mark.django_db
+def test_a_skip_answers_with_the_assignment_in_a_fixed_number_of_queries(team, django_assert_max_num_queries):
+    client = token_client(team["alice"])
+    held = client.post(f"/api/projects/{team['project'].pk}/next").json()
+    # token, assignment, the compare-and-set, the row read back with task, project and prompt, its completions
+    with django_assert_max_num_queries(5):
+        skipped = client.post(f"/api/assignments/{held['id']}/skip", {"reason": "unreadable"}, format="json")
+    assert skipped.status_code == 200
+    assert skipped.json() == {**held, "status": "skipped"}

@@ -7,7 +7,7 @@ from collections import Counter
 from datetime import timedelta
 
 import pytest
-from django.db import connection, connections
+from django.db import OperationalError, connection, connections, transaction
 from django.db.models import Count
 from django.utils import timezone
 
@@ -287,3 +287,73 @@ def test_a_gold_task_goes_to_every_labeler_beyond_the_overlap(make_project):
     claims = [assignment_claim_next(project=project, user=person) for person in people]
     assert all(claim is not None and claim.task.is_gold for claim in claims)
     assert sorted(claim.slot for claim in claims) == [0, 1, 2]
+
+
+def _lockable_from_another_connection(table: str, pk: int) -> bool:
+    """Whether another connection could lock the row right now (NOWAIT: it never waits)."""
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR NO KEY UPDATE NOWAIT", [pk])  # noqa: S608 — our table names
+                answer.append(cursor.fetchone() is not None)
+        except OperationalError:
+            answer.append(False)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join(timeout=30)
+    return answer == [True]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_submit_locks_its_task_but_not_the_project_so_submits_do_not_queue_on_it(make_project):
+    # given a labeler's lease
+    project = make_project(tasks=2, k=2, overlap=1)
+    (alice,) = make_people(1)
+    add_member(project, alice)
+    held = assignment_claim_next(project=project, user=alice)
+
+    # when her submit's transaction is still open
+    with transaction.atomic():
+        judgment_submit(assignment=held, user=alice, answer=_answer(held, "t1"))
+        rows = {
+            "annotation_task": held.task_id,
+            "annotation_project": project.pk,
+            "annotation_prompt": held.task.prompt_id,
+        }
+        lockable = {table: _lockable_from_another_connection(table, pk) for table, pk in rows.items()}
+
+    # then only the task is held: another task's submit could take the project and prompt rows' locks
+    assert lockable == {"annotation_task": False, "annotation_project": True, "annotation_prompt": True}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_retry_sent_while_the_first_submit_is_being_stored_gets_that_judgment_back(make_project):
+    # given a lease and one answer, sent twice at the same instant (a client retrying too early)
+    project = make_project(tasks=1, k=3)
+    (alice,) = make_people(1)
+    add_member(project, alice)
+    held = assignment_claim_next(project=project, user=alice)
+    answer = _answer(held, "same")
+    results = []
+
+    def send(_attempt: str) -> None:
+        results.append(
+            judgment_submit(assignment=Assignment.objects.get(pk=held.pk), user=alice, answer=answer)
+        )
+
+    # when both reach the service together
+    errors = _run_in_threads(["first", "retry"], send)
+
+    # then one stored the judgment and the other got it back, not a conflict
+    assert errors == []
+    assert sorted(result.created for result in results) == [False, True]
+    assert len({result.judgment.pk for result in results}) == 1
+    assert {result.comparisons for result in results} == {3}
+    assert Judgment.objects.count() == 1
+    assert Comparison.objects.count() == 3
+    assert Task.objects.get().judgment_count == 1
