@@ -1,5 +1,6 @@
 """Statistics of blind A/B votes: win rates with Wilson intervals, Bradley–Terry
-ratings with prompt-clustered bootstrap intervals, and position bias.
+ratings with prompt-clustered bootstrap intervals, position bias, and how
+often a scorer (a reward model) agrees with the votes.
 
 Pure functions over plain data (no ORM), so they are tested on simulated votes
 from policies of known strength.
@@ -19,7 +20,7 @@ Conventions, as in Chatbot Arena's published analysis:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,9 @@ MM_TOLERANCE = 1e-10
 # maximum-likelihood strengths finite when one policy never loses (it shrinks
 # ratings a little towards each other; Arena applies a similar regulariser).
 PRIOR_WINS = 0.5
+# Two scores this close (relative to their size, at least 1) are a scorer tie:
+# the same text scored in batches of different shapes differs in the last bits.
+SCORE_TIE_TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -179,3 +183,93 @@ def bradley_terry_ratings(
         for position, policy in enumerate(policies)
     ]
     return sorted(rows, key=lambda row: -float(row["rating"]))
+
+
+# --- agreement of scorers with the votes --------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScoredVote:
+    """A vote as a scorer sees it: which of two completions (by id) the evaluator chose.
+
+    For a tie or "both bad", `chosen` and `rejected` are just the two
+    completions, with no preference. The policies name the pair.
+    """
+
+    chosen: str
+    rejected: str
+    chosen_policy: str
+    rejected_policy: str
+    outcome: str  # "decisive", "tie" or "both_bad"
+
+
+def _scores_tie(first: float, second: float) -> bool:
+    return abs(first - second) <= SCORE_TIE_TOLERANCE * max(1.0, abs(first), abs(second))
+
+
+def _agreement_row(counts: dict[str, int]) -> dict[str, object]:
+    votes = counts["agree"] + counts["disagree"] + counts["scorer_ties"]
+    interval = wilson_interval(counts["agree"], votes)
+    return {
+        **counts,
+        "votes": votes,
+        "agreement": counts["agree"] / votes if votes else None,
+        "low": interval[0] if interval else None,
+        "high": interval[1] if interval else None,
+        "scorer_tie_rate": counts["scorer_ties"] / votes if votes else None,
+    }
+
+
+def scorer_agreement(
+    votes: Iterable[ScoredVote], scores: Mapping[str, Mapping[str, float]]
+) -> list[dict[str, object]]:
+    """Per scorer (`scores`: scorer -> completion id -> score), how often it agrees with the votes.
+
+    1. Only votes whose two completions the scorer scored count; decisive
+       votes it lacks a score for are counted as `unscored`.
+    2. A decisive vote (one side chosen) agrees when the scorer gave the
+       chosen completion the higher score, disagrees when the lower, and is a
+       scorer tie when the two are equal (SCORE_TIE_TOLERANCE).
+    3. `agreement` = agreeing votes / decisive votes used (scorer ties stay in
+       the denominator: a scorer that cannot tell the two apart did not
+       agree), with its 95% Wilson interval; `scorer_tie_rate` beside it.
+    4. Ties and "both bad" votes are counted (`human_ties`, `both_bad`) and
+       are neither agreement nor disagreement.
+    5. `pairs`: the same per unordered pair of policies, by name.
+
+    Rows are sorted by scorer.
+    """
+    votes = list(votes)
+    rows = []
+    for scorer in sorted(scores):
+        given = scores[scorer]
+        empty = {"agree": 0, "disagree": 0, "scorer_ties": 0}
+        totals = {**empty, "human_ties": 0, "both_bad": 0, "unscored": 0}
+        per_pair: dict[tuple[str, str], dict[str, int]] = {}
+        for vote in votes:
+            if vote.chosen not in given or vote.rejected not in given:
+                totals["unscored"] += vote.outcome == "decisive"
+                continue
+            if vote.outcome != "decisive":
+                totals["human_ties" if vote.outcome == "tie" else "both_bad"] += 1
+                continue
+            chosen, rejected = given[vote.chosen], given[vote.rejected]
+            verdict = (
+                "scorer_ties"
+                if _scores_tie(chosen, rejected)
+                else ("agree" if chosen > rejected else "disagree")
+            )
+            totals[verdict] += 1
+            pair = tuple(sorted((vote.chosen_policy, vote.rejected_policy)))
+            per_pair.setdefault((pair[0], pair[1]), dict(empty))[verdict] += 1
+        rows.append(
+            {
+                "scorer": scorer,
+                **_agreement_row(totals),
+                "pairs": [
+                    {"policy": first, "opponent": second, **_agreement_row(counts)}
+                    for (first, second), counts in sorted(per_pair.items())
+                ],
+            }
+        )
+    return rows

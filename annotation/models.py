@@ -322,3 +322,32 @@ class Comparison(models.Model):
     def __str__(self) -> str:
         sign = "=" if self.is_tie else ">"
         return f"{self.chosen_id} {sign} {self.rejected_id}"
+
+
+class CompletionScore(models.Model):
+    """A number a scorer gave a completion, e.g. a reward model's reward; read by the A/B results.
+
+    Why here, and why the scorer is a label rather than a foreign key: the
+    results page belongs to the human side, which must never import
+    `training` (DESIGN.md: training → annotation, never back). The training
+    side writes these rows; this side only needs to tell scorers apart and
+    name them ("reward model: rm-12"), so a plain label keeps the dependency
+    one-way and leaves room for scorers that are no reward model at all.
+    A renamed reward model gets a new label on its next scoring.
+
+    Scores are for managers only: nothing an evaluator can fetch reads them.
+    """
+
+    completion = models.ForeignKey(Completion, on_delete=models.CASCADE, related_name="scores")
+    scorer = models.CharField(max_length=300)
+    score = models.FloatField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["completion", "scorer"]
+        constraints = [
+            models.UniqueConstraint(fields=["completion", "scorer"], name="completionscore_one_per_scorer"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.scorer}: {self.score:.4g} for completion {self.completion_id}"

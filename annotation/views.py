@@ -13,9 +13,12 @@ from annotation.models import Project
 from annotation.rendering import markdown_to_safe_html
 from annotation.roles import Role, role_required
 from annotation.selectors import (
+    ab_scored_votes,
     ab_votes,
     assignment_items_in_display_order,
+    completion_scores,
     judgments_today_count,
+    project_completion_count,
     project_fraction_done,
     project_get_for_judge,
     project_get_for_user,
@@ -126,23 +129,33 @@ def evaluate_next(request: HttpRequest, project_id: int) -> HttpResponse:
 @require_GET
 @role_required(Role.MANAGER)
 def ab_results(request: HttpRequest, project_id: int) -> HttpResponse:
-    """Win rates, ratings with intervals, position bias and agreement of an A/B session."""
-    from annotation.ab_stats import bradley_terry_ratings, pair_table, position_bias
+    """Win rates, ratings with intervals, position bias, and agreement of the evaluators and of scorers."""
+    from annotation.ab_stats import bradley_terry_ratings, pair_table, position_bias, scorer_agreement
     from annotation.charts import interval_chart
     from annotation.stats import pairwise_agreement
 
     project = project_get_for_user(user=request.user, pk=project_id, role=Role.MANAGER)
     votes = ab_votes(project=project)
     ratings = bradley_terry_ratings(votes, rounds=AB_BOOTSTRAP_ROUNDS)
+    pairs = pair_table(votes)
+    # Scores are written by the training side (a reward model attached on the
+    # session's scoring page) and read here as plain rows, by scorer label.
+    scores = completion_scores(project=project)
+    scorers = scorer_agreement(ab_scored_votes(project=project), scores)
+    for row in scorers:
+        row["scored"] = len(scores[str(row["scorer"])])
     context = {
         "project": project,
         "votes_total": len(votes),
-        "pairs": pair_table(votes),
+        "pairs": pairs,
         "ratings": ratings,
         "ratings_chart": interval_chart(rows=ratings),
         "bias": position_bias(votes),
         "agreement": pairwise_agreement(project=project),
         "rounds": AB_BOOTSTRAP_ROUNDS,
+        "scorers": scorers,
+        "completions_total": project_completion_count(project=project),
+        "several_pairs": len(pairs) > 1,
     }
     return render(request, "annotation/ab_results.html", context)
 

@@ -264,11 +264,12 @@ CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_TIMEZONE = TIME_ZONE
 CELERY_TASK_DEFAULT_QUEUE = "default"
-# Training runs and generation jobs need a GPU; everything else (dataset
-# builds, reapers, e-mail) runs on the default queue.
+# Training runs, generation and scoring jobs need a GPU; everything else
+# (dataset builds, reapers, e-mail) runs on the default queue.
 CELERY_TASK_ROUTES = {
     "training.tasks.training_run_*": {"queue": "gpu"},
     "training.tasks.generation_job_*": {"queue": "gpu"},
+    "training.tasks.scoring_job_*": {"queue": "gpu"},
 }
 # A worker reserves one message at a time: a GPU job waiting behind a long
 # run on the same worker would otherwise sit idle while other GPUs are free.
@@ -291,6 +292,7 @@ CELERY_BEAT_SCHEDULE = {
     "reap-stalled-training-runs": {"task": "training.tasks.training_runs_reap", "schedule": 60.0},
     "reap-stuck-dataset-builds": {"task": "training.tasks.dataset_builds_reap", "schedule": 300.0},
     "reap-stalled-generation-jobs": {"task": "training.tasks.stalled_generation_jobs_reap", "schedule": 60.0},
+    "reap-stalled-scoring-jobs": {"task": "training.tasks.stalled_scoring_jobs_reap", "schedule": 60.0},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # Hard limit for a GPU job; the soft limit leaves time to save a checkpoint.

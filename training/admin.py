@@ -23,7 +23,7 @@ from django.utils.translation import gettext_lazy as _
 from annotation.models import Policy
 from annotation.roles import Role
 from annotation.selectors import projects_for_user
-from training.models import DatasetBuild, GenerationJob, RewardModel, TrainingRun
+from training.models import DatasetBuild, GenerationJob, RewardModel, ScoringJob, TrainingRun
 from training.selectors import (
     BUILD_OPTION_FIELDS,
     dataset_builds_for_user,
@@ -41,6 +41,7 @@ from training.services import (
     generation_job_cancel,
     generation_job_create,
     generation_job_validate,
+    scoring_job_cancel,
     training_run_cancel,
 )
 
@@ -383,4 +384,44 @@ class GenerationJobAdmin(admin.ModelAdmin):
     def cancel(self, request: HttpRequest, queryset: QuerySet[GenerationJob]) -> None:
         for job in queryset:
             generation_job_cancel(job=job)
+        self.message_user(request, _("Cancel requested."), messages.SUCCESS)
+
+
+@admin.register(ScoringJob)
+class ScoringJobAdmin(admin.ModelAdmin):
+    """Read-only: jobs are started on an A/B session's scoring page (through `scoring_job_create`)."""
+
+    list_display = ("__str__", "status", "scored", "attempts", "created_at", "page")
+    list_filter = ("status",)
+    search_fields = ("reward_model__name", "project__name")
+    list_select_related = ("reward_model", "project")
+    actions = ["cancel"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ScoringJob]:
+        managed = projects_for_user(user=request.user, role=Role.MANAGER)
+        return ScoringJob.objects.filter(project__in=managed).select_related("reward_model", "project")
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return [field.name for field in ScoringJob._meta.fields] + ["scored", "page"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description=_("Responses scored"))
+    def scored(self, obj: ScoringJob) -> str:
+        return f"{obj.completions_done} / {obj.completions_total}" if obj.completions_total else "—"
+
+    @admin.display(description=_("page"))
+    def page(self, obj: ScoringJob) -> str:
+        return format_html(
+            '<a href="{}">{}</a>', reverse("ab-session-scoring", args=[obj.project_id]), _("Progress")
+        )
+
+    @admin.action(description=_("Cancel the selected scoring jobs"))
+    def cancel(self, request: HttpRequest, queryset: QuerySet[ScoringJob]) -> None:
+        for job in queryset:
+            scoring_job_cancel(job=job)
         self.message_user(request, _("Cancel requested."), messages.SUCCESS)

@@ -13,12 +13,13 @@ from django.utils.translation import gettext_lazy as _
 from annotation.models import Policy, Project
 from annotation.roles import Role
 from annotation.selectors import projects_for_user
-from training.models import DatasetBuild, TrainingRun
+from training.models import DatasetBuild, RewardModel, TrainingRun
 from training.selectors import (
     BUILD_OPTION_FIELDS,
     dataset_builds_for_user,
     labeler_choices_for_builds,
     project_choices_for_builds,
+    reward_models_for_user,
 )
 
 
@@ -154,13 +155,35 @@ class ABSessionForm(forms.Form):
         min_value=1, max_value=8192, initial=256, help_text=_("For outputs that must be generated first.")
     )
     seed = forms.IntegerField(min_value=0, initial=0)
+    reward_model = forms.ModelChoiceField(
+        queryset=RewardModel.objects.none(),
+        required=False,
+        help_text=_(
+            "Optional: once the session exists, this reward model scores both sides of every pair "
+            "and the results show how often it agrees with the votes."
+        ),
+    )
 
     def __init__(self, *args: Any, user: AbstractBaseUser | AnonymousUser, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fields["source_project"].queryset = projects_for_user(user=user, role=Role.MANAGER)  # type: ignore[attr-defined]
+        self.fields["reward_model"].queryset = reward_models_for_user(user=user)  # type: ignore[attr-defined]
 
     def clean_policies(self) -> Any:
         policies = self.cleaned_data["policies"]
         if len(policies) < 2:
             raise forms.ValidationError(_("Pick at least two policies."))
         return policies
+
+
+class ScoringJobForm(forms.Form):
+    """Attach a reward model to an A/B session: it scores the session's completions on the gpu queue."""
+
+    reward_model = forms.ModelChoiceField(
+        queryset=RewardModel.objects.none(),
+        help_text=_("Reward models trained on data from projects you manage."),
+    )
+
+    def __init__(self, *args: Any, user: AbstractBaseUser | AnonymousUser, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["reward_model"].queryset = reward_models_for_user(user=user)  # type: ignore[attr-defined]

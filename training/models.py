@@ -479,3 +479,78 @@ class BestOfN(models.Model):
 
     def __str__(self) -> str:
         return f"best of {self.n} from {self.base_policy} by {self.reward_model}"
+
+
+class ScoringJob(models.Model):
+    """A reward model scoring every completion of a blind A/B session. This row is the source of truth.
+
+    The same lifecycle as a GenerationJob (and the same helpers in
+    training.services): queued → running → succeeded | failed | cancelled,
+    compare-and-set claims, an attempt cap, a heartbeat and a reaper. The
+    scores themselves are `annotation.CompletionScore` rows labelled
+    `scorer`, so the results page (human side) reads them without importing
+    this app; a retried attempt scores only the completions still lacking a
+    score under that label.
+    """
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", _("Queued")
+        RUNNING = "running", _("Running")
+        SUCCEEDED = "succeeded", _("Succeeded")
+        FAILED = "failed", _("Failed")
+        CANCELLED = "cancelled", _("Cancelled")
+
+    TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+    LIVE = (Status.QUEUED, Status.RUNNING)
+
+    reward_model = models.ForeignKey(RewardModel, on_delete=models.PROTECT, related_name="scoring_jobs")
+    project = models.ForeignKey(
+        Project,
+        on_delete=models.CASCADE,
+        related_name="scoring_jobs",
+        help_text=_("The A/B session whose completions are scored."),
+    )
+    # Fixed when the job is made, so every attempt writes under the same label.
+    scorer = models.CharField(max_length=300)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    cancel_requested = models.BooleanField(default=False)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    completions_done = models.PositiveIntegerField(default=0)
+    completions_total = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True)
+    log_tail = models.TextField(blank=True)
+    process_id = models.PositiveIntegerField(
+        null=True, blank=True, help_text=_("Scoring process of the current attempt.")
+    )
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["status", "heartbeat_at"])]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(completions_done__lte=F("completions_total")),
+                name="scoringjob_done_within_total",
+            ),
+            # One live job per session and reward model: a second would score the same completions.
+            models.UniqueConstraint(
+                fields=["project", "reward_model"],
+                condition=Q(status__in=["queued", "running"]),
+                name="scoringjob_one_live_per_session_and_model",
+                violation_error_message=_("This reward model is already scoring this session."),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"scoring {self.pk}: {self.reward_model} on {self.project}"
+
+    @property
+    def progress(self) -> float:
+        return self.completions_done / self.completions_total if self.completions_total else 0.0

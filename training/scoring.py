@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,44 @@ ADAPTER_CONFIG_FILENAME = "adapter_config.json"
 ADAPTER_WEIGHTS_FILENAME = "adapter_model.safetensors"
 
 Text = str | list[dict[str, Any]]
+
+# Completions scored and written together (one transaction, one progress step).
+COMPLETIONS_PER_BATCH = 64
+# Sequences in one forward pass of the reward model.
+SCORE_BATCH_SIZE = 16
+
+
+@dataclass(frozen=True)
+class ScoringSpec:
+    """Everything a scoring job's process needs (`training.scoring_process`), written by the task as JSON."""
+
+    job_id: int
+    attempt: int
+    project_id: int
+    # The label the scores are stored under (annotation.CompletionScore.scorer).
+    scorer: str
+    reward_model_path: str
+    # How the reward model's dataset build wrote rows: chat messages, or standard strings.
+    conversational: bool
+    # Tokens per prompt and completion the reward model was trained on (None: the model's own limit).
+    max_length: int | None = None
+    completions_per_batch: int = COMPLETIONS_PER_BATCH
+    batch_size: int = SCORE_BATCH_SIZE
+
+    def __post_init__(self) -> None:
+        if not self.scorer:
+            raise ValueError("a scoring job needs a scorer label")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {self.max_length}")
+        if self.completions_per_batch < 1 or self.batch_size < 1:
+            raise ValueError("batch sizes must be at least 1")
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ScoringSpec:
+        return cls(**json.loads(Path(path).read_text()))
 
 
 def _is_conversational(value: Text) -> bool:

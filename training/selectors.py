@@ -20,7 +20,7 @@ from django.utils import timezone
 from annotation.models import Comparison, Judgment, Membership, Project
 from annotation.roles import Role
 from annotation.selectors import projects_for_user
-from training.models import DatasetBuild, TrainingRun
+from training.models import DatasetBuild, RewardModel, ScoringJob, TrainingRun
 
 AnyUser = AbstractBaseUser | AnonymousUser
 
@@ -290,3 +290,35 @@ RUN_FILES = ("model.zip", "metrics.json", "log.txt")
 
 def training_run_final_dir(*, run: TrainingRun) -> Path:
     return Path(run.output_dir) / "final"
+
+
+# --- reward models and scoring jobs ------------------------------------------------
+
+
+def reward_models_for_user(*, user: AnyUser) -> QuerySet[RewardModel]:
+    """Reward models from runs the user may see (trained on data from projects they manage)."""
+    return RewardModel.objects.filter(run__in=training_runs_for_user(user=user))
+
+
+def scoring_jobs_for_session(*, project: Project) -> QuerySet[ScoringJob]:
+    """The session's scoring jobs, newest first (the caller has checked who may see the session)."""
+    return ScoringJob.objects.filter(project=project).select_related("reward_model", "created_by")
+
+
+def scoring_job_status(*, job: ScoringJob | None) -> dict[str, Any]:
+    """What the scoring page polls; the keys are the run page's, so its script (static/js/run.js) serves both."""
+    if job is None:
+        return {"status": "", "terminal": True}
+    return {
+        "id": job.pk,
+        "status": job.status,
+        "status_display": job.get_status_display(),
+        "step": job.completions_done,
+        "total_steps": job.completions_total,
+        "progress": round(job.progress, 4),
+        "eta_seconds": None,
+        "attempts": job.attempts,
+        "error": job.error,
+        "log_tail": job.log_tail,
+        "terminal": job.status in ScoringJob.TERMINAL,
+    }

@@ -9,31 +9,32 @@ way (see the section below).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Count, F
 from django.db.models.functions import Least
 from django.utils import timezone
 
-from annotation.models import Completion, Policy, Project, Prompt
+from annotation.models import Completion, CompletionScore, Policy, Project, Prompt
 from annotation.roles import Role
 from annotation.selectors import projects_for_user
 from annotation.services import tasks_create_for_project
-from training.models import BestOfN, DatasetBuild, GenerationJob, RewardModel, TrainingRun
-from training.selectors import BUILD_OPTION_FIELDS, dataset_build_dir
+from training.models import BestOfN, DatasetBuild, GenerationJob, RewardModel, ScoringJob, TrainingRun
+from training.selectors import BUILD_OPTION_FIELDS, dataset_build_dir, reward_models_for_user
 
 logger = logging.getLogger(__name__)
 
@@ -559,6 +560,194 @@ def dataset_builds_reap(*, now: datetime | None = None) -> list[int]:
     ]
 
 
+# --- GPU jobs: the lifecycle generation and scoring jobs share ------------------
+#
+# A GPU job's row (GenerationJob, ScoringJob) is the source of truth. The
+# Celery task claims the row (compare-and-set; each claim is one attempt
+# more, up to TRAINING_MAX_ATTEMPTS), starts the job's own process and waits
+# for it; the process heartbeats, writes its progress and records its outcome
+# on the row through the job's own services. The helpers below are that
+# lifecycle, written once over the job's model: both models have the same
+# status values and the same bookkeeping fields (attempts, cancel_requested,
+# heartbeat_at, started_at, finished_at, error, log_tail, process_id).
+
+GpuJob = GenerationJob | ScoringJob
+
+
+def _gpu_job_fail(
+    model: type[GpuJob],
+    *,
+    job_id: int,
+    error: str,
+    from_statuses: tuple[str, ...] = ("queued", "running"),
+    attempt: int | None = None,
+) -> bool:
+    """Fail the job (compare-and-set from the given statuses, and this attempt if given), keeping the reason."""
+    rows = model.objects.filter(pk=job_id, status__in=from_statuses)
+    if attempt is not None:
+        rows = rows.filter(attempts=attempt)
+    changed = rows.update(
+        status=model.Status.FAILED, error=error[-ERROR_MAX_CHARS:], finished_at=timezone.now()
+    )
+    return changed == 1
+
+
+def _gpu_job_claim(model: type[GpuJob], *, job_id: int, now: datetime | None = None) -> GpuJob | None:
+    """Move the job to `running` for this delivery, or return None if another delivery owns it.
+
+    A queued job is claimed by compare-and-set. A running job is taken over
+    only when its heartbeat stopped; a live or finished job makes a
+    redelivery a no-op. Each claim is a new attempt, up to the cap; a queued
+    job out of attempts is failed, saying so.
+    """
+    now = now or timezone.now()
+    max_attempts = settings.TRAINING_MAX_ATTEMPTS
+    claimed = model.objects.filter(
+        pk=job_id, status=model.Status.QUEUED, attempts__lt=max_attempts, cancel_requested=False
+    ).update(status=model.Status.RUNNING, attempts=F("attempts") + 1, started_at=now, heartbeat_at=now)
+    if not claimed:
+        stale = now - timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_S)
+        claimed = model.objects.filter(
+            pk=job_id, status=model.Status.RUNNING, heartbeat_at__lt=stale, attempts__lt=max_attempts
+        ).update(attempts=F("attempts") + 1, heartbeat_at=now)
+    if not claimed:
+        job = model.objects.filter(pk=job_id).first()
+        if job is not None and job.status == model.Status.QUEUED and job.attempts >= max_attempts:
+            _gpu_job_fail(
+                model,
+                job_id=job_id,
+                error=f"gave up after {job.attempts} attempts",
+                from_statuses=("queued",),
+            )
+        return None
+    return model.objects.get(pk=job_id)
+
+
+def _gpu_job_owned(model: type[GpuJob], *, job_id: int, attempt: int) -> Any:
+    """The job's row while it is running this attempt (empty otherwise)."""
+    return model.objects.filter(pk=job_id, status=model.Status.RUNNING, attempts=attempt)
+
+
+def _gpu_job_heartbeat(model: type[GpuJob], *, job_id: int, attempt: int) -> bool:
+    """Say the attempt is alive; False if the job is no longer this attempt's."""
+    return _gpu_job_owned(model, job_id=job_id, attempt=attempt).update(heartbeat_at=timezone.now()) == 1
+
+
+def _gpu_job_stop_reason(model: type[GpuJob], *, job_id: int, attempt: int) -> str | None:
+    """Why the attempt should stop between batches: "cancel" (asked to), "lost" (no longer its job), or None."""
+    row = model.objects.filter(pk=job_id).values("status", "attempts", "cancel_requested").first()
+    if row is None or row["status"] != model.Status.RUNNING or row["attempts"] != attempt:
+        return "lost"
+    return "cancel" if row["cancel_requested"] else None
+
+
+def _gpu_job_mark_cancelled(model: type[GpuJob], *, job_id: int, attempt: int) -> bool:
+    """The attempt stopped because a cancel was asked for: running → cancelled."""
+    now = timezone.now()
+    rows = _gpu_job_owned(model, job_id=job_id, attempt=attempt)
+    return rows.update(status=model.Status.CANCELLED, heartbeat_at=now, finished_at=now) == 1
+
+
+def _gpu_job_cancel(model: type[GpuJob], *, job_id: int) -> None:
+    """A queued job is cancelled at once; a running one is asked to stop (its process checks between batches)."""
+    now = timezone.now()
+    model.objects.filter(pk=job_id, status=model.Status.QUEUED).update(
+        status=model.Status.CANCELLED, cancel_requested=True, finished_at=now
+    )
+    model.objects.filter(pk=job_id, status=model.Status.RUNNING).update(cancel_requested=True)
+
+
+def _gpu_jobs_reap(
+    model: type[GpuJob], *, retry_note: str, enqueue: Callable[[int], object], now: datetime | None = None
+) -> list[int]:
+    """Jobs whose heartbeat stopped: back to the queue while attempts remain, else failed. Returns their ids.
+
+    Each move is a compare-and-set on the status and the heartbeat seen, so a
+    job that heartbeats meanwhile is left alone.
+    """
+    now = now or timezone.now()
+    stale = now - timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_S)
+    reaped = []
+    for job in model.objects.filter(status=model.Status.RUNNING, heartbeat_at__lt=stale):
+        same = model.objects.filter(pk=job.pk, status=model.Status.RUNNING, heartbeat_at=job.heartbeat_at)
+        if job.attempts < settings.TRAINING_MAX_ATTEMPTS and not job.cancel_requested:
+            if same.update(status=model.Status.QUEUED, error=f"heartbeat stopped; {retry_note}"):
+                transaction.on_commit(lambda job_id=job.pk: enqueue(job_id))
+                reaped.append(job.pk)
+        elif same.update(
+            status=model.Status.FAILED,
+            error=f"heartbeat stopped at {job.heartbeat_at:%Y-%m-%d %H:%M:%S} and no attempts remain",
+            finished_at=now,
+        ):
+            reaped.append(job.pk)
+    return reaped
+
+
+def _gpu_job_process_run(
+    model: type[GpuJob],
+    *,
+    job_id: int,
+    attempt: int,
+    module: str,
+    spec_path: Path,
+    what: str,
+    retry_note: str,
+    enqueue: Callable[[int], object],
+) -> None:
+    """Run `python -m MODULE SPEC` for a claimed attempt, wait for it, and clean up after a crash.
+
+    The process records success, cancellation and its own errors. If it
+    dies without doing so (killed, out of memory), the job goes back to
+    `queued` while attempts remain (the next attempt resumes where this one
+    stopped), or fails with the reason. The task's own end (soft time limit,
+    worker shutdown) stops the process group and fails the attempt.
+    """
+    log_path = spec_path.parent / f"process-attempt-{attempt}.log"
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", module, str(spec_path)],
+            cwd=settings.BASE_DIR,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        model.objects.filter(pk=job_id, attempts=attempt).update(process_id=process.pid)
+        try:
+            returncode = process.wait()
+        except BaseException:
+            # Soft time limit or worker shutdown: stop the whole process group, then report.
+            _process_group_stop(process)
+            _gpu_job_fail(
+                model,
+                job_id=job_id,
+                error="stopped: the task hit its time limit or its worker shut down",
+                attempt=attempt,
+            )
+            raise
+    model.objects.filter(pk=job_id, attempts=attempt).update(log_tail=_file_tail(log_path))
+    row = model.objects.filter(pk=job_id).values("status", "attempts", "cancel_requested").first()
+    if row is None or row["status"] != model.Status.RUNNING or row["attempts"] != attempt:
+        return  # the process recorded its own outcome, or a later attempt owns the job
+    reason = f"the {what} process exited with status {returncode}"
+    if returncode < 0:
+        reason = f"the {what} process was killed by signal {-returncode}"
+    if attempt < settings.TRAINING_MAX_ATTEMPTS and not row["cancel_requested"]:
+        requeued = model.objects.filter(pk=job_id, status=model.Status.RUNNING, attempts=attempt).update(
+            status=model.Status.QUEUED, error=f"attempt {attempt}: {reason}; {retry_note}"
+        )
+        if requeued:
+            enqueue(job_id)
+        return
+    _gpu_job_fail(
+        model,
+        job_id=job_id,
+        error=f"{reason} (attempt {attempt} of {settings.TRAINING_MAX_ATTEMPTS})",
+        attempt=attempt,
+    )
+
+
 # --- generation jobs ------------------------------------------------------------
 #
 # A generation job is a GPU job like a training run, and follows the same
@@ -684,32 +873,8 @@ def generation_job_enqueue(*, job_id: int) -> bool:
 
 
 def generation_job_claim(*, job_id: int, now: datetime | None = None) -> GenerationJob | None:
-    """Move the job to `running` for this delivery, or return None if another delivery owns it.
-
-    A queued job is claimed by compare-and-set. A running job is taken over
-    only when its heartbeat stopped; a live or finished job makes a
-    redelivery a no-op. Each claim is a new attempt, up to the cap.
-    """
-    now = now or timezone.now()
-    max_attempts = settings.TRAINING_MAX_ATTEMPTS
-    claimed = GenerationJob.objects.filter(
-        pk=job_id, status=GenerationJob.Status.QUEUED, attempts__lt=max_attempts, cancel_requested=False
-    ).update(
-        status=GenerationJob.Status.RUNNING, attempts=F("attempts") + 1, started_at=now, heartbeat_at=now
-    )
-    if not claimed:
-        stale = now - timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_S)
-        claimed = GenerationJob.objects.filter(
-            pk=job_id, status=GenerationJob.Status.RUNNING, heartbeat_at__lt=stale, attempts__lt=max_attempts
-        ).update(attempts=F("attempts") + 1, heartbeat_at=now)
-    if not claimed:
-        job = GenerationJob.objects.filter(pk=job_id).first()
-        if job is not None and job.status == GenerationJob.Status.QUEUED and job.attempts >= max_attempts:
-            generation_job_fail(
-                job_id=job_id, error=f"gave up after {job.attempts} attempts", from_statuses=("queued",)
-            )
-        return None
-    return GenerationJob.objects.get(pk=job_id)
+    """Move the job to `running` for this delivery, or return None if another delivery owns it (`_gpu_job_claim`)."""
+    return cast("GenerationJob | None", _gpu_job_claim(GenerationJob, job_id=job_id, now=now))
 
 
 def generation_job_spec(*, job: GenerationJob) -> Any:
@@ -770,57 +935,21 @@ def generation_job_execute(*, job_id: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / f"spec-attempt-{attempt}.json"
     spec.to_json(spec_path)
-    log_path = folder / f"process-attempt-{attempt}.log"
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "training.generation_process", str(spec_path)],
-            cwd=settings.BASE_DIR,
-            env=environment,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        GenerationJob.objects.filter(pk=job_id, attempts=attempt).update(process_id=process.pid)
-        try:
-            returncode = process.wait()
-        except BaseException:
-            # Soft time limit or worker shutdown: stop the whole process group, then report.
-            _process_group_stop(process)
-            generation_job_fail(
-                job_id=job_id,
-                error="stopped: the task hit its time limit or its worker shut down",
-                attempt=attempt,
-            )
-            raise
-    tail = _file_tail(log_path)
-    GenerationJob.objects.filter(pk=job_id, attempts=attempt).update(log_tail=tail)
-    job.refresh_from_db()
-    if job.status != GenerationJob.Status.RUNNING or job.attempts != attempt:
-        return  # the process recorded its own outcome, or a later attempt owns the job
-    reason = f"the generation process exited with status {returncode}"
-    if returncode < 0:
-        reason = f"the generation process was killed by signal {-returncode}"
-    if attempt < settings.TRAINING_MAX_ATTEMPTS and not job.cancel_requested:
-        requeued = GenerationJob.objects.filter(
-            pk=job_id, status=GenerationJob.Status.RUNNING, attempts=attempt
-        ).update(
-            status=GenerationJob.Status.QUEUED,
-            error=f"attempt {attempt}: {reason}; retrying the prompts not done yet",
-        )
-        if requeued:
-            generation_job_enqueue(job_id=job_id)
-        return
-    generation_job_fail(
+    _gpu_job_process_run(
+        GenerationJob,
         job_id=job_id,
-        error=f"{reason} (attempt {attempt} of {settings.TRAINING_MAX_ATTEMPTS})",
         attempt=attempt,
+        module="training.generation_process",
+        spec_path=spec_path,
+        what="generation",
+        retry_note="retrying the prompts not done yet",
+        enqueue=lambda queued_id: generation_job_enqueue(job_id=queued_id),
     )
 
 
 def _owned(*, job_id: int, attempt: int) -> Any:
     """The job's row while it is running this attempt (empty otherwise)."""
-    return GenerationJob.objects.filter(pk=job_id, status=GenerationJob.Status.RUNNING, attempts=attempt)
+    return _gpu_job_owned(GenerationJob, job_id=job_id, attempt=attempt)
 
 
 def generation_job_started(*, job_id: int, attempt: int, prompts_total: int, prompts_done: int) -> bool:
@@ -837,15 +966,12 @@ def generation_job_started(*, job_id: int, attempt: int, prompts_total: int, pro
 
 def generation_job_heartbeat(*, job_id: int, attempt: int) -> bool:
     """Say the attempt is alive; False if the job is no longer this attempt's."""
-    return _owned(job_id=job_id, attempt=attempt).update(heartbeat_at=timezone.now()) == 1
+    return _gpu_job_heartbeat(GenerationJob, job_id=job_id, attempt=attempt)
 
 
 def generation_job_stop_reason(*, job_id: int, attempt: int) -> str | None:
     """Why the attempt should stop between batches: "cancel" (asked to), "lost" (no longer its job), or None."""
-    row = GenerationJob.objects.filter(pk=job_id).values("status", "attempts", "cancel_requested").first()
-    if row is None or row["status"] != GenerationJob.Status.RUNNING or row["attempts"] != attempt:
-        return "lost"
-    return "cancel" if row["cancel_requested"] else None
+    return _gpu_job_stop_reason(GenerationJob, job_id=job_id, attempt=attempt)
 
 
 @transaction.atomic
@@ -927,13 +1053,7 @@ def generation_job_finish(*, job_id: int, attempt: int) -> bool:
 
 def generation_job_mark_cancelled(*, job_id: int, attempt: int) -> bool:
     """The attempt stopped because a cancel was asked for: running → cancelled."""
-    now = timezone.now()
-    return (
-        _owned(job_id=job_id, attempt=attempt).update(
-            status=GenerationJob.Status.CANCELLED, heartbeat_at=now, finished_at=now
-        )
-        == 1
-    )
+    return _gpu_job_mark_cancelled(GenerationJob, job_id=job_id, attempt=attempt)
 
 
 def generation_job_fail(
@@ -944,13 +1064,9 @@ def generation_job_fail(
     attempt: int | None = None,
 ) -> bool:
     """Fail the job (compare-and-set from the given statuses, and this attempt if given), keeping the reason."""
-    rows = GenerationJob.objects.filter(pk=job_id, status__in=from_statuses)
-    if attempt is not None:
-        rows = rows.filter(attempts=attempt)
-    changed = rows.update(
-        status=GenerationJob.Status.FAILED, error=error[-ERROR_MAX_CHARS:], finished_at=timezone.now()
+    return _gpu_job_fail(
+        GenerationJob, job_id=job_id, error=error, from_statuses=from_statuses, attempt=attempt
     )
-    return changed == 1
 
 
 def generation_job_cancel(*, job: GenerationJob) -> GenerationJob:
@@ -958,38 +1074,19 @@ def generation_job_cancel(*, job: GenerationJob) -> GenerationJob:
 
     Completions already written stay (they are whole: a batch is one transaction).
     """
-    now = timezone.now()
-    GenerationJob.objects.filter(pk=job.pk, status=GenerationJob.Status.QUEUED).update(
-        status=GenerationJob.Status.CANCELLED, cancel_requested=True, finished_at=now
-    )
-    GenerationJob.objects.filter(pk=job.pk, status=GenerationJob.Status.RUNNING).update(cancel_requested=True)
+    _gpu_job_cancel(GenerationJob, job_id=job.pk)
     job.refresh_from_db()
     return job
 
 
 def generation_jobs_reap(*, now: datetime | None = None) -> list[int]:
     """Jobs whose heartbeat stopped: back to the queue while attempts remain, else failed. Returns their ids."""
-    now = now or timezone.now()
-    stale = now - timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_S)
-    reaped = []
-    for job in GenerationJob.objects.filter(status=GenerationJob.Status.RUNNING, heartbeat_at__lt=stale):
-        same = GenerationJob.objects.filter(
-            pk=job.pk, status=GenerationJob.Status.RUNNING, heartbeat_at=job.heartbeat_at
-        )
-        if job.attempts < settings.TRAINING_MAX_ATTEMPTS and not job.cancel_requested:
-            if same.update(
-                status=GenerationJob.Status.QUEUED,
-                error="heartbeat stopped; retrying the prompts not done yet",
-            ):
-                transaction.on_commit(lambda job_id=job.pk: generation_job_enqueue(job_id=job_id))
-                reaped.append(job.pk)
-        elif same.update(
-            status=GenerationJob.Status.FAILED,
-            error=f"heartbeat stopped at {job.heartbeat_at:%Y-%m-%d %H:%M:%S} and no attempts remain",
-            finished_at=now,
-        ):
-            reaped.append(job.pk)
-    return reaped
+    return _gpu_jobs_reap(
+        GenerationJob,
+        retry_note="retrying the prompts not done yet",
+        enqueue=lambda job_id: generation_job_enqueue(job_id=job_id),
+        now=now,
+    )
 
 
 @transaction.atomic
@@ -1022,3 +1119,246 @@ def best_of_n_policy_create(
     )
     BestOfN.objects.create(policy=policy, base_policy=base_policy, reward_model=reward_model, n=int(n))
     return policy
+
+
+# --- scoring jobs ---------------------------------------------------------------
+#
+# A reward model scores every completion of a blind A/B session, so the
+# session's results can say how often it agrees with the votes. It is a GPU
+# job with the generation jobs' lifecycle (the `_gpu_job_*` helpers above);
+# its process is `python -m training.scoring_process SPEC.json`.
+#
+# Scores are annotation.CompletionScore rows labelled with the job's scorer:
+# the results page, on the human side, reads them without importing this app.
+# Each batch's scores are written with the progress in one transaction, as an
+# upsert on (completion, scorer): a retried attempt or a later job with the
+# same reward model rewrites the same numbers, never a second row.
+
+SCORER_MAX_CHARS = 300
+SCORE_NOT_CREATED = (
+    "The job queue (Redis) cannot be reached, so the scoring job was not created. "
+    "Check that Redis is running and REDIS_URL points at it, then try again."
+)
+
+
+def reward_model_scorer_label(*, reward_model: RewardModel) -> str:
+    """The label a reward model's scores carry on the annotation side (and on the results page)."""
+    return f"reward model: {reward_model.name}"[:SCORER_MAX_CHARS]
+
+
+def scoring_job_dir(*, job_id: int) -> Path:
+    """Where a job's specs and process logs go: ARTIFACTS_DIR/scoring/<id>/."""
+    return Path(settings.ARTIFACTS_DIR) / "scoring" / str(int(job_id))
+
+
+def scoring_job_create(
+    *, project: Project, reward_model: RewardModel, created_by: AbstractBaseUser | None
+) -> ScoringJob:
+    """Queue a job that scores every completion of the A/B session `project` with `reward_model`.
+
+    Raises ValidationError (by field) when the project is no A/B session, the
+    creator (when given) does not manage it or may not see the reward model,
+    or the reward model is already scoring the session; QueueUnavailable when
+    the broker does not answer. Either way nothing is created. The job is
+    queued once the caller's transaction commits.
+    """
+    errors: dict[str, str] = {}
+    if project.kind != Project.Kind.AB:
+        errors["project"] = "only blind A/B sessions are scored"
+    if created_by is not None:
+        if not projects_for_user(user=created_by, role=Role.MANAGER).filter(pk=project.pk).exists():
+            errors["project"] = "you can score only sessions you manage"
+        if not reward_models_for_user(user=created_by).filter(pk=reward_model.pk).exists():
+            errors["reward_model"] = "you can use only reward models trained on projects you manage"
+    live = ScoringJob.objects.filter(project=project, reward_model=reward_model, status__in=ScoringJob.LIVE)
+    if "reward_model" not in errors and live.exists():
+        errors["reward_model"] = "this reward model is already scoring this session"
+    if errors:
+        raise ValidationError(errors)
+    try:
+        broker_check()
+    except QueueUnavailable:
+        raise QueueUnavailable(SCORE_NOT_CREATED) from None
+    try:
+        with transaction.atomic():
+            job = ScoringJob.objects.create(
+                project=project,
+                reward_model=reward_model,
+                scorer=reward_model_scorer_label(reward_model=reward_model),
+                created_by=created_by,
+            )
+            transaction.on_commit(lambda: scoring_job_enqueue(job_id=job.pk))
+    except IntegrityError:  # a job made meanwhile holds the one live slot (see the model's constraint)
+        raise ValidationError({"reward_model": "this reward model is already scoring this session"}) from None
+    return job
+
+
+def scoring_job_enqueue(*, job_id: int) -> bool:
+    """Publish the job's task on the gpu queue; a job that cannot be queued is failed, saying why."""
+    from training.tasks import scoring_job_execute as scoring_job_execute_task
+
+    return _gpu_task_publish(
+        scoring_job_execute_task,
+        job_id,
+        lambda error: scoring_job_fail(job_id=job_id, error=error, from_statuses=("queued",)),
+    )
+
+
+def scoring_job_claim(*, job_id: int, now: datetime | None = None) -> ScoringJob | None:
+    """Move the job to `running` for this delivery, or return None if another delivery owns it (`_gpu_job_claim`)."""
+    return cast("ScoringJob | None", _gpu_job_claim(ScoringJob, job_id=job_id, now=now))
+
+
+def scoring_job_spec(*, job: ScoringJob) -> Any:
+    """The ScoringSpec of the job's current attempt (what its process reads).
+
+    The reward model reads prompts and completions the way its dataset build
+    wrote them (conversational or standard), and at most the tokens it was
+    trained on.
+    """
+    from training.scoring import ScoringSpec
+
+    reward_model = RewardModel.objects.select_related("run__dataset_build").get(pk=job.reward_model_id)
+    max_length = reward_model.run.hyperparameters.get("max_length")
+    return ScoringSpec(
+        job_id=job.pk,
+        attempt=job.attempts,
+        project_id=job.project_id,
+        scorer=job.scorer,
+        reward_model_path=reward_model.path,
+        conversational=reward_model.run.dataset_build.format == DatasetBuild.Format.CONVERSATIONAL,
+        max_length=int(max_length) if max_length else None,
+    )
+
+
+def scoring_job_execute(*, job_id: int) -> None:
+    """Run one delivery of the job's task: claim it, launch its process, wait, clean up after a crash."""
+    job = scoring_job_claim(job_id=job_id)
+    if job is None:
+        return
+    attempt = job.attempts
+    try:
+        spec = scoring_job_spec(job=job)
+    except Exception as error:
+        scoring_job_fail(job_id=job_id, error=f"{type(error).__name__}: {error}", attempt=attempt)
+        return
+    folder = scoring_job_dir(job_id=job_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    spec_path = folder / f"spec-attempt-{attempt}.json"
+    spec.to_json(spec_path)
+    _gpu_job_process_run(
+        ScoringJob,
+        job_id=job_id,
+        attempt=attempt,
+        module="training.scoring_process",
+        spec_path=spec_path,
+        what="scoring",
+        retry_note="retrying the completions not scored yet",
+        enqueue=lambda queued_id: scoring_job_enqueue(job_id=queued_id),
+    )
+
+
+def scoring_job_started(*, job_id: int, attempt: int, completions_total: int, completions_done: int) -> bool:
+    """Record the counts an attempt found; False if the job is no longer this attempt's."""
+    rows = _gpu_job_owned(ScoringJob, job_id=job_id, attempt=attempt)
+    return (
+        rows.update(
+            completions_total=completions_total,
+            completions_done=min(completions_done, completions_total),
+            heartbeat_at=timezone.now(),
+        )
+        == 1
+    )
+
+
+def scoring_job_heartbeat(*, job_id: int, attempt: int) -> bool:
+    """Say the attempt is alive; False if the job is no longer this attempt's."""
+    return _gpu_job_heartbeat(ScoringJob, job_id=job_id, attempt=attempt)
+
+
+def scoring_job_stop_reason(*, job_id: int, attempt: int) -> str | None:
+    """Why the attempt should stop between batches: "cancel" (asked to), "lost" (no longer its job), or None."""
+    return _gpu_job_stop_reason(ScoringJob, job_id=job_id, attempt=attempt)
+
+
+@transaction.atomic
+def scoring_job_write_batch(*, job_id: int, attempt: int, scores: dict[int, float]) -> int | None:
+    """Store a batch's scores (completion id -> score) and move the progress, in one transaction.
+
+    Only completions of the job's session are written. Returns how many, or
+    None (nothing written) when the job is no longer this attempt's. A score
+    that is not a finite number raises ValueError: a broken model must fail
+    the job, not put NaN into the results.
+    """
+    job = (
+        _gpu_job_owned(ScoringJob, job_id=job_id, attempt=attempt)
+        .select_for_update()
+        .only("pk", "project_id", "scorer")
+        .first()
+    )
+    if job is None:
+        return None
+    bad = sorted(pk for pk, value in scores.items() if not math.isfinite(value))
+    if bad:
+        raise ValueError(f"the reward model gave no finite score for completion(s) {bad[:10]}")
+    completion_ids = Completion.objects.filter(pk__in=list(scores), prompt__project_id=job.project_id)
+    rows = [
+        CompletionScore(completion_id=pk, scorer=job.scorer, score=float(scores[pk]))
+        for pk in completion_ids.order_by("pk").values_list("pk", flat=True)
+    ]
+    CompletionScore.objects.bulk_create(
+        rows, update_conflicts=True, unique_fields=["completion", "scorer"], update_fields=["score"]
+    )
+    ScoringJob.objects.filter(pk=job_id).update(
+        completions_done=Least(F("completions_done") + len(rows), F("completions_total")),
+        heartbeat_at=timezone.now(),
+    )
+    return len(rows)
+
+
+def scoring_job_finish(*, job_id: int, attempt: int) -> bool:
+    """Mark the attempt's job succeeded; False (and nothing changed) if the job is no longer this attempt's."""
+    now = timezone.now()
+    rows = _gpu_job_owned(ScoringJob, job_id=job_id, attempt=attempt)
+    return (
+        rows.update(
+            status=ScoringJob.Status.SUCCEEDED,
+            completions_done=F("completions_total"),
+            heartbeat_at=now,
+            finished_at=now,
+        )
+        == 1
+    )
+
+
+def scoring_job_mark_cancelled(*, job_id: int, attempt: int) -> bool:
+    """The attempt stopped because a cancel was asked for: running → cancelled."""
+    return _gpu_job_mark_cancelled(ScoringJob, job_id=job_id, attempt=attempt)
+
+
+def scoring_job_fail(
+    *,
+    job_id: int,
+    error: str,
+    from_statuses: tuple[str, ...] = ("queued", "running"),
+    attempt: int | None = None,
+) -> bool:
+    """Fail the job (compare-and-set from the given statuses, and this attempt if given), keeping the reason."""
+    return _gpu_job_fail(ScoringJob, job_id=job_id, error=error, from_statuses=from_statuses, attempt=attempt)
+
+
+def scoring_job_cancel(*, job: ScoringJob) -> ScoringJob:
+    """A queued job is cancelled at once; a running one stops after its current batch (scores written stay)."""
+    _gpu_job_cancel(ScoringJob, job_id=job.pk)
+    job.refresh_from_db()
+    return job
+
+
+def scoring_jobs_reap(*, now: datetime | None = None) -> list[int]:
+    """Jobs whose heartbeat stopped: back to the queue while attempts remain, else failed. Returns their ids."""
+    return _gpu_jobs_reap(
+        ScoringJob,
+        retry_note="retrying the completions not scored yet",
+        enqueue=lambda job_id: scoring_job_enqueue(job_id=job_id),
+        now=now,
+    )

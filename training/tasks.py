@@ -1,11 +1,12 @@
 """Celery tasks of the training side: thin wrappers that take ids and call services.
 
-Dataset builds run on the `default` queue (only training runs and generation
-jobs are routed to `gpu`, see CELERY_TASK_ROUTES).
+Dataset builds run on the `default` queue (only training runs, generation
+jobs and scoring jobs are routed to `gpu`, see CELERY_TASK_ROUTES).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task, shared_task
@@ -17,9 +18,12 @@ from training.services import (
     dataset_builds_reap,
     generation_job_fail,
     generation_jobs_reap,
+    scoring_job_fail,
+    scoring_jobs_reap,
     training_run_fail,
 )
 from training.services import generation_job_execute as generation_job_execute_service
+from training.services import scoring_job_execute as scoring_job_execute_service
 from training.services import training_run_execute as training_run_execute_service
 from training.services import training_runs_reap as training_runs_reap_service
 
@@ -83,35 +87,58 @@ def dataset_builds_reap_task() -> list[int]:
     return dataset_builds_reap()
 
 
-class GenerationJobTask(Task):
-    """Fails the job, with the reason, when the task dies outside the job's process (the row is the truth)."""
+class GpuJobTask(Task):
+    """Fails the job's row, with the reason, when the task dies outside the job's process (the row is the truth)."""
+
+    job_fail: Callable[..., bool]
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         job_id = kwargs.get("job_id", args[0] if args else None)
         if job_id is not None:
-            generation_job_fail(job_id=int(job_id), error=f"{type(exc).__name__}: {exc}")
+            type(self).job_fail(job_id=int(job_id), error=f"{type(exc).__name__}: {exc}")
 
 
-@shared_task(
-    name="training.tasks.generation_job_execute",
-    base=GenerationJobTask,
-    ignore_result=True,
-    # As for training runs: acknowledged once the job is over; a lost worker
-    # puts the message back, and the redelivery takes over only if the job's
-    # heartbeat stopped (generation_job_claim). The attempt cap lives on the row.
-    acks_late=True,
-    reject_on_worker_lost=True,
-    soft_time_limit=settings.TRAINING_SOFT_TIME_LIMIT_S,
-    time_limit=settings.TRAINING_TIME_LIMIT_S,
-)
+class GenerationJobTask(GpuJobTask):
+    job_fail = staticmethod(generation_job_fail)
+
+
+class ScoringJobTask(GpuJobTask):
+    job_fail = staticmethod(scoring_job_fail)
+
+
+# As for training runs: acknowledged once the job is over; a lost worker puts
+# the message back, and the redelivery takes over only if the job's heartbeat
+# stopped (`_gpu_job_claim`). The attempt cap lives on the row.
+GPU_JOB_TASK_OPTIONS: dict[str, Any] = {
+    "ignore_result": True,
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "soft_time_limit": settings.TRAINING_SOFT_TIME_LIMIT_S,
+    "time_limit": settings.TRAINING_TIME_LIMIT_S,
+}
+
+
+@shared_task(name="training.tasks.generation_job_execute", base=GenerationJobTask, **GPU_JOB_TASK_OPTIONS)
 def generation_job_execute(job_id: int) -> None:
     """Launch the job's own process (`python -m training.generation_process`) and wait. No torch here."""
     generation_job_execute_service(job_id=int(job_id))
 
 
-# Not named generation_job_*: CELERY_TASK_ROUTES would send it to the gpu queue,
-# behind the jobs it is meant to watch.
+@shared_task(name="training.tasks.scoring_job_execute", base=ScoringJobTask, **GPU_JOB_TASK_OPTIONS)
+def scoring_job_execute(job_id: int) -> None:
+    """Launch the job's own process (`python -m training.scoring_process`) and wait. No torch here."""
+    scoring_job_execute_service(job_id=int(job_id))
+
+
+# Not named generation_job_* / scoring_job_*: CELERY_TASK_ROUTES would send
+# them to the gpu queue, behind the jobs they are meant to watch.
 @shared_task(name="training.tasks.stalled_generation_jobs_reap", ignore_result=True)
 def stalled_generation_jobs_reap() -> list[int]:
     """Generation jobs whose heartbeat stopped go back to the queue (attempts left) or fail."""
     return generation_jobs_reap()
+
+
+@shared_task(name="training.tasks.stalled_scoring_jobs_reap", ignore_result=True)
+def stalled_scoring_jobs_reap() -> list[int]:
+    """Scoring jobs whose heartbeat stopped go back to the queue (attempts left) or fail."""
+    return scoring_jobs_reap()

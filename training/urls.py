@@ -11,6 +11,12 @@ urlpatterns = [
     path("datasets/<int:build_id>/status", views.dataset_build_status_view, name="dataset-build-status"),
     path("datasets/<int:build_id>/files/<str:key>", views.dataset_build_download, name="dataset-build-file"),
     path("ab-sessions/new", views.ab_session_new, name="ab-session-new"),
+    path("ab-sessions/<int:project_id>/scoring", views.ab_session_scoring, name="ab-session-scoring"),
+    path(
+        "ab-sessions/<int:project_id>/scoring/status",
+        views.ab_session_scoring_status,
+        name="ab-session-scoring-status",
+    ),
     path("training/runs/", views.training_run_list, name="training-run-list"),
     path("training/runs/new", views.training_run_new, name="training-run-new"),
     path("training/runs/<int:run_id>/", views.training_run_detail, name="training-run-detail"),

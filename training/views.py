@@ -14,14 +14,15 @@ from django.db import IntegrityError
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.utils.translation import gettext as _
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_GET, require_POST
 
 from annotation.charts import line_chart
-from annotation.models import Policy
+from annotation.models import Policy, Project
 from annotation.roles import Role, role_required
+from annotation.selectors import ab_session_get_for_manager
 from annotation.services import MissingOutputs, ab_session_create
-from training.forms import ABSessionForm, DatasetBuildForm, TrainingRunForm
-from training.models import DatasetBuild, TrainingRun
+from training.forms import ABSessionForm, DatasetBuildForm, ScoringJobForm, TrainingRunForm
+from training.models import DatasetBuild, RewardModel, TrainingRun
 from training.selectors import (
     BUILD_OPTION_FIELDS,
     BUILD_OUTPUTS,
@@ -33,6 +34,8 @@ from training.selectors import (
     dataset_build_get_for_user,
     dataset_build_status,
     dataset_builds_for_user,
+    scoring_job_status,
+    scoring_jobs_for_session,
     training_run_eta_seconds,
     training_run_final_dir,
     training_run_get_for_user,
@@ -44,6 +47,7 @@ from training.services import (
     QueueUnavailable,
     dataset_build_create,
     generation_job_create,
+    scoring_job_create,
     training_run_cancel,
     training_run_create,
 )
@@ -298,8 +302,26 @@ def ab_session_new(request: HttpRequest) -> HttpResponse:
             form.add_error(None, str(error))
         else:
             messages.success(request, _("The A/B session is ready. Add evaluators to it in the admin."))
+            if data["reward_model"] is not None:
+                _ab_score(request, project, data["reward_model"])
             return redirect("ab-results", project.pk)
     return render(request, "training/ab_session_form.html", {"form": form}, status=status)
+
+
+def _ab_score(request: HttpRequest, project: Project, reward_model: RewardModel) -> None:
+    """Start scoring a session just made; the session stands even when scoring cannot start."""
+    try:
+        job = scoring_job_create(project=project, reward_model=reward_model, created_by=request.user)
+    except QueueUnavailable as error:
+        messages.warning(request, str(error))
+    except ValidationError as error:
+        messages.warning(request, " ".join(error.messages))
+    else:
+        messages.info(
+            request,
+            _("Scoring job #%(job)d was queued: %(model)s scores both sides of every pair.")
+            % {"job": job.pk, "model": reward_model.name},
+        )
 
 
 def _ab_generate_missing(request: HttpRequest, form: ABSessionForm, missing: MissingOutputs) -> int:
@@ -339,3 +361,39 @@ def _ab_generate_missing(request: HttpRequest, form: ABSessionForm, missing: Mis
         % {"count": len(missing.missing), "jobs": ", ".join(f"#{job.pk}" for job in jobs)},
     )
     return 202
+
+
+@role_required(Role.MANAGER)
+def ab_session_scoring(request: HttpRequest, project_id: int) -> HttpResponse:
+    """Attach a reward model to an A/B session (a scoring job on the gpu queue) and watch its jobs.
+
+    404 for any project but an A/B session the person manages.
+    """
+    project = ab_session_get_for_manager(user=request.user, pk=project_id)
+    form = ScoringJobForm(request.POST or None, user=request.user)
+    status = 200
+    if request.method == "POST" and form.is_valid():
+        try:
+            job = scoring_job_create(
+                project=project, reward_model=form.cleaned_data["reward_model"], created_by=request.user
+            )
+        except QueueUnavailable as error:
+            form.add_error(None, str(error))
+            status = 503
+        except ValidationError as error:
+            for field, field_messages in error.message_dict.items():
+                form.add_error(field if field in form.fields else None, field_messages)
+        else:
+            messages.success(request, _("Scoring job #%(job)d was queued.") % {"job": job.pk})
+            return redirect("ab-session-scoring", project.pk)
+    jobs = list(scoring_jobs_for_session(project=project)[:LIST_LIMIT])
+    context = {"project": project, "form": form, "jobs": jobs, "latest": jobs[0] if jobs else None}
+    return render(request, "training/ab_session_scoring.html", context, status=status)
+
+
+@require_GET
+@role_required(Role.MANAGER)
+def ab_session_scoring_status(request: HttpRequest, project_id: int) -> JsonResponse:
+    """The newest scoring job of the session, for the scoring page's script."""
+    project = ab_session_get_for_manager(user=request.user, pk=project_id)
+    return JsonResponse(scoring_job_status(job=scoring_jobs_for_session(project=project).first()))

@@ -53,6 +53,7 @@ from annotation.models import (
     Assignment,
     Comparison,
     Completion,
+    CompletionScore,
     Judgment,
     Membership,
     Policy,
@@ -66,7 +67,7 @@ from annotation.services import assignment_claim_next
 from tests.factories import user_with_roles
 from tests.training.test_builds_support import judge, make_manager, project_with_prompts, tasks_of
 from training import models as training_models
-from training.models import DatasetBuild, RewardModel, TrainingRun
+from training.models import DatasetBuild, RewardModel, ScoringJob, TrainingRun
 
 # Being added alongside this test (generation jobs); the matrix covers it once it exists.
 GenerationJob = getattr(training_models, "GenerationJob", None)
@@ -216,6 +217,12 @@ def build_world() -> World:
         "training.datasetbuild": build.pk,
         "training.trainingrun": run.pk,
         "training.rewardmodel": reward_model.pk,
+        "training.scoringjob": ScoringJob.objects.create(
+            project=ab_project,
+            reward_model=reward_model,
+            scorer="reward model: matrix rm",
+            created_by=manager,
+        ).pk,
     }
     if GenerationJob is not None:
         world.admin_targets["training.generationjob"] = GenerationJob.objects.create(
@@ -250,6 +257,8 @@ def database_state() -> dict[str, Any]:
         "runs": rows(TrainingRun, "status", "cancel_requested"),
         "generation_jobs": rows(GenerationJob, "status", "cancel_requested") if GenerationJob else [],
         "reward_models": rows(RewardModel, "name"),
+        "scoring_jobs": rows(ScoringJob, "status", "cancel_requested"),
+        "completion_scores": CompletionScore.objects.count(),
         "users": rows(User, "username", "password", "is_active", "is_staff", "is_superuser"),
         "groups": rows(Group, "name"),
         "tokens": rows(Token, "user_id"),
@@ -296,6 +305,15 @@ DOORS: dict[str, Door] = {
     "evaluate/<int:project_id>/": Door("page", ("GET",), Role.EVALUATOR, ab=True),
     "evaluate/<int:project_id>/next": Door("page", ("POST",), Role.EVALUATOR, ab=True),
     "manage/projects/<int:project_id>/results": Door("page", ("GET",), Role.MANAGER, ab=True),
+    # reward-model scoring of an A/B session: attaching a model the session's manager may use
+    "ab-sessions/<int:project_id>/scoring": Door(
+        "page",
+        ("GET", "POST"),
+        Role.MANAGER,
+        ab=True,
+        post=lambda world: {"form": {"reward_model": world.reward_model.pk}},
+    ),
+    "ab-sessions/<int:project_id>/scoring/status": Door("page", ("GET",), Role.MANAGER, ab=True),
     # annotation API
     "api/projects/<int:project_id>/": Door("api", ("GET",), own={"labeler": ("GET",), "evaluator": ("GET",)}),
     "api/projects/<int:project_id>/next": Door("api", ("POST",), own={"labeler": ("POST",)}),
@@ -509,6 +527,8 @@ def test_the_owners_do_get_through_so_the_refusals_above_are_about_who_asks(worl
         f"/api/training-runs/{world.run.pk}/",
         f"/admin/annotation/assignment/{world.held.pk}/change/",
         f"/admin/training/trainingrun/{world.run.pk}/change/",
+        f"/ab-sessions/{world.ab_project.pk}/scoring",
+        f"/ab-sessions/{world.ab_project.pk}/scoring/status",
     ):
         assert manager.get(url).status_code == 200, url
     assert holder.post(f"/api/projects/{world.project.pk}/next").json()["id"] == world.held.pk

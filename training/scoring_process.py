@@ -1,0 +1,189 @@
+"""The entry of a scoring job's own process.
+
+    python -m training.scoring_process SPEC.json
+
+The Celery task starts this process and waits for it; the process writes its
+own progress, heartbeat and terminal state to the job's row (through
+`training.services`), so a worker that dies mid-job loses nothing.
+
+1. Load the reward model (safetensors only, `training.scoring.reward_model_load`).
+2. List the session's completions that have no score under the job's scorer
+   label yet; the others are done (a retried attempt resumes here).
+3. Per batch of completions: stop if the job was cancelled or taken over;
+   render prompt and completion as the reward model's dataset build did;
+   read the rewards (`training.scoring.reward_scores`); write the batch's
+   scores and the progress in one transaction.
+4. Mark the job succeeded, or failed with the error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import django
+
+if TYPE_CHECKING:
+    from training.scoring import ScoringSpec
+
+HEARTBEAT_EVERY_S = 5.0
+
+
+@dataclass(frozen=True)
+class CompletionWork:
+    completion_id: int
+    text: str
+    prompt_text: str
+    prompt_messages: list[dict[str, Any]] | None
+
+
+class Heartbeat:
+    """Rate-limited heartbeats on the job's row; remembers whether the attempt still owns the job."""
+
+    def __init__(self, spec: ScoringSpec) -> None:
+        self.spec = spec
+        self.last = time.monotonic()
+        self.owned = True
+
+    def __call__(self) -> None:
+        if time.monotonic() - self.last < HEARTBEAT_EVERY_S:
+            return
+        from django.db import close_old_connections
+
+        from training.services import scoring_job_heartbeat
+
+        # A connection that died (PostgreSQL restarted) is replaced, not reused.
+        close_old_connections()
+        self.owned = scoring_job_heartbeat(job_id=self.spec.job_id, attempt=self.spec.attempt)
+        self.last = time.monotonic()
+
+
+def completions_to_score(spec: ScoringSpec) -> tuple[int, list[CompletionWork]]:
+    """(completions in the session, those still lacking a score under the job's label), in id order."""
+    from annotation.models import Completion
+
+    completions = Completion.objects.filter(prompt__project_id=spec.project_id)
+    lacking = (
+        completions.exclude(scores__scorer=spec.scorer)
+        .order_by("pk")
+        .values_list("pk", "text", "prompt__text", "prompt__messages")
+    )
+    return completions.count(), [CompletionWork(*row) for row in lacking.iterator(chunk_size=2000)]
+
+
+def token_limit(spec: ScoringSpec, model: Any) -> int | None:
+    """The most tokens a sequence may have: the training length, and never past the model's positions."""
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    limits = [limit for limit in (spec.max_length, positions) if limit]
+    return min(limits) if limits else None
+
+
+def scoring_job_run(spec: ScoringSpec, *, log: Any = print) -> str:
+    """Score what the session's completions lack; returns "succeeded", "cancelled" or "lost".
+
+    "lost": the job is no longer this attempt's (taken over, failed by hand):
+    nothing more is written and the row is left to whoever owns it.
+    """
+    from training.builds import completion_render, prompt_render
+    from training.generation import device_pick
+    from training.scoring import reward_model_load, reward_scores
+    from training.services import (
+        scoring_job_finish,
+        scoring_job_mark_cancelled,
+        scoring_job_started,
+        scoring_job_stop_reason,
+        scoring_job_write_batch,
+    )
+
+    started = time.monotonic()
+    heartbeat = Heartbeat(spec)
+    # Float32, the precision the reward model was trained in: the scores are compared, not sampled.
+    tokenizer, model = reward_model_load(spec.reward_model_path)
+    model.to(device_pick())
+    limit = token_limit(spec, model)
+    log(
+        f"job {spec.job_id} attempt {spec.attempt}: reward model loaded in {time.monotonic() - started:.1f} s"
+    )
+
+    total, work = completions_to_score(spec)
+    if not scoring_job_started(
+        job_id=spec.job_id, attempt=spec.attempt, completions_total=total, completions_done=total - len(work)
+    ):
+        return "lost"
+    log(f"{len(work)} of {total} completions lack a score from {spec.scorer}")
+    written = 0
+    for start in range(0, len(work), spec.completions_per_batch):
+        stop = scoring_job_stop_reason(job_id=spec.job_id, attempt=spec.attempt)
+        if stop == "cancel":
+            scoring_job_mark_cancelled(job_id=spec.job_id, attempt=spec.attempt)
+            log(f"cancelled after {written} scores")
+            return "cancelled"
+        if stop is not None or not heartbeat.owned:
+            log("the job is no longer this attempt's; stopping")
+            return "lost"
+        batch = work[start : start + spec.completions_per_batch]
+        values = reward_scores(
+            tokenizer,
+            model,
+            [
+                prompt_render(
+                    text=item.prompt_text, messages=item.prompt_messages, conversational=spec.conversational
+                )
+                for item in batch
+            ],
+            [completion_render(item.text, conversational=spec.conversational) for item in batch],
+            batch_size=spec.batch_size,
+            max_length=limit,
+            on_batch=heartbeat,
+        )
+        stored = scoring_job_write_batch(
+            job_id=spec.job_id,
+            attempt=spec.attempt,
+            scores={item.completion_id: value for item, value in zip(batch, values, strict=True)},
+        )
+        if stored is None:
+            log("the job is no longer this attempt's; the batch was not written")
+            return "lost"
+        written += stored
+        log(f"scored {written} of {len(work)}")
+    if not scoring_job_finish(job_id=spec.job_id, attempt=spec.attempt):
+        return "lost"
+    log(f"succeeded: {written} scores in {time.monotonic() - started:.1f} s")
+    return "succeeded"
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    django.setup()
+    from training.scoring import ScoringSpec
+    from training.services import scoring_job_fail
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m training.scoring_process SPEC.json", file=sys.stderr)
+        return 2
+    spec = ScoringSpec.from_json(args[0])
+    print(f"scoring job {spec.job_id}: attempt {spec.attempt} started", flush=True)
+    try:
+        scoring_job_run(spec, log=lambda line: print(line, flush=True))
+    except Exception as error:
+        traceback.print_exc()
+        scoring_job_fail(
+            job_id=spec.job_id,
+            error=f"{type(error).__name__}: {error}\n\n{traceback.format_exc()}",
+            from_statuses=("running",),
+            attempt=spec.attempt,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
