@@ -11,11 +11,12 @@ PIP := $(VENV)/bin/pip
 DEMO_HOST ?= 127.0.0.1
 DEMO_PORT ?= 8000
 
-.PHONY: help demo test lint format migrate clean
+.PHONY: help demo test loop lint format migrate clean
 
 help:
 	@echo "make demo    virtualenv, dependencies, migrations, demo users, Redis if needed, workers, web server"
 	@echo "make test    the whole test suite (PostgreSQL and Redis on 127.0.0.1)"
+	@echo "make loop    the whole loop on the demo task with simulated people, and its report"
 	@echo "make lint    ruff lint and format check"
 	@echo "make format  ruff format and autofix"
 
@@ -40,6 +41,12 @@ demo: $(VENV)/.runtime-installed
 	$(PY) manage.py seed_demo
 	HF_HUB_OFFLINE=1 $(PY) manage.py build_demo_model
 	$(PY) manage.py rundemo --host $(DEMO_HOST) --port $(DEMO_PORT)
+
+# The whole loop with simulated labelers and evaluators (see README, "The whole loop").
+loop: export DEBUG = 1
+loop: $(VENV)/.runtime-installed
+	$(PY) manage.py migrate --noinput
+	HF_HUB_OFFLINE=1 $(PY) manage.py simulate_loop $(LOOP_ARGS)
 
 test: $(VENV)/.dev-installed
 	$(PY) -m pytest $(PYTEST_ARGS)

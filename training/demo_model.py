@@ -26,7 +26,14 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from training.demo_task import DemoProblem, answer_is_correct, completion_canonical, demo_problems
+from training.demo_task import (
+    DemoProblem,
+    answer_confused,
+    answer_is_correct,
+    completion_canonical,
+    demo_problems,
+    sum_is_confusing,
+)
 
 BOS_TOKEN = "<|bos|>"  # noqa: S105 (a special token, not a secret)
 # One token ends a plain text and an assistant turn alike, so generation from
@@ -171,16 +178,28 @@ def demo_messages(problem: DemoProblem) -> list[dict[str, str]]:
     return [{"role": "user", "content": problem.prompt}]
 
 
+# On a confusing sum the teacher writes its one wrong answer this often (the
+# right one otherwise), so the SFT policy's most likely answer there is wrong
+# while its samples still hold the right one: what preferences can fix.
+CONFUSED_ANSWER_RATE = 0.6
+
+
 def answer_noisy(problem: DemoProblem, *, rng: random.Random, noise: float) -> int:
-    """The true answer with probability 1 - noise, otherwise one off by 1 to 3 (never negative)."""
-    if rng.random() >= noise:
-        return problem.answer
-    offsets = [d for d in (-3, -2, -1, 1, 2, 3) if problem.answer + d >= 0]
-    return problem.answer + rng.choice(offsets)
+    """The answer the demo's imperfect teacher writes.
+
+    A `noise` share of the sums are confusing (`sum_is_confusing`): on those
+    the teacher writes the same wrong answer (`answer_confused`) with
+    probability CONFUSED_ANSWER_RATE and the right one otherwise. Other sums
+    it always gets right. Mistakes that repeat, as a person's do, rather
+    than random ones that averaging would wash out.
+    """
+    if sum_is_confusing(problem, share=noise) and rng.random() < CONFUSED_ANSWER_RATE:
+        return answer_confused(problem)
+    return problem.answer
 
 
 def demo_sft_rows(problems: list[DemoProblem], *, seed: int, noise: float) -> list[dict[str, Any]]:
-    """TRL conversational prompt/completion rows whose answers are wrong a `noise` share of the time."""
+    """TRL conversational prompt/completion rows, answered by the imperfect teacher (`answer_noisy`)."""
     rng = random.Random(f"rankwise-demo-noise:{seed}")  # noqa: S311 (reproducible data, not secrets)
     rows = []
     for problem in problems:
@@ -270,7 +289,7 @@ def demo_model_build(
     out_dir: Path,
     steps: int,
     seed: int = 0,
-    noise: float = 0.35,
+    noise: float = 0.4,
     n_layer: int = 4,
     n_head: int = 4,
     n_embd: int = 128,
@@ -283,7 +302,8 @@ def demo_model_build(
     """Train the demo SFT policy from scratch on noisy arithmetic answers and save it to `out_dir`.
 
     1. Draw `train_count` train problems and give each a canonical answer
-       that is wrong (off by 1–3) with probability `noise`.
+       from an imperfect teacher: on a `noise` share of the sums it mostly
+       writes one fixed wrong answer (`answer_noisy`).
     2. Train a byte-level BPE tokenizer on that corpus and a random GPT-2.
     3. Fine-tune with TRL's SFTTrainer on conversational prompt/completion
        rows (loss on the completion only), CPU, full precision.

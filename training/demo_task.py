@@ -62,6 +62,8 @@ class DemoProblem:
     id: str
     prompt: str
     answer: int
+    # The sum to work out, e.g. "7 + 5": canonical completions show it first.
+    working: str = ""
 
 
 def problem_split(prompt: str) -> Split:
@@ -74,19 +76,21 @@ def _problem_random(rng: random.Random) -> DemoProblem:
     name = rng.choice(NAMES)
     obj = rng.choice(OBJECTS)
     operation = rng.choice(("add", "add", "subtract", "subtract", "multiply"))
+    # Small ranges (172 sums in all): every sum comes up many times in a few
+    # hundred problems, so what a policy learns about one carries to new wordings.
     if operation == "add":
-        a, b = rng.randint(1, 15), rng.randint(1, 15)
-        template, answer = rng.choice(ADD_TEMPLATES), a + b
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        template, answer, sign = rng.choice(ADD_TEMPLATES), a + b, "+"
     elif operation == "subtract":
-        a = rng.randint(2, 20)
+        a = rng.randint(2, 12)
         b = rng.randint(1, a - 1)
-        template, answer = rng.choice(SUBTRACT_TEMPLATES), a - b
+        template, answer, sign = rng.choice(SUBTRACT_TEMPLATES), a - b, "-"
     else:
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
-        template, answer = rng.choice(MULTIPLY_TEMPLATES), a * b
+        a, b = rng.randint(2, 6), rng.randint(2, 6)
+        template, answer, sign = rng.choice(MULTIPLY_TEMPLATES), a * b, "×"
     prompt = template.format(name=name, obj=obj, a=a, b=b)
     problem_id = "demo-" + hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:12]
-    return DemoProblem(id=problem_id, prompt=prompt, answer=answer)
+    return DemoProblem(id=problem_id, prompt=prompt, answer=answer, working=f"{a} {sign} {b}")
 
 
 def demo_problems(*, count: int, seed: int, split: Split = "train") -> list[DemoProblem]:
@@ -113,6 +117,23 @@ def demo_problems(*, count: int, seed: int, split: Split = "train") -> list[Demo
     return list(problems.values())
 
 
+def sum_is_confusing(problem: DemoProblem, *, share: float) -> bool:
+    """Whether the problem's sum is one of the `share` of sums the demo's teacher gets wrong.
+
+    Decided by the sum alone (its working, e.g. "7 + 5"), so every wording of
+    a sum, in either split, is confusing or not alike.
+    """
+    digest = hashlib.sha256(f"rankwise-confusing:{problem.working}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 10_000 < share * 10_000
+
+
+def answer_confused(problem: DemoProblem) -> int:
+    """The one wrong answer the teacher gives for a confusing sum: off by 1 or 2, never negative."""
+    digest = hashlib.sha256(f"rankwise-confused-answer:{problem.working}".encode()).digest()
+    offsets = [d for d in (-2, -1, 1, 2) if problem.answer + d >= 0]
+    return problem.answer + offsets[digest[0] % len(offsets)]
+
+
 def answer_subject(problem: DemoProblem) -> tuple[str, str]:
     """Who or what the answer sentence is about: ("Mia has", "apples") or ("The box has", ...)."""
     obj = next(o for o in OBJECTS if f" {o}" in problem.prompt)
@@ -126,10 +147,16 @@ def answer_subject(problem: DemoProblem) -> tuple[str, str]:
 
 def completion_canonical(problem: DemoProblem, *, answer: int | None = None) -> str:
     """The answer in the canonical format the demo model learns, e.g.
-    "Mia has 12 apples. The answer is 12." (`answer` overrides the true one)."""
+    "7 + 5 = 12. Mia has 12 apples. The answer is 12." (`answer` overrides the true one).
+
+    The working comes first so the sum sits next to its operands: a small
+    model then learns the arithmetic itself instead of guessing the answer
+    from the wording, and a reward model can check it in one place.
+    """
     value = problem.answer if answer is None else answer
     subject, obj = answer_subject(problem)
-    return f"{subject} {value} {obj}. The answer is {value}."
+    working = f"{problem.working} = {value}. " if problem.working else ""
+    return f"{working}{subject} {value} {obj}. The answer is {value}."
 
 
 def answer_extract(text: str) -> int | None:

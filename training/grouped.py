@@ -646,7 +646,8 @@ def _captured_output(module: torch.nn.Module) -> Iterator[dict[str, torch.Tensor
 
 @dataclass
 class GroupedDPOConfig(DPOConfig):
-    """DPOConfig for grouped rows (sigmoid loss); `per_device_train_batch_size` counts groups."""
+    """DPOConfig for grouped rows: the sigmoid loss, optionally with TRL's "sft" term
+    (`loss_type=["sigmoid", "sft"]`); `per_device_train_batch_size` counts groups."""
 
     tie_loss: bool = field(
         default=False,
@@ -663,7 +664,7 @@ class GroupedDPOConfig(DPOConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         unsupported = {
-            "loss_type": self.loss_type != ["sigmoid"],
+            "loss_type": self.loss_type not in (["sigmoid"], ["sigmoid", "sft"]),
             "ld_alpha": self.ld_alpha is not None,
             "f_divergence_type": self.f_divergence_type != "reverse_kl",
             "use_weighting": self.use_weighting,
@@ -671,7 +672,8 @@ class GroupedDPOConfig(DPOConfig):
         named = [name for name, bad in unsupported.items() if bad]
         if named:
             raise ValueError(
-                f"GroupedDPOConfig supports the standard sigmoid DPO loss only; unsupported: {', '.join(named)}"
+                "GroupedDPOConfig supports the standard sigmoid DPO loss (with an optional 'sft' term) only; "
+                f"unsupported: {', '.join(named)}"
             )
 
 
@@ -812,6 +814,13 @@ class GroupedDPOTrainer(DPOTrainer):
             )
         loss = 0.0
         loss += per_sequence_loss.mean() * self.loss_weights[0]
+        if "sft" in self.loss_types:
+            # TRL's "sft" term: the mean negative log-likelihood over the chosen
+            # side's completion tokens of every pair (a completion chosen in
+            # several pairs counts once per pair, as in the expanded batch).
+            chosen = pairs[:, 0]
+            completion_tokens = positions[chosen] >= prompt_lens[chosen][:, None]
+            loss += -token_logps[chosen][completion_tokens].mean() * self.loss_weights[1]
 
         _count_tokens(self, inputs)
         with torch.no_grad():

@@ -77,9 +77,9 @@ class LoopSettings:
     base_model: str
     base_url: str
     out_dir: Path
-    train_prompts: int = 600
-    heldout_prompts: int = 150
-    eval_prompts: int = 300
+    train_prompts: int = 1000
+    heldout_prompts: int = 200
+    eval_prompts: int = 400
     k: int = 4
     seed: int = 0
     temperature: float = 1.0
@@ -99,21 +99,32 @@ def distance_to_truth(problem: DemoProblem, text: str) -> int:
     return UNPARSEABLE if answer is None else abs(answer - problem.answer)
 
 
+def answer_grade(problem: DemoProblem, text: str) -> int:
+    """1 for the right answer, 2 for a wrong one, 3 for a completion that states no number."""
+    answer = answer_extract(text)
+    if answer is None:
+        return 3
+    return 1 if answer == problem.answer else 2
+
+
 def labeler_ranks(
     problem: DemoProblem, completions: dict[str, str], *, noise: float, rng: random.Random
 ) -> dict[str, int]:
-    """Ranks (1 = best, equal = tie) a labeler gives: nearer the true answer is better.
+    """Ranks (1 = best, equal = tie) a labeler gives after checking each answer.
 
-    With probability `noise` the labeler does not check and ranks at random.
+    Right answers first, wrong ones next, answers stating no number last;
+    answers of one grade tie (a checker knows right from wrong, not which
+    wrong answer is less wrong). With probability `noise` the labeler does
+    not check and ranks at random, without ties.
     """
     ids = list(completions)
     if rng.random() < noise:
         shuffled = ids[:]
         rng.shuffle(shuffled)
         return {uid: position + 1 for position, uid in enumerate(shuffled)}
-    distances = {uid: distance_to_truth(problem, completions[uid]) for uid in ids}
-    levels = sorted(set(distances.values()))
-    return {uid: levels.index(distances[uid]) + 1 for uid in ids}
+    grades = {uid: answer_grade(problem, completions[uid]) for uid in ids}
+    levels = sorted(set(grades.values()))
+    return {uid: levels.index(grades[uid]) + 1 for uid in ids}
 
 
 def evaluator_verdict(
@@ -359,7 +370,9 @@ class Loop:
             self._reward_accuracy(reward_run)
         with self.stage("blind A/B"):
             self._policy_accuracy()
-            self._ab()
+            session = self._ab()
+        with self.stage("reward model on the A/B votes"):
+            self._reward_agreement(session, reward_model_id=reward_run["reward_model"])
         self.report.total_seconds = round(time.monotonic() - started, 1)
         self._goals()
         return self.report
@@ -483,31 +496,50 @@ class Loop:
         return run
 
     def _reward_accuracy(self, run: dict[str, Any]) -> None:
-        """Pairs of held-out SFT samples whose distances to the truth differ: is the nearer one scored higher?"""
+        """The reward model's pairwise accuracy against the truth, on held-out and on training prompts."""
         from training.models import RewardModel
-        from training.scoring import reward_model_load, reward_scores
+        from training.scoring import reward_model_load
 
         reward_model = RewardModel.objects.get(pk=run["reward_model"])
         tokenizer, model = reward_model_load(reward_model.path)
-        groups: dict[int, list[Completion]] = {}
-        for completion in Completion.objects.filter(prompt__project=self.heldout_project, policy=self.sft):
-            groups.setdefault(completion.prompt_id, []).append(completion)
-        prompts = {p.pk: p for p in Prompt.objects.filter(project=self.heldout_project)}
-        items = [(prompts[pid], c) for pid, cs in groups.items() for c in cs]
+        heldout = self._pair_accuracy(tokenizer, model, self.heldout_project)
+        seen = self._pair_accuracy(tokenizer, model, self.train_project)
+        self.report.reward_model = {
+            "run": run["id"],
+            "accuracy_right_vs_wrong": heldout[0],
+            "accuracy_nearer_vs_farther": heldout[1],
+            "accuracy_train_right_vs_wrong": seen[0],
+            "accuracy_train_nearer_vs_farther": seen[1],
+            "run_metrics": run["metrics"],
+        }
+
+    def _pair_accuracy(
+        self, tokenizer: Any, model: Any, project: Project
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Over pairs of a project's SFT samples whose distances to the truth differ, how often the
+        nearer one scores higher: (pairs with one right answer, all such pairs)."""
+        from training.scoring import reward_scores
+
+        completions = list(
+            Completion.objects.filter(prompt__project=project, policy=self.sft).select_related("prompt")
+        )
         scores = reward_scores(
             tokenizer,
             model,
-            [prompt.messages for prompt, _ in items],
-            [[{"role": "assistant", "content": c.text}] for _, c in items],
+            [c.prompt.messages for c in completions],
+            [[{"role": "assistant", "content": c.text}] for c in completions],
             batch_size=64,
         )
-        score = {c.pk: s for (_, c), s in zip(items, scores, strict=True)}
+        score = {c.pk: s for c, s in zip(completions, scores, strict=True)}
+        groups: dict[int, list[Completion]] = {}
+        for completion in completions:
+            groups.setdefault(completion.prompt_id, []).append(completion)
         right_vs_wrong = [0, 0]
         nearer = [0, 0]
-        for pid, completions in groups.items():
-            problem = self.truth[prompts[pid].messages[0]["content"]]
-            for i, a in enumerate(completions):
-                for b in completions[i + 1 :]:
+        for group in groups.values():
+            problem = self.truth[group[0].prompt.messages[0]["content"]]
+            for i, a in enumerate(group):
+                for b in group[i + 1 :]:
                     da, db = distance_to_truth(problem, a.text), distance_to_truth(problem, b.text)
                     if da == db:
                         continue
@@ -515,15 +547,10 @@ class Loop:
                     hit = score[better.pk] > score[worse.pk]
                     nearer[0] += hit
                     nearer[1] += 1
-                    if answer_is_correct(problem, better.text):
+                    if da == 0 or db == 0:
                         right_vs_wrong[0] += hit
                         right_vs_wrong[1] += 1
-        self.report.reward_model = {
-            "run": run["id"],
-            "accuracy_right_vs_wrong": _interval_dict(*right_vs_wrong),
-            "accuracy_nearer_vs_farther": _interval_dict(*nearer),
-            "run_metrics": run["metrics"],
-        }
+        return _interval_dict(*right_vs_wrong), _interval_dict(*nearer)
 
     def _policy_accuracy(self) -> None:
         for key, policy in (("sft", self.sft), ("dpo", self.dpo)):
@@ -538,7 +565,7 @@ class Loop:
             None if sft is None or dpo is None else round(100 * (dpo - sft), 1)
         )
 
-    def _ab(self) -> None:
+    def _ab(self) -> Project:
         session = ab_session_create(
             name=f"Loop {self.tag}: SFT vs DPO",
             policies=[self.sft, self.dpo],
@@ -574,6 +601,36 @@ class Loop:
             "ratings": ratings,
             "position_bias": position_bias(votes),
             "names": {"sft": sft_name, "dpo": dpo_name},
+        }
+        return session
+
+    def _reward_agreement(self, session: Project, *, reward_model_id: int) -> None:
+        """The manager attaches the reward model to the session: a scoring job on the gpu queue scores
+        both sides of every pair; how often it sides with the evaluators is the results page's figure."""
+        from annotation.ab_stats import scorer_agreement
+        from annotation.selectors import ab_scored_votes, completion_scores
+        from training.models import RewardModel, ScoringJob
+        from training.services import scoring_job_create
+
+        job = scoring_job_create(
+            project=session, reward_model=RewardModel.objects.get(pk=reward_model_id), created_by=self.manager
+        )
+
+        def poll() -> tuple[bool, str]:
+            job.refresh_from_db()
+            if job.status in (ScoringJob.Status.FAILED, ScoringJob.Status.CANCELLED):
+                raise LoopFailed(f"scoring job {job.pk} {job.status}: {job.error}")
+            done = job.status == ScoringJob.Status.SUCCEEDED
+            return (
+                done,
+                f"job {job.pk} {job.status}, {job.completions_done}/{job.completions_total} completions",
+            )
+
+        self.wait_for("scoring the A/B session", poll)
+        rows = scorer_agreement(ab_scored_votes(project=session), completion_scores(project=session))
+        row = rows[0] if rows else {}
+        self.report.ab["reward_model_agreement"] = {
+            key: row.get(key) for key in ("agreement", "low", "high", "votes", "agree", "scorer_tie_rate")
         }
 
     def _evaluator_work(self, name: str, noise: float, token: str, project_id: int) -> dict[str, Any]:
@@ -645,6 +702,15 @@ def _interval_text(measure: dict[str, Any]) -> str:
     )
 
 
+def _agreement_text(agreement: dict[str, Any]) -> str:
+    if agreement.get("agreement") is None:
+        return "n/a"
+    return (
+        f"{_percent(agreement['agreement'])} ({agreement['agree']}/{agreement['votes']}; "
+        f"95% CI {_percent(agreement['low'])}–{_percent(agreement['high'])})"
+    )
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     """The report for people: goals first, then each stage's figures and timings."""
     settings = report["settings"]
@@ -683,8 +749,10 @@ def report_markdown(report: dict[str, Any]) -> str:
         "",
         f"- right answer scored above a wrong one: {_interval_text(reward['accuracy_right_vs_wrong'])}",
         f"- nearer answer scored above a farther one: {_interval_text(reward['accuracy_nearer_vs_farther'])}",
-        f"- on the build's test pairs (labelers' preferences, noisy): accuracy "
-        f"{_percent(reward['run_metrics'].get('accuracy'))}",
+        f"- the same on the training problems (what it was taught): "
+        f"{_interval_text(reward['accuracy_train_right_vs_wrong'])}",
+        f"- on the build's test pairs (the labelers' noisy preferences, not the truth): "
+        f"{_percent(reward['run_metrics'].get('pairwise_accuracy'))}",
         "",
         "## Policies against the truth (held-out problems, temperature 0.01)",
         "",
@@ -700,6 +768,9 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"{ab['ties']} ties (both right), {ab['both_bad']} both bad (both wrong).",
         "",
         f"- DPO win rate over decisive votes: {_interval_text(ab['dpo_win_rate'])}",
+        f"- the reward model sided with the evaluators on "
+        f"{_agreement_text(ab.get('reward_model_agreement') or {})} of the decisive votes "
+        "(scored by a scoring job on the gpu queue, as the results page shows it)",
         f"- left side won {_percent(ab['position_bias']['left_share'])} of decisive votes "
         f"(95% CI {_percent(ab['position_bias']['low'])}–{_percent(ab['position_bias']['high'])})",
         "",

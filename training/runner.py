@@ -115,6 +115,10 @@ class RunSpec:
     gradient_accumulation_steps: int = 1
     max_length: int = 512
     beta: float = 0.1  # DPO
+    # DPO: weight of a negative log-likelihood term on the chosen completions
+    # (TRL's loss_type "sft", the RPO paper's alpha); it keeps the policy near
+    # what people preferred while the DPO term moves it. 0: plain DPO.
+    sft_weight: float = 0.0
     center_rewards_coefficient: float | None = None  # reward
     use_margin: bool = True  # reward: use the margin column when present
     seed: int = 0
@@ -180,6 +184,7 @@ class RunSpec:
         ):
             _require(name, getattr(self, name) >= 1, "at least 1", getattr(self, name))
         _require("beta", self.beta > 0, "positive", self.beta)
+        _require("sft_weight", self.sft_weight >= 0, "0 or more", self.sft_weight)
         _require(
             "center_rewards_coefficient",
             self.center_rewards_coefficient is None or self.center_rewards_coefficient >= 0,
@@ -565,20 +570,23 @@ def _reward_trainer(spec: RunSpec, tokenizer: PreTrainedTokenizerBase, callbacks
 def _dpo_trainer(spec: RunSpec, tokenizer: PreTrainedTokenizerBase, callbacks: list[Any]) -> Trainer:
     from trl import DPOConfig, DPOTrainer
 
+    losses: dict[str, Any] = {"loss_type": ["sigmoid"]}
+    if spec.sft_weight > 0:
+        losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, spec.sft_weight]}
     if spec.trainer == "grouped":
         from training.grouped import GroupedDPOConfig, GroupedDPOTrainer
 
         args: DPOConfig = GroupedDPOConfig(
             **_common_args(spec),
             beta=spec.beta,
-            loss_type=["sigmoid"],
+            **losses,
             tie_loss=spec.grouped_tie_loss,
             packing=spec.grouped_packing,
         )
         trainer_class: type[DPOTrainer] = GroupedDPOTrainer
         train_dataset = grouped_dataset(spec.grouped_train_file or "")
     else:
-        args = DPOConfig(**_common_args(spec), beta=spec.beta, loss_type=["sigmoid"])
+        args = DPOConfig(**_common_args(spec), beta=spec.beta, **losses)
         trainer_class = DPOTrainer
         train_dataset = preference_dataset(spec.train_file, with_margin=False)
     model = _model_load(spec, tokenizer, reward=False)

@@ -1,14 +1,19 @@
 from __future__ import annotations
 
+import random
+
 import pytest
 
+from training.demo_model import answer_noisy
 from training.demo_task import (
     DemoProblem,
+    answer_confused,
     answer_extract,
     answer_is_correct,
     completion_canonical,
     demo_problems,
     problem_split,
+    sum_is_confusing,
 )
 
 MIA = DemoProblem(
@@ -57,6 +62,16 @@ def test_the_canonical_completion_states_the_true_answer() -> None:
     assert answer_is_correct(MIA, completion_canonical(MIA))
 
 
+def test_a_generated_problem_shows_its_working_first() -> None:
+    problem = next(p for p in demo_problems(count=50, seed=0) if " and buys " in p.prompt)
+    a, b = (int(word) for word in problem.prompt.split() if word.isdigit())
+
+    assert problem.working == f"{a} + {b}"
+    assert completion_canonical(problem).startswith(f"{a} + {b} = {a + b}. ")
+    assert answer_is_correct(problem, completion_canonical(problem))
+    assert answer_extract(completion_canonical(problem, answer=a + b + 2)) == a + b + 2
+
+
 def test_a_canonical_completion_can_carry_a_wrong_answer() -> None:
     completion = completion_canonical(MIA, answer=11)
 
@@ -91,3 +106,29 @@ def test_without_a_stated_answer_the_last_number_counts() -> None:
 
 def test_the_last_stated_answer_is_the_final_one() -> None:
     assert answer_extract("The answer is 13. No wait, the answer is: 12") == 12
+
+
+def test_a_confusing_sum_is_confusing_in_every_wording_and_split() -> None:
+    problems = demo_problems(count=400, seed=0) + demo_problems(count=200, seed=0, split="test")
+    by_sum: dict[str, set[bool]] = {}
+    for problem in problems:
+        by_sum.setdefault(problem.working, set()).add(sum_is_confusing(problem, share=0.4))
+
+    assert all(len(verdicts) == 1 for verdicts in by_sum.values())
+    share = sum(verdicts == {True} for verdicts in by_sum.values()) / len(by_sum)
+    assert 0.25 < share < 0.55
+
+
+def test_the_teacher_gives_one_fixed_wrong_answer_to_a_confusing_sum_and_never_errs_elsewhere() -> None:
+    problems = demo_problems(count=2000, seed=0)
+    rng = random.Random(0)
+    answers: dict[str, set[int]] = {}
+    for problem in problems:
+        answers.setdefault(problem.working, set()).add(answer_noisy(problem, rng=rng, noise=0.4))
+    for problem in {p.working: p for p in problems}.values():
+        if sum_is_confusing(problem, share=0.4):
+            assert answers[problem.working] <= {problem.answer, answer_confused(problem)}
+            assert 1 <= abs(answer_confused(problem) - problem.answer) <= 2
+            assert answer_confused(problem) >= 0
+        else:
+            assert answers[problem.working] == {problem.answer}

@@ -315,6 +315,7 @@ def dpo_trainers(
     precompute: bool = False,
     max_length: int | None = None,
     peft_config: Any = None,
+    losses: dict[str, Any] | None = None,
 ) -> tuple[Any, Any]:
     from trl import DPOConfig, DPOTrainer
 
@@ -325,6 +326,7 @@ def dpo_trainers(
         beta=0.1,
         precompute_ref_log_probs=precompute,
         per_device_train_batch_size=64,
+        **(losses or {}),
     )
     trainers = []
     for trainer_class, config, dataset in (
@@ -385,7 +387,26 @@ def test_the_grouped_dpo_loss_and_gradients_equal_trls_on_the_expanded_pairs(
     assert ("ref_token_logps" in grouped.train_dataset.column_names) is precompute
     if max_length is not None:
         assert max(len(ids) for group in grouped.train_dataset for ids in group["input_ids"]) == max_length
-    assert trl_loss.item() != pytest.approx(math.log(2), abs=1e-3)  # the log-ratios are not all zero
+    assert trl_loss.item() != pytest.approx(math.log(2), abs=1e-4)  # the log-ratios are not all zero
+    assert_same_loss_and_gradients(trl_loss, grouped_loss, trl.model, grouped.model)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_the_grouped_dpo_loss_with_trls_sft_term_equals_trls(
+    packing: bool, tiny_model_dir: Path, tokenizer: Any, tmp_path: Path
+) -> None:
+    # given DPO plus a negative log-likelihood term on the chosen side (RPO)
+    rows = grouped_rows(4, ties=False)
+    losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}
+    trl, grouped = dpo_trainers(tiny_model_dir, tokenizer, tmp_path, rows, packing=packing, losses=losses)
+    plain, _ = dpo_trainers(tiny_model_dir, tokenizer, tmp_path, rows, packing=packing)
+
+    # when both compute the loss on the whole batch
+    trl_loss = whole_batch_loss(trl, trl.model)
+    grouped_loss = whole_batch_loss(grouped, grouped.model)
+
+    # then they agree, and the term is really there (a chosen NLL of a few nats per token)
+    assert trl_loss.item() > whole_batch_loss(plain, plain.model).item() + 0.5
     assert_same_loss_and_gradients(trl_loss, grouped_loss, trl.model, grouped.model)
 
 

@@ -18,25 +18,31 @@ def answer(value: int) -> str:
     return f"Mia has {value} apples. The answer is {value}."
 
 
-def test_a_careful_labeler_ranks_by_distance_to_the_true_answer_and_ties_equal_distances():
-    completions = {"a": answer(14), "b": answer(12), "c": answer(11), "d": "I do not know.", "e": answer(13)}
+def test_a_careful_labeler_ranks_right_answers_first_then_wrong_ones_then_none_with_ties_within():
+    completions = {"a": answer(14), "b": answer(12), "c": answer(11), "d": "I do not know.", "e": answer(12)}
 
     ranks = labeler_ranks(PROBLEM, completions, noise=0.0, rng=random.Random(0))
 
-    assert ranks == {"b": 1, "c": 2, "e": 2, "a": 3, "d": 4}
+    assert ranks == {"b": 1, "e": 1, "a": 2, "c": 2, "d": 3}
+
+
+def test_without_a_right_answer_the_wrong_ones_still_beat_no_answer():
+    completions = {"a": answer(14), "b": "No idea."}
+
+    assert labeler_ranks(PROBLEM, completions, noise=0.0, rng=random.Random(0)) == {"a": 1, "b": 2}
 
 
 def test_a_noisy_labeler_ranks_at_random_about_as_often_as_its_noise_says():
-    completions = {"a": answer(12), "b": answer(13), "c": answer(15), "d": answer(20)}
-    honest = {"a": 1, "b": 2, "c": 3, "d": 4}
+    completions = {"a": answer(12), "b": answer(13), "c": "?", "d": answer(20)}
+    honest = {"a": 1, "b": 2, "c": 3, "d": 2}
     rng = random.Random(1)
 
     rankings = [labeler_ranks(PROBLEM, completions, noise=0.3, rng=rng) for _ in range(4000)]
 
-    # a random order equals the honest one 1 time in 24, so the share off it is 0.3 × 23/24
+    # a random order has no ties, so it never equals the honest one
     off = sum(ranks != honest for ranks in rankings) / len(rankings)
-    assert off == pytest.approx(0.3 * 23 / 24, abs=0.03)
-    assert all(sorted(ranks.values()) == [1, 2, 3, 4] for ranks in rankings)
+    assert off == pytest.approx(0.3, abs=0.03)
+    assert all(sorted(ranks.values()) in ([1, 2, 3, 4], [1, 2, 2, 3]) for ranks in rankings)
 
 
 @pytest.mark.parametrize(
@@ -101,7 +107,8 @@ def test_the_markdown_report_puts_the_goals_first_and_says_which_were_missed():
         "reward_model": {
             "accuracy_right_vs_wrong": measure(80, 100),
             "accuracy_nearer_vs_farther": measure(150, 200),
-            "run_metrics": {"accuracy": 0.7},
+            "accuracy_train_right_vs_wrong": measure(90, 100),
+            "run_metrics": {"pairwise_accuracy": 0.7},
         },
         "policies": {"sft": measure(30, 100), "dpo": measure(34, 100), "gain_points": 4.0},
         "ab": {

@@ -27,7 +27,7 @@ class Command(BaseCommand):
         parser.add_argument("--steps", type=int, default=None, help="optimizer steps")
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument(
-            "--noise", type=float, default=0.35, help="share of training answers that are wrong"
+            "--noise", type=float, default=0.4, help="share of the sums the teacher mostly gets wrong"
         )
         parser.add_argument("--quick", action="store_true", help="a tiny model in seconds (for tests)")
         parser.add_argument("--force", action="store_true", help="rebuild over an existing model")
@@ -78,7 +78,7 @@ class Command(BaseCommand):
                 f"  final loss:         {loss}\n"
                 f"  held-out accuracy:  {report.accuracy:.1%} "
                 f"({report.eval_problems} test problems, greedy)\n"
-                f"  training answers right: {report.train_labels_correct:.1%} (noise {report.noise})\n"
+                f"  training answers right: {report.train_labels_correct:.1%} (confusing sums: {report.noise:.0%})\n"
                 f"  size:               {report.parameters:,} parameters, "
                 f"{report.n_layer} layers × {report.n_embd}, vocabulary {report.vocab_size}"
             )

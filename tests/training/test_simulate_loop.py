@@ -1,0 +1,100 @@
+"""The whole loop, small: every stage runs for real (web server, database, Redis, a Celery worker,
+the JSON API) and the reward model learns what the simulated labelers taught it.
+
+The full-size run, with the goals against the truth on held-out problems, is `make loop`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from annotation.models import Comparison, Judgment, Project
+from training.loop import Loop, LoopSettings, report_write
+from training.models import DatasetBuild, GenerationJob, TrainingRun
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.worker,
+    pytest.mark.slow,
+    pytest.mark.timeout(1200),
+]
+
+
+@pytest.fixture(scope="module")
+def loop_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training.demo_model import demo_model_build
+    from training.management.commands.simulate_loop import QUICK_MODEL
+
+    out_dir = tmp_path_factory.mktemp("loop") / "sft"
+    demo_model_build(out_dir=out_dir, **QUICK_MODEL)
+    return out_dir
+
+
+def test_every_stage_of_the_loop_runs_and_the_reward_model_beats_chance(
+    loop_model: Path, live_server, celery_worker: str, tmp_path: Path
+):
+    from training.management.commands.simulate_loop import DPO_HYPERPARAMETERS, QUICK, REWARD_HYPERPARAMETERS
+
+    # given a running server and worker, and a small SFT policy
+    settings = LoopSettings(
+        base_model=str(loop_model),
+        base_url=live_server.url,
+        out_dir=tmp_path,
+        reward_hyperparameters=REWARD_HYPERPARAMETERS,
+        dpo_hyperparameters=DPO_HYPERPARAMETERS,
+        stage_timeout_s=600,
+        poll_s=0.5,
+        **QUICK,
+    )
+
+    # when the loop runs
+    report = Loop(settings, say=lambda line: None).run()
+    json_path, markdown_path = report_write(report, tmp_path)
+
+    # then every stage ran, in order
+    assert [stage.name for stage in report.stages] == [
+        "generate",
+        "label",
+        "build",
+        "train reward model",
+        "train DPO policy",
+        "generate held-out answers",
+        "score reward model against truth",
+        "blind A/B",
+        "reward model on the A/B votes",
+    ]
+    assert set(GenerationJob.objects.values_list("status", flat=True)) == {GenerationJob.Status.SUCCEEDED}
+    assert DatasetBuild.objects.get().status == DatasetBuild.Status.SUCCEEDED
+    assert sorted(TrainingRun.objects.values_list("kind", "status")) == [
+        ("dpo", "succeeded"),
+        ("reward", "succeeded"),
+    ]
+
+    # every training task was ranked once, through the API, as its C(4,2) comparisons
+    train = Project.objects.get(name__endswith=": train")
+    assert report.labeling["judgments"] == train.tasks.count() == QUICK["train_prompts"]
+    assert Judgment.objects.filter(task__project=train).count() == QUICK["train_prompts"]
+    assert Comparison.objects.filter(judgment__task__project=train).count() == 6 * QUICK["train_prompts"]
+
+    # every A/B pair got its vote, and nothing was left unanswered
+    session = Project.objects.get(kind=Project.Kind.AB)
+    assert report.ab["votes"] == session.tasks.count() == QUICK["eval_prompts"]
+    assert (
+        report.ab["dpo_wins"] + report.ab["sft_wins"] + report.ab["ties"] + report.ab["both_bad"]
+        == report.ab["votes"]
+    )
+
+    # the reward model learned the labelers' preferences: on the training problems it scores the
+    # right answer above a wrong one more often than a coin would
+    seen = report.reward_model["accuracy_train_right_vs_wrong"]
+    assert seen["trials"] >= 30, seen
+    assert seen["low"] > 0.5, seen
+    # and it was attached to the A/B session, whose every completion a scoring job scored
+    assert report.ab["reward_model_agreement"]["votes"] is not None
+
+    # and the report is written, both ways
+    assert json.loads(json_path.read_text())["goals"]
+    assert markdown_path.read_text().startswith("# Rankwise loop report")
