@@ -19,21 +19,17 @@ own progress, heartbeat and terminal state to the job's row (through
 
 from __future__ import annotations
 
-import os
 import sys
 import time
-import traceback
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import django
+from training.gpu_job_process import Heartbeat, gpu_job_main
 
 if TYPE_CHECKING:
     from training.generation import GenerationSpec
-
-HEARTBEAT_EVERY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -43,27 +39,6 @@ class PromptWork:
     messages: list[dict[str, Any]] | None
     content_hash: str
     existing: int  # completions the policy already has for it
-
-
-class Heartbeat:
-    """Rate-limited heartbeats on the job's row; remembers whether the attempt still owns the job."""
-
-    def __init__(self, spec: GenerationSpec) -> None:
-        self.spec = spec
-        self.last = time.monotonic()
-        self.owned = True
-
-    def __call__(self) -> None:
-        if time.monotonic() - self.last < HEARTBEAT_EVERY_S:
-            return
-        from django.db import close_old_connections
-
-        from training.services import generation_job_heartbeat
-
-        # A connection that died (PostgreSQL restarted) is replaced, not reused.
-        close_old_connections()
-        self.owned = generation_job_heartbeat(job_id=self.spec.job_id, attempt=self.spec.attempt)
-        self.last = time.monotonic()
 
 
 def prompts_to_generate(spec: GenerationSpec) -> tuple[int, list[PromptWork]]:
@@ -111,6 +86,7 @@ def generation_job_run(spec: GenerationSpec, *, log: Any = print) -> str:
     )
     from training.services import (
         generation_job_finish,
+        generation_job_heartbeat,
         generation_job_mark_cancelled,
         generation_job_started,
         generation_job_stop_reason,
@@ -118,7 +94,7 @@ def generation_job_run(spec: GenerationSpec, *, log: Any = print) -> str:
     )
 
     started = time.monotonic()
-    heartbeat = Heartbeat(spec)
+    heartbeat = Heartbeat(lambda: generation_job_heartbeat(job_id=spec.job_id, attempt=spec.attempt))
     tokenizer, model = policy_load(spec.policy)
     prompt_format = prompt_format_resolve(spec.policy)
     scorer = None
@@ -243,31 +219,24 @@ def generation_job_run(spec: GenerationSpec, *, log: Any = print) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    django.setup()
-    from training.generation import GenerationSpec
-    from training.services import generation_job_fail
+    def load(path: str) -> Any:
+        from training.generation import GenerationSpec
 
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m training.generation_process SPEC.json", file=sys.stderr)
-        return 2
-    spec = GenerationSpec.from_json(args[0])
-    print(f"generation job {spec.job_id}: attempt {spec.attempt} started", flush=True)
-    try:
-        generation_job_run(spec, log=lambda line: print(line, flush=True))
-    except Exception as error:
-        traceback.print_exc()
-        generation_job_fail(
-            job_id=spec.job_id,
-            error=f"{type(error).__name__}: {error}\n\n{traceback.format_exc()}",
-            from_statuses=("running",),
-            attempt=spec.attempt,
-        )
-        return 1
-    return 0
+        return GenerationSpec.from_json(path)
+
+    def fail(**values: Any) -> bool:
+        from training.services import generation_job_fail
+
+        return generation_job_fail(**values)
+
+    return gpu_job_main(
+        argv,
+        module="training.generation_process",
+        kind="generation",
+        load=load,
+        run=generation_job_run,
+        fail=fail,
+    )
 
 
 if __name__ == "__main__":

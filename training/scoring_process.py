@@ -18,19 +18,15 @@ own progress, heartbeat and terminal state to the job's row (through
 
 from __future__ import annotations
 
-import os
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import django
+from training.gpu_job_process import Heartbeat, gpu_job_main
 
 if TYPE_CHECKING:
     from training.scoring import ScoringSpec
-
-HEARTBEAT_EVERY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -39,27 +35,6 @@ class CompletionWork:
     text: str
     prompt_text: str
     prompt_messages: list[dict[str, Any]] | None
-
-
-class Heartbeat:
-    """Rate-limited heartbeats on the job's row; remembers whether the attempt still owns the job."""
-
-    def __init__(self, spec: ScoringSpec) -> None:
-        self.spec = spec
-        self.last = time.monotonic()
-        self.owned = True
-
-    def __call__(self) -> None:
-        if time.monotonic() - self.last < HEARTBEAT_EVERY_S:
-            return
-        from django.db import close_old_connections
-
-        from training.services import scoring_job_heartbeat
-
-        # A connection that died (PostgreSQL restarted) is replaced, not reused.
-        close_old_connections()
-        self.owned = scoring_job_heartbeat(job_id=self.spec.job_id, attempt=self.spec.attempt)
-        self.last = time.monotonic()
 
 
 def completions_to_score(spec: ScoringSpec) -> tuple[int, list[CompletionWork]]:
@@ -94,6 +69,7 @@ def scoring_job_run(spec: ScoringSpec, *, log: Any = print) -> str:
     from training.scoring import reward_model_load, reward_scores
     from training.services import (
         scoring_job_finish,
+        scoring_job_heartbeat,
         scoring_job_mark_cancelled,
         scoring_job_started,
         scoring_job_stop_reason,
@@ -101,7 +77,7 @@ def scoring_job_run(spec: ScoringSpec, *, log: Any = print) -> str:
     )
 
     started = time.monotonic()
-    heartbeat = Heartbeat(spec)
+    heartbeat = Heartbeat(lambda: scoring_job_heartbeat(job_id=spec.job_id, attempt=spec.attempt))
     # Float32, the precision the reward model was trained in: the scores are compared, not sampled.
     tokenizer, model = reward_model_load(spec.reward_model_path)
     model.to(device_pick())
@@ -158,31 +134,19 @@ def scoring_job_run(spec: ScoringSpec, *, log: Any = print) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    django.setup()
-    from training.scoring import ScoringSpec
-    from training.services import scoring_job_fail
+    def load(path: str) -> Any:
+        from training.scoring import ScoringSpec
 
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m training.scoring_process SPEC.json", file=sys.stderr)
-        return 2
-    spec = ScoringSpec.from_json(args[0])
-    print(f"scoring job {spec.job_id}: attempt {spec.attempt} started", flush=True)
-    try:
-        scoring_job_run(spec, log=lambda line: print(line, flush=True))
-    except Exception as error:
-        traceback.print_exc()
-        scoring_job_fail(
-            job_id=spec.job_id,
-            error=f"{type(error).__name__}: {error}\n\n{traceback.format_exc()}",
-            from_statuses=("running",),
-            attempt=spec.attempt,
-        )
-        return 1
-    return 0
+        return ScoringSpec.from_json(path)
+
+    def fail(**values: Any) -> bool:
+        from training.services import scoring_job_fail
+
+        return scoring_job_fail(**values)
+
+    return gpu_job_main(
+        argv, module="training.scoring_process", kind="scoring", load=load, run=scoring_job_run, fail=fail
+    )
 
 
 if __name__ == "__main__":
