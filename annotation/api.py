@@ -210,7 +210,12 @@ def _judgment_lines(project: Project) -> Iterator[str]:
         Judgment.objects.filter(task__project=project)
         .select_related("user", "task__prompt")
         .prefetch_related(
-            Prefetch("task__items", queryset=TaskCompletion.objects.select_related("completion__policy"))
+            Prefetch(
+                "task__items",
+                queryset=TaskCompletion.objects.select_related("completion__policy").prefetch_related(
+                    "completion__scores"
+                ),
+            )
         )
         .order_by("id")
     )
@@ -230,6 +235,8 @@ def _judgment_lines(project: Project) -> Iterator[str]:
                     "rank": judgment.ranks.get(str(item.completion.uid)),
                     "likert": judgment.likert.get(str(item.completion.uid)),
                     "flags": judgment.flags.get(str(item.completion.uid), []),
+                    # What scorers (e.g. an attached reward model) gave it; managers only, like the export.
+                    "scores": {score.scorer: score.score for score in item.completion.scores.all()},
                 }
                 for item in items
             ],

@@ -13,7 +13,16 @@ from django.utils import timezone
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from annotation.models import Assignment, Comparison, Judgment, Policy, Project, Prompt
+from annotation.models import (
+    Assignment,
+    Comparison,
+    Completion,
+    CompletionScore,
+    Judgment,
+    Policy,
+    Project,
+    Prompt,
+)
 from annotation.roles import Role
 from tests.annotation.conftest import add_member, make_people
 
@@ -273,6 +282,34 @@ def test_a_manager_imports_reads_stats_and_exports_judgments(team):
     assert len(rows) == 1
     assert rows[0]["labeler"] == team["alice"].username
     assert sorted(c["rank"] for c in rows[0]["completions"]) == [1, 2, 3]
+    assert all(c["scores"] == {} for c in rows[0]["completions"])
+
+
+@pytest.mark.django_db
+def test_the_judgment_export_carries_each_completions_scores(team):
+    # given a judged task whose completions a reward model scored
+    project = team["project"]
+    alice = token_client(team["alice"])
+    body = alice.post(f"/api/projects/{project.pk}/next").json()
+    alice.post(
+        f"/api/assignments/{body['id']}/judgment",
+        {"ranks": ranks_in_display_order(body), "client_token": "s1"},
+        format="json",
+    )
+    uids = [completion["id"] for completion in body["completions"]]
+    for value, uid in enumerate(uids):
+        CompletionScore.objects.create(
+            completion=Completion.objects.get(uid=uid), scorer="reward model: rm", score=value / 2
+        )
+
+    # when the manager exports the judgments
+    export = token_client(team["manager"]).get(f"/api/projects/{project.pk}/judgments")
+    row = json.loads(b"".join(export.streaming_content).decode())
+
+    # then each completion carries its score under the scorer's label
+    assert {c["id"]: c["scores"] for c in row["completions"]} == {
+        uid: {"reward model: rm": value / 2} for value, uid in enumerate(uids)
+    }
 
 
 @pytest.mark.django_db
