@@ -752,7 +752,9 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- the same on the training problems (what it was taught): "
         f"{_interval_text(reward['accuracy_train_right_vs_wrong'])}",
         f"- on the build's test pairs (the labelers' noisy preferences, not the truth): "
-        f"{_percent(reward['run_metrics'].get('pairwise_accuracy'))}",
+        f"{_percent(reward['run_metrics'].get('pairwise_accuracy'))}, with "
+        f"{_percent(reward['run_metrics'].get('tie_rate'))} scored as ties: pairs of identical answers "
+        "that a labeler ranking at random put in an order, which count as misses",
         "",
         "## Policies against the truth (held-out problems, temperature 0.01)",
         "",

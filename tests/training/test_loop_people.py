@@ -108,7 +108,7 @@ def test_the_markdown_report_puts_the_goals_first_and_says_which_were_missed():
             "accuracy_right_vs_wrong": measure(80, 100),
             "accuracy_nearer_vs_farther": measure(150, 200),
             "accuracy_train_right_vs_wrong": measure(90, 100),
-            "run_metrics": {"pairwise_accuracy": 0.7},
+            "run_metrics": {"pairwise_accuracy": 0.7, "tie_rate": 0.3},
         },
         "policies": {"sft": measure(30, 100), "dpo": measure(34, 100), "gain_points": 4.0},
         "ab": {
