@@ -36,14 +36,18 @@ def loop_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_every_stage_of_the_loop_runs_and_the_reward_model_beats_chance(
     loop_model: Path, live_server, celery_worker: str, tmp_path: Path
 ):
-    from training.management.commands.simulate_loop import DPO_HYPERPARAMETERS, QUICK, REWARD_HYPERPARAMETERS
+    from training.management.commands.simulate_loop import (
+        DPO_HYPERPARAMETERS,
+        QUICK,
+        QUICK_REWARD_HYPERPARAMETERS,
+    )
 
     # given a running server and worker, and a small SFT policy
     settings = LoopSettings(
         base_model=str(loop_model),
         base_url=live_server.url,
         out_dir=tmp_path,
-        reward_hyperparameters=REWARD_HYPERPARAMETERS,
+        reward_hyperparameters=QUICK_REWARD_HYPERPARAMETERS,
         dpo_hyperparameters=DPO_HYPERPARAMETERS,
         stage_timeout_s=600,
         poll_s=0.5,
@@ -90,6 +94,7 @@ def test_every_stage_of_the_loop_runs_and_the_reward_model_beats_chance(
     # the reward model learned the labelers' preferences: on the training problems it scores the
     # right answer above a wrong one more often than a coin would
     seen = report.reward_model["accuracy_train_right_vs_wrong"]
+    print("reward model on the training problems:", seen)
     assert seen["trials"] >= 30, seen
     assert seen["low"] > 0.5, seen
     # and it was attached to the A/B session, whose every completion a scoring job scored

@@ -39,6 +39,8 @@ REWARD_HYPERPARAMETERS: dict[str, Any] = {
     "save_steps": 1000,
     "gradient_checkpointing": False,
 }
+# The quick run's reward model sees a few dozen rankings: as many optimizer steps need many more epochs.
+QUICK_REWARD_HYPERPARAMETERS: dict[str, Any] = {**REWARD_HYPERPARAMETERS, "num_train_epochs": 40}
 DPO_HYPERPARAMETERS: dict[str, Any] = {
     "learning_rate": 5e-5,
     "num_train_epochs": 3,
@@ -101,7 +103,7 @@ class Command(BaseCommand):
             seed=options["seed"],
             peft=options["peft"],
             reward_hyperparameters={
-                **REWARD_HYPERPARAMETERS,
+                **(QUICK_REWARD_HYPERPARAMETERS if options["quick"] else REWARD_HYPERPARAMETERS),
                 **self._json_option(options, "reward_hyperparameters"),
             },
             dpo_hyperparameters={**DPO_HYPERPARAMETERS, **self._json_option(options, "dpo_hyperparameters")},
