@@ -74,7 +74,6 @@ import json
 import math
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -168,12 +167,6 @@ def seed(*, tasks: int, users: int) -> dict[str, Any]:
 
 
 # --- gunicorn ------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def gunicorn_start(
@@ -462,7 +455,9 @@ def main() -> int:
     config_path.write_text(json.dumps(config))
     connections.close_all()
 
-    port = free_port()
+    from config.stack import port_free
+
+    port = port_free()
     server = gunicorn_start(
         database_url=database_url,
         port=port,

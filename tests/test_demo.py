@@ -17,17 +17,13 @@ import psutil
 import pytest
 from celery import Celery
 
+from config.stack import port_free
+
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 90
 STOP_TIMEOUT_S = 60
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def answers(port: int) -> bool:
@@ -70,7 +66,7 @@ def rundemo(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int,
     Yields the process, the web port, the Redis port and the log file. Kills
     whatever is left if a test stops half-way.
     """
-    web_port, redis_port = free_port(), free_port()
+    web_port, redis_port = port_free(), port_free()
     assert not answers(redis_port)
     env = demo_env(tmp_path, redis_port)
     subprocess.run(
@@ -153,7 +149,7 @@ def test_rundemo_starts_everything_and_ctrl_c_stops_every_process_it_started(
 
 def run_rundemo_expecting_failure(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "manage.py", "rundemo", "--port", str(free_port())],
+        [sys.executable, "manage.py", "rundemo", "--port", str(port_free())],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -164,7 +160,7 @@ def run_rundemo_expecting_failure(env: dict[str, str]) -> subprocess.CompletedPr
 
 def test_rundemo_says_what_to_install_when_redis_server_is_not_on_path(tmp_path: Path) -> None:
     # given no Redis on the port and a PATH without redis-server
-    env = demo_env(tmp_path, free_port(), PATH=str(Path(sys.executable).parent))
+    env = demo_env(tmp_path, port_free(), PATH=str(Path(sys.executable).parent))
 
     # when
     result = run_rundemo_expecting_failure(env)
@@ -177,7 +173,7 @@ def test_rundemo_says_what_to_install_when_redis_server_is_not_on_path(tmp_path:
 
 def test_rundemo_does_not_try_to_start_redis_for_a_remote_host(tmp_path: Path) -> None:
     # given a REDIS_URL on another machine (a documentation address nobody answers on)
-    env = demo_env(tmp_path, free_port(), REDIS_URL="redis://192.0.2.1:6379/0")
+    env = demo_env(tmp_path, port_free(), REDIS_URL="redis://192.0.2.1:6379/0")
 
     # when
     result = run_rundemo_expecting_failure(env)

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 from django.test import Client
 
 from config.celery import app as celery_app
+from config.stack import port_free
 
 
 def closed_port() -> int:
     """A local port nothing listens on (it was free a moment ago and is closed again)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    return port_free()
 
 
 @pytest.mark.django_db

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from training.gpu_job_process import Heartbeat, gpu_job_main
+from training.gpu_job_process import Heartbeat, attempt_stop, gpu_job_main
 
 if TYPE_CHECKING:
     from training.generation import GenerationSpec
@@ -116,14 +116,15 @@ def generation_job_run(spec: GenerationSpec, *, log: Any = print) -> str:
     per = spec.samples_per_completion
     written = 0
     for batch in batches(spec, work):
-        stop = generation_job_stop_reason(job_id=spec.job_id, attempt=spec.attempt)
-        if stop == "cancel":
-            generation_job_mark_cancelled(job_id=spec.job_id, attempt=spec.attempt)
-            log(f"cancelled after {written} completions")
-            return "cancelled"
-        if stop is not None or not heartbeat.owned:
-            log("the job is no longer this attempt's; stopping")
-            return "lost"
+        outcome = attempt_stop(
+            stop_reason=lambda: generation_job_stop_reason(job_id=spec.job_id, attempt=spec.attempt),
+            mark_cancelled=lambda: generation_job_mark_cancelled(job_id=spec.job_id, attempt=spec.attempt),
+            heartbeat=heartbeat,
+            log=log,
+            done=f"{written} completions",
+        )
+        if outcome is not None:
+            return outcome
         missing = spec.n - batch[0].existing
         encoded = [
             prompt_token_ids(tokenizer, text=p.text, messages=p.messages, prompt_format=prompt_format)

@@ -35,6 +35,27 @@ class Heartbeat:
         self.last = time.monotonic()
 
 
+def attempt_stop(
+    *,
+    stop_reason: Callable[[], str | None],
+    mark_cancelled: Callable[[], bool],
+    heartbeat: Heartbeat,
+    log: Callable[[str], Any],
+    done: str,
+) -> str | None:
+    """Checked between batches: "cancelled" (a cancel was asked for; the job is marked so), "lost"
+    (the job is no longer this attempt's), or None to go on. `done` says what was written so far."""
+    stop = stop_reason()
+    if stop == "cancel":
+        mark_cancelled()
+        log(f"cancelled after {done}")
+        return "cancelled"
+    if stop is not None or not heartbeat.owned:
+        log("the job is no longer this attempt's; stopping")
+        return "lost"
+    return None
+
+
 def gpu_job_main(
     argv: list[str] | None,
     *,

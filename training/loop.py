@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,8 +50,8 @@ from django.db import transaction
 from rest_framework.authtoken.models import Token
 
 from annotation.ab_stats import bradley_terry_ratings, pair_table, position_bias, wilson_interval
-from annotation.importing import prompt_content_hash
-from annotation.models import Completion, Membership, Policy, Project, Prompt
+from annotation.importing import prompts_import
+from annotation.models import Completion, Membership, Policy, Project
 from annotation.roles import Role
 from annotation.selectors import ab_votes
 from annotation.services import ab_session_create, user_create
@@ -287,22 +287,15 @@ class Loop:
             k=k,
             overlap=1,
             ties_allowed=True,
-            instructions="Rank the answers by how close they are to the right answer.",
+            instructions="Rank the answers: right ones first, then wrong ones, then ones that state no number.",
             created_by=self.manager,
         )
         Membership.objects.create(project=project, user=self.manager, role=Role.MANAGER)
-        rows = []
-        for problem in problems:
-            messages = [{"role": "user", "content": problem.prompt}]
-            rows.append(
-                Prompt(
-                    project=project,
-                    external_id=problem.id,
-                    messages=messages,
-                    content_hash=prompt_content_hash(messages),
-                )
-            )
-        Prompt.objects.bulk_create(rows)
+        lines = (
+            json.dumps({"id": problem.id, "prompt": [{"role": "user", "content": problem.prompt}]}) + "\n"
+            for problem in problems
+        )
+        prompts_import(project=project, data="".join(lines).encode())
         return project
 
     def _generate(self, *, policy: Policy, project: Project, n: int, temperature: float) -> GenerationJob:
@@ -414,27 +407,20 @@ class Loop:
     def _in_threads(
         self, jobs: list[tuple[Any, ...]], work: Callable[..., dict[str, Any]]
     ) -> list[dict[str, Any]]:
-        results: list[dict[str, Any] | BaseException] = [RuntimeError("did not run")] * len(jobs)
+        """`work(*args)` for every job at once, one simulated person per thread; their results in order."""
+        from django.db import connection
 
-        def target(index: int, args: tuple[Any, ...]) -> None:
-            from django.db import connection
-
+        def run(args: tuple[Any, ...]) -> dict[str, Any]:
             try:
-                results[index] = work(*args)
-            except BaseException as error:  # reported below, in the caller's thread
-                results[index] = error
+                return work(*args)
             finally:
-                connection.close()
+                connection.close()  # each thread opened its own
 
-        threads = [threading.Thread(target=target, args=(i, args)) for i, args in enumerate(jobs)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        for result in results:
-            if isinstance(result, BaseException):
-                raise LoopFailed(f"a simulated person stopped: {result}") from result
-        return results  # type: ignore[return-value]
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            try:
+                return list(pool.map(run, jobs))
+            except Exception as error:
+                raise LoopFailed(f"a simulated person stopped: {error}") from error
 
     def _build(self, api: ApiClient) -> dict[str, Any]:
         build = api.expect(

@@ -333,15 +333,9 @@ class RewardModel(models.Model):
         return self.name
 
 
-class GenerationJob(models.Model):
-    """A policy writing `n` completions for every prompt of a project. This row is the source of truth.
-
-    Transitions are compare-and-set (see training.services): queued → running →
-    succeeded | failed | cancelled. A job whose process died goes back to
-    queued while attempts remain; the next attempt skips the prompts that
-    already have `n` completions from the policy, so a retry never writes a
-    prompt's completions twice.
-    """
+class GpuJob(models.Model):
+    """What every GPU job's row holds for its lifecycle (training.services, "GPU jobs"): the status,
+    attempts, cancel flag, heartbeat, times and outcome. Generation and scoring jobs extend it."""
 
     class Status(models.TextChoices):
         QUEUED = "queued", _("Queued")
@@ -351,6 +345,31 @@ class GenerationJob(models.Model):
         CANCELLED = "cancelled", _("Cancelled")
 
     TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+    LIVE = (Status.QUEUED, Status.RUNNING)
+
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    cancel_requested = models.BooleanField(default=False)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    log_tail = models.TextField(blank=True)
+
+    class Meta:
+        abstract = True
+
+
+class GenerationJob(GpuJob):
+    """A policy writing `n` completions for every prompt of a project. This row is the source of truth.
+
+    Transitions are compare-and-set (see training.services): queued → running →
+    succeeded | failed | cancelled. A job whose process died goes back to
+    queued while attempts remain; the next attempt skips the prompts that
+    already have `n` completions from the policy, so a retry never writes a
+    prompt's completions twice.
+    """
+
     N_MAX = 64
     MAX_NEW_TOKENS_MAX = 8192
 
@@ -392,20 +411,12 @@ class GenerationJob(models.Model):
     )
     created_at = models.DateTimeField(auto_now_add=True)
 
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
-    attempts = models.PositiveSmallIntegerField(default=0)
-    cancel_requested = models.BooleanField(default=False)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
     prompts_done = models.PositiveIntegerField(default=0)
     prompts_total = models.PositiveIntegerField(default=0)
     completions_written = models.PositiveIntegerField(default=0)
     tasks_created = models.PositiveIntegerField(
         default=0, help_text=_("Ranking tasks made from the completions when the job succeeded.")
     )
-    error = models.TextField(blank=True)
-    log_tail = models.TextField(blank=True)
     process_id = models.PositiveIntegerField(
         null=True, blank=True, help_text=_("Generation process of the current attempt.")
     )
@@ -481,7 +492,7 @@ class BestOfN(models.Model):
         return f"best of {self.n} from {self.base_policy} by {self.reward_model}"
 
 
-class ScoringJob(models.Model):
+class ScoringJob(GpuJob):
     """A reward model scoring every completion of a blind A/B session. This row is the source of truth.
 
     The same lifecycle as a GenerationJob (and the same helpers in
@@ -492,16 +503,6 @@ class ScoringJob(models.Model):
     this app; a retried attempt scores only the completions still lacking a
     score under that label.
     """
-
-    class Status(models.TextChoices):
-        QUEUED = "queued", _("Queued")
-        RUNNING = "running", _("Running")
-        SUCCEEDED = "succeeded", _("Succeeded")
-        FAILED = "failed", _("Failed")
-        CANCELLED = "cancelled", _("Cancelled")
-
-    TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
-    LIVE = (Status.QUEUED, Status.RUNNING)
 
     reward_model = models.ForeignKey(RewardModel, on_delete=models.PROTECT, related_name="scoring_jobs")
     project = models.ForeignKey(
@@ -517,16 +518,8 @@ class ScoringJob(models.Model):
     )
     created_at = models.DateTimeField(auto_now_add=True)
 
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
-    attempts = models.PositiveSmallIntegerField(default=0)
-    cancel_requested = models.BooleanField(default=False)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
     completions_done = models.PositiveIntegerField(default=0)
     completions_total = models.PositiveIntegerField(default=0)
-    error = models.TextField(blank=True)
-    log_tail = models.TextField(blank=True)
     process_id = models.PositiveIntegerField(
         null=True, blank=True, help_text=_("Scoring process of the current attempt.")
     )

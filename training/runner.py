@@ -804,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
     reporter = PrintReporter()
 
     def stop_at_next_step(signum: int, frame: Any) -> None:
-        # A terminated run (a revoked task, Ctrl-C) ends at the next step with
+        # A run told to stop by a signal (a worker shutting down, Ctrl-C) ends at the next step with
         # a checkpoint to resume from; a second signal acts as usual.
         reporter.request_stop()
         signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from training.gpu_job_process import Heartbeat, gpu_job_main
+from training.gpu_job_process import Heartbeat, attempt_stop, gpu_job_main
 
 if TYPE_CHECKING:
     from training.scoring import ScoringSpec
@@ -94,14 +94,15 @@ def scoring_job_run(spec: ScoringSpec, *, log: Any = print) -> str:
     log(f"{len(work)} of {total} completions lack a score from {spec.scorer}")
     written = 0
     for start in range(0, len(work), spec.completions_per_batch):
-        stop = scoring_job_stop_reason(job_id=spec.job_id, attempt=spec.attempt)
-        if stop == "cancel":
-            scoring_job_mark_cancelled(job_id=spec.job_id, attempt=spec.attempt)
-            log(f"cancelled after {written} scores")
-            return "cancelled"
-        if stop is not None or not heartbeat.owned:
-            log("the job is no longer this attempt's; stopping")
-            return "lost"
+        outcome = attempt_stop(
+            stop_reason=lambda: scoring_job_stop_reason(job_id=spec.job_id, attempt=spec.attempt),
+            mark_cancelled=lambda: scoring_job_mark_cancelled(job_id=spec.job_id, attempt=spec.attempt),
+            heartbeat=heartbeat,
+            log=log,
+            done=f"{written} scores",
+        )
+        if outcome is not None:
+            return outcome
         batch = work[start : start + spec.completions_per_batch]
         values = reward_scores(
             tokenizer,

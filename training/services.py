@@ -33,7 +33,15 @@ from annotation.models import Completion, CompletionScore, Policy, Project, Prom
 from annotation.roles import Role
 from annotation.selectors import projects_for_user
 from annotation.services import tasks_create_for_project
-from training.models import BestOfN, DatasetBuild, GenerationJob, RewardModel, ScoringJob, TrainingRun
+from training.models import (
+    BestOfN,
+    DatasetBuild,
+    GenerationJob,
+    GpuJob,
+    RewardModel,
+    ScoringJob,
+    TrainingRun,
+)
 from training.selectors import BUILD_OPTION_FIELDS, dataset_build_dir, reward_models_for_user
 
 logger = logging.getLogger(__name__)
@@ -567,11 +575,9 @@ def dataset_builds_reap(*, now: datetime | None = None) -> list[int]:
 # more, up to TRAINING_MAX_ATTEMPTS), starts the job's own process and waits
 # for it; the process heartbeats, writes its progress and records its outcome
 # on the row through the job's own services. The helpers below are that
-# lifecycle, written once over the job's model: both models have the same
-# status values and the same bookkeeping fields (attempts, cancel_requested,
-# heartbeat_at, started_at, finished_at, error, log_tail, process_id).
-
-GpuJob = GenerationJob | ScoringJob
+# lifecycle, written once over the job's model: both extend
+# training.models.GpuJob (status values and bookkeeping fields) and each adds
+# a process_id.
 
 
 def _gpu_job_fail(

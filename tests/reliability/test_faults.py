@@ -41,6 +41,7 @@ from pytest_django import Settings
 from annotation.models import Judgment, Membership, Project
 from annotation.roles import Role
 from config.celery import app as celery_app
+from config.stack import port_free
 from tests.factories import user_with_roles
 from tests.training.test_builds_support import judge, project_with_prompts, run_build, tasks_of
 from training.models import DatasetBuild, TrainingRun
@@ -49,12 +50,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 30
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_until(check: Any, timeout: float, what: str) -> None:
@@ -87,7 +82,7 @@ def private_redis(settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path:
     """
     if shutil.which("redis-server") is None:
         pytest.skip("the redis-server program is not installed")
-    port = free_port()
+    port = port_free()
     url = f"redis://127.0.0.1:{port}/0"
     server = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
@@ -252,7 +247,7 @@ class PrivatePostgres:
         self.data = root / "data"
         self.sockets = root / "sockets"
         self.log = root / "postgres.log"
-        self.port = free_port()
+        self.port = port_free()
         self.as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
 
     def run(self, *command: str) -> None:
@@ -380,7 +375,7 @@ def test_after_a_postgres_restart_the_app_recovers_by_itself(
         text=True,
     )
     token = made.stdout.strip().splitlines()[-1]
-    port = free_port()
+    port = port_free()
     base = f"http://127.0.0.1:{port}"
     log = (tmp_path / "gunicorn.log").open("wb")
     server = subprocess.Popen(
