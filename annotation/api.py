@@ -187,6 +187,7 @@ def project_import(request: Request, project_id: int) -> Response:
             "policies_created": report.policies_created,
             "tasks_created": report.tasks_created,
             "duplicates": [{"line": line, "reason": reason} for line, reason in report.duplicates],
+            "repeated_texts": report.repeated_texts,
         },
         status=status.HTTP_201_CREATED,
     )

@@ -36,6 +36,7 @@ from typing import IO, Any, TypeVar
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Count
 
 from annotation.models import Completion, Policy, Project, Prompt
 from annotation.services import tasks_create_for_project
@@ -116,6 +117,8 @@ class ImportReport:
     # (line number, why it was skipped)
     duplicates: list[tuple[int, str]] = field(default_factory=list)
     tasks_created: int = 0
+    # Lines with K completions or more but fewer than K different texts: no task yet.
+    repeated_texts: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -671,7 +674,9 @@ def _policies_for(names: set[str]) -> tuple[dict[str, Policy], int]:
     return policies, created
 
 
-def _write(project: Project, rows: list[_PromptRow], report: ImportReport) -> None:
+def _write(project: Project, rows: list[_PromptRow], report: ImportReport) -> dict[int, int]:
+    """Write the rows; returns each new prompt's line, by prompt id."""
+    lines: dict[int, int] = {}
     policies, report.policies_created = _policies_for(
         {completion.policy for row in rows for completion in row.completions}
     )
@@ -700,6 +705,8 @@ def _write(project: Project, rows: list[_PromptRow], report: ImportReport) -> No
         )
         report.prompts_created += len(prompts)
         report.completions_created += len(completions)
+        lines.update((prompt.pk, row.line) for prompt, row in zip(prompts, batch, strict=True))
+    return lines
 
 
 def prompts_import(
@@ -712,7 +719,8 @@ def prompts_import(
 
     `progress`, if given, is called with the number of lines read since its
     previous call (so `tqdm.update` fits). Exact duplicate prompts, in the
-    file or already in the project, are skipped and listed in the report.
+    file or already in the project, are skipped and listed in the report, as
+    are the lines left without a task because their completions repeat a text.
     Raises ImportValidationError listing every problem; then nothing is written.
     """
     stream: IO[bytes] = io.BytesIO(data) if isinstance(data, bytes | bytearray | memoryview) else data
@@ -728,7 +736,16 @@ def prompts_import(
                 sorted(validation.errors, key=lambda error: (error.line is None, error.line or 0))
             )
         validation.rows = []  # the rows to write are in `rows`; let the rest go
-        _write(project, rows, report)
+        lines = _write(project, rows, report)
         report.duplicates = sorted(validation.duplicates)
         report.tasks_created = tasks_create_for_project(project=project)
+        # A new prompt with K completions is left without a task only when its texts repeat.
+        # (Bounded by id rather than listing the ids: SQLite caps a query's parameters.)
+        waiting = (
+            Prompt.objects.filter(project=project, pk__gte=min(lines, default=0), tasks__isnull=True)
+            .annotate(completion_count=Count("completions"))
+            .filter(completion_count__gte=project.k)
+            .values_list("pk", flat=True)
+        )
+        report.repeated_texts = sorted(lines[pk] for pk in waiting if pk in lines)
     return report

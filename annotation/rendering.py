@@ -13,6 +13,7 @@ The page's Content-Security-Policy (`script-src 'self'`) is the third.
 
 from __future__ import annotations
 
+import unicodedata
 from functools import lru_cache
 
 import nh3
@@ -74,3 +75,16 @@ def markdown_to_safe_html(text: str, *, links: bool = True) -> str:
     """
     renderer = _markdown() if links else _markdown_without_links()
     return sanitize_html(renderer.render(text or ""))
+
+
+def completion_text_key(text: str) -> str:
+    """What makes two completions the same text: equal after NFC and trimming the ends.
+
+    Tasks never show two completions with one key, and builds never pair them
+    (a preference between one text and itself is noise). The key drops only
+    what a person cannot see on the page: surrounding whitespace, which the
+    Markdown rendering above discards, and the byte form of a character (NFC
+    and NFD "é" look alike). It keeps case, punctuation and inner spacing:
+    those are differences someone may prefer, and code blocks show spacing.
+    """
+    return unicodedata.normalize("NFC", text).strip()

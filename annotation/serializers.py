@@ -138,6 +138,10 @@ class ImportReportSerializer(serializers.Serializer):
     policies_created = serializers.IntegerField()
     tasks_created = serializers.IntegerField()
     duplicates = serializers.ListField(child=serializers.DictField())
+    repeated_texts = serializers.ListField(
+        child=serializers.IntegerField(),
+        help_text="Lines whose completions hold fewer than K different texts: no task was made.",
+    )
 
 
 class ImportRequestSerializer(serializers.Serializer):

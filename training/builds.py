@@ -32,6 +32,18 @@ How votes become pair rows (`pairs/`, and `pairs_with_ties/` with ties=keep)
         tie is a tie row. No unique winner, or too small a share: no row.
     The row's margin is the mean margin of the winning votes.
 
+A text shown twice in one task
+    Tasks are made with K different texts (`completion_text_key`: equal after
+    NFC and trimming the ends), but older tasks may show one text twice, and
+    a ranking of a text against itself is no preference. Within each such
+    task the first copy in task order stands for the text and the later
+    copies are left out of every output: their comparisons give no pair row
+    (in `pairs/`, `hf/` and `pairs_with_ties/` alike, not even a tie), and
+    grouped, SFT and reference rows read the judgment without them, as if the
+    task had shown the text once. Task order, not the judge's ranks, picks
+    the copy, so merging favours no side. The card counts the tasks, the
+    comparisons and the judged completions concerned.
+
 Ties
     drop (default): tie votes never become rows. keep: tie rows (`tie: true`,
     margin 0; the pair in task order, or in completion-id order for a majority
@@ -93,7 +105,9 @@ Memory
     is one (prompt, pair) group of votes, one prompt's judgments, a Parquet
     batch (PARQUET_BATCH_ROWS) per open file, and, per prompt of the
     projects, a MinHash signature (512 bytes) for the split: memory grows
-    with the number of prompts, not with the number of comparisons. (The
+    with the number of prompts, not with the number of comparisons. The
+    later copies of repeated texts are found in one streamed pass over the
+    judged tasks' completions, and only those copies are held. (The
     gold-accuracy filter loads each project's judgments once, through
     `annotation.stats.gold_accuracy`.)
 
@@ -131,6 +145,7 @@ import pyarrow.parquet as pq
 from django.db.models.functions import Greatest, Least
 
 from annotation.models import Prompt, TaskCompletion
+from annotation.rendering import completion_text_key
 from training.models import DatasetBuild
 from training.selectors import (
     BUILD_OUTPUTS,
@@ -500,6 +515,44 @@ class Outputs:
         }
 
 
+# --- repeated texts --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RepeatedTexts:
+    """Later copies of a text within one task (see "A text shown twice in one task")."""
+
+    copies: frozenset[tuple[int, int]]  # (task id, completion id)
+    tasks: int
+
+    def is_copy(self, *, task_id: int, completion_id: int) -> bool:
+        return (task_id, completion_id) in self.copies
+
+
+def repeated_texts_find(*, build: DatasetBuild) -> RepeatedTexts:
+    """Every judged task of the build's projects, read in task order for copies of a text."""
+    items = (
+        TaskCompletion.objects.filter(
+            task__project__in=build.projects.values("pk"), task__judgment_count__gt=0
+        )
+        .order_by("task_id", "position")
+        .values_list("task_id", "completion_id", "completion__text")
+    )
+    copies: set[tuple[int, int]] = set()
+    tasks: set[int] = set()
+    current: int | None = None
+    seen: set[str] = set()
+    for task_id, completion_id, text in items.iterator(chunk_size=CHUNK_SIZE):
+        if task_id != current:
+            current, seen = task_id, set()
+        key = completion_text_key(text)
+        if key in seen:
+            copies.add((task_id, completion_id))
+            tasks.add(task_id)
+        seen.add(key)
+    return RepeatedTexts(frozenset(copies), len(tasks))
+
+
 # --- pairs -----------------------------------------------------------------------
 
 
@@ -514,6 +567,7 @@ class Vote:
 @dataclass
 class PairStats:
     comparisons_read: int = 0
+    dropped_repeated_text: int = 0
     dropped_flagged: int = 0
     dropped_no_likert: int = 0
     votes: int = 0
@@ -635,7 +689,12 @@ def _number(value: float) -> str:
     return f"{value:.4f}".rstrip("0").rstrip(".") if value == value else "nan"
 
 
-def _vote_from(row: Any, options: BuildOptions, stats: PairStats) -> Vote | None:
+def _vote_from(row: Any, options: BuildOptions, stats: PairStats, repeated: RepeatedTexts) -> Vote | None:
+    if repeated.is_copy(task_id=row.task_id, completion_id=row.chosen_id) or repeated.is_copy(
+        task_id=row.task_id, completion_id=row.rejected_id
+    ):
+        stats.dropped_repeated_text += 1
+        return None
     chosen_uid, rejected_uid = str(row.chosen__uid), str(row.rejected__uid)
     if options.exclude_flagged:
         flags = row.judgment__flags or {}
@@ -663,10 +722,20 @@ def pairs_write(
     outputs: Outputs,
     excluded: dict[int, list[int]],
     judgment_id_max: int,
+    repeated: RepeatedTexts,
     tick: Callable[[], None],
 ) -> PairStats:
     """Stream the selected comparisons group by group into pair rows."""
-    fields = ["id", "prompt_id", "chosen_id", "rejected_id", "is_tie", "chosen__uid", "rejected__uid"]
+    fields = [
+        "id",
+        "prompt_id",
+        "task_id",
+        "chosen_id",
+        "rejected_id",
+        "is_tie",
+        "chosen__uid",
+        "rejected__uid",
+    ]
     fields += ["chosen__text", "rejected__text", "prompt__text", "prompt__messages"]
     if options.exclude_flagged:
         fields.append("judgment__flags")
@@ -703,7 +772,7 @@ def pairs_write(
                 )
             key, votes = row_key, []
             texts = {row.chosen_id: row.chosen__text, row.rejected_id: row.rejected__text}
-        vote = _vote_from(row, options, stats)
+        vote = _vote_from(row, options, stats, repeated)
         if vote is None:
             continue
         stats.votes += 1
@@ -720,6 +789,7 @@ def pairs_write(
 @dataclass
 class JudgmentStats:
     judgments_read: int = 0
+    repeated_text_items: int = 0
     grouped_dropped: int = 0
     sft_tied_top: int = 0
     sft_flagged_top: int = 0
@@ -766,16 +836,26 @@ def _judgments_with_items(judgments: Any) -> Iterator[tuple[Any, list[tuple[int,
 
 
 class JudgmentWriter:
-    def __init__(self, *, outputs: Outputs, options: BuildOptions, split: PromptSplit) -> None:
+    def __init__(
+        self, *, outputs: Outputs, options: BuildOptions, split: PromptSplit, repeated: RepeatedTexts
+    ) -> None:
         self.outputs = outputs
         self.options = options
         self.split = split
+        self.repeated = repeated
         self.stats = JudgmentStats()
 
     def judgment(self, current: PromptJudgments, judgment: Any, items: list[tuple[int, str, str]]) -> None:
         options = self.options
         stats = self.stats
         stats.judgments_read += 1
+        shown = len(items)
+        items = [
+            item
+            for item in items
+            if not self.repeated.is_copy(task_id=judgment.task_id, completion_id=item[0])
+        ]
+        stats.repeated_text_items += shown - len(items)
         ranks_by_uid = judgment.ranks or {}
         if not items or any(uid not in ranks_by_uid for _id, uid, _text in items):
             stats.grouped_dropped += 1
@@ -846,9 +926,12 @@ class JudgmentWriter:
             self.stats.reference_prompts += 1
             chosen = completion_render(reference, conversational=self.options.conversational)
             split = self.split.split_of(current.prompt_id)
+            # The reference faces each text once, never itself (the same text by completion_text_key).
+            texts = {completion_text_key(reference)}
             for _completion_id, text in sorted(current.completions.items()):
-                if text == reference:
+                if completion_text_key(text) in texts:
                     continue
+                texts.add(completion_text_key(text))
                 row = {
                     "prompt": current.prompt,
                     "chosen": chosen,
@@ -865,6 +948,7 @@ def judgments_write(
     outputs: Outputs,
     excluded: dict[int, list[int]],
     judgment_id_max: int,
+    repeated: RepeatedTexts,
     tick: Callable[[], None],
 ) -> JudgmentStats:
     """Stream the selected judgments, prompt by prompt, into grouped, SFT and reference rows."""
@@ -884,7 +968,7 @@ def judgments_write(
             named=True,
         )
     )
-    writer = JudgmentWriter(outputs=outputs, options=options, split=split)
+    writer = JudgmentWriter(outputs=outputs, options=options, split=split, repeated=repeated)
     current: PromptJudgments | None = None
     for judgment, items in _judgments_with_items(judgments):
         tick()
@@ -958,6 +1042,7 @@ def build_summary(
     split: PromptSplit,
     pair_stats: PairStats,
     judgment_stats: JudgmentStats,
+    repeated: RepeatedTexts,
     excluded: dict[int, list[int]],
     judgment_id_max: int,
     outputs: Outputs,
@@ -999,6 +1084,11 @@ def build_summary(
             "test_prompts": len(split.test_prompt_ids),
         },
         "prompts_with_rows": outputs.prompt_counts(),
+        "repeated_texts": {
+            "tasks": repeated.tasks,
+            "comparisons_left_out": pair_stats.dropped_repeated_text,
+            "judged_completions_left_out": judgment_stats.repeated_text_items,
+        },
         "comparisons": {
             "read": pair_stats.comparisons_read,
             "dropped_flagged": pair_stats.dropped_flagged,
@@ -1141,6 +1231,7 @@ def card_render(*, summary: dict[str, Any], counts: dict[str, dict[str, int]]) -
         ("measure", "value"),
         [
             ("comparisons read", comparisons["read"]),
+            ("dropped: a repeated text", summary["repeated_texts"]["comparisons_left_out"]),
             ("dropped: flagged completion", comparisons["dropped_flagged"]),
             ("dropped: no Likert ratings", comparisons["dropped_without_likert"]),
             ("votes", comparisons["votes"]),
@@ -1171,6 +1262,22 @@ def card_render(*, summary: dict[str, Any], counts: dict[str, dict[str, int]]) -
     if summary["margins"]:
         lines += ["", "### Margin (label) distribution of the pairs", ""]
         lines += _table(("margin", "rows"), list(summary["margins"].items()))
+    repeated = summary["repeated_texts"]
+    lines += ["", "### One text shown twice in a task", ""]
+    lines += _table(
+        ("measure", "value"),
+        [
+            ("tasks showing a text twice or more", repeated["tasks"]),
+            ("comparisons left out: a repeated text", repeated["comparisons_left_out"]),
+            ("judged completions left out: a repeated text", repeated["judged_completions_left_out"]),
+        ],
+    )
+    lines += [
+        "",
+        "In such a task the first copy in task order stands for the text; the later",
+        "copies give no pair row, not even a tie, and are left out of grouped, SFT and",
+        "reference rows. Texts are the same when equal after NFC and trimming the ends.",
+    ]
     judgments = summary["judgments"]
     lines += ["", "### Judgments", ""]
     lines += _table(
@@ -1233,7 +1340,8 @@ def dataset_build_write(*, build: DatasetBuild, progress: ProgressCallback) -> B
     """Write every file of the build and move the folder into place; returns counts, summary, hash.
 
     1. Read the filters once: gold-accuracy exclusions and the newest judgment id.
-    2. Split the prompts (near-duplicate groups to one side).
+    2. Split the prompts (near-duplicate groups to one side); find the later
+       copies of texts repeated within a task.
     3. Stream comparisons into pair rows, then judgments into grouped, SFT and
        reference rows, in a temporary folder.
     4. Save hf/, write the card, hash, and rename the folder into place.
@@ -1251,13 +1359,21 @@ def dataset_build_write(*, build: DatasetBuild, progress: ProgressCallback) -> B
         excluded = dataset_build_excluded_labelers(build=build)
         judgment_id_max = dataset_build_judgment_id_max(build=build)
         split = prompt_split(build=build, options=options)
+        repeated = repeated_texts_find(build=build)
         progress(PROGRESS_PROMPTS)
 
         selection = {"build": build, "excluded": excluded, "judgment_id_max": judgment_id_max}
         total = dataset_build_comparisons(**selection).count() + dataset_build_judgments(**selection).count()
         counter = _Progress(progress, total)
         outputs = Outputs(folder=staging, arrow_folder=arrow_folder, options=options)
-        common = {**selection, "options": options, "split": split, "outputs": outputs, "tick": counter.tick}
+        common = {
+            **selection,
+            "options": options,
+            "split": split,
+            "outputs": outputs,
+            "repeated": repeated,
+            "tick": counter.tick,
+        }
         pair_stats = pairs_write(**common)
         judgment_stats = judgments_write(**common)
         outputs.close()
@@ -1272,6 +1388,7 @@ def dataset_build_write(*, build: DatasetBuild, progress: ProgressCallback) -> B
             split=split,
             pair_stats=pair_stats,
             judgment_stats=judgment_stats,
+            repeated=repeated,
             excluded=excluded,
             judgment_id_max=judgment_id_max,
             outputs=outputs,

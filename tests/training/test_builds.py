@@ -13,6 +13,7 @@ from django.contrib.auth.models import AbstractUser
 from django.utils import timezone
 from pytest_django import Settings
 
+from annotation.models import Completion, Policy, Project, Prompt, Task, TaskCompletion
 from annotation.roles import Role
 from tests.factories import user_with_roles
 from tests.training.test_builds_support import (
@@ -147,6 +148,110 @@ def test_the_parquet_files_hold_the_same_rows_as_the_json_lines(manager: Abstrac
         for split in ("train", "test"):
             parquet = pq.read_table(build_folder(build) / output / f"{split}.parquet").to_pylist()
             assert parquet == read_rows(build, output, split)
+
+
+# --- identical texts -------------------------------------------------------------------
+
+
+def project_with_a_repeated_text(texts: list[str], *, name: str = "repeats") -> Project:
+    """A project whose one task shows `texts` in this order, repeats included.
+
+    Written row by row, as older data may hold it: task creation no longer
+    makes such a task.
+    """
+    project = Project.objects.create(name=name, k=len(texts))
+    prompt = Prompt.objects.create(
+        project=project, text="Capital of France?", content_hash=f"{name}-0", metadata={"reference": "Paris."}
+    )
+    task = Task.objects.create(project=project, prompt=prompt)
+    for position, text in enumerate(texts):
+        policy, _ = Policy.objects.get_or_create(name=f"policy-{'abcdefgh'[position]}")
+        completion = Completion.objects.create(prompt=prompt, policy=policy, text=text)
+        TaskCompletion.objects.create(task=task, completion=completion, position=position)
+    return project
+
+
+def text_of(value: Any) -> str:
+    return value if isinstance(value, str) else value[-1]["content"]
+
+
+def rows_everywhere(build: DatasetBuild, output: str) -> list[dict[str, Any]]:
+    """The output's rows from the JSON Lines, then from Parquet, then (for pairs) from hf/."""
+    import datasets
+
+    folder = build_folder(build)
+    rows = all_rows(build, output)
+    for split in ("train", "test"):
+        rows += pq.read_table(folder / output / f"{split}.parquet").to_pylist()
+    if output == "pairs":
+        saved = datasets.load_from_disk(str(folder / "hf"))
+        rows += [row for split in ("train", "test") for row in saved[split]]
+    return rows
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"ties": "keep", "margin": "rank_gap"},
+        {"aggregation": "majority", "ties": "keep", "format": "conversational"},
+        {"aggregation": "majority", "agreement_threshold": 0.5, "margin": "rank_gap"},
+    ],
+)
+def test_a_text_shown_twice_in_a_task_is_never_paired_with_itself(
+    manager: AbstractUser, options: dict[str, Any]
+) -> None:
+    # given a task showing "Paris." twice, ranked 1 and 2, and "Lyon." ranked 3
+    project = project_with_a_repeated_text([" Paris.", "Paris.\n", "Lyon."])
+    (alice,) = labelers("alice")
+    (task,) = tasks_of(project)
+    judge(task, alice, [1, 2, 3])
+
+    # when it is built
+    build = run_build(created_by=manager, projects=[project], test_fraction=0.0, **options)
+    assert build.status == DatasetBuild.Status.SUCCEEDED, build.error
+
+    # then every pair output holds the one real preference, and no text faces itself
+    pair_outputs = ["pairs", "pairs_with_ties"] if options.get("ties") == "keep" else ["pairs"]
+    for output in pair_outputs:
+        rows = rows_everywhere(build, output)
+        assert rows, output
+        assert {(text_of(row["chosen"]).strip(), text_of(row["rejected"]).strip()) for row in rows} == {
+            ("Paris.", "Lyon.")
+        }
+        assert not any(row.get("tie") for row in rows)
+    assert build.counts["pairs"]["train"] == 1
+    # the grouped row shows the text once: the first copy in task order, with its rank
+    grouped = rows_everywhere(build, "grouped")
+    assert [([text_of(c) for c in row["completions"]], row["ranks"]) for row in grouped] == [
+        ([" Paris.", "Lyon."], [1, 3])
+    ] * 2
+    # the reference is never paired with its own text either
+    assert [text_of(row["rejected"]) for row in all_rows(build, "reference")] == ["Lyon."]
+    # and the card says what was merged
+    card = (build_folder(build) / "README.md").read_text()
+    assert "| tasks showing a text twice or more | 1 |" in card
+    assert "| comparisons left out: a repeated text | 2 |" in card
+    assert "| judged completions left out: a repeated text | 1 |" in card
+
+
+def test_the_first_copy_in_task_order_speaks_for_a_repeated_text(manager: AbstractUser) -> None:
+    # given a judge who ranked the second copy of "Paris." best and the first worst
+    project = project_with_a_repeated_text(["Paris.", "Lyon.", "Paris."])
+    alice, bob = labelers("alice", "bob")
+    (task,) = tasks_of(project)
+    judge(task, alice, [3, 2, 1])
+    judge(task, bob, [1, 2, 3])
+
+    build = run_build(created_by=manager, projects=[project], test_fraction=0.0, ties="keep")
+
+    # then each judgment counts once, through the first copy: Lyon over Paris, then Paris over Lyon
+    rows = all_rows(build, "pairs_with_ties")
+    assert [(row["chosen"], row["rejected"], row["tie"]) for row in rows] == [
+        ("Lyon.", "Paris.", False),
+        ("Paris.", "Lyon.", False),
+    ]
+    assert [row["completion"] for row in all_rows(build, "sft")] == ["Lyon.", "Paris."]
 
 
 # --- reproducibility -------------------------------------------------------------------
