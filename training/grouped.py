@@ -43,8 +43,13 @@ collation and the loss change.
    mean over those pairs of −logsigmoid(r_c − r_r − margin) plus
    center_rewards_coefficient · mean((r_c + r_r)²) for rewards, and of
    −logsigmoid(β · ((π_c − ref_c) − (π_r − ref_r))) for DPO, each log-prob a
-   sum over the pair's completion tokens. The Trainer divides it by the
-   gradient-accumulation steps as it does TRL's.
+   sum over the pair's completion tokens, plus with the "sft" term the mean
+   negative log-likelihood of the chosen sides' completion tokens. A pair's
+   completion tokens start where its shorter side leaves the prompt, as in
+   DPOTrainer: where the prompt's last tokens merge into one completion's
+   first (a prompt ending mid-word, or a chat template's generation prompt
+   ending in a space), the other side counts those prompt tokens too. The
+   Trainer divides the loss by the gradient-accumulation steps as it does TRL's.
 """
 
 from __future__ import annotations
@@ -790,12 +795,16 @@ class GroupedDPOTrainer(DPOTrainer):
         positions = inputs["token_positions"]
         prompt_lens = inputs["prompt_lens"]
 
-        def pair_sums(values: torch.Tensor, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            # A pair's completion starts at the smaller of its sides' prompt lengths, as in DPOTrainer.
+        def completion_masks(pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # A pair's completion starts at the smaller of its sides' prompt lengths, as in DPOTrainer:
+            # where the prompt's last tokens merge into one side's completion, the other side's
+            # completion starts there too, its last prompt tokens counted as completion.
             starts = torch.minimum(prompt_lens[pairs[:, 0]], prompt_lens[pairs[:, 1]])[:, None]
-            first = (values[pairs[:, 0]] * (positions[pairs[:, 0]] >= starts)).sum(dim=1)
-            second = (values[pairs[:, 1]] * (positions[pairs[:, 1]] >= starts)).sum(dim=1)
-            return first, second
+            return positions[pairs[:, 0]] >= starts, positions[pairs[:, 1]] >= starts
+
+        def pair_sums(values: torch.Tensor, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            first, second = completion_masks(pairs)
+            return (values[pairs[:, 0]] * first).sum(dim=1), (values[pairs[:, 1]] * second).sum(dim=1)
 
         pairs, ties = inputs["pairs"], inputs["ties"]
         chosen_logps, rejected_logps = pair_sums(token_logps, pairs)
@@ -817,10 +826,10 @@ class GroupedDPOTrainer(DPOTrainer):
         if "sft" in self.loss_types:
             # TRL's "sft" term: the mean negative log-likelihood over the chosen
             # side's completion tokens of every pair (a completion chosen in
-            # several pairs counts once per pair, as in the expanded batch).
-            chosen = pairs[:, 0]
-            completion_tokens = positions[chosen] >= prompt_lens[chosen][:, None]
-            loss += -token_logps[chosen][completion_tokens].mean() * self.loss_weights[1]
+            # several pairs counts once per pair, as in the expanded batch),
+            # counted from the pair's start, not the completion's own.
+            chosen_tokens, _ = completion_masks(pairs)
+            loss += -token_logps[pairs[:, 0]][chosen_tokens].mean() * self.loss_weights[1]
 
         _count_tokens(self, inputs)
         with torch.no_grad():

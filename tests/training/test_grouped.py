@@ -430,6 +430,151 @@ def test_a_lora_dpo_policy_takes_its_reference_from_the_disabled_adapter_as_trl_
     assert_same_loss_and_gradients(trl_loss, grouped_loss, trl.model, grouped.model)
 
 
+# --- merged tokens: prompts that end mid-token, chat templates ----------------------------------
+
+# Generation prompt ending in a space, as several chat templates' do: the
+# space merges with a completion's first word, but not with a first digit,
+# which the tokenizer splits off.
+SPACE_ENDED_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n' }}"
+    "{% else %}{{ 'Assistant: ' + message['content'] + eos_token + '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
+MERGING_WORDS = ["river", "stone", "apple", "apples", "cloud", "garden", "music", "paper", "the", "of"]
+
+# "app" is three tokens and "apple" one, so the prompt's end merges with "le …"
+# and "les …" but not with " music …" (the best).
+MERGED_TEXT_ROW = {
+    "prompt": "river stone app",
+    "completions": ["le cloud.", "les garden.", " music paper."],
+    "ranks": [2, 3, 1],
+}
+MERGED_CHAT_ROW = {
+    "prompt": [
+        {"role": "system", "content": "You name things."},
+        {"role": "user", "content": "river stone"},
+    ],
+    "completions": [
+        [{"role": "assistant", "content": "apple cloud."}],
+        [{"role": "assistant", "content": "42 apples."}],
+        [{"role": "assistant", "content": "music paper."}],
+        [{"role": "assistant", "content": "7 stone garden."}],
+    ],
+    "ranks": [2, 1, 4, 3],
+}
+
+
+@pytest.fixture(scope="module")
+def merging_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tokenizer whose tokens merge across the prompt's end, with the chat template above, and a tiny model."""
+    import random
+
+    from training.demo_model import causal_lm_create, tokenizer_train
+
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(MERGING_WORDS) for _ in range(8)) + "." for _ in range(400)]
+    tokenizer = tokenizer_train(corpus, vocab_size=400)
+    tokenizer.chat_template = SPACE_ENDED_CHAT_TEMPLATE
+    tokenizer.model_max_length = 128
+    model = causal_lm_create(tokenizer, n_layer=2, n_head=2, n_embd=32, n_positions=128)
+    directory = tmp_path_factory.mktemp("merging-model")
+    tokenizer.save_pretrained(directory)
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def merging_tokenizer(merging_model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(merging_model_dir, local_files_only=True)
+
+
+def prompt_token_counts(tokenizer: Any, row: dict[str, Any]) -> tuple[int, list[int]]:
+    """(tokens of the prompt alone, tokens each completion shares with it): smaller where tokens merge."""
+    from trl.data_utils import _tokenize, common_prefix_length
+
+    prompt = row["prompt"]
+    if isinstance(prompt, list):
+        alone = _tokenize(tokenizer, prompt, add_generation_prompt=True, tools=None)["input_ids"]
+        fulls = [_tokenize(tokenizer, prompt + c, tools=None)["input_ids"] for c in row["completions"]]
+    else:
+        alone = tokenizer(prompt)["input_ids"]
+        fulls = [tokenizer(prompt + c + tokenizer.eos_token)["input_ids"] for c in row["completions"]]
+    return len(alone), [common_prefix_length(alone, full) for full in fulls]
+
+
+@pytest.mark.parametrize("row", [MERGED_TEXT_ROW, MERGED_CHAT_ROW], ids=["text", "chat"])
+def test_the_rows_merge_tokens_across_the_prompts_end_for_some_completions_only(
+    row: dict[str, Any], merging_tokenizer: Any
+) -> None:
+    prompt_tokens, shared = prompt_token_counts(merging_tokenizer, row)
+    best = row["ranks"].index(1)
+    assert shared[best] == prompt_tokens
+    assert min(shared) < prompt_tokens
+
+
+@pytest.mark.parametrize(
+    ("row", "packing", "precompute", "losses"),
+    [
+        (MERGED_TEXT_ROW, True, True, ["sigmoid", "sft"]),
+        (MERGED_TEXT_ROW, False, True, ["sigmoid", "sft"]),
+        (MERGED_TEXT_ROW, True, False, ["sigmoid", "sft"]),
+        (MERGED_TEXT_ROW, True, True, ["sigmoid"]),
+        (MERGED_CHAT_ROW, True, True, ["sigmoid", "sft"]),
+        (MERGED_CHAT_ROW, False, False, ["sigmoid", "sft"]),
+        (MERGED_CHAT_ROW, True, False, ["sigmoid"]),
+    ],
+    ids=["text-sft", "text-sft-padded", "text-sft-reference", "text", "chat-sft", "chat-sft-padded", "chat"],
+)
+def test_the_grouped_dpo_loss_equals_trls_where_tokens_merge_across_the_prompts_end(
+    row: dict[str, Any],
+    packing: bool,
+    precompute: bool,
+    losses: list[str],
+    merging_model_dir: Path,
+    merging_tokenizer: Any,
+    tmp_path: Path,
+) -> None:
+    # given a group in which the best completion keeps the prompt's last tokens and others merge them
+    trl, grouped = dpo_trainers(
+        merging_model_dir,
+        merging_tokenizer,
+        tmp_path,
+        [row],
+        packing=packing,
+        precompute=precompute,
+        losses={"loss_type": losses},
+    )
+
+    # when both compute the loss on the whole batch
+    trl_loss = whole_batch_loss(trl, trl.model)
+    grouped_loss = whole_batch_loss(grouped, grouped.model)
+
+    # then loss and gradients agree: the chosen side's tokens start where the pair's do, as in TRL
+    assert trl_loss.item() != pytest.approx(math.log(2), abs=1e-4)
+    assert_same_loss_and_gradients(trl_loss, grouped_loss, trl.model, grouped.model)
+
+
+@pytest.mark.parametrize("row", [MERGED_TEXT_ROW, MERGED_CHAT_ROW], ids=["text", "chat"])
+@pytest.mark.parametrize("packing", [True, False])
+def test_the_grouped_reward_loss_equals_trls_where_tokens_merge_across_the_prompts_end(
+    row: dict[str, Any], packing: bool, merging_model_dir: Path, merging_tokenizer: Any, tmp_path: Path
+) -> None:
+    trl, grouped = reward_trainers(
+        merging_model_dir, merging_tokenizer, tmp_path, [row], margin="rank_gap", center=0.01, packing=packing
+    )
+
+    trl_loss = whole_batch_loss(trl, trl.model)
+    grouped_loss = whole_batch_loss(grouped, grouped.model)
+
+    assert len(trl.train_dataset) == sum(len(group["pairs"]) for group in grouped.train_dataset)
+    assert_same_loss_and_gradients(trl_loss, grouped_loss, trl.model, grouped.model)
+
+
 # --- batching --------------------------------------------------------------------------------
 
 
