@@ -15,6 +15,13 @@ from django.utils.translation import gettext_lazy as _
 
 from annotation.models import Policy, Project
 
+# `attempts` counts claims and never goes down: it is the fencing token every
+# write of an attempt is checked against. A job stopped on purpose (SIGTERM:
+# a time limit, a worker shutting down) gets its attempt back here instead,
+# so the cap (TRAINING_MAX_ATTEMPTS) counts only attempts that failed.
+ATTEMPTS_GIVEN_BACK_HELP = _(
+    "Attempts stopped by a signal (time limit, worker shutdown); they do not count against the cap."
+)
 NEAR_DUPLICATE_THRESHOLD_MIN = 0.5  # below it MinHash banding (42 bands × 3 rows) proposes too many pairs
 
 
@@ -255,6 +262,7 @@ class TrainingRun(models.Model):
 
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
     attempts = models.PositiveSmallIntegerField(default=0)
+    attempts_given_back = models.PositiveSmallIntegerField(default=0, help_text=ATTEMPTS_GIVEN_BACK_HELP)
     cancel_requested = models.BooleanField(default=False)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -287,6 +295,10 @@ class TrainingRun(models.Model):
             models.CheckConstraint(
                 condition=Q(step__lte=models.F("total_steps")) | Q(total_steps=0),
                 name="trainingrun_step_within_total",
+            ),
+            models.CheckConstraint(
+                condition=Q(attempts_given_back__lte=F("attempts")),
+                name="trainingrun_given_back_within_attempts",
             ),
         ]
 
@@ -349,6 +361,7 @@ class GpuJob(models.Model):
 
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
     attempts = models.PositiveSmallIntegerField(default=0)
+    attempts_given_back = models.PositiveSmallIntegerField(default=0, help_text=ATTEMPTS_GIVEN_BACK_HELP)
     cancel_requested = models.BooleanField(default=False)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -425,6 +438,10 @@ class GenerationJob(GpuJob):
         ordering = ["-created_at", "-id"]
         indexes = [models.Index(fields=["status", "heartbeat_at"])]
         constraints = [
+            models.CheckConstraint(
+                condition=Q(attempts_given_back__lte=F("attempts")),
+                name="generationjob_given_back_within_attempts",
+            ),
             models.CheckConstraint(
                 condition=Q(n__gte=1, n__lte=64),
                 name="generationjob_n_1_64",
@@ -531,6 +548,10 @@ class ScoringJob(GpuJob):
             models.CheckConstraint(
                 condition=Q(completions_done__lte=F("completions_total")),
                 name="scoringjob_done_within_total",
+            ),
+            models.CheckConstraint(
+                condition=Q(attempts_given_back__lte=F("attempts")),
+                name="scoringjob_given_back_within_attempts",
             ),
             # One live job per session and reward model: a second would score the same completions.
             models.UniqueConstraint(

@@ -12,7 +12,9 @@ or `accelerate launch -m training.runner SPEC.json` on several GPUs) or calls
 Nothing here imports Django: a run reads a `RunSpec`, talks to its reporter,
 and leaves files under `spec.output_dir`:
 
-    checkpoints/checkpoint-N/   resumable Trainer checkpoints (the last two)
+    checkpoints/checkpoint-N/   resumable Trainer checkpoints (the last two), each written
+                                under checkpoints/.incomplete/ and renamed into place once
+                                complete (rankwise_checkpoint.json marks it so)
     final/                      trained weights (the adapter for PEFT) + tokenizer
                                 + rankwise_run.json (kind, base model, PEFT method, metrics)
     test_rewards.jsonl          reward runs with a test file: each test pair's two rewards
@@ -27,6 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
 import shutil
 import signal
 import sys
@@ -50,6 +54,13 @@ PLANNED_TRAINERS: tuple[str, ...] = ()
 GROUPED_MARGINS = ("none", "rank_gap", "likert_gap")
 
 CHECKPOINTS_DIRNAME = "checkpoints"
+# Where a checkpoint is written before it is renamed into place; not a `checkpoint-N` name, so
+# neither resuming nor transformers' rotation ever sees a half-written one.
+CHECKPOINT_STAGING_DIRNAME = ".incomplete"
+# Written last into a checkpoint, before the rename: a `checkpoint-N` folder without it was left
+# half-written (by a process killed mid-write before checkpoints were renamed into place).
+CHECKPOINT_COMPLETE_FILENAME = "rankwise_checkpoint.json"
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 FINAL_DIRNAME = "final"
 RUN_INFO_FILENAME = "rankwise_run.json"
 TEST_REWARDS_FILENAME = "test_rewards.jsonl"
@@ -137,6 +148,8 @@ class RunSpec:
     gradient_checkpointing: bool = True  # TRL's default: less memory for ~20% more compute
     disable_dropout: bool = True  # TRL's default: dropout makes the two sides of a pair disagree
     lora_target_modules: list[str] | None = None  # None: peft's per-architecture default
+    # Which claim of the run this process serves; every write it makes is fenced by it.
+    attempt: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -690,6 +703,92 @@ def _check_adapter_has_head(final_dir: Path) -> None:
             raise RuntimeError(f"the saved adapter in {final_dir} lacks the trained {REWARD_HEAD!r} head")
 
 
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+def checkpoint_is_complete(folder: Path) -> bool:
+    return folder.is_dir() and (folder / CHECKPOINT_COMPLETE_FILENAME).is_file()
+
+
+def checkpoint_newest_complete(checkpoints_dir: Path) -> Path | None:
+    """The complete `checkpoint-N` with the largest N, or None.
+
+    Unlike transformers' `get_last_checkpoint`, a folder left half-written
+    (its writer killed) is passed over, so the run resumes from the one before.
+    """
+    if not checkpoints_dir.is_dir():
+        return None
+    steps = {
+        int(match.group(1)): entry
+        for entry in checkpoints_dir.iterdir()
+        if (match := CHECKPOINT_NAME.match(entry.name)) and checkpoint_is_complete(entry)
+    }
+    return steps[max(steps)] if steps else None
+
+
+def checkpoints_tidy(checkpoints_dir: Path) -> list[str]:
+    """Remove what killed writers left (the staging folder, incomplete `checkpoint-N`); their names.
+
+    Called by the one process that owns the run before it trains, so nothing
+    else is writing there; transformers' rotation would otherwise count the
+    leftovers among the checkpoints it keeps.
+    """
+    if not checkpoints_dir.is_dir():
+        return []
+    removed = []
+    for entry in sorted(checkpoints_dir.iterdir()):
+        leftover = entry.name == CHECKPOINT_STAGING_DIRNAME or (
+            CHECKPOINT_NAME.match(entry.name) is not None and not checkpoint_is_complete(entry)
+        )
+        if leftover and entry.is_dir():
+            shutil.rmtree(entry)
+            removed.append(entry.name)
+    return removed
+
+
+def _checkpoints_renamed_into_place(trainer: Trainer, checkpoints_dir: Path) -> None:
+    """Make `trainer` write each checkpoint under the staging folder and rename it into place when complete.
+
+    The Trainer writes a checkpoint file by file (weights, optimizer,
+    scheduler, RNG states, trainer state) into `checkpoint-N`; a process
+    killed halfway left a folder that resuming would pick. Here every process
+    writes into `.incomplete/checkpoint-N` (the Trainer's own `_save_checkpoint`,
+    pointed there through `_get_output_dir`); once all processes are done,
+    the main one marks it complete, renames it to `checkpoint-N` and rotates
+    the kept checkpoints.
+    """
+    from transformers.trainer_utils import rotate_checkpoints
+
+    staging = checkpoints_dir / CHECKPOINT_STAGING_DIRNAME
+    save_checkpoint = trainer._save_checkpoint
+
+    def save_then_rename(model: Any, trial: Any) -> None:
+        name = f"checkpoint-{trainer.state.global_step}"
+        trainer._get_output_dir = lambda trial=None: str(staging)  # type: ignore[method-assign]
+        try:
+            save_checkpoint(model, trial)
+        finally:
+            del trainer._get_output_dir  # the class's own method again
+        trainer.accelerator.wait_for_everyone()
+        if trainer.is_world_process_zero():
+            written = staging / name
+            marker = {"step": trainer.state.global_step, "files": sorted(p.name for p in written.iterdir())}
+            (written / CHECKPOINT_COMPLETE_FILENAME).write_text(json.dumps(marker) + "\n")
+            target = checkpoints_dir / name
+            if target.exists():  # the same step saved again after a resume
+                shutil.rmtree(target)
+            os.replace(written, target)
+            staging.rmdir()
+            rotate_checkpoints(
+                output_dir=str(checkpoints_dir),
+                save_total_limit=trainer.args.save_total_limit,
+                best_model_checkpoint=trainer.state.best_model_checkpoint,
+            )
+        trainer.accelerator.wait_for_everyone()
+
+    trainer._save_checkpoint = save_then_rename  # type: ignore[method-assign]
+
+
 # --- the run -----------------------------------------------------------------------------
 
 
@@ -700,7 +799,9 @@ def run_training(spec: RunSpec, reporter: Reporter) -> RunResult:
        RewardTrainer or DPOTrainer (or their grouped subclasses on the
        grouped file) with a callback that reports, heartbeats and stops at a
        step end (saving a checkpoint) when asked to.
-    2. Resume from `output_dir/checkpoints/checkpoint-N` with the largest N.
+    2. Resume from the complete `output_dir/checkpoints/checkpoint-N` with
+       the largest N (what killed writers left is removed first). Checkpoints
+       are renamed into place once complete.
     3. Train. A stop request before the last step ends the run "cancelled".
     4. Save the final weights (adapter only with PEFT) and tokenizer to
        `output_dir/final`, evaluate on the test file, then write
@@ -708,7 +809,6 @@ def run_training(spec: RunSpec, reporter: Reporter) -> RunResult:
     """
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback
-    from transformers.trainer_utils import get_last_checkpoint
 
     spec.validate()
     set_seed(spec.seed)
@@ -717,19 +817,25 @@ def run_training(spec: RunSpec, reporter: Reporter) -> RunResult:
     build = _reward_trainer if spec.kind == "reward" else _dpo_trainer
     trainer = build(spec, tokenizer, [callback])
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts to stdout
+    _checkpoints_renamed_into_place(trainer, spec.checkpoints_dir)
     is_main = trainer.is_world_process_zero()
 
     def say(line: str) -> None:
         if is_main:
             reporter.log(line)
 
-    resume_from = get_last_checkpoint(str(spec.checkpoints_dir)) if spec.checkpoints_dir.is_dir() else None
+    resume_checkpoint = checkpoint_newest_complete(spec.checkpoints_dir)
+    resume_from = str(resume_checkpoint) if resume_checkpoint else None
+    if is_main:
+        for name in checkpoints_tidy(spec.checkpoints_dir):
+            say(f"removed {name}: an incomplete checkpoint left by a process killed while writing it")
     if resume_from:
         say(f"resuming from checkpoint {Path(resume_from).name} in {spec.checkpoints_dir}")
     say(f"training {spec.kind} model ({spec.peft}) from {spec.base_model}")
     output = trainer.train(resume_from_checkpoint=resume_from)
     steps = trainer.state.global_step
-    newest = get_last_checkpoint(str(spec.checkpoints_dir)) if spec.checkpoints_dir.is_dir() else None
+    newest_after = checkpoint_newest_complete(spec.checkpoints_dir)
+    newest = str(newest_after) if newest_after else None
 
     if callback.stop_requested and steps < trainer.state.max_steps:
         say(f"cancelled at step {steps} of {trainer.state.max_steps}; checkpoint {newest}")

@@ -8,13 +8,16 @@ way (see the section below).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterable
 from datetime import date, datetime, timedelta
@@ -25,7 +28,7 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
-from django.db.models import Count, F
+from django.db.models import Count, F, Q
 from django.db.models.functions import Least
 from django.utils import timezone
 
@@ -41,6 +44,7 @@ from training.models import (
     RewardModel,
     ScoringJob,
     TrainingRun,
+    TrainingRunMetric,
 )
 from training.selectors import BUILD_OPTION_FIELDS, dataset_build_dir, reward_models_for_user
 
@@ -141,12 +145,27 @@ def dataset_build_copy(*, build: DatasetBuild, created_by: AbstractBaseUser, nam
 
 
 def dataset_build_enqueue(*, build: DatasetBuild) -> None:
-    """Send the build to a worker after the current transaction commits."""
+    """Send the build to a worker after the current transaction commits (`dataset_build_publish`)."""
+    build_id = build.pk
+    transaction.on_commit(lambda: dataset_build_publish(build_id=build_id))
+
+
+def dataset_build_publish(*, build_id: int) -> bool:
+    """Publish the build's task on the default queue; a build that cannot be queued is failed, saying why.
+
+    The broker is checked before the build is made, but it can go away
+    between that check and the commit; a build nobody will ever run must not
+    sit in `queued`.
+    """
     # Imported here: the task module imports this one.
     from training.tasks import dataset_build_execute
 
-    build_id = build.pk
-    transaction.on_commit(lambda: dataset_build_execute.delay(build_id))
+    return _task_publish(
+        dataset_build_execute,
+        build_id,
+        queue="default",
+        fail=lambda error: dataset_build_fail(build_id=build_id, error=error, from_statuses=("queued",)),
+    )
 
 
 def dataset_build_progress(*, build_id: int, progress: float) -> None:
@@ -156,9 +175,11 @@ def dataset_build_progress(*, build_id: int, progress: float) -> None:
     )
 
 
-def dataset_build_fail(*, build_id: int, error: str) -> bool:
-    """Mark a queued or running build failed with the error; False if it had finished already."""
-    for status in (DatasetBuild.Status.RUNNING, DatasetBuild.Status.QUEUED):
+def dataset_build_fail(
+    *, build_id: int, error: str, from_statuses: tuple[str, ...] = ("running", "queued")
+) -> bool:
+    """Mark a build failed with the error (compare-and-set from the given statuses); False if it was not in one."""
+    for status in from_statuses:
         changed = DatasetBuild.objects.filter(pk=build_id, status=status).update(
             status=DatasetBuild.Status.FAILED, error=error[-ERROR_MAX_CHARS:], finished_at=timezone.now()
         )
@@ -265,6 +286,7 @@ def training_run_spec(*, run: TrainingRun) -> Any:
         run_id=run.pk or 0,
         base_model=run.base_model,
         output_dir=run.output_dir or str(Path(settings.ARTIFACTS_DIR) / "runs" / "pending"),
+        attempt=run.attempts,
         trainer=run.trainer,
         # The grouped trainer reads margins from the ranks the way the build chose to.
         grouped_margin=run.dataset_build.margin,
@@ -317,10 +339,10 @@ def training_run_create(
     return run
 
 
-def _gpu_task_publish(task: Any, row_id: int, fail: Any) -> bool:
-    """Publish a job's task on the gpu queue; when the broker refuses, `fail(error)` records why."""
+def _task_publish(task: Any, row_id: int, *, queue: str, fail: Callable[[str], object]) -> bool:
+    """Publish a job's task on `queue`; when the broker refuses, `fail(error)` records why."""
     try:
-        task.apply_async((row_id,), queue="gpu")
+        task.apply_async((row_id,), queue=queue)
     except Exception as error:  # kombu raises several kinds when the broker is gone
         fail(f"could not be queued: {error}")
         return False
@@ -331,38 +353,22 @@ def training_run_enqueue(*, run_id: int) -> bool:
     """Publish the run's task on the gpu queue; a run that cannot be queued is failed, saying why."""
     from training.tasks import training_run_execute
 
-    return _gpu_task_publish(
+    return _task_publish(
         training_run_execute,
         run_id,
-        lambda error: training_run_fail(run_id=run_id, error=error, from_statuses=("queued",)),
+        queue="gpu",
+        fail=lambda error: training_run_fail(run_id=run_id, error=error, from_statuses=("queued",)),
     )
 
 
 def training_run_claim(*, run_id: int, now: datetime | None = None) -> TrainingRun | None:
     """Move the run to `running` for this delivery, or return None if another delivery owns it.
 
-    A queued run is claimed by compare-and-set. A running run is taken over
-    only when its heartbeat stopped (its worker died without the process
-    recording anything); a live or finished run makes a redelivery a no-op.
+    The GPU jobs' claim (`_gpu_job_claim`): a queued run is claimed by
+    compare-and-set, a running one only when its heartbeat stopped, and each
+    claim is one attempt more; the attempt number fences every later write.
     """
-    now = now or timezone.now()
-    max_attempts = settings.TRAINING_MAX_ATTEMPTS
-    claimed = TrainingRun.objects.filter(
-        pk=run_id, status=TrainingRun.Status.QUEUED, attempts__lt=max_attempts, cancel_requested=False
-    ).update(status=TrainingRun.Status.RUNNING, attempts=F("attempts") + 1, started_at=now, heartbeat_at=now)
-    if not claimed:
-        stale = now - timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_S)
-        claimed = TrainingRun.objects.filter(
-            pk=run_id, status=TrainingRun.Status.RUNNING, heartbeat_at__lt=stale, attempts__lt=max_attempts
-        ).update(attempts=F("attempts") + 1, heartbeat_at=now)
-    if not claimed:
-        run = TrainingRun.objects.filter(pk=run_id).first()
-        if run is not None and run.status == TrainingRun.Status.QUEUED and run.attempts >= max_attempts:
-            training_run_fail(
-                run_id=run_id, error=f"gave up after {run.attempts} attempts", from_statuses=("queued",)
-            )
-        return None
-    return TrainingRun.objects.get(pk=run_id)
+    return cast("TrainingRun | None", _gpu_job_claim(TrainingRun, job_id=run_id, now=now))
 
 
 def training_run_command(*, run: TrainingRun, spec_path: Path) -> list[str]:
@@ -384,72 +390,38 @@ def training_run_command(*, run: TrainingRun, spec_path: Path) -> list[str]:
 
 
 def training_run_execute(*, run_id: int) -> None:
-    """Run one delivery of the run's task: claim it, launch its process, wait, clean up after a crash.
+    """Run one delivery of the run's task: claim it, launch its process group, wait, clean up after it.
 
-    The process records success, cancellation and its own errors. If it
-    dies without doing so (killed, out of memory), the run goes back to
-    `queued` while attempts remain, to resume from its last checkpoint, or
-    fails with the reason.
+    The process records success, cancellation and its own errors, each
+    fenced by its attempt. If any process of the group dies without the run
+    recording an outcome (killed, out of memory), the whole group is killed
+    and the run goes back to `queued` while attempts remain, to resume from
+    its newest complete checkpoint, or fails with the reason
+    (`_gpu_job_process_run`).
     """
     run = training_run_claim(run_id=run_id)
     if run is None:
         return
-    spec = training_run_spec(run=run)
-    output = Path(run.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    spec_path = output / f"spec-attempt-{run.attempts}.json"
-    spec.to_json(spec_path)
-    log_path = output / f"process-attempt-{run.attempts}.log"
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            training_run_command(run=run, spec_path=spec_path),
-            cwd=settings.BASE_DIR,
-            env=environment,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        TrainingRun.objects.filter(pk=run_id).update(process_id=process.pid)
-        try:
-            returncode = process.wait()
-        except BaseException:
-            # Soft time limit or worker shutdown: stop the whole process group, then report.
-            _process_group_stop(process)
-            training_run_fail(
-                run_id=run_id, error="stopped: the task hit its time limit or its worker shut down"
-            )
-            raise
-    run.refresh_from_db()
-    if run.status != TrainingRun.Status.RUNNING:
-        return  # the process recorded its own outcome
-    reason = f"the run process exited with status {returncode}"
-    if returncode < 0:
-        reason = f"the run process was killed by signal {-returncode}"
-    tail = _file_tail(log_path)
-    if run.attempts < settings.TRAINING_MAX_ATTEMPTS and not run.cancel_requested:
-        requeued = TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.RUNNING).update(
-            status=TrainingRun.Status.QUEUED,
-            error=f"attempt {run.attempts}: {reason}; retrying from the last checkpoint",
-            log_tail=tail,
-        )
-        if requeued:
-            training_run_enqueue(run_id=run_id)
-        return
-    training_run_fail(
-        run_id=run_id, error=f"{reason} (attempt {run.attempts} of {settings.TRAINING_MAX_ATTEMPTS})"
-    )
-
-
-def _process_group_stop(process: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
+    attempt = run.attempts
     try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    except ProcessLookupError:
-        pass
+        spec = training_run_spec(run=run)
+        output = Path(run.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        spec_path = output / f"spec-attempt-{attempt}.json"
+        spec.to_json(spec_path)
+    except Exception as error:
+        training_run_fail(run_id=run_id, error=f"{type(error).__name__}: {error}", attempt=attempt)
+        return
+    _gpu_job_process_run(
+        TrainingRun,
+        job_id=run_id,
+        attempt=attempt,
+        command=training_run_command(run=run, spec_path=spec_path),
+        log_path=output / f"process-attempt-{attempt}.log",
+        what="run",
+        retry_note="retrying from the last checkpoint",
+        enqueue=lambda queued_id: training_run_enqueue(run_id=queued_id),
+    )
 
 
 def _file_tail(path: Path, lines: int = 60) -> str:
@@ -459,88 +431,128 @@ def _file_tail(path: Path, lines: int = 60) -> str:
         return ""
 
 
+def training_run_started(*, run_id: int, attempt: int, total_steps: int, log_tail: str) -> bool:
+    """Record the steps the attempt will train; False if the run is no longer this attempt's."""
+    rows = _gpu_job_owned(TrainingRun, job_id=run_id, attempt=attempt)
+    return rows.update(total_steps=total_steps, log_tail=log_tail, heartbeat_at=timezone.now()) == 1
+
+
 @transaction.atomic
-def training_run_finish(*, run_id: int, result: Any) -> bool:
-    """Record a finished process's outcome and register what it made (a RewardModel or a Policy)."""
-    now = timezone.now()
-    run = TrainingRun.objects.select_for_update().get(pk=run_id)
-    if run.status != TrainingRun.Status.RUNNING:
+def training_run_progress(
+    *, run_id: int, attempt: int, step: int, total_steps: int, metrics: dict[str, float], log_tail: str
+) -> bool:
+    """Record a step and its metrics; False (and nothing written) if the run is no longer this attempt's."""
+    step = min(step, total_steps) if total_steps else step
+    moved = _gpu_job_owned(TrainingRun, job_id=run_id, attempt=attempt).update(
+        step=step, total_steps=max(total_steps, step), log_tail=log_tail, heartbeat_at=timezone.now()
+    )
+    if moved != 1:
         return False
-    if result.status == "cancelled":
-        run.status = TrainingRun.Status.CANCELLED
+    if metrics:
+        TrainingRunMetric.objects.create(run_id=run_id, step=step, values=metrics)
+    return True
+
+
+def training_run_heartbeat(*, run_id: int, attempt: int, log_tail: str | None = None) -> bool:
+    """Say the attempt is alive (and what it printed last); False if the run is no longer this attempt's."""
+    fields: dict[str, Any] = {"heartbeat_at": timezone.now()}
+    if log_tail is not None:
+        fields["log_tail"] = log_tail
+    return _gpu_job_owned(TrainingRun, job_id=run_id, attempt=attempt).update(**fields) == 1
+
+
+def training_run_stop_reason(*, run_id: int, attempt: int) -> str | None:
+    """Why the attempt should stop at its next step: "cancel" (asked to), "lost" (no longer its run), or None."""
+    return _gpu_job_stop_reason(TrainingRun, job_id=run_id, attempt=attempt)
+
+
+def training_run_mark_cancelled(*, run_id: int, attempt: int) -> bool:
+    """The attempt stopped because a cancel was asked for: running → cancelled (never without the ask)."""
+    return _gpu_job_mark_cancelled(TrainingRun, job_id=run_id, attempt=attempt)
+
+
+def training_run_requeue_stopped(*, run_id: int, attempt: int, reason: str) -> bool:
+    """The attempt stopped on a signal with a checkpoint saved: back to `queued`, the attempt given back.
+
+    A cancel asked for meanwhile wins: the run is cancelled instead. False if
+    the run is no longer this attempt's.
+    """
+    return _gpu_job_requeue(
+        TrainingRun,
+        job_id=run_id,
+        attempt=attempt,
+        reason=reason,
+        give_back=True,
+        enqueue=lambda queued_id: training_run_enqueue(run_id=queued_id),
+    )
+
+
+@transaction.atomic
+def training_run_finish(*, run_id: int, attempt: int, result: Any) -> bool:
+    """Record the attempt's trained result and register what it made (a RewardModel or a Policy).
+
+    False, with nothing registered, if the run is no longer this attempt's:
+    a stale attempt's weights are never the run's result.
+    """
+    now = timezone.now()
+    run = _gpu_job_owned(TrainingRun, job_id=run_id, attempt=attempt).select_for_update().first()
+    if run is None:
+        return False
+    run.status = TrainingRun.Status.SUCCEEDED
+    run.step = run.total_steps = max(run.total_steps, result.steps)
+    if run.kind == TrainingRun.Kind.REWARD:
+        RewardModel.objects.create(
+            name=f"rm-{run.pk}",
+            run=run,
+            base_model=run.base_model,
+            path=result.final_dir,
+            metrics=result.metrics,
+        )
     else:
-        run.status = TrainingRun.Status.SUCCEEDED
-        run.step = run.total_steps = max(run.total_steps, result.steps)
-        if run.kind == TrainingRun.Kind.REWARD:
-            RewardModel.objects.create(
-                name=f"rm-{run.pk}",
-                run=run,
-                base_model=run.base_model,
-                path=result.final_dir,
-                metrics=result.metrics,
-            )
-        else:
-            run.policy = Policy.objects.create(
-                name=f"dpo-{run.pk}",
-                kind=Policy.Kind.MODEL,
-                base_model=run.base_model,
-                adapter=result.final_dir if run.peft != TrainingRun.Peft.FULL else "",
-                generation_settings={},
-            )
-            if run.peft == TrainingRun.Peft.FULL:
-                run.policy.base_model = result.final_dir
-                run.policy.save(update_fields=["base_model"])
+        run.policy = Policy.objects.create(
+            name=f"dpo-{run.pk}",
+            kind=Policy.Kind.MODEL,
+            base_model=run.base_model,
+            adapter=result.final_dir if run.peft != TrainingRun.Peft.FULL else "",
+            generation_settings={},
+        )
+        if run.peft == TrainingRun.Peft.FULL:
+            run.policy.base_model = result.final_dir
+            run.policy.save(update_fields=["base_model"])
     run.metrics = result.metrics
-    run.finished_at = now
+    run.heartbeat_at = run.finished_at = now
     run.save()
     return True
 
 
 def training_run_fail(
-    *, run_id: int, error: str, from_statuses: tuple[str, ...] = ("queued", "running")
+    *,
+    run_id: int,
+    error: str,
+    from_statuses: tuple[str, ...] = ("queued", "running"),
+    attempt: int | None = None,
 ) -> bool:
-    """Fail the run (compare-and-set from the given statuses), keeping the reason."""
-    changed = TrainingRun.objects.filter(pk=run_id, status__in=from_statuses).update(
-        status=TrainingRun.Status.FAILED, error=error[:10_000], finished_at=timezone.now()
+    """Fail the run (compare-and-set from the given statuses, and this attempt if given), keeping the reason."""
+    return _gpu_job_fail(
+        TrainingRun, job_id=run_id, error=error, from_statuses=from_statuses, attempt=attempt
     )
-    return changed == 1
 
 
 def training_run_cancel(*, run: TrainingRun) -> TrainingRun:
     """A queued run is cancelled at once; a running one is asked to stop at its next step."""
-    now = timezone.now()
-    TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.QUEUED).update(
-        status=TrainingRun.Status.CANCELLED, cancel_requested=True, finished_at=now
-    )
-    TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING).update(cancel_requested=True)
+    _gpu_job_cancel(TrainingRun, job_id=run.pk)
     run.refresh_from_db()
     return run
 
 
 def training_runs_reap(*, now: datetime | None = None) -> list[int]:
     """Runs whose heartbeat stopped: back to the queue while attempts remain, else failed. Returns their ids."""
-    now = now or timezone.now()
-    stale = now - timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_S)
-    reaped = []
-    for run in TrainingRun.objects.filter(status=TrainingRun.Status.RUNNING, heartbeat_at__lt=stale):
-        if run.attempts < settings.TRAINING_MAX_ATTEMPTS and not run.cancel_requested:
-            moved = TrainingRun.objects.filter(
-                pk=run.pk, status=TrainingRun.Status.RUNNING, heartbeat_at=run.heartbeat_at
-            ).update(
-                status=TrainingRun.Status.QUEUED, error="heartbeat stopped; retrying from the last checkpoint"
-            )
-            if moved:
-                transaction.on_commit(lambda run_id=run.pk: training_run_enqueue(run_id=run_id))
-                reaped.append(run.pk)
-        elif TrainingRun.objects.filter(
-            pk=run.pk, status=TrainingRun.Status.RUNNING, heartbeat_at=run.heartbeat_at
-        ).update(
-            status=TrainingRun.Status.FAILED,
-            error=f"heartbeat stopped at {run.heartbeat_at:%Y-%m-%d %H:%M:%S} and no attempts remain",
-            finished_at=now,
-        ):
-            reaped.append(run.pk)
-    return reaped
+    return _gpu_jobs_reap(
+        TrainingRun,
+        retry_note="retrying from the last checkpoint",
+        enqueue=lambda run_id: training_run_enqueue(run_id=run_id),
+        now=now,
+    )
 
 
 def dataset_builds_reap(*, now: datetime | None = None) -> list[int]:
@@ -568,20 +580,43 @@ def dataset_builds_reap(*, now: datetime | None = None) -> list[int]:
     ]
 
 
-# --- GPU jobs: the lifecycle generation and scoring jobs share ------------------
+# --- GPU jobs: the lifecycle training runs, generation and scoring jobs share ---
 #
-# A GPU job's row (GenerationJob, ScoringJob) is the source of truth. The
-# Celery task claims the row (compare-and-set; each claim is one attempt
-# more, up to TRAINING_MAX_ATTEMPTS), starts the job's own process and waits
-# for it; the process heartbeats, writes its progress and records its outcome
-# on the row through the job's own services. The helpers below are that
-# lifecycle, written once over the job's model: both extend
-# training.models.GpuJob (status values and bookkeeping fields) and each adds
-# a process_id.
+# A GPU job's row (TrainingRun, GenerationJob, ScoringJob) is the source of
+# truth. The Celery task claims the row (compare-and-set; each claim is one
+# attempt more), starts the job's own process group and waits for it; the
+# process heartbeats, writes its progress and records its outcome on the row
+# through the job's own services. Every write after the claim is fenced by
+# (id, attempt, running): a write from an attempt that lost the job changes
+# nothing, and its process stops. The helpers below are that lifecycle,
+# written once over the job's model: each has the same status values and
+# bookkeeping fields (training.models.GpuJob) and a process_id.
+#
+# `attempts` only grows (it is the fence). An attempt stopped on purpose (a
+# SIGTERM: the task's soft time limit, a worker shutting down) is given back
+# in `attempts_given_back`; the cap, TRAINING_MAX_ATTEMPTS, counts the rest.
+
+JobModel = type[GpuJob] | type[TrainingRun]
+
+# The environment variable that marks every process of one attempt (see `_job_processes`).
+JOB_MARK_ENV = "RANKWISE_JOB_MARK"
+# How long a job told to stop (SIGTERM) has to save a checkpoint before it is killed.
+JOB_STOP_GRACE_S = 60.0
+# How long killed processes may take to vanish; a GPU process in the driver can be slow to die.
+JOB_KILL_WAIT_S = 60.0
+
+
+def _attempts_left() -> Q:
+    """Rows that failed fewer attempts than the cap (attempts given back do not count)."""
+    return Q(attempts__lt=F("attempts_given_back") + settings.TRAINING_MAX_ATTEMPTS)
+
+
+def _has_attempts_left(job: GpuJob | TrainingRun) -> bool:
+    return job.attempts - job.attempts_given_back < settings.TRAINING_MAX_ATTEMPTS
 
 
 def _gpu_job_fail(
-    model: type[GpuJob],
+    model: JobModel,
     *,
     job_id: int,
     error: str,
@@ -598,7 +633,7 @@ def _gpu_job_fail(
     return changed == 1
 
 
-def _gpu_job_claim(model: type[GpuJob], *, job_id: int, now: datetime | None = None) -> GpuJob | None:
+def _gpu_job_claim(model: JobModel, *, job_id: int, now: datetime | None = None) -> Any:
     """Move the job to `running` for this delivery, or return None if another delivery owns it.
 
     A queued job is claimed by compare-and-set. A running job is taken over
@@ -607,39 +642,38 @@ def _gpu_job_claim(model: type[GpuJob], *, job_id: int, now: datetime | None = N
     job out of attempts is failed, saying so.
     """
     now = now or timezone.now()
-    max_attempts = settings.TRAINING_MAX_ATTEMPTS
     claimed = model.objects.filter(
-        pk=job_id, status=model.Status.QUEUED, attempts__lt=max_attempts, cancel_requested=False
+        _attempts_left(), pk=job_id, status=model.Status.QUEUED, cancel_requested=False
     ).update(status=model.Status.RUNNING, attempts=F("attempts") + 1, started_at=now, heartbeat_at=now)
     if not claimed:
         stale = now - timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_S)
         claimed = model.objects.filter(
-            pk=job_id, status=model.Status.RUNNING, heartbeat_at__lt=stale, attempts__lt=max_attempts
+            _attempts_left(), pk=job_id, status=model.Status.RUNNING, heartbeat_at__lt=stale
         ).update(attempts=F("attempts") + 1, heartbeat_at=now)
     if not claimed:
         job = model.objects.filter(pk=job_id).first()
-        if job is not None and job.status == model.Status.QUEUED and job.attempts >= max_attempts:
+        if job is not None and job.status == model.Status.QUEUED and not _has_attempts_left(job):
             _gpu_job_fail(
                 model,
                 job_id=job_id,
-                error=f"gave up after {job.attempts} attempts",
+                error=f"gave up after {job.attempts - job.attempts_given_back} attempts",
                 from_statuses=("queued",),
             )
         return None
     return model.objects.get(pk=job_id)
 
 
-def _gpu_job_owned(model: type[GpuJob], *, job_id: int, attempt: int) -> Any:
-    """The job's row while it is running this attempt (empty otherwise)."""
+def _gpu_job_owned(model: JobModel, *, job_id: int, attempt: int) -> Any:
+    """The job's row while it is running this attempt (empty otherwise): the fence of every write."""
     return model.objects.filter(pk=job_id, status=model.Status.RUNNING, attempts=attempt)
 
 
-def _gpu_job_heartbeat(model: type[GpuJob], *, job_id: int, attempt: int) -> bool:
+def _gpu_job_heartbeat(model: JobModel, *, job_id: int, attempt: int) -> bool:
     """Say the attempt is alive; False if the job is no longer this attempt's."""
     return _gpu_job_owned(model, job_id=job_id, attempt=attempt).update(heartbeat_at=timezone.now()) == 1
 
 
-def _gpu_job_stop_reason(model: type[GpuJob], *, job_id: int, attempt: int) -> str | None:
+def _gpu_job_stop_reason(model: JobModel, *, job_id: int, attempt: int) -> str | None:
     """Why the attempt should stop between batches: "cancel" (asked to), "lost" (no longer its job), or None."""
     row = model.objects.filter(pk=job_id).values("status", "attempts", "cancel_requested").first()
     if row is None or row["status"] != model.Status.RUNNING or row["attempts"] != attempt:
@@ -647,14 +681,42 @@ def _gpu_job_stop_reason(model: type[GpuJob], *, job_id: int, attempt: int) -> s
     return "cancel" if row["cancel_requested"] else None
 
 
-def _gpu_job_mark_cancelled(model: type[GpuJob], *, job_id: int, attempt: int) -> bool:
-    """The attempt stopped because a cancel was asked for: running → cancelled."""
+def _gpu_job_mark_cancelled(model: JobModel, *, job_id: int, attempt: int) -> bool:
+    """The attempt stopped because a cancel was asked for: running → cancelled (only if one was)."""
     now = timezone.now()
-    rows = _gpu_job_owned(model, job_id=job_id, attempt=attempt)
+    rows = _gpu_job_owned(model, job_id=job_id, attempt=attempt).filter(cancel_requested=True)
     return rows.update(status=model.Status.CANCELLED, heartbeat_at=now, finished_at=now) == 1
 
 
-def _gpu_job_cancel(model: type[GpuJob], *, job_id: int) -> None:
+def _gpu_job_requeue(
+    model: JobModel,
+    *,
+    job_id: int,
+    attempt: int,
+    reason: str,
+    give_back: bool,
+    enqueue: Callable[[int], object],
+) -> bool:
+    """Put the attempt's job back in the queue (its attempt given back if `give_back`) and publish it.
+
+    A job whose cancel was asked for is cancelled instead. False, and
+    nothing changed, if the job is no longer this attempt's.
+    """
+    if _gpu_job_mark_cancelled(model, job_id=job_id, attempt=attempt):
+        return True
+    fields: dict[str, Any] = {"status": model.Status.QUEUED, "error": reason[-ERROR_MAX_CHARS:]}
+    if give_back:
+        fields["attempts_given_back"] = F("attempts_given_back") + 1
+    if (
+        _gpu_job_owned(model, job_id=job_id, attempt=attempt).filter(cancel_requested=False).update(**fields)
+        != 1
+    ):
+        return False
+    transaction.on_commit(lambda: enqueue(job_id))
+    return True
+
+
+def _gpu_job_cancel(model: JobModel, *, job_id: int) -> None:
     """A queued job is cancelled at once; a running one is asked to stop (its process checks between batches)."""
     now = timezone.now()
     model.objects.filter(pk=job_id, status=model.Status.QUEUED).update(
@@ -664,7 +726,7 @@ def _gpu_job_cancel(model: type[GpuJob], *, job_id: int) -> None:
 
 
 def _gpu_jobs_reap(
-    model: type[GpuJob], *, retry_note: str, enqueue: Callable[[int], object], now: datetime | None = None
+    model: JobModel, *, retry_note: str, enqueue: Callable[[int], object], now: datetime | None = None
 ) -> list[int]:
     """Jobs whose heartbeat stopped: back to the queue while attempts remain, else failed. Returns their ids.
 
@@ -676,7 +738,7 @@ def _gpu_jobs_reap(
     reaped = []
     for job in model.objects.filter(status=model.Status.RUNNING, heartbeat_at__lt=stale):
         same = model.objects.filter(pk=job.pk, status=model.Status.RUNNING, heartbeat_at=job.heartbeat_at)
-        if job.attempts < settings.TRAINING_MAX_ATTEMPTS and not job.cancel_requested:
+        if _has_attempts_left(job) and not job.cancel_requested:
             if same.update(status=model.Status.QUEUED, error=f"heartbeat stopped; {retry_note}"):
                 transaction.on_commit(lambda job_id=job.pk: enqueue(job_id))
                 reaped.append(job.pk)
@@ -689,30 +751,103 @@ def _gpu_jobs_reap(
     return reaped
 
 
+def _job_processes(mark: str) -> list[int]:
+    """The live processes of one attempt: every one carries its mark in its environment.
+
+    The process group alone does not reach them all: torch's elastic launcher
+    (`accelerate launch` with several processes) starts each trainer in a
+    session of its own, and a process whose parent died keeps its group but
+    not its parent. Reads /proc (Linux, where GPU workers run); elsewhere the
+    process group is all there is.
+    """
+    marker = f"{JOB_MARK_ENV}={mark}\0".encode()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as environ:
+                # A zombie's environment reads empty: it is dead already.
+                if marker in environ.read():
+                    found.append(int(entry))
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return found
+
+
+def _job_signal(process: subprocess.Popen[bytes], mark: str, signum: int) -> None:
+    """Send `signum` to the attempt's process group and to every process carrying its mark."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signum)
+    for pid in _job_processes(mark):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
+
+
+def _job_gone(process: subprocess.Popen[bytes], mark: str, *, within_s: float) -> bool:
+    """Wait until no process of the attempt is left; False if some still are after `within_s`."""
+    deadline = time.monotonic() + within_s
+    while process.poll() is None or _job_processes(mark):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _job_kill(process: subprocess.Popen[bytes], mark: str) -> bool:
+    """SIGKILL every process of the attempt and wait for them; False if some would not die."""
+    _job_signal(process, mark, signal.SIGKILL)
+    return _job_gone(process, mark, within_s=JOB_KILL_WAIT_S)
+
+
+def _job_stop(process: subprocess.Popen[bytes], mark: str) -> bool:
+    """SIGTERM (save what you have and stop), then SIGKILL whatever is left after the grace period."""
+    _job_signal(process, mark, signal.SIGTERM)
+    return _job_gone(process, mark, within_s=JOB_STOP_GRACE_S) or _job_kill(process, mark)
+
+
 def _gpu_job_process_run(
-    model: type[GpuJob],
+    model: JobModel,
     *,
     job_id: int,
     attempt: int,
-    module: str,
-    spec_path: Path,
+    command: list[str],
+    log_path: Path,
     what: str,
     retry_note: str,
     enqueue: Callable[[int], object],
 ) -> None:
-    """Run `python -m MODULE SPEC` for a claimed attempt, wait for it, and clean up after a crash.
+    """Run a claimed attempt's process group, wait for it, and clean up after it.
 
-    The process records success, cancellation and its own errors. If it
-    dies without doing so (killed, out of memory), the job goes back to
-    `queued` while attempts remain (the next attempt resumes where this one
-    stopped), or fails with the reason. The task's own end (soft time limit,
-    worker shutdown) stops the process group and fails the attempt.
+    1. Start `command` in a session of its own; every process of it inherits
+       a random mark of this attempt in its environment.
+    2. Wait for the first process (the launcher). Whatever is left of the
+       group then (a trainer whose launcher was killed) is killed, and waited
+       for, before anything else: two processes of one job never coexist.
+    3. The process records success, cancellation and its own errors. If it
+       died without doing so (killed, out of memory), the job goes back to
+       `queued` while attempts remain (the next attempt resumes where this one
+       stopped), or fails with the reason.
+
+    The task's own end (soft time limit, worker shutdown) sends the group
+    SIGTERM: the job saves what it has and goes back to the queue with its
+    attempt given back.
     """
-    log_path = spec_path.parent / f"process-attempt-{attempt}.log"
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    mark = secrets.token_hex(16)
+    environment = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        JOB_MARK_ENV: mark,
+    }
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", module, str(spec_path)],
+            command,
             cwd=settings.BASE_DIR,
             env=environment,
             stdout=log,
@@ -722,16 +857,21 @@ def _gpu_job_process_run(
         model.objects.filter(pk=job_id, attempts=attempt).update(process_id=process.pid)
         try:
             returncode = process.wait()
-        except BaseException:
-            # Soft time limit or worker shutdown: stop the whole process group, then report.
-            _process_group_stop(process)
-            _gpu_job_fail(
+        except BaseException as interruption:
+            stopped = _job_stop(process, mark)
+            _gpu_job_requeue(
                 model,
                 job_id=job_id,
-                error="stopped: the task hit its time limit or its worker shut down",
                 attempt=attempt,
+                reason=f"attempt {attempt}: stopped by its task's time limit or its worker's shutdown; "
+                + retry_note,
+                give_back=stopped,
+                enqueue=enqueue,
             )
+            if isinstance(interruption, Exception):
+                return  # the soft time limit: handled; the task ends normally
             raise
+        gone = _job_kill(process, mark)
     model.objects.filter(pk=job_id, attempts=attempt).update(log_tail=_file_tail(log_path))
     row = model.objects.filter(pk=job_id).values("status", "attempts", "cancel_requested").first()
     if row is None or row["status"] != model.Status.RUNNING or row["attempts"] != attempt:
@@ -739,12 +879,26 @@ def _gpu_job_process_run(
     reason = f"the {what} process exited with status {returncode}"
     if returncode < 0:
         reason = f"the {what} process was killed by signal {-returncode}"
-    if attempt < settings.TRAINING_MAX_ATTEMPTS and not row["cancel_requested"]:
-        requeued = model.objects.filter(pk=job_id, status=model.Status.RUNNING, attempts=attempt).update(
-            status=model.Status.QUEUED, error=f"attempt {attempt}: {reason}; {retry_note}"
+    if not gone:
+        # A retry beside a process that would not die could run the job twice.
+        left = ", ".join(map(str, _job_processes(mark)))
+        _gpu_job_fail(
+            model,
+            job_id=job_id,
+            error=f"{reason}; its processes {left} did not exit when killed, so it is not retried",
+            attempt=attempt,
         )
-        if requeued:
-            enqueue(job_id)
+        return
+    job = model.objects.get(pk=job_id)
+    if _has_attempts_left(job) and not row["cancel_requested"]:
+        _gpu_job_requeue(
+            model,
+            job_id=job_id,
+            attempt=attempt,
+            reason=f"attempt {attempt}: {reason}; {retry_note}",
+            give_back=False,
+            enqueue=enqueue,
+        )
         return
     _gpu_job_fail(
         model,
@@ -871,10 +1025,11 @@ def generation_job_enqueue(*, job_id: int) -> bool:
     """Publish the job's task on the gpu queue; a job that cannot be queued is failed, saying why."""
     from training.tasks import generation_job_execute as generation_job_execute_task
 
-    return _gpu_task_publish(
+    return _task_publish(
         generation_job_execute_task,
         job_id,
-        lambda error: generation_job_fail(job_id=job_id, error=error, from_statuses=("queued",)),
+        queue="gpu",
+        fail=lambda error: generation_job_fail(job_id=job_id, error=error, from_statuses=("queued",)),
     )
 
 
@@ -945,8 +1100,8 @@ def generation_job_execute(*, job_id: int) -> None:
         GenerationJob,
         job_id=job_id,
         attempt=attempt,
-        module="training.generation_process",
-        spec_path=spec_path,
+        command=[sys.executable, "-m", "training.generation_process", str(spec_path)],
+        log_path=folder / f"process-attempt-{attempt}.log",
         what="generation",
         retry_note="retrying the prompts not done yet",
         enqueue=lambda queued_id: generation_job_enqueue(job_id=queued_id),
@@ -1203,10 +1358,11 @@ def scoring_job_enqueue(*, job_id: int) -> bool:
     """Publish the job's task on the gpu queue; a job that cannot be queued is failed, saying why."""
     from training.tasks import scoring_job_execute as scoring_job_execute_task
 
-    return _gpu_task_publish(
+    return _task_publish(
         scoring_job_execute_task,
         job_id,
-        lambda error: scoring_job_fail(job_id=job_id, error=error, from_statuses=("queued",)),
+        queue="gpu",
+        fail=lambda error: scoring_job_fail(job_id=job_id, error=error, from_statuses=("queued",)),
     )
 
 
@@ -1256,8 +1412,8 @@ def scoring_job_execute(*, job_id: int) -> None:
         ScoringJob,
         job_id=job_id,
         attempt=attempt,
-        module="training.scoring_process",
-        spec_path=spec_path,
+        command=[sys.executable, "-m", "training.scoring_process", str(spec_path)],
+        log_path=folder / f"process-attempt-{attempt}.log",
         what="scoring",
         retry_note="retrying the completions not scored yet",
         enqueue=lambda queued_id: scoring_job_enqueue(job_id=queued_id),

@@ -196,6 +196,50 @@ def test_a_manager_creates_a_build_from_the_page_and_it_is_queued_on_commit(
     assert len(callbacks) == 1
 
 
+def test_a_build_whose_task_cannot_be_published_is_failed_with_the_reason_never_left_queued(
+    csrf_client: Client,
+    login: Login,
+    manager: AbstractUser,
+    project: Project,
+    django_capture_on_commit_callbacks: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # given a broker that answered the health check but refuses the message at commit
+    from kombu.exceptions import OperationalError
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise OperationalError("Error 111 connecting to redis: Connection refused.")
+
+    monkeypatch.setattr("training.tasks.dataset_build_execute.apply_async", refuse)
+    make_manager(project, manager)
+    client = login(csrf_client, manager)
+
+    # when a build is made from the page
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post(
+            "/datasets/new",
+            {
+                "csrfmiddlewaretoken": csrf_token(client),
+                "name": "never queued",
+                "projects": [project.pk],
+                "aggregation": "every_vote",
+                "agreement_threshold": "0.5",
+                "ties": "drop",
+                "margin": "none",
+                "format": "standard",
+                "test_fraction": "0.1",
+                "seed": "0",
+                "near_duplicate_threshold": "0.6",
+            },
+        )
+
+    # then its page shows it failed, saying why
+    build = DatasetBuild.objects.get(name="never queued")
+    assert response.status_code == 302 and response["Location"] == f"/datasets/{build.pk}/"
+    assert build.status == DatasetBuild.Status.FAILED
+    assert "could not be queued" in build.error and "Connection refused" in build.error
+
+
 def test_the_form_refuses_a_project_the_manager_does_not_manage(
     csrf_client: Client, login: Login, manager: AbstractUser, project: Project
 ) -> None:

@@ -15,12 +15,14 @@ from safetensors import safe_open
 
 from training.demo_task import completion_canonical, demo_problems
 from training.runner import (
+    CHECKPOINT_STAGING_DIRNAME,
     FINAL_DIRNAME,
     RUN_INFO_FILENAME,
     TEST_REWARDS_FILENAME,
     PrintReporter,
     RunResult,
     RunSpec,
+    checkpoint_is_complete,
     run_training,
 )
 from training.scoring import reward_input_ids, reward_model_load, reward_scores
@@ -363,6 +365,38 @@ def test_a_second_run_resumes_from_the_checkpoint_and_counts_on(
     assert any("resuming from checkpoint checkpoint-1" in line for line in reporter.lines)
     assert reporter.training_steps() == [2, 3, 4]
     assert spec.final_dir.is_dir()
+
+
+def test_checkpoints_are_renamed_into_place_complete_and_none_is_left_half_written(
+    cancelled_run: tuple[RunSpec, RunResult, list[str]],
+) -> None:
+    spec, _, checkpoints = cancelled_run
+
+    assert checkpoints == ["checkpoint-1"]
+    assert checkpoint_is_complete(spec.checkpoints_dir / "checkpoint-1")
+    assert not (spec.checkpoints_dir / CHECKPOINT_STAGING_DIRNAME).exists()
+
+
+def test_a_half_written_newer_checkpoint_is_passed_over_and_the_run_resumes_from_the_complete_one(
+    tiny_model_dir: Path, data: dict[str, str], tmp_path: Path
+) -> None:
+    # given a complete checkpoint-1, and a checkpoint-200 whose writer was killed after the weights
+    spec = spec_for(tiny_model_dir, data, tmp_path, max_steps=4, test_file=None)
+    run_training(spec, RecordingReporter(stop_after_steps=1))
+    half = spec.checkpoints_dir / "checkpoint-200"
+    half.mkdir()
+    weights = (spec.checkpoints_dir / "checkpoint-1" / "adapter_model.safetensors").read_bytes()
+    (half / "adapter_model.safetensors").write_bytes(weights[: len(weights) // 2])
+    reporter = RecordingReporter()
+
+    # when the run resumes
+    result = run_training(spec, reporter)
+
+    # then from checkpoint-1, and the half-written folder is gone
+    assert (result.status, result.steps) == ("succeeded", 4)
+    assert any("resuming from checkpoint checkpoint-1 " in line for line in reporter.lines)
+    assert reporter.training_steps() == [2, 3, 4]
+    assert not half.exists()
 
 
 # --- the spec -------------------------------------------------------------------------------

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -271,6 +274,97 @@ def test_a_killed_run_on_its_last_attempt_fails_with_the_reason(
     run = wait_for(run, TrainingRun.TERMINAL)
     assert run.status == TrainingRun.Status.FAILED
     assert "killed by signal 9" in run.error
+
+
+def trainers_of(run: TrainingRun) -> list[int]:
+    """Pids of the processes training `run` (not their launcher), whichever attempt started them."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []  # a zombie has none: it is dead
+        if (
+            "training.run_process" in cmdline
+            and "accelerate.commands.launch" not in cmdline
+            and any(arg.startswith(f"{run.output_dir}/") for arg in cmdline)
+        ):
+            found.append(process.pid)
+    return found
+
+
+@contextmanager
+def trainers_sampled(run: TrainingRun) -> Iterator[list[int]]:
+    """Sample the process table while the block runs; yields the number of `run`'s trainers seen at once, per sample."""
+    counts: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            counts.append(len(trainers_of(run)))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield counts
+    finally:
+        done.set()
+        sampler.join()
+
+
+def wait_for_step(run: TrainingRun, step: int) -> TrainingRun:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        run.refresh_from_db()
+        if run.status == TrainingRun.Status.RUNNING and run.step >= step:
+            return run
+        assert run.status not in TrainingRun.TERMINAL, run.error
+        time.sleep(0.05)
+    raise AssertionError(f"run {run.pk} never reached step {step}")
+
+
+@worker_test
+def test_kill_9_of_the_launcher_kills_its_trainer_and_the_retry_resumes_with_never_two_trainers(
+    celery_worker, build, tiny_model_dir
+):
+    # given a run training mid-way, with a checkpoint at step 2
+    run = create(build, tiny_model_dir, hyperparameters={**TINY, "max_steps": 40})
+    with trainers_sampled(run) as counts:
+        run = wait_for_step(run, 3)
+
+        # when its recorded process (`accelerate launch`) is killed, and only that one
+        os.kill(run.process_id, signal.SIGKILL)
+        run = wait_for(run, TrainingRun.TERMINAL)
+
+    # then its trainer died with it, and the retry resumed and finished the run alone
+    assert run.status == TrainingRun.Status.SUCCEEDED, run.error
+    assert (run.attempts, run.step) == (2, 40)
+    assert "killed by signal 9" in run.error
+    assert "resuming from checkpoint" in Path(run.output_dir, "process-attempt-2.log").read_text()
+    assert max(counts) == 1, "two trainers of one run ran at once"
+    assert RewardModel.objects.filter(run=run).count() == 1
+
+
+@worker_test
+def test_sigterm_to_the_run_process_saves_a_checkpoint_and_requeues_the_run_with_its_attempt_given_back(
+    celery_worker, build, tiny_model_dir
+):
+    # given a run training mid-way that saves no checkpoint of its own
+    run = create(build, tiny_model_dir, hyperparameters={**TINY, "max_steps": 40, "save_steps": 1000})
+    with trainers_sampled(run) as counts:
+        run = wait_for_step(run, 2)
+
+        # when its trainer gets SIGTERM (a time limit, a worker shutting down)
+        (trainer,) = trainers_of(run)
+        os.kill(trainer, signal.SIGTERM)
+        run = wait_for(run, TrainingRun.TERMINAL)
+
+    # then it stopped with a checkpoint, went back to the queue without using up an attempt, and resumed
+    assert run.status == TrainingRun.Status.SUCCEEDED, run.error
+    assert (run.attempts, run.attempts_given_back) == (2, 1)
+    assert "stopped by SIGTERM" in run.error
+    assert "resuming from checkpoint" in Path(run.output_dir, "process-attempt-2.log").read_text()
+    assert max(counts) == 1
 
 
 @worker_test

@@ -1,0 +1,332 @@
+"""A training run's lifecycle without torch: the attempt fence, attempts given back, the reaper, and
+the run process's heartbeat thread with a fake trainer (a slow model load, a lost attempt)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from annotation.roles import Role
+from tests.conftest import REPO_ROOT, worker_database_url
+from tests.factories import user_with_roles
+from training.models import DatasetBuild, RewardModel, TrainingRun, TrainingRunMetric
+from training.runner import RunResult, RunSpec
+from training.services import (
+    training_run_claim,
+    training_run_fail,
+    training_run_finish,
+    training_run_heartbeat,
+    training_run_mark_cancelled,
+    training_run_progress,
+    training_run_requeue_stopped,
+    training_run_started,
+    training_run_stop_reason,
+    training_runs_reap,
+)
+
+WAIT_S = 60
+
+
+@pytest.fixture
+def run(db: None) -> TrainingRun:
+    """A queued reward run (its dataset build is never read here)."""
+    build = DatasetBuild.objects.create(
+        name="b", created_by=user_with_roles(Role.MANAGER, username="mgr"), status="succeeded"
+    )
+    return TrainingRun.objects.create(name="r", kind="reward", dataset_build=build, base_model="m")
+
+
+@pytest.fixture
+def enqueued(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    published: list[int] = []
+    monkeypatch.setattr("training.services.training_run_enqueue", lambda *, run_id: published.append(run_id))
+    return published
+
+
+def succeeded(final_dir: str = "/models/rm", steps: int = 4) -> RunResult:
+    return RunResult(status="succeeded", metrics={"pairwise_accuracy": 1.0}, final_dir=final_dir, steps=steps)
+
+
+def take_over(run: TrainingRun) -> None:
+    """What a reaper and a second delivery do to a run whose attempt 1 is still alive: attempt 2 owns it."""
+    TrainingRun.objects.filter(pk=run.pk).update(attempts=2, heartbeat_at=timezone.now())
+
+
+# --- the fence --------------------------------------------------------------------------------
+
+
+def test_every_write_of_a_stale_attempt_changes_nothing(run: TrainingRun) -> None:
+    # given attempt 1 claimed the run, then attempt 2 took it over
+    training_run_claim(run_id=run.pk)
+    take_over(run)
+    before = TrainingRun.objects.values().get(pk=run.pk)
+
+    # when attempt 1 writes
+    written = [
+        training_run_started(run_id=run.pk, attempt=1, total_steps=9, log_tail="stale"),
+        training_run_progress(
+            run_id=run.pk, attempt=1, step=3, total_steps=9, metrics={"loss": 1.0}, log_tail="stale"
+        ),
+        training_run_heartbeat(run_id=run.pk, attempt=1, log_tail="stale"),
+        training_run_finish(run_id=run.pk, attempt=1, result=succeeded()),
+        training_run_mark_cancelled(run_id=run.pk, attempt=1),
+        training_run_requeue_stopped(run_id=run.pk, attempt=1, reason="stale"),
+        training_run_fail(run_id=run.pk, error="stale", attempt=1),
+    ]
+
+    # then
+    assert written == [False] * len(written)
+    assert TrainingRun.objects.values().get(pk=run.pk) == before
+    assert not RewardModel.objects.exists()
+    assert not TrainingRunMetric.objects.exists()
+    assert training_run_stop_reason(run_id=run.pk, attempt=1) == "lost"
+    assert training_run_stop_reason(run_id=run.pk, attempt=2) is None
+
+
+def test_the_attempt_that_owns_the_run_records_its_progress_and_result(run: TrainingRun) -> None:
+    training_run_claim(run_id=run.pk)
+
+    assert training_run_started(run_id=run.pk, attempt=1, total_steps=4, log_tail="a")
+    assert training_run_progress(
+        run_id=run.pk, attempt=1, step=2, total_steps=4, metrics={"loss": 0.5}, log_tail="b"
+    )
+    assert training_run_finish(run_id=run.pk, attempt=1, result=succeeded())
+    run.refresh_from_db()
+    assert (run.status, run.step, run.total_steps, run.log_tail) == ("succeeded", 4, 4, "b")
+    assert RewardModel.objects.get(run=run).path == "/models/rm"
+    assert list(TrainingRunMetric.objects.values_list("step", flat=True)) == [2]
+
+
+def test_a_run_is_cancelled_only_when_someone_asked(run: TrainingRun) -> None:
+    training_run_claim(run_id=run.pk)
+
+    assert not training_run_mark_cancelled(run_id=run.pk, attempt=1)
+    assert TrainingRun.objects.get(pk=run.pk).status == "running"
+
+    TrainingRun.objects.filter(pk=run.pk).update(cancel_requested=True)
+    assert training_run_stop_reason(run_id=run.pk, attempt=1) == "cancel"
+    assert training_run_mark_cancelled(run_id=run.pk, attempt=1)
+    assert TrainingRun.objects.get(pk=run.pk).status == "cancelled"
+
+
+# --- attempts given back ------------------------------------------------------------------------
+
+
+def test_a_run_stopped_by_a_signal_is_requeued_with_its_attempt_given_back(
+    run: TrainingRun, enqueued: list[int], settings: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    # given a run on its last attempt
+    TrainingRun.objects.filter(pk=run.pk).update(attempts=settings.TRAINING_MAX_ATTEMPTS - 1)
+    training_run_claim(run_id=run.pk)
+    last = settings.TRAINING_MAX_ATTEMPTS
+
+    # when its process stops on SIGTERM
+    with django_capture_on_commit_callbacks(execute=True):
+        assert training_run_requeue_stopped(run_id=run.pk, attempt=last, reason="stopped by SIGTERM")
+
+    # then it is queued again, and may still be claimed: the stop did not use up an attempt
+    run.refresh_from_db()
+    assert (run.status, run.attempts, run.attempts_given_back) == ("queued", last, 1)
+    assert enqueued == [run.pk]
+    claimed = training_run_claim(run_id=run.pk)
+    assert claimed is not None
+    # the new claim has a number of its own: the stopped attempt's writes stay fenced off
+    assert claimed.attempts == last + 1
+    assert not training_run_heartbeat(run_id=run.pk, attempt=last)
+
+
+def test_a_cancel_asked_for_before_the_signal_stop_wins(run: TrainingRun, enqueued: list[int]) -> None:
+    training_run_claim(run_id=run.pk)
+    TrainingRun.objects.filter(pk=run.pk).update(cancel_requested=True)
+
+    assert training_run_requeue_stopped(run_id=run.pk, attempt=1, reason="stopped by SIGTERM")
+
+    assert TrainingRun.objects.get(pk=run.pk).status == "cancelled"
+    assert enqueued == []
+
+
+def test_the_reaper_counts_only_attempts_not_given_back(
+    run: TrainingRun, settings: Any, enqueued: list[int], django_capture_on_commit_callbacks: Any
+) -> None:
+    old = timezone.now() - timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_S + 5)
+    TrainingRun.objects.filter(pk=run.pk).update(
+        status="running", attempts=settings.TRAINING_MAX_ATTEMPTS, attempts_given_back=1, heartbeat_at=old
+    )
+
+    with django_capture_on_commit_callbacks(execute=True):
+        assert training_runs_reap() == [run.pk]
+
+    assert TrainingRun.objects.get(pk=run.pk).status == "queued"
+    assert enqueued == [run.pk]
+
+
+# --- the run process with a fake trainer -------------------------------------------------------
+
+# The run process's own entry, with `run_training` replaced by a trainer that "loads its model" until
+# the test creates the file `release`, then returns `result`. Heartbeats come every 0.05 s; a run
+# put back in the queue is printed instead of published.
+FAKE_TRAINER = """
+import json, sys, time
+from pathlib import Path
+import training.run_process as run_process
+import training.runner as runner
+
+spec_path, release, result = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+run_process.HEARTBEAT_EVERY_S = 0.05
+
+def publish(*, run_id):
+    print(f"published run {run_id}", flush=True)
+    return True
+
+def run_training(spec, reporter):
+    reporter.log("loading the model")
+    while not release.exists():
+        time.sleep(0.05)
+    return runner.RunResult(**result)
+
+runner.run_training = run_training
+run_process.django.setup()
+import training.services
+training.services.training_run_enqueue = publish
+sys.exit(run_process.main([spec_path]))
+"""
+
+
+def start_fake_run_process(run: TrainingRun, folder: Path, result: RunResult) -> subprocess.Popen[str]:
+    import json
+
+    attempt = TrainingRun.objects.get(pk=run.pk).attempts
+    spec = RunSpec(
+        run_id=run.pk,
+        kind="reward",
+        base_model="m",
+        train_file="t",
+        test_file=None,
+        output_dir=str(folder),
+        attempt=attempt,
+    )
+    spec.to_json(folder / "spec.json")
+    env = {**os.environ, "DATABASE_URL": worker_database_url(connection.settings_dict)}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            FAKE_TRAINER,
+            str(folder / "spec.json"),
+            str(folder / "release"),
+            json.dumps(result.to_dict()),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_until(check: Any, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not check():
+        assert time.monotonic() < deadline, f"{what} did not happen within {WAIT_S} s"
+        time.sleep(0.05)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_loading_its_model_heartbeats_and_is_never_reaped(
+    run: TrainingRun, tmp_path: Path, settings: Any, enqueued: list[int]
+) -> None:
+    # given a reaper that takes a run silent for 2 s, and a run process loading its model
+    settings.TRAINING_HEARTBEAT_TIMEOUT_S = 2
+    training_run_claim(run_id=run.pk)
+    process = start_fake_run_process(run, tmp_path, succeeded(str(tmp_path / "final")))
+    try:
+        wait_until(lambda: "loading the model" in TrainingRun.objects.get(pk=run.pk).log_tail, "a heartbeat")
+
+        # when the load takes several heartbeat timeouts
+        seen: set[Any] = set()
+        deadline_beats = 3 * settings.TRAINING_HEARTBEAT_TIMEOUT_S / 0.05
+
+        def beats() -> bool:
+            assert not training_runs_reap(), "the reaper took a run that is alive"
+            seen.add(TrainingRun.objects.get(pk=run.pk).heartbeat_at)
+            return len(seen) > deadline_beats
+
+        wait_until(beats, "heartbeats during the model load")
+        (tmp_path / "release").touch()
+        output, _ = process.communicate(timeout=WAIT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    # then the one attempt trained and recorded its result
+    assert process.returncode == 0, output
+    run.refresh_from_db()
+    assert (run.status, run.attempts) == ("succeeded", 1)
+    assert enqueued == []
+    assert "published run" not in output
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_process_that_lost_its_run_stops_and_records_nothing(run: TrainingRun, tmp_path: Path) -> None:
+    from training.run_process import EXIT_LOST
+
+    # given attempt 1's process loading its model
+    training_run_claim(run_id=run.pk)
+    process = start_fake_run_process(run, tmp_path, succeeded(str(tmp_path / "final")))
+    try:
+        wait_until(lambda: "loading the model" in TrainingRun.objects.get(pk=run.pk).log_tail, "a heartbeat")
+
+        # when attempt 2 takes the run over (a reaper and a redelivery) while attempt 1 still loads
+        take_over(run)
+        output, _ = process.communicate(timeout=WAIT_S)
+    finally:
+        (tmp_path / "release").touch()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    # then attempt 1 stopped by itself, and nothing of it is the run's
+    assert process.returncode == EXIT_LOST, output
+    run.refresh_from_db()
+    assert (run.status, run.attempts) == ("running", 2)
+    assert not RewardModel.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_process_stopped_by_a_signal_without_a_cancel_is_never_cancelled(
+    run: TrainingRun, tmp_path: Path
+) -> None:
+    # given a process whose trainer stops early (SIGTERM) with a checkpoint
+    training_run_claim(run_id=run.pk)
+    stopped = RunResult(
+        status="cancelled", metrics={}, final_dir="", steps=2, checkpoint_dir=str(tmp_path / "checkpoint-2")
+    )
+    process = start_fake_run_process(run, tmp_path, stopped)
+    try:
+        wait_until(lambda: "loading the model" in TrainingRun.objects.get(pk=run.pk).log_tail, "a heartbeat")
+
+        # when it gets SIGTERM
+        process.terminate()
+        (tmp_path / "release").touch()
+        output, _ = process.communicate(timeout=WAIT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    # then the run is back in the queue with its attempt given back
+    assert process.returncode == 0, output
+    run.refresh_from_db()
+    assert (run.status, run.attempts, run.attempts_given_back) == ("queued", 1, 1)
+    assert "SIGTERM" in run.error
+    assert f"published run {run.pk}" in output
