@@ -2,9 +2,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
+from django.contrib.auth.forms import AdminUserCreationForm, PasswordResetForm
 from django.contrib.auth.models import Group
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, QuerySet
@@ -12,52 +14,153 @@ from django.forms import ModelForm
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
-from django.urls import path
+from django.urls import path, reverse
 from django.utils.translation import gettext_lazy as _
 
 from annotation.forms import PromptImportForm
 from annotation.importing import ImportValidationError, prompts_import
-from annotation.models import Assignment, Comparison, Judgment, Membership, Policy, Project, Prompt, Task
+from annotation.models import (
+    Assignment,
+    Comparison,
+    Completion,
+    Judgment,
+    Membership,
+    Policy,
+    Project,
+    Prompt,
+    Task,
+)
 from annotation.roles import Role
-from annotation.selectors import projects_for_user
-from annotation.services import user_sync_staff
+from annotation.selectors import accounts_addable_to_projects, accounts_administered_by, projects_for_user
+from annotation.services import user_set_roles, user_sync_staff
 
 User = get_user_model()
 
 # Fields only a superuser may change: a manager creating accounts must not be
 # able to grant more than the roles themselves.
 _SUPERUSER_ONLY_FIELDS = ("is_superuser", "is_staff", "user_permissions")
+# The roles a manager may give an account. Making managers is a superuser's
+# job: a manager never administers another manager (SECURITY.md, "Accounts").
+_ROLES_A_MANAGER_GIVES = (Role.LABELER, Role.EVALUATOR)
+
+
+def _is_superuser(request: HttpRequest) -> bool:
+    return bool(request.user.is_superuser)  # type: ignore[union-attr]
+
+
+class ProjectAccountCreationForm(AdminUserCreationForm):
+    """A manager's new account starts as a member of one of their projects, so they can keep administering it."""
+
+    project = forms.ModelChoiceField(queryset=Project.objects.none(), label=_("Project"))
+    role = forms.ChoiceField(
+        choices=[(role.value, role.label) for role in _ROLES_A_MANAGER_GIVES], label=_("Role in the project")
+    )
+
+
+class PasswordResetForOneAccount(PasswordResetForm):
+    """Django's reset mail, sent to one chosen account rather than to every account with that address."""
+
+    def __init__(self, account: Any) -> None:
+        super().__init__(data={"email": account.email})
+        self.account = account
+
+    def get_users(self, email: str) -> Any:
+        if self.account.is_active and self.account.email:
+            yield self.account
 
 
 class RankwiseUserAdmin(UserAdmin):
     list_display = ("username", "email", "roles", "is_active", "last_login")
     list_filter = ("groups", "is_active")
+    actions = ["password_reset_send"]
 
     @admin.display(description="roles")
     def roles(self, obj: Any) -> str:
         return ", ".join(sorted(group.name for group in obj.groups.all()))
 
     def get_queryset(self, request: HttpRequest) -> Any:
-        queryset = super().get_queryset(request).prefetch_related("groups")
-        if not request.user.is_superuser:  # type: ignore[union-attr]
-            # Otherwise a manager could reset a superuser's password and become one.
-            queryset = queryset.filter(is_superuser=False)
-        return queryset
+        # A manager reaches only the accounts they administer; otherwise they
+        # could reset another manager's (or a superuser's) password and become them.
+        return accounts_administered_by(user=request.user).prefetch_related("groups")
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         readonly = tuple(super().get_readonly_fields(request, obj))
-        if not request.user.is_superuser:  # type: ignore[union-attr]
+        if not _is_superuser(request):
             readonly += _SUPERUSER_ONLY_FIELDS
         return readonly
 
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        fieldsets = super().get_fieldsets(request, obj)
+        if obj is None and not _is_superuser(request):
+            fieldsets = (*fieldsets, (_("Project"), {"fields": ("project", "role")}))
+        return fieldsets
+
+    def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
+        if obj is None and not _is_superuser(request):
+            managed = projects_for_user(user=request.user, role=Role.MANAGER)
+
+            class ManagersAccountCreationForm(ProjectAccountCreationForm):
+                def __init__(self, *args: Any, **form_kwargs: Any) -> None:
+                    super().__init__(*args, **form_kwargs)
+                    self.fields["project"].queryset = managed  # type: ignore[attr-defined]
+
+            kwargs["form"] = ManagersAccountCreationForm
+        return super().get_form(request, obj, change=change, **kwargs)
+
     def formfield_for_manytomany(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
-        if db_field.name == "groups" and not request.user.is_superuser:  # type: ignore[union-attr]
-            kwargs["queryset"] = Group.objects.filter(name__in=Role.values)
+        if db_field.name == "groups" and not _is_superuser(request):
+            kwargs["queryset"] = Group.objects.filter(name__in=_ROLES_A_MANAGER_GIVES)
         return super().formfield_for_manytomany(db_field, request, **kwargs)
 
     def save_related(self, request: HttpRequest, form: ModelForm, formsets: Any, change: bool) -> None:
         super().save_related(request, form, formsets, change)
+        if not change and "project" in form.cleaned_data:
+            Membership.objects.get_or_create(
+                project=form.cleaned_data["project"], user=form.instance, role=form.cleaned_data["role"]
+            )
+            user_set_roles(user=form.instance, roles=[form.cleaned_data["role"]])  # type: ignore[arg-type]
         user_sync_staff(user=form.instance)  # type: ignore[arg-type]
+
+    def user_change_password(self, request: HttpRequest, id: str, form_url: str = "") -> HttpResponse:
+        # Only a superuser sets someone else's password; a manager sends the
+        # owner a reset link (the action below), so nobody learns another's password.
+        if not _is_superuser(request):
+            raise PermissionDenied
+        return super().user_change_password(request, id, form_url)
+
+    @admin.action(description=_("Send a password reset link to the selected accounts"))
+    def password_reset_send(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        sent, skipped = 0, []
+        for account in queryset:  # already limited to the accounts this person administers
+            form = PasswordResetForOneAccount(account)
+            if not account.email or not account.is_active or not form.is_valid():
+                skipped.append(account.username)
+                continue
+            form.save(request=request, use_https=request.is_secure())
+            sent += 1
+        if sent:
+            messages.success(request, _("Sent %(count)d password reset link(s).") % {"count": sent})
+        if skipped:
+            messages.warning(
+                request,
+                _("No link for %(names)s: the account has no email address or is inactive.")
+                % {"names": ", ".join(skipped)},
+            )
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet[Any], search_term: str) -> Any:
+        queryset, may_have_duplicates = super().get_search_results(request, queryset, search_term)
+        if (
+            request.path == reverse("admin:autocomplete")
+            and not _is_superuser(request)
+            and search_term.strip()
+        ):
+            # Adding a member: someone outside the manager's projects is found
+            # by their exact username only, so a manager can add a person they
+            # were told about without being able to list everybody.
+            exact = accounts_addable_to_projects().filter(username__iexact=search_term.strip())
+            queryset = (queryset | exact).order_by("username")
+            may_have_duplicates = True
+        return queryset, may_have_duplicates
 
 
 admin.site.unregister(User)
@@ -69,6 +172,18 @@ admin.site.register(User, RankwiseUserAdmin)
 
 def _managed_projects(request: HttpRequest) -> QuerySet[Project]:
     return projects_for_user(user=request.user, role=Role.MANAGER)
+
+
+class ManagedProjectFilter(admin.RelatedFieldListFilter):
+    """ "By project", offering only the projects the person manages (all of them to a superuser).
+
+    Django's own filter lists every project in the database, whatever the rows
+    below it show; that named other managers' projects.
+    """
+
+    def field_choices(self, field: Any, request: HttpRequest, model_admin: Any) -> list[tuple[Any, str]]:
+        projects = Project.objects.all() if _is_superuser(request) else _managed_projects(request)
+        return [(project.pk, str(project)) for project in projects.order_by("name", "pk")]
 
 
 class ProjectScopedAdmin(admin.ModelAdmin):
@@ -183,17 +298,62 @@ class ProjectAdmin(admin.ModelAdmin):
         return TemplateResponse(request, "admin/annotation/project/import.html", context)
 
 
+def _rows_outside_managed_projects(request: HttpRequest, admin_site: Any, obj: Any) -> bool:
+    """Whether any row that points at `obj` lies outside what this person may see in the admin.
+
+    A row of a model with an admin counts as visible when that admin's
+    (project-scoped) queryset holds it; completions are placed by their
+    prompt's project; a row of any other model counts as outside.
+    """
+    for relation in obj._meta.related_objects:
+        if relation.many_to_many:
+            continue
+        rows = relation.related_model._default_manager.filter(**{relation.field.name: obj})
+        related_admin = admin_site._registry.get(relation.related_model)
+        if relation.related_model is Completion:
+            outside = rows.exclude(prompt__project__in=_managed_projects(request))
+        elif related_admin is not None:
+            outside = rows.exclude(pk__in=related_admin.get_queryset(request).values("pk"))
+        else:
+            outside = rows
+        if outside.exists():
+            return True
+    return False
+
+
 @admin.register(Policy)
 class PolicyAdmin(admin.ModelAdmin):
+    """Policies are shared between projects; what uses them in someone else's project stays out of sight.
+
+    A manager may delete a policy only when everything that refers to it
+    lies in their own projects: the delete page lists those rows, and the
+    deletion would change them.
+    """
+
     list_display = ("__str__", "kind", "base_model", "adapter", "created_at")
     list_filter = ("kind",)
     search_fields = ("name", "base_model")
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        if not super().has_delete_permission(request, obj):
+            return False
+        if obj is None or _is_superuser(request):
+            return True
+        return not _rows_outside_managed_projects(request, self.admin_site, obj)
+
+    def get_deleted_objects(self, objs: Any, request: HttpRequest) -> Any:
+        # The bulk "delete selected" action lists the rows too, without asking has_delete_permission per row.
+        if not _is_superuser(request) and any(
+            _rows_outside_managed_projects(request, self.admin_site, obj) for obj in objs
+        ):
+            raise PermissionDenied
+        return super().get_deleted_objects(objs, request)
 
 
 @admin.register(Prompt)
 class PromptAdmin(ReadOnlyAdmin):
     list_display = ("__str__", "project", "is_chat", "created_at")
-    list_filter = ("project",)
+    list_filter = (("project", ManagedProjectFilter),)
     search_fields = ("external_id", "text")
     readonly_fields = ("project", "external_id", "text", "messages", "metadata", "content_hash")
 
@@ -205,15 +365,14 @@ class PromptAdmin(ReadOnlyAdmin):
 @admin.register(Task)
 class TaskAdmin(ReadOnlyAdmin):
     list_display = ("__str__", "project", "prompt", "is_gold", "judgment_count")
-    list_filter = ("project", "is_gold")
+    list_filter = (("project", ManagedProjectFilter), "is_gold")
     list_select_related = ("project", "prompt")
 
 
 @admin.register(Assignment)
 class AssignmentAdmin(ReadOnlyAdmin):
-    project_path = "task__project"
     list_display = ("__str__", "status", "slot", "leased_at", "lease_expires_at")
-    list_filter = ("status", "task__project")
+    list_filter = ("status", ("project", ManagedProjectFilter))
     list_select_related = ("user", "task")
 
 
@@ -221,12 +380,12 @@ class AssignmentAdmin(ReadOnlyAdmin):
 class JudgmentAdmin(ReadOnlyAdmin):
     project_path = "task__project"
     list_display = ("__str__", "task", "none_acceptable", "active_seconds", "created_at")
-    list_filter = ("task__project", "none_acceptable")
+    list_filter = (("task__project", ManagedProjectFilter), "none_acceptable")
     list_select_related = ("user", "task")
 
 
 @admin.register(Comparison)
 class ComparisonAdmin(ReadOnlyAdmin):
     list_display = ("__str__", "project", "is_tie", "margin", "labeler", "created_at")
-    list_filter = ("project", "is_tie")
+    list_filter = (("project", ManagedProjectFilter), "is_tie")
     list_select_related = ("project", "labeler")

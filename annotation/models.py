@@ -10,6 +10,7 @@ slots.
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from django.conf import settings
 from django.db import models
@@ -168,6 +169,11 @@ class Task(models.Model):
     gold_ranks = models.JSONField(null=True, blank=True)
     # Judgments stored so far; written under the task's row lock at submit.
     judgment_count = models.PositiveIntegerField(default=0)
+    # A/B only: the position shown on the left to the task's even slots (odd
+    # slots see it on the right). Drawn when the task is made, balanced per
+    # pair of policies over the session and shuffled, so the sides a person
+    # sees form a random sequence instead of reacting to earlier claims.
+    ab_left_position = models.PositiveSmallIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -221,6 +227,9 @@ class Assignment(models.Model):
     LIVE_STATUSES = (Status.ACTIVE, Status.SUBMITTED)
 
     task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="assignments")
+    # The task's project, copied so that "one active lease per person and
+    # project" can be a database constraint (a constraint cannot follow a join).
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="+")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="assignments")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
     slot = models.PositiveSmallIntegerField()
@@ -250,10 +259,22 @@ class Assignment(models.Model):
                 condition=Q(status__in=["active", "submitted"]),
                 name="assignment_one_live_per_slot",
             ),
+            # Two tabs claiming at once must not both hold a lease; the claim
+            # looks the person's lease up through this index too.
+            models.UniqueConstraint(
+                fields=["user", "project"],
+                condition=Q(status="active"),
+                name="assignment_one_active_per_person_and_project",
+            ),
         ]
 
     def __str__(self) -> str:
         return f"assignment {self.pk}: {self.user} on task {self.task_id}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.project_id is None and self.task_id is not None:
+            self.project_id = Task.objects.values_list("project_id", flat=True).get(pk=self.task_id)
+        super().save(*args, **kwargs)
 
 
 class Judgment(models.Model):

@@ -11,7 +11,9 @@ from typing import Any
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db.models import (
     Count,
+    Exists,
     F,
+    OuterRef,
     Prefetch,
     QuerySet,
     Sum,
@@ -50,6 +52,44 @@ def projects_for_user(*, user: AnyUser, role: str | None = None) -> QuerySet[Pro
     if role is not None:
         memberships = memberships.filter(role=role)
     return Project.objects.filter(pk__in=memberships.values("project_id"))
+
+
+def accounts_administered_by(*, user: AnyUser) -> QuerySet[Any]:
+    """The accounts a manager may administer (SECURITY.md, "Accounts").
+
+    Those with at least one project membership, all of them in projects the
+    manager manages, that are nobody's manager, not staff, not a superuser
+    and not the manager themselves. An account that belongs to no project, or
+    also works in a project of someone else, is out of reach: its owner or a
+    superuser looks after it. Superusers administer everyone.
+    """
+    from django.contrib.auth import get_user_model
+
+    accounts = get_user_model().objects.all()
+    if not user.is_authenticated:
+        return accounts.none()
+    if user.is_superuser:  # type: ignore[union-attr]
+        return accounts
+    managed = projects_for_user(user=user, role=Role.MANAGER)
+    memberships = Membership.objects.filter(user=OuterRef("pk"))
+    return (
+        accounts_addable_to_projects()
+        .exclude(pk=user.pk)
+        .filter(Exists(memberships))
+        .exclude(Exists(memberships.exclude(project__in=managed)))
+    )
+
+
+def accounts_addable_to_projects() -> QuerySet[Any]:
+    """Accounts a manager may add to a project of theirs: no one with a manager's, staff or superuser rights."""
+    from django.contrib.auth import get_user_model
+
+    return (
+        get_user_model()
+        .objects.filter(is_superuser=False, is_staff=False)
+        .exclude(groups__name=Role.MANAGER)
+        .exclude(Exists(Membership.objects.filter(user=OuterRef("pk"), role=Role.MANAGER)))
+    )
 
 
 def project_roles_for_user(*, user: AnyUser, project: Project) -> frozenset[str]:

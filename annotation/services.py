@@ -13,7 +13,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AbstractUser, Group
 from django.contrib.auth.password_validation import validate_password
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import (
     Count,
     Exists,
@@ -43,6 +43,7 @@ from annotation.models import (
     Task,
     TaskCompletion,
 )
+from annotation.rendering import completion_text_key
 from annotation.roles import Role
 from annotation.selectors import task_items_prefetch
 
@@ -107,17 +108,31 @@ def user_sync_staff(*, user: AbstractUser) -> None:
 
 
 def _pick_diverse(completions: list[Completion], k: int) -> list[Completion]:
-    """Up to k completions, taking one per policy in turn before repeating a policy."""
+    """Up to k completions with different texts, one per policy in turn before repeating a policy.
+
+    A completion whose text (completion_text_key) was already picked is passed
+    over: a task that shows one text twice invites "X over X" comparisons.
+    """
     by_policy: dict[int, list[Completion]] = {}
     for completion in completions:
         by_policy.setdefault(completion.policy_id, []).append(completion)
     queues = [list(group) for _policy, group in sorted(by_policy.items())]
     picked: list[Completion] = []
+    texts: set[str] = set()
     while len(picked) < k and any(queues):
         for queue in queues:
-            if queue and len(picked) < k:
-                picked.append(queue.pop(0))
+            while queue and len(picked) < k:
+                completion = queue.pop(0)
+                key = completion_text_key(completion.text)
+                if key not in texts:
+                    texts.add(key)
+                    picked.append(completion)
+                    break
     return picked
+
+
+def _distinct_texts(completions: list[Completion]) -> bool:
+    return len({completion_text_key(completion.text) for completion in completions}) == len(completions)
 
 
 def _dense_ranks(ranks: list[int]) -> list[int]:
@@ -128,12 +143,14 @@ def _dense_ranks(ranks: list[int]) -> list[int]:
 
 @transaction.atomic
 def tasks_create_for_project(*, project: Project, batch_size: int = 1000) -> int:
-    """Make one task per prompt that has no task yet and at least K completions.
+    """Make one task per prompt that has no task yet and at least K completions with different texts.
 
     The K completions come from as many different policies as there are
-    (round-robin over policies, oldest first). A prompt whose metadata holds
-    `gold_ranks` (one rank per completion, in import order) becomes a gold task
-    over its first K completions, their ranks renumbered from 1. Rows are
+    (round-robin over policies, oldest first), and no two hold the same text
+    (completion_text_key): a prompt without K different texts waits without
+    a task. A prompt whose metadata holds `gold_ranks` (one rank per
+    completion, in import order) becomes a gold task over its first K
+    completions, their ranks renumbered from 1, when those K differ. Rows are
     written in batches. Returns the number of tasks made.
     """
     prompts = (
@@ -145,6 +162,10 @@ def tasks_create_for_project(*, project: Project, batch_size: int = 1000) -> int
     pending: list[tuple[Task, list[Completion]]] = []
 
     def flush() -> None:
+        if project.kind == Project.Kind.AB:
+            _ab_sides_draw(
+                [(task, [completion.policy_id for completion in chosen]) for task, chosen in pending]
+            )
         Task.objects.bulk_create([task for task, _chosen in pending])
         TaskCompletion.objects.bulk_create(
             TaskCompletion(task=task, completion=completion, position=position)
@@ -160,6 +181,8 @@ def tasks_create_for_project(*, project: Project, batch_size: int = 1000) -> int
         gold_ranks = prompt.metadata.get("gold_ranks") if isinstance(prompt.metadata, dict) else None
         if gold_ranks:
             chosen = completions[: project.k]
+            if not _distinct_texts(chosen):
+                continue
             task = Task(
                 project=project,
                 prompt=prompt,
@@ -168,6 +191,8 @@ def tasks_create_for_project(*, project: Project, batch_size: int = 1000) -> int
             )
         else:
             chosen = _pick_diverse(completions, project.k)
+            if len(chosen) < project.k:
+                continue
             task = Task(project=project, prompt=prompt)
         pending.append((task, chosen))
         created += 1
@@ -197,7 +222,7 @@ def _wants_gold(*, project: Project, user: AbstractBaseUser) -> bool:
     if project.gold_rate <= 0:
         return False
     shown = (
-        Assignment.objects.filter(task__project=project, user=user)
+        Assignment.objects.filter(project=project, user=user)
         .exclude(status=Assignment.Status.SKIPPED)
         .aggregate(total=Count("pk"), gold=Count("pk", filter=Q(task__is_gold=True)))
     )
@@ -250,29 +275,41 @@ def _free_slot(*, task: Task, project: Project, now: datetime) -> int | None:
     return next((slot for slot in range(project.overlap) if slot not in used), None)
 
 
-def _display_order(*, items: list[TaskCompletion], project: Project) -> tuple[list[int], int | None]:
+def _display_order(*, items: list[TaskCompletion], task: Task, slot: int) -> tuple[list[int], int | None]:
     """The order this person sees the task's completions in, and (A/B) the policy on the left.
 
-    Ranking: a uniformly random permutation. A/B: the side is random while
-    both policies have been on the left equally often in this session, and
-    otherwise the policy shown on the left less often goes left, so every
-    policy is on each side half the time (give or take the claims racing
-    with this one) while no person can predict the side.
+    Ranking: a uniformly random permutation. A/B: the side drawn for the task
+    when it was made (`ab_left_position`), mirrored for odd slots so that a
+    task's votes are balanced too. The draws are a shuffled, balanced sequence
+    per pair of policies, so what one person sees is a random sequence of
+    sides whichever tasks they get, and nothing here depends on other claims.
+    A task made before sides were drawn gets a fresh coin flip.
     """
-    positions = [(item.position, item.completion.policy_id) for item in items]
-    permutation = [position for position, _policy in positions]
-    _random.shuffle(permutation)
-    if project.kind != Project.Kind.AB or len(positions) != 2:
+    positions = {item.position: item.completion.policy_id for item in items}
+    if task.project.kind != Project.Kind.AB or sorted(positions) != [0, 1]:
+        permutation = sorted(positions)
+        _random.shuffle(permutation)
         return permutation, None
-    policy_of = dict(positions)
-    first, second = policy_of[0], policy_of[1]
-    shown = Assignment.objects.filter(task__project=project)
-    imbalance = shown.filter(left_policy_id=first).count() - shown.filter(left_policy_id=second).count()
-    if imbalance > 0:
-        permutation = [1, 0]
-    elif imbalance < 0:
-        permutation = [0, 1]
-    return permutation, policy_of[permutation[0]]
+    left = task.ab_left_position if task.ab_left_position is not None else _random.randrange(2)
+    left ^= slot % 2
+    return [left, 1 - left], positions[left]
+
+
+def _ab_sides_draw(tasks: list[tuple[Task, list[int]]]) -> None:
+    """Set `ab_left_position` on unsaved A/B tasks, given each task's policy ids by position.
+
+    For each pair of policies, half of its tasks (the odd one out by a coin)
+    show the lower policy id on the left, in a shuffled order.
+    """
+    groups: dict[tuple[int, ...], list[tuple[Task, list[int]]]] = {}
+    for task, policy_ids in tasks:
+        groups.setdefault(tuple(sorted(policy_ids)), []).append((task, policy_ids))
+    for pair, members in groups.items():
+        lower = pair[0]
+        lefts = [True, False] * (len(members) // 2) + [bool(_random.randrange(2))] * (len(members) % 2)
+        _random.shuffle(lefts)
+        for (task, policy_ids), lower_on_left in zip(members, lefts, strict=True):
+            task.ab_left_position = 0 if (policy_ids[0] == lower) == lower_on_left else 1
 
 
 def _lock_task_with_free_slot(
@@ -313,7 +350,11 @@ def assignment_claim_next(
 ) -> Assignment | None:
     """Lease the next task of the project to this person, or None when nothing is left for them.
 
-    1. A person holding a live lease in the project gets that assignment back.
+    1. A person holding a live lease in the project gets that assignment back;
+       one whose lease ran out has it expired first. The database holds one
+       active lease per person and project, so of two simultaneous claims by
+       one person (two tabs) the second fails to insert and returns the
+       first's lease.
     2. Candidates: tasks they never had, with a free slot; gold first when
        their gold share is below the project's rate; most judged first.
     3. The candidate row is locked with SKIP LOCKED (PostgreSQL), so parallel
@@ -323,19 +364,34 @@ def assignment_claim_next(
        slot is taken; unique constraints back both rules.
     """
     now = now or timezone.now()
+    try:
+        return _assignment_claim_next(project=project, user=user, now=now)
+    except IntegrityError:
+        # Another claim of the same person (a second tab) won the race for
+        # "one active lease per person and project"; theirs is the lease.
+        if not Assignment.objects.filter(
+            project=project, user=user, status=Assignment.Status.ACTIVE
+        ).exists():
+            raise
+        return _assignment_claim_next(project=project, user=user, now=now)
+
+
+def _assignment_claim_next(*, project: Project, user: AbstractBaseUser, now: datetime) -> Assignment | None:
     with transaction.atomic():
-        current = (
-            Assignment.objects.filter(
-                task__project=project, user=user, status=Assignment.Status.ACTIVE, lease_expires_at__gt=now
-            )
-            .order_by("leased_at", "id")
-            .first()
-        )
-        if current is not None:
+        # At most one row: the database allows one active lease per person and project.
+        current = Assignment.objects.filter(
+            project=project, user=user, status=Assignment.Status.ACTIVE
+        ).first()
+        if current is not None and current.lease_expires_at > now:
             # Joined here rather than above: most claims find no lease, and the join costs them all.
             current.task = Task.objects.select_related("prompt").get(pk=current.task_id)
             current.task.project = project
             return current
+        if current is not None:
+            # Their own lease ran out: it gives its slot back before they take another.
+            Assignment.objects.filter(pk=current.pk, status=Assignment.Status.ACTIVE).update(
+                status=Assignment.Status.EXPIRED
+            )
         wants_gold = _wants_gold(project=project, user=user)
         kinds = [True, False] if wants_gold else [False]
         for gold in kinds:
@@ -347,9 +403,10 @@ def assignment_claim_next(
             # ride along, so showing it costs no further queries.
             task.project = project
             prefetch_related_objects([task], task_items_prefetch())
-            permutation, left_policy_id = _display_order(items=list(task.items.all()), project=project)
+            permutation, left_policy_id = _display_order(items=list(task.items.all()), task=task, slot=slot)
             return Assignment.objects.create(
                 task=task,
+                project=project,
                 user=user,
                 slot=slot,
                 permutation=permutation,
@@ -718,7 +775,10 @@ def ab_session_create(
     3. Prompt i is judged on pair i mod C(P,2) of the policies (round robin,
        so every pair gets the same share of prompts); the two completions'
        task positions alternate between a pair's prompts. Which side each is
-       shown on is decided per assignment, balanced (see _display_order).
+       shown on is drawn now, balanced per pair and shuffled (_ab_sides_draw),
+       and mirrored for every second vote on a task (_display_order).
+       A prompt on which the pair wrote the same text (completion_text_key)
+       is left out.
     """
     if len({policy.pk for policy in policies}) < 2:
         raise ValueError("an A/B session needs at least two different policies")
@@ -744,12 +804,16 @@ def ab_session_create(
     Membership.objects.create(project=project, user=created_by, role=Role.MANAGER)
     pairs = list(itertools.combinations(sorted(policies, key=lambda policy: policy.pk), 2))
     uses: dict[tuple[int, int], int] = {}
+    planned: list[tuple[Task, list[int]]] = []
     for index, source in enumerate(prompts):
         first, second = pairs[index % len(pairs)]
         key = (first.pk, second.pk)
         uses[key] = uses.get(key, 0) + 1
         if uses[key] % 2 == 0:
             first, second = second, first
+        texts = {completion_text_key(chosen[(policy.pk, source.pk)].text) for policy in (first, second)}
+        if len(texts) == 1:
+            continue
         prompt = Prompt.objects.create(
             project=project,
             external_id=source.external_id,
@@ -758,12 +822,17 @@ def ab_session_create(
             metadata=source.metadata,
             content_hash=source.content_hash,
         )
-        task = Task.objects.create(project=project, prompt=prompt)
-        for position, policy in enumerate((first, second)):
-            original = chosen[(policy.pk, source.pk)]
+        task = Task(project=project, prompt=prompt)
+        task.source = source  # type: ignore[attr-defined]
+        planned.append((task, [first.pk, second.pk]))
+    _ab_sides_draw(planned)
+    for task, policy_ids in planned:
+        task.save()
+        for position, policy_id in enumerate(policy_ids):
+            original = chosen[(policy_id, task.source.pk)]  # type: ignore[attr-defined]
             completion = Completion.objects.create(
-                prompt=prompt,
-                policy=policy,
+                prompt=task.prompt,
+                policy_id=policy_id,
                 text=original.text,
                 generation_settings={**original.generation_settings, "copied_from": str(original.uid)},
             )

@@ -41,5 +41,13 @@ urlpatterns = [
     # Sign-up is closed: accounts are made by a manager (admin) or `manage.py create_user`.
     path("accounts/login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    # Reached only from a reset mail that a manager or superuser had sent to the
+    # account's owner (the user admin's action); there is no "forgot password" form.
+    path(
+        "accounts/reset/<uidb64>/<token>/",
+        auth_views.PasswordResetConfirmView.as_view(post_reset_login=False),
+        name="password_reset_confirm",
+    ),
+    path("accounts/reset/done/", auth_views.PasswordResetCompleteView.as_view(), name="password_reset_complete"),
     *api_patterns,
 ]

@@ -14,6 +14,7 @@ from annotation.rendering import markdown_to_safe_html
 from annotation.roles import Role, role_required
 from annotation.selectors import (
     ab_scored_votes,
+    ab_session_get_for_manager,
     ab_votes,
     assignment_items_in_display_order,
     completion_scores,
@@ -134,7 +135,7 @@ def ab_results(request: HttpRequest, project_id: int) -> HttpResponse:
     from annotation.charts import interval_chart
     from annotation.stats import pairwise_agreement
 
-    project = project_get_for_user(user=request.user, pk=project_id, role=Role.MANAGER)
+    project = ab_session_get_for_manager(user=request.user, pk=project_id)
     votes = ab_votes(project=project)
     ratings = bradley_terry_ratings(votes, rounds=AB_BOOTSTRAP_ROUNDS)
     pairs = pair_table(votes)

@@ -170,6 +170,7 @@ def populate(judgments: int) -> dict[str, int]:
                 assignments.append(
                     Assignment(
                         task=task,
+                        project_id=task.project_id,
                         user=person,
                         slot=slot,
                         permutation=list(range(K)),

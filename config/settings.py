@@ -159,6 +159,20 @@ AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
 AXES_RESET_ON_SUCCESS = True
 AXES_HTTP_RESPONSE_CODE = 429
 
+# Mail carries password reset links to an account's owner (SECURITY.md,
+# "Accounts"). Debug prints mail to the console; a deployment sets an SMTP
+# relay. Links are valid for PASSWORD_RESET_TIMEOUT seconds (3 days).
+EMAIL_BACKEND = env_str(
+    "EMAIL_BACKEND",
+    "django.core.mail.backends.console.EmailBackend" if DEBUG else "django.core.mail.backends.smtp.EmailBackend",
+)
+EMAIL_HOST = env_str("EMAIL_HOST", "localhost")
+EMAIL_PORT = env_int("EMAIL_PORT", 25, minimum=1)
+EMAIL_HOST_USER = env_str("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = env_str("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "rankwise@localhost")
+
 # --- JSON API ----------------------------------------------------------------
 # Programs authenticate with a token (`Authorization: Token …`); the pages'
 # own scripts use the session and send the CSRF token. JSON only: the

@@ -82,8 +82,12 @@ ACTOR_ROLES: dict[str, frozenset[str]] = {
     "outsider": frozenset(),
     "anonymous": frozenset(),
 }
-# Parameters that name no object: the admin's per-app index and its catch-all redirect.
-NOT_OBJECT_PARAMETERS = {"app_label", "url"}
+# Parameters that name no object: the admin's per-app index and its catch-all
+# redirect, and a password reset link's account and token (the token is the
+# credential; a forged link answers "invalid" to everyone, tested in test_account_admin).
+NOT_OBJECT_PARAMETERS = {"app_label", "url", "uidb64", "token"}
+# In the names of this world's projects: no response to a stranger may contain it.
+SECRET = "Quokka-4471"
 
 
 # --- the world -----------------------------------------------------------------------
@@ -105,6 +109,7 @@ class World:
     run: TrainingRun  # queued: a cancel would flip its status
     reward_model: RewardModel
     superuser: AbstractUser
+    other_labeler: AbstractUser  # labels only in the other project: the other manager administers her
     actors: dict[str, AbstractUser | None]
     admin_targets: dict[str, Any] = field(default_factory=dict)
 
@@ -127,7 +132,10 @@ class World:
 def build_world() -> World:
     """Create the world (needs the database)."""
     project = project_with_prompts(
-        ["First question?", "Second question?", "Third question?"], name="matrix", k=3, flags=["harmful"]
+        ["First question?", "Second question?", "Third question?"],
+        name=f"{SECRET} ranking",
+        k=3,
+        flags=["harmful"],
     )
     manager = make_manager(project, user_with_roles(Role.MANAGER, username="mona"))
     holder = user_with_roles(Role.LABELER, username="holly")
@@ -138,13 +146,17 @@ def build_world() -> World:
         Membership.objects.create(project=project, user=person, role=role)
     Membership.objects.create(project=project, user=evaluator, role=Role.EVALUATOR)
 
-    ab_project = project_with_prompts(["Which is kinder?"], name="matrix ab", k=2, kind=Project.Kind.AB)
+    ab_project = project_with_prompts(
+        ["Which is kinder?"], name=f"{SECRET} session", k=2, kind=Project.Kind.AB
+    )
     make_manager(ab_project, manager)
     Membership.objects.create(
         project=ab_project, user=user_with_roles(Role.EVALUATOR, username="ava"), role=Role.EVALUATOR
     )
     other_project = Project.objects.create(name="elsewhere", k=2)
     other_manager = make_manager(other_project, user_with_roles(Role.MANAGER, username="otis"))
+    other_labeler = user_with_roles(Role.LABELER, username="olga")
+    Membership.objects.create(project=other_project, user=other_labeler, role=Role.LABELER)
     outsider = user_with_roles(username="otto")
     superuser = get_user_model().objects.create_superuser("root", "root@example.com", None)
 
@@ -189,6 +201,7 @@ def build_world() -> World:
         run=run,
         reward_model=reward_model,
         superuser=superuser,
+        other_labeler=other_labeler,
         actors={
             "other_manager": other_manager,
             "labeler": labeler,
@@ -408,6 +421,12 @@ def send(client: Client, method: str, url: str, door: Door, world: World) -> Htt
     return client.post(url, body["form"])
 
 
+def body_of(response: HttpResponse) -> str:
+    if response.streaming:
+        return b"".join(response.streaming_content).decode(errors="replace")
+    return response.content.decode(errors="replace")
+
+
 # --- what must happen ----------------------------------------------------------------
 
 
@@ -498,6 +517,8 @@ def test_no_actor_reaches_an_object_that_is_not_theirs_by_any_door(world: World,
                 )
             elif status == 302 and not redirect_is_a_refusal(response, door, actor, url):
                 problems.append(f"{method} {url}: redirected to {response['Location']}")
+            if method not in door.own.get(actor, ()) and SECRET in body_of(response):
+                problems.append(f"{method} {url}: the answer names this world's project")
             after = database_state()
             if after != before:
                 changed = sorted(name for name in before if before[name] != after[name])
@@ -538,3 +559,96 @@ def test_the_owners_do_get_through_so_the_refusals_above_are_about_who_asks(worl
     )
     assert stored.status_code == 201
     assert manager.post(f"/api/training-runs/{world.run.pk}/cancel").json()["status"] == "cancelled"
+
+
+def admin_changelists() -> list[str]:
+    from django.contrib import admin
+
+    return sorted(
+        f"/admin/{model._meta.app_label}/{model._meta.model_name}/" for model in admin.site._registry
+    )
+
+
+@pytest.mark.django_db
+def test_another_projects_manager_finds_no_trace_of_this_project_in_any_admin_list_or_filter(
+    world: World,
+) -> None:
+    # Every change list with every filter sidebar, and each list filtered by this
+    # world's projects by hand: the rows are scoped, and so must the filter choices be.
+    client = world.client("other_manager")
+    problems = []
+    for url in admin_changelists():
+        for query in (
+            "",
+            f"?project__id__exact={world.project.pk}",
+            f"?task__project__id__exact={world.project.pk}",
+        ):
+            response = client.get(url + query)
+            if response.status_code not in (200, 302, 400, 403):  # 400: a lookup the list does not offer
+                problems.append(f"{url}{query}: {response.status_code}")
+            if SECRET in body_of(response):
+                problems.append(f"{url}{query}: names this world's project")
+    assert not problems, "\n".join(problems)
+
+
+ACCOUNT_PAGES = ("change/", "history/", "delete/", "password/")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("actor", ACTORS)
+def test_account_pages_of_every_kind_of_user_answer_only_whoever_may_administer_them(
+    world: World, actor: str
+) -> None:
+    # given every kind of account: a superuser, this project's manager, its labeler and
+    # evaluator, someone with no project, and the other project's own labeler and manager
+    targets = {
+        "superuser": world.superuser,
+        "manager": world.manager,
+        "holder": world.holder,
+        "evaluator": world.actors["evaluator"],
+        "outsider": world.actors["outsider"],
+        "other_labeler": world.other_labeler,
+        "other_manager": world.actors["other_manager"],
+    }
+    client = world.client(actor)
+    problems = []
+    for name, account in targets.items():
+        for page in ACCOUNT_PAGES:
+            url = f"/admin/auth/user/{account.pk}/{page}"
+            before = database_state()
+            response = client.get(url)
+            posted = client.post(
+                url,
+                {
+                    "password1": "N3w-pass-phrase!",
+                    "password2": "N3w-pass-phrase!",
+                    "usable_password": "true",
+                    "username": "taken-over",
+                    "post": "yes",
+                },
+            )
+            if database_state() != before:
+                problems.append(f"POST {url} ({name}) changed the database")
+            # The other manager administers their own labeler: the change and history pages
+            # open; deleting and setting passwords are a superuser's.
+            administered = (
+                actor == "other_manager" and name == "other_labeler" and page in ("change/", "history/")
+            )
+            for method, answer in (("GET", response), ("POST", posted)):
+                if administered and method == "GET":
+                    if answer.status_code != 200:
+                        problems.append(f"GET {url} ({name}): {answer.status_code}, expected 200")
+                    continue
+                if administered:
+                    continue  # a change form posted with missing fields: re-shown, nothing written (checked above)
+                if actor in ("labeler", "evaluator", "outsider", "anonymous"):
+                    ok = answer.status_code == 302 and answer["Location"].startswith("/admin/login/")
+                else:
+                    ok = answer.status_code in (403, 404) or (
+                        answer.status_code == 302 and answer["Location"] == "/admin/"
+                    )
+                if not ok:
+                    problems.append(f"{method} {url} ({name}): {answer.status_code}")
+                if name != "other_manager" and account.username in body_of(answer):
+                    problems.append(f"{method} {url} ({name}): the answer names the account")
+    assert not problems, f"{actor}:\n" + "\n".join(problems)
