@@ -9,6 +9,7 @@ slots.
 
 from __future__ import annotations
 
+import random
 import uuid
 from typing import Any
 
@@ -30,6 +31,12 @@ class Project(models.Model):
         RANKING = "ranking", _("Ranking")
         AB = "ab", _("Blind A/B")
 
+    class TaskOrder(models.TextChoices):
+        # Which open task a person is served next (the claim reads a stored order, never computes one).
+        FILL = "fill", _("Fill: nearest to done first")
+        RANDOM = "random", _("Random")
+        UNCERTAINTY = "uncertainty", _("Uncertainty: where the latest reward model is least sure")
+
     name = models.CharField(max_length=200, unique=True)
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.RANKING)
     instructions = models.TextField(blank=True, help_text=_("Markdown, shown to every labeler."))
@@ -47,6 +54,15 @@ class Project(models.Model):
     rationale_required = models.BooleanField(default=False)
     lease_minutes = models.PositiveIntegerField(default=30)
     gold_rate = models.FloatField(default=0.0, help_text=_("Share of tasks shown that are gold (0–1)."))
+    task_order = models.CharField(
+        max_length=16,
+        choices=TaskOrder.choices,
+        default=TaskOrder.FILL,
+        help_text=_(
+            "Uncertainty needs a reward model scoring the project (its scoring page); "
+            "tasks it has not scored come last, in random order."
+        ),
+    )
     is_active = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
     created_by = models.ForeignKey(
@@ -158,6 +174,11 @@ class Completion(models.Model):
         return f"{self.policy} on {self.prompt}"
 
 
+def random_rank_draw() -> float:
+    """A task's place in its project's random order: uniform in [0, 1)."""
+    return random.random()  # noqa: S311 (an order to serve tasks in, not a secret)
+
+
 class Task(models.Model):
     """A prompt and the completions judged together: K for ranking, 2 for A/B."""
 
@@ -174,6 +195,12 @@ class Task(models.Model):
     # pair of policies over the session and shuffled, so the sides a person
     # sees form a random sequence instead of reacting to earlier claims.
     ab_left_position = models.PositiveSmallIntegerField(null=True, blank=True)
+    # The task's place in the project's random order, drawn when it is made.
+    random_rank = models.FloatField(default=random_rank_draw)
+    # How unsure the latest reward model scoring the project is about this
+    # task: the smallest score gap between two of its completions (lower is
+    # less sure); None until a scoring job has scored all of them.
+    uncertainty = models.FloatField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -182,7 +209,13 @@ class Task(models.Model):
         # reads the index in order and stops at the first free task instead of
         # sorting every open task of the project.
         indexes = [
-            models.Index(fields=["project", "is_gold", "-judgment_count", "id"], name="task_claim_order")
+            models.Index(fields=["project", "is_gold", "-judgment_count", "id"], name="task_claim_order"),
+            # The same for the random and uncertainty orders (PostgreSQL sorts NULLs last in an
+            # ascending index, as the claim asks: unscored tasks come after scored ones).
+            models.Index(fields=["project", "is_gold", "random_rank"], name="task_claim_random"),
+            models.Index(
+                fields=["project", "is_gold", "uncertainty", "random_rank"], name="task_claim_uncertainty"
+            ),
         ]
         constraints = [
             models.CheckConstraint(
