@@ -69,6 +69,11 @@ class Project(models.Model):
         settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
     )
     members = models.ManyToManyField(settings.AUTH_USER_MODEL, through="Membership", related_name="projects")
+    # A/B sessions only: the policies compared, and when the pairs were made.
+    # A session whose outputs are still being generated (into its own prompts)
+    # has no tasks and no opened_at; it opens when the last output is written.
+    ab_policies = models.ManyToManyField("Policy", blank=True, related_name="ab_sessions")
+    opened_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
