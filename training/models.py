@@ -77,6 +77,10 @@ class DatasetBuild(models.Model):
     class Aggregation(models.TextChoices):
         EVERY_VOTE = "every_vote", _("Every vote (one row per comparison)")
         MAJORITY = "majority", _("Majority (one row per prompt and pair)")
+        DAWID_SKENE = (
+            "dawid_skene",
+            _("Dawid–Skene: majority weighted by each labeler's estimated reliability"),
+        )
 
     class Ties(models.TextChoices):
         DROP = "drop", _("Drop ties")
