@@ -755,6 +755,18 @@ class MissingOutputs(ValueError):
         self.missing = missing
 
 
+def ab_outputs_missing(*, policies: list[Policy], prompts: list[Prompt]) -> list[tuple[Policy, Prompt]]:
+    """The (policy, prompt) pairs without a completion, in prompt then policy order."""
+    have = set(
+        Completion.objects.filter(prompt__in=prompts, policy__in=policies).values_list(
+            "policy_id", "prompt_id"
+        )
+    )
+    return [
+        (policy, prompt) for prompt in prompts for policy in policies if (policy.pk, prompt.pk) not in have
+    ]
+
+
 @transaction.atomic
 def ab_session_create(
     *,
@@ -764,33 +776,26 @@ def ab_session_create(
     votes_per_pair: int,
     created_by: AbstractBaseUser,
     instructions: str = "",
+    outputs_missing_allowed: bool = False,
 ) -> Project:
     """A blind A/B session comparing the policies on the prompts.
 
-    1. Every policy must already have a completion for every prompt, so both
-       sides are complete before anything is shown (MissingOutputs lists the
-       gaps; generation jobs fill them).
-    2. A new `ab` project (K=2, overlap = votes per pair) gets a copy of each
-       prompt and of each policy's completion, so the session is frozen.
-    3. Prompt i is judged on pair i mod C(P,2) of the policies (round robin,
-       so every pair gets the same share of prompts); the two completions'
-       task positions alternate between a pair's prompts. Which side each is
-       shown on is drawn now, balanced per pair and shuffled (_ab_sides_draw),
-       and mirrored for every second vote on a task (_display_order).
-       A prompt on which the pair wrote the same text (completion_text_key)
-       is left out.
+    1. A new `ab` project (K=2, overlap = votes per pair) gets a copy of each
+       prompt and of each policy's first completion of it: the session's
+       own storage, so nothing it does (generating, pairing) ever touches the
+       source project, and the session is frozen.
+    2. When every policy has a completion for every prompt, the session
+       opens at once (ab_session_open). Otherwise MissingOutputs lists the
+       gaps and nothing is made, unless `outputs_missing_allowed`: then the
+       session waits closed, without tasks, for generation jobs on its own
+       prompts to fill them, and opens when the last one is written.
     """
     if len({policy.pk for policy in policies}) < 2:
         raise ValueError("an A/B session needs at least two different policies")
     if not prompts:
         raise ValueError("an A/B session needs at least one prompt")
-    chosen: dict[tuple[int, int], Completion] = {}
-    for completion in Completion.objects.filter(prompt__in=prompts, policy__in=policies).order_by("id"):
-        chosen.setdefault((completion.policy_id, completion.prompt_id), completion)
-    missing = [
-        (policy, prompt) for prompt in prompts for policy in policies if (policy.pk, prompt.pk) not in chosen
-    ]
-    if missing:
+    missing = ab_outputs_missing(policies=policies, prompts=prompts)
+    if missing and not outputs_missing_allowed:
         raise MissingOutputs(missing)
     project = Project.objects.create(
         name=name,
@@ -802,18 +807,12 @@ def ab_session_create(
         created_by=created_by,
     )
     Membership.objects.create(project=project, user=created_by, role=Role.MANAGER)
-    pairs = list(itertools.combinations(sorted(policies, key=lambda policy: policy.pk), 2))
-    uses: dict[tuple[int, int], int] = {}
-    planned: list[tuple[Task, list[int]]] = []
-    for index, source in enumerate(prompts):
-        first, second = pairs[index % len(pairs)]
-        key = (first.pk, second.pk)
-        uses[key] = uses.get(key, 0) + 1
-        if uses[key] % 2 == 0:
-            first, second = second, first
-        texts = {completion_text_key(chosen[(policy.pk, source.pk)].text) for policy in (first, second)}
-        if len(texts) == 1:
-            continue
+    project.ab_policies.set(policies)
+    chosen: dict[tuple[int, int], Completion] = {}
+    for completion in Completion.objects.filter(prompt__in=prompts, policy__in=policies).order_by("id"):
+        chosen.setdefault((completion.policy_id, completion.prompt_id), completion)
+    copies: list[Completion] = []
+    for source in prompts:
         prompt = Prompt.objects.create(
             project=project,
             external_id=source.external_id,
@@ -822,19 +821,74 @@ def ab_session_create(
             metadata=source.metadata,
             content_hash=source.content_hash,
         )
-        task = Task(project=project, prompt=prompt)
-        task.source = source  # type: ignore[attr-defined]
-        planned.append((task, [first.pk, second.pk]))
-    _ab_sides_draw(planned)
-    for task, policy_ids in planned:
-        task.save()
-        for position, policy_id in enumerate(policy_ids):
-            original = chosen[(policy_id, task.source.pk)]  # type: ignore[attr-defined]
-            completion = Completion.objects.create(
-                prompt=task.prompt,
-                policy_id=policy_id,
+        copies += [
+            Completion(
+                prompt=prompt,
+                policy_id=original.policy_id,
                 text=original.text,
                 generation_settings={**original.generation_settings, "copied_from": str(original.uid)},
             )
-            TaskCompletion.objects.create(task=task, completion=completion, position=position)
+            for policy in policies
+            if (original := chosen.get((policy.pk, source.pk))) is not None
+        ]
+    Completion.objects.bulk_create(copies)
+    ab_session_open(project=project)
+    project.refresh_from_db()
     return project
+
+
+@transaction.atomic
+def ab_session_open(*, project: Project) -> bool:
+    """Make the session's pairs once every policy has answered every prompt; True if this call opened it.
+
+    Called when a session is made and whenever a generation job for it
+    finishes; the session's row lock makes two finishing jobs open it once.
+
+    1. Prompt i (in id order, which is the source's order) is judged on pair
+       i mod C(P,2) of the policies (round robin, so every pair gets the same
+       share of prompts); the two completions' task positions alternate
+       between a pair's prompts.
+    2. Which side each is shown on is drawn now, balanced per pair and
+       shuffled (_ab_sides_draw), and mirrored for every second vote on a
+       task (_display_order).
+    3. A prompt on which the pair wrote the same text (completion_text_key)
+       gets no task.
+    """
+    session = (
+        Project.objects.select_for_update()
+        .filter(pk=project.pk, kind=Project.Kind.AB, opened_at__isnull=True)
+        .first()
+    )
+    if session is None:
+        return False
+    policies = sorted(session.ab_policies.all(), key=lambda policy: policy.pk)
+    prompts = list(session.prompts.order_by("id"))
+    chosen: dict[tuple[int, int], Completion] = {}
+    for completion in Completion.objects.filter(prompt__in=prompts, policy__in=policies).order_by("id"):
+        chosen.setdefault((completion.policy_id, completion.prompt_id), completion)
+    if len(policies) < 2 or any(
+        (policy.pk, prompt.pk) not in chosen for prompt in prompts for policy in policies
+    ):
+        return False
+    pairs = list(itertools.combinations(policies, 2))
+    uses: dict[tuple[int, int], int] = {}
+    planned: list[tuple[Task, list[int]]] = []
+    for index, prompt in enumerate(prompts):
+        first, second = pairs[index % len(pairs)]
+        key = (first.pk, second.pk)
+        uses[key] = uses.get(key, 0) + 1
+        if uses[key] % 2 == 0:
+            first, second = second, first
+        texts = {completion_text_key(chosen[(policy.pk, prompt.pk)].text) for policy in (first, second)}
+        if len(texts) == 1:
+            continue
+        planned.append((Task(project=session, prompt=prompt), [first.pk, second.pk]))
+    _ab_sides_draw(planned)
+    for task, policy_ids in planned:
+        task.save()
+        TaskCompletion.objects.bulk_create(
+            TaskCompletion(task=task, completion=chosen[(policy_id, task.prompt_id)], position=position)
+            for position, policy_id in enumerate(policy_ids)
+        )
+    Project.objects.filter(pk=session.pk).update(opened_at=timezone.now())
+    return True

@@ -35,7 +35,7 @@ from django.utils import timezone
 from annotation.models import Completion, CompletionScore, Policy, Project, Prompt
 from annotation.roles import Role
 from annotation.selectors import projects_for_user
-from annotation.services import tasks_create_for_project
+from annotation.services import ab_session_open, tasks_create_for_project
 from training.models import (
     BestOfN,
     DatasetBuild,
@@ -1191,7 +1191,7 @@ def generation_job_write_batch(
 
 @transaction.atomic
 def generation_job_finish(*, job_id: int, attempt: int) -> bool:
-    """Mark the attempt's job succeeded; on a ranking project, make the tasks its completions allow.
+    """Mark the attempt's job succeeded; make the tasks its completions allow (a ranking project's, or an A/B session's pairs once it has every output).
 
     False (and nothing changed) if the job is no longer this attempt's.
     """
@@ -1206,9 +1206,11 @@ def generation_job_finish(*, job_id: int, attempt: int) -> bool:
         return False
     job = GenerationJob.objects.select_related("project").get(pk=job_id)
     if job.project.kind == Project.Kind.RANKING:
-        # A/B sessions pair their policies' completions themselves.
         made = tasks_create_for_project(project=job.project)
         GenerationJob.objects.filter(pk=job_id).update(tasks_created=made)
+    elif ab_session_open(project=job.project):
+        # The last of an A/B session's outputs: its pairs are made now.
+        GenerationJob.objects.filter(pk=job_id).update(tasks_created=job.project.tasks.count())
     return True
 
 

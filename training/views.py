@@ -6,23 +6,24 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from typing import Any
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError
+from django.db import IntegrityError, transaction
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.utils.translation import gettext as _
 from django.views.decorators.http import require_GET, require_POST
 
 from annotation.charts import line_chart
-from annotation.models import Policy, Project
+from annotation.models import Policy, Project, Prompt
 from annotation.roles import Role, role_required
 from annotation.selectors import ab_session_get_for_manager
-from annotation.services import MissingOutputs, ab_session_create
+from annotation.services import ab_outputs_missing, ab_session_create
 from training.forms import ABSessionForm, DatasetBuildForm, ScoringJobForm, TrainingRunForm
-from training.models import DatasetBuild, RewardModel, TrainingRun
+from training.models import DatasetBuild, GenerationJob, RewardModel, TrainingRun
 from training.selectors import (
     BUILD_OPTION_FIELDS,
     BUILD_OUTPUTS,
@@ -276,36 +277,87 @@ def training_run_download(request: HttpRequest, run_id: int, key: str) -> HttpRe
 
 @role_required(Role.MANAGER)
 def ab_session_new(request: HttpRequest) -> HttpResponse:
-    """Create a blind A/B session; outputs a policy still lacks are generated first.
+    """Create a blind A/B session; outputs a policy still lacks are generated into the session itself.
 
-    The session is made only when every policy has an output for every
-    prompt, so nobody ever sees half a pair. Until then this queues a
-    generation job per model policy with missing outputs and says so; the
-    manager submits again once they have finished.
+    The session copies the source project's prompts and the outputs that
+    exist, so the source project is never changed. Model policies lacking
+    outputs get a generation job each on the session's own prompts; the
+    session opens by itself (pairs made) when the last one is written, so
+    nobody ever sees half a pair.
     """
     form = ABSessionForm(request.POST or None, user=request.user)
     status = 200
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
+        policies = list(data["policies"])
         prompts = list(data["source_project"].prompts.order_by("id"))
-        try:
-            project = ab_session_create(
-                name=data["name"],
-                policies=list(data["policies"]),
-                prompts=prompts,
-                votes_per_pair=data["votes_per_pair"],
-                created_by=request.user,
+        lacking = sorted(
+            {policy for policy, _prompt in ab_outputs_missing(policies=policies, prompts=prompts)},
+            key=lambda policy: policy.pk,
+        )
+        imported = [policy for policy in lacking if policy.kind == Policy.Kind.IMPORTED]
+        if imported:
+            names = ", ".join(str(policy) for policy in imported)
+            form.add_error(
+                "policies", _("%(names)s cannot generate; import their outputs first.") % {"names": names}
             )
-        except MissingOutputs as missing:
-            status = _ab_generate_missing(request, form, missing)
-        except (ValueError, IntegrityError) as error:
-            form.add_error(None, str(error))
         else:
-            messages.success(request, _("The A/B session is ready. Add evaluators to it in the admin."))
-            if data["reward_model"] is not None:
-                _ab_score(request, project, data["reward_model"])
-            return redirect("ab-results", project.pk)
+            try:
+                project, jobs = _ab_session_with_jobs(request, data, policies, prompts, lacking)
+            except QueueUnavailable as error:
+                form.add_error(None, str(error))
+                status = 503
+            except ValidationError as error:
+                form.add_error(None, " ".join(error.messages))
+            except (ValueError, IntegrityError) as error:
+                form.add_error(None, str(error))
+            else:
+                if jobs:
+                    messages.info(
+                        request,
+                        _(
+                            "Generation jobs %(jobs)s write the missing outputs into the session; "
+                            "it opens by itself when they are ready."
+                        )
+                        % {"jobs": ", ".join(f"#{job.pk}" for job in jobs)},
+                    )
+                else:
+                    messages.success(request, _("The A/B session is open."))
+                if data["reward_model"] is not None:
+                    _ab_score(request, project, data["reward_model"])
+                return redirect("ab-results", project.pk)
     return render(request, "training/ab_session_form.html", {"form": form}, status=status)
+
+
+def _ab_session_with_jobs(
+    request: HttpRequest,
+    data: dict[str, Any],
+    policies: list[Policy],
+    prompts: list[Prompt],
+    lacking: list[Policy],
+) -> tuple[Project, list[GenerationJob]]:
+    """The session and a generation job per policy lacking outputs, all or nothing."""
+    with transaction.atomic():
+        project = ab_session_create(
+            name=data["name"],
+            policies=policies,
+            prompts=prompts,
+            votes_per_pair=data["votes_per_pair"],
+            created_by=request.user,
+            outputs_missing_allowed=True,
+        )
+        jobs = [
+            generation_job_create(
+                policy=policy,
+                project=project,
+                n=1,
+                created_by=request.user,
+                max_new_tokens=data["max_new_tokens"],
+                seed=data["seed"],
+            )
+            for policy in lacking
+        ]
+    return project, jobs
 
 
 def _ab_score(request: HttpRequest, project: Project, reward_model: RewardModel) -> None:
@@ -322,45 +374,6 @@ def _ab_score(request: HttpRequest, project: Project, reward_model: RewardModel)
             _("Scoring job #%(job)d was queued: %(model)s scores both sides of every pair.")
             % {"job": job.pk, "model": reward_model.name},
         )
-
-
-def _ab_generate_missing(request: HttpRequest, form: ABSessionForm, missing: MissingOutputs) -> int:
-    data = form.cleaned_data
-    lacking = sorted({policy for policy, _prompt in missing.missing}, key=lambda policy: policy.pk)
-    imported = [policy for policy in lacking if policy.kind == Policy.Kind.IMPORTED]
-    if imported:
-        names = ", ".join(str(policy) for policy in imported)
-        form.add_error(
-            "policies", _("%(names)s cannot generate; import their outputs first.") % {"names": names}
-        )
-        return 200
-    try:
-        jobs = [
-            generation_job_create(
-                policy=policy,
-                project=data["source_project"],
-                n=1,
-                created_by=request.user,
-                max_new_tokens=data["max_new_tokens"],
-                seed=data["seed"],
-            )
-            for policy in lacking
-        ]
-    except QueueUnavailable as error:
-        form.add_error(None, str(error))
-        return 503
-    except ValidationError as error:
-        form.add_error(None, " ".join(error.messages))
-        return 200
-    messages.info(
-        request,
-        _(
-            "%(count)d output(s) are missing, so generation jobs %(jobs)s were queued. "
-            "Submit this form again when they have finished: a session starts only with both sides complete."
-        )
-        % {"count": len(missing.missing), "jobs": ", ".join(f"#{job.pk}" for job in jobs)},
-    )
-    return 202
 
 
 @role_required(Role.MANAGER)
