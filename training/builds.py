@@ -32,6 +32,13 @@ How votes become pair rows (`pairs/`, and `pairs_with_ties/` with ties=keep)
         tie is a tie row. No unique winner, or too small a share: no row.
     The row's margin is the mean margin of the winning votes.
 
+    dawid_skene: one row per (prompt, pair) as with majority, but the outcome
+    is the one Dawid–Skene (crowd-kit) finds most probable once each
+    labeler's confusion between outcomes has been estimated from all the
+    votes, so a careless labeler counts for less than a careful one; the row
+    is kept when that outcome's posterior reaches agreement_threshold. The
+    card lists each labeler's estimated reliability. (pair_labels_dawid_skene)
+
 A text shown twice in one task
     Tasks are made with K different texts (`completion_text_key`: equal after
     NFC and trimming the ends), but older tasks may show one text twice, and
@@ -133,6 +140,7 @@ import shutil
 import sys
 import unicodedata
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -219,7 +227,12 @@ class BuildOptions:
 
     @property
     def majority(self) -> bool:
-        return self.aggregation == DatasetBuild.Aggregation.MAJORITY
+        """One row per (prompt, pair) and one SFT row per prompt: majority, or Dawid–Skene for the pairs."""
+        return self.aggregation in (DatasetBuild.Aggregation.MAJORITY, DatasetBuild.Aggregation.DAWID_SKENE)
+
+    @property
+    def dawid_skene(self) -> bool:
+        return self.aggregation == DatasetBuild.Aggregation.DAWID_SKENE
 
     @property
     def keep_ties(self) -> bool:
@@ -581,9 +594,12 @@ class PairStats:
     majority_no_winner: int = 0
     majority_below_threshold: int = 0
     majority_tie_dropped: int = 0
+    dawid_skene_no_label: int = 0
     tie_rows_dropped: int = 0
     winning_shares: Counter[str] = field(default_factory=Counter)
     margins: Counter[str] = field(default_factory=Counter)
+    # Dawid–Skene: each labeler's estimated reliability (see LabelerReliability).
+    labelers: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _pairs_of(count: int) -> int:
@@ -593,10 +609,18 @@ def _pairs_of(count: int) -> int:
 class PairWriter:
     """Turns one (prompt, pair) group of votes at a time into rows (rules above)."""
 
-    def __init__(self, *, outputs: Outputs, options: BuildOptions, split: PromptSplit) -> None:
+    def __init__(
+        self,
+        *,
+        outputs: Outputs,
+        options: BuildOptions,
+        split: PromptSplit,
+        labels: PairLabels | None = None,
+    ) -> None:
         self.outputs = outputs
         self.options = options
         self.split = split
+        self.labels = labels
         self.stats = PairStats()
 
     def _row(self, prompt: Rendered, chosen: str, rejected: str, margin: float | None) -> dict[str, Any]:
@@ -639,7 +663,10 @@ class PairWriter:
             for vote in votes:
                 self._emit(prompt_id=prompt_id, prompt=prompt, texts=texts, vote=vote)
             return
-        winner = self._majority(low_wins=low_wins, high_wins=high_wins, ties=ties, total=len(votes))
+        if self.labels is not None:
+            winner = self._labelled(prompt_id=prompt_id, low=low, high=high)
+        else:
+            winner = self._majority(low_wins=low_wins, high_wins=high_wins, ties=ties, total=len(votes))
         if winner is None:
             return
         if winner == "tie":
@@ -652,6 +679,24 @@ class PairWriter:
             vote = Vote(chosen, rejected, False, sum(margins) / len(margins) if margins else None)
         stats.winning_shares[_share_bucket(len(winning) / len(votes))] += 1
         self._emit(prompt_id=prompt_id, prompt=prompt, texts=texts, vote=vote)
+
+    def _labelled(self, *, prompt_id: int, low: int, high: int) -> str | None:
+        """The outcome Dawid–Skene gave the pair, when its posterior reaches the agreement threshold."""
+        assert self.labels is not None
+        stats = self.stats
+        found = self.labels.outcomes.get((prompt_id, low, high))
+        if found is None:  # only tie votes, with ties dropped
+            stats.dawid_skene_no_label += 1
+            return None
+        outcome, posterior = found
+        if posterior < self.options.agreement_threshold:
+            stats.majority_below_threshold += 1
+            return None
+        if outcome == "tie":
+            stats.majority_ties_kept += 1
+        else:
+            stats.majority_kept += 1
+        return outcome
 
     def _majority(self, *, low_wins: int, high_wins: int, ties: int, total: int) -> str | None:
         """The winning outcome ("low", "high" or "tie"), or None when the pair yields no row."""
@@ -714,6 +759,90 @@ def _vote_from(row: Any, options: BuildOptions, stats: PairStats, repeated: Repe
     return Vote(row.chosen_id, row.rejected_id, row.is_tie, 0.0 if row.is_tie else margin)
 
 
+# Dawid–Skene stops when the log-likelihood moves less than this, or after the iterations.
+DAWID_SKENE_ITERATIONS = 100
+DAWID_SKENE_TOLERANCE = 1e-7
+
+
+@dataclass(frozen=True)
+class PairLabels:
+    """What Dawid–Skene made of the votes: each pair's outcome and posterior, and each labeler's reliability."""
+
+    # (prompt id, lower completion id, higher completion id) -> ("low" | "high" | "tie", posterior)
+    outcomes: dict[tuple[int, int, int], tuple[str, float]]
+    # One row per labeler: user id, username, votes, estimated reliability.
+    labelers: list[dict[str, Any]]
+
+
+def pair_labels_dawid_skene(
+    *, comparisons: Any, options: BuildOptions, repeated: RepeatedTexts
+) -> PairLabels:
+    """Aggregate every pair's votes with Dawid–Skene (crowd-kit), weighing labelers by estimated reliability.
+
+    1. One streamed pass over the same comparisons the rows come from, with
+       the same filters (_vote_from): each vote becomes (pair, labeler,
+       outcome), the outcome being which of the pair won ("low"/"high", by
+       completion id) or, with ties kept, "tie". With ties dropped, tie votes
+       are left out here (they favour neither side).
+    2. crowd-kit's DawidSkene fits one confusion matrix per labeler and the
+       outcomes' prior by EM, starting from the majority vote; each pair gets
+       its most probable outcome and that outcome's posterior.
+    3. A labeler's reliability is the chance they name the true outcome:
+       the sum over outcomes of prior × P(they say it | it is true).
+    Memory holds one small tuple per vote (three integer codes), unlike the
+    streaming majority, because EM needs every vote at once.
+    """
+    import pandas as pd
+    from crowdkit.aggregation import DawidSkene
+    from django.contrib.auth import get_user_model
+
+    pair_codes: dict[tuple[int, int, int], int] = {}
+    pair_column: list[int] = []
+    labeler_column: list[int] = []
+    outcome_column: list[str] = []
+    scratch = PairStats()
+    for row in comparisons.iterator(chunk_size=CHUNK_SIZE):
+        vote = _vote_from(row, options, scratch, repeated)
+        if vote is None or (vote.tie and not options.keep_ties):
+            continue
+        key = (row.prompt_id, row.pair_low, row.pair_high)
+        pair_column.append(pair_codes.setdefault(key, len(pair_codes)))
+        labeler_column.append(row.labeler_id)
+        outcome_column.append("tie" if vote.tie else ("low" if vote.chosen_id == row.pair_low else "high"))
+    if not pair_column:
+        return PairLabels(outcomes={}, labelers=[])
+    frame = pd.DataFrame({"task": pair_column, "worker": labeler_column, "label": outcome_column})
+    model = DawidSkene(n_iter=DAWID_SKENE_ITERATIONS, tol=DAWID_SKENE_TOLERANCE)
+    with warnings.catch_warnings():
+        # crowd-kit 1.4.2 still passes pandas keywords that pandas 3 deprecates; the results are the same.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        winners = model.fit_predict(frame)
+    posteriors = model.probas_
+    keys = {code: key for key, code in pair_codes.items()}
+    outcomes = {
+        keys[int(code)]: (str(label), float(posteriors.at[code, label])) for code, label in winners.items()
+    }
+    priors = model.priors_
+    errors = model.errors_
+    votes = frame.groupby("worker").size()
+    names = dict(get_user_model().objects.filter(pk__in=list(votes.index)).values_list("pk", "username"))
+    labelers = []
+    for worker in sorted(votes.index):
+        reliability = 0.0
+        for outcome, prior in priors.items():
+            if (worker, outcome) in errors.index:
+                reliability += float(prior) * float(errors.at[(worker, outcome), outcome])
+        labelers.append(
+            {
+                "user_id": int(worker),
+                "username": names.get(int(worker), str(worker)),
+                "votes": int(votes[worker]),
+                "reliability": round(reliability, 4),
+            }
+        )
+    return PairLabels(outcomes=outcomes, labelers=labelers)
+
+
 def pairs_write(
     *,
     build: DatasetBuild,
@@ -735,6 +864,7 @@ def pairs_write(
         "is_tie",
         "chosen__uid",
         "rejected__uid",
+        "labeler_id",
     ]
     fields += ["chosen__text", "rejected__text", "prompt__text", "prompt__messages"]
     if options.exclude_flagged:
@@ -749,7 +879,13 @@ def pairs_write(
         .order_by("prompt_id", "pair_low", "pair_high", "id")
         .values_list(*fields, "pair_low", "pair_high", named=True)
     )
-    writer = PairWriter(outputs=outputs, options=options, split=split)
+    labels = (
+        pair_labels_dawid_skene(comparisons=comparisons, options=options, repeated=repeated)
+        if options.dawid_skene
+        else None
+    )
+    writer = PairWriter(outputs=outputs, options=options, split=split, labels=labels)
+    writer.stats.labelers = labels.labelers if labels is not None else []
     stats = writer.stats
     key: tuple[int, int, int] | None = None
     votes: list[Vote] = []
@@ -1119,6 +1255,11 @@ def build_summary(
             if options.majority
             else None
         ),
+        "dawid_skene": (
+            {"dropped_no_label": pair_stats.dawid_skene_no_label, "labelers": pair_stats.labelers}
+            if options.dawid_skene
+            else None
+        ),
         "margins": dict(sorted(pair_stats.margins.items(), key=lambda item: float(item[0]))),
         "judgments": {
             "read": judgment_stats.judgments_read,
@@ -1259,6 +1400,28 @@ def card_render(*, summary: dict[str, Any], counts: dict[str, dict[str, int]]) -
         )
         lines += ["", "Winning share of the votes:", ""]
         lines += _table(("share", "rows"), list(majority["winning_share"].items()))
+    dawid_skene = summary.get("dawid_skene")
+    if dawid_skene is not None:
+        lines += ["", "### Dawid–Skene: labelers' estimated reliability", ""]
+        lines += [
+            "Pair rows follow Dawid–Skene (crowd-kit) rather than the plain majority: each",
+            "labeler's reliability is estimated from the votes themselves, and a pair keeps",
+            "its most probable outcome when that outcome's posterior reaches the agreement",
+            "threshold (the majority table above counts those rows; its winning shares are",
+            "still shares of the votes). SFT rows use the majority rule.",
+            "",
+        ]
+        lines += _table(
+            ("labeler", "user id", "votes", "estimated reliability"),
+            [
+                (row["username"], row["user_id"], row["votes"], _shown(row["reliability"]))
+                for row in dawid_skene["labelers"]
+            ],
+        )
+        lines += [
+            "",
+            f"Pairs with only tie votes (ties dropped), so no label: {dawid_skene['dropped_no_label']}",
+        ]
     if summary["margins"]:
         lines += ["", "### Margin (label) distribution of the pairs", ""]
         lines += _table(("margin", "rows"), list(summary["margins"].items()))
@@ -1298,7 +1461,9 @@ def card_render(*, summary: dict[str, Any], counts: dict[str, dict[str, int]]) -
         "  pair); the outcome with strictly the most votes wins when its share of the pair's",
         "  votes reaches the agreement threshold. With ties dropped a tie vote counts in the",
         "  total but for neither side; with ties kept a tie is a third outcome. The row's",
-        "  margin is the mean margin of the winning votes.",
+        "  margin is the mean margin of the winning votes. dawid_skene: one row per pair,",
+        "  the outcome Dawid–Skene finds most probable, kept when its posterior reaches the",
+        "  agreement threshold.",
         "- rank_gap: rank(rejected) − rank(chosen); likert_gap: likert(chosen) − likert(rejected),",
         "  votes without ratings dropped.",
         "- Standard format: a text prompt ends with one newline; a chat prompt is rendered as",
