@@ -35,6 +35,7 @@ from annotation.models import (
     Assignment,
     Comparison,
     Completion,
+    CompletionScore,
     Judgment,
     Membership,
     Policy,
@@ -203,6 +204,41 @@ def tasks_create_for_project(*, project: Project, batch_size: int = 1000) -> int
     return created
 
 
+@transaction.atomic
+def tasks_uncertainty_refresh(*, project: Project, scorer: str, batch_size: int = 2000) -> int:
+    """Store, on each task of the project, how unsure the scorer is about it: the uncertainty order.
+
+    A task's uncertainty is the smallest gap between the scores (under
+    `scorer`, annotation.CompletionScore) of two of its completions: a small
+    gap means the reward model can hardly tell them apart, so a person's
+    ranking there teaches it most. A task with a completion the scorer has
+    not scored gets None (served after the scored ones). Replaces what an
+    earlier scorer stored, so the newest reward model orders the queue.
+    Returns how many tasks got a value.
+    """
+    scores = dict(
+        CompletionScore.objects.filter(completion__prompt__project=project, scorer=scorer).values_list(
+            "completion_id", "score"
+        )
+    )
+    items: dict[int, list[int]] = {}
+    for task_id, completion_id in TaskCompletion.objects.filter(task__project=project).values_list(
+        "task_id", "completion_id"
+    ):
+        items.setdefault(task_id, []).append(completion_id)
+    updates = []
+    scored = 0
+    for task_id, completion_ids in items.items():
+        values = sorted(scores[pk] for pk in completion_ids if pk in scores)
+        gap = None
+        if len(values) == len(completion_ids) and len(values) >= 2:
+            gap = min(high - low for low, high in itertools.pairwise(values))
+            scored += 1
+        updates.append(Task(pk=task_id, uncertainty=gap))
+    Task.objects.bulk_update(updates, ["uncertainty"], batch_size=batch_size)
+    return scored
+
+
 # --- the queue ---------------------------------------------------------------
 
 _random = secrets.SystemRandom()
@@ -249,8 +285,18 @@ def _claim_candidates(
             .alias(live=Coalesce(Subquery(live), Value(0)))
             .filter(live__lt=project.overlap)
         )
+    return tasks.order_by(*_claim_order(project))
+
+
+def _claim_order(project: Project) -> tuple[Any, ...]:
+    """The project's task order, each matching an index of Task (see its Meta)."""
+    if project.task_order == Project.TaskOrder.RANDOM:
+        return ("random_rank", "id")
+    if project.task_order == Project.TaskOrder.UNCERTAINTY:
+        # Least sure first; tasks the reward model has not scored after them, at random.
+        return (F("uncertainty").asc(nulls_last=True), "random_rank", "id")
     # Closest to done first, so finished tasks (and datasets) arrive early.
-    return tasks.order_by("-judgment_count", "id")
+    return ("-judgment_count", "id")
 
 
 def _free_slot(*, task: Task, project: Project, now: datetime) -> int | None:
@@ -356,7 +402,9 @@ def assignment_claim_next(
        one person (two tabs) the second fails to insert and returns the
        first's lease.
     2. Candidates: tasks they never had, with a free slot; gold first when
-       their gold share is below the project's rate; most judged first.
+       their gold share is below the project's rate; then in the project's
+       task order (fill: most judged first; random; uncertainty), a stored
+       order that an index serves.
     3. The candidate row is locked with SKIP LOCKED (PostgreSQL), so parallel
        claims spread over tasks instead of queueing on one; on SQLite the
        IMMEDIATE transaction serializes claims.

@@ -35,7 +35,7 @@ from django.utils import timezone
 from annotation.models import Completion, CompletionScore, Policy, Project, Prompt
 from annotation.roles import Role
 from annotation.selectors import projects_for_user
-from annotation.services import ab_session_open, tasks_create_for_project
+from annotation.services import ab_session_open, tasks_create_for_project, tasks_uncertainty_refresh
 from training.models import (
     BestOfN,
     DatasetBuild,
@@ -1317,17 +1317,18 @@ def scoring_job_dir(*, job_id: int) -> Path:
 def scoring_job_create(
     *, project: Project, reward_model: RewardModel, created_by: AbstractBaseUser | None
 ) -> ScoringJob:
-    """Queue a job that scores every completion of the A/B session `project` with `reward_model`.
+    """Queue a job that scores every completion of `project` with `reward_model`.
 
-    Raises ValidationError (by field) when the project is no A/B session, the
-    creator (when given) does not manage it or may not see the reward model,
+    An A/B session's scores feed the results page's agreement table; a
+    ranking project's set the uncertainty its queue can be ordered by
+    (annotation.services.tasks_uncertainty_refresh, when the job succeeds).
+    Raises ValidationError (by field) when the creator (when given) does not
+    manage the project or may not see the reward model,
     or the reward model is already scoring the session; QueueUnavailable when
     the broker does not answer. Either way nothing is created. The job is
     queued once the caller's transaction commits.
     """
     errors: dict[str, str] = {}
-    if project.kind != Project.Kind.AB:
-        errors["project"] = "only blind A/B sessions are scored"
     if created_by is not None:
         if not projects_for_user(user=created_by, role=Role.MANAGER).filter(pk=project.pk).exists():
             errors["project"] = "you can score only sessions you manage"
@@ -1480,11 +1481,17 @@ def scoring_job_write_batch(*, job_id: int, attempt: int, scores: dict[int, floa
     return len(rows)
 
 
+@transaction.atomic
 def scoring_job_finish(*, job_id: int, attempt: int) -> bool:
-    """Mark the attempt's job succeeded; False (and nothing changed) if the job is no longer this attempt's."""
+    """Mark the attempt's job succeeded; False (and nothing changed) if the job is no longer this attempt's.
+
+    On a ranking project the new scores become the tasks' uncertainty in the
+    same transaction, so the queue's uncertainty order follows the newest
+    reward model from the moment the job reads as succeeded.
+    """
     now = timezone.now()
     rows = _gpu_job_owned(ScoringJob, job_id=job_id, attempt=attempt)
-    return (
+    finished = (
         rows.update(
             status=ScoringJob.Status.SUCCEEDED,
             completions_done=F("completions_total"),
@@ -1493,6 +1500,11 @@ def scoring_job_finish(*, job_id: int, attempt: int) -> bool:
         )
         == 1
     )
+    if finished:
+        job = ScoringJob.objects.select_related("project").get(pk=job_id)
+        if job.project.kind == Project.Kind.RANKING:
+            tasks_uncertainty_refresh(project=job.project, scorer=job.scorer)
+    return finished
 
 
 def scoring_job_mark_cancelled(*, job_id: int, attempt: int) -> bool:

@@ -20,7 +20,7 @@ from django.views.decorators.http import require_GET, require_POST
 from annotation.charts import line_chart
 from annotation.models import Policy, Project, Prompt
 from annotation.roles import Role, role_required
-from annotation.selectors import ab_session_get_for_manager
+from annotation.selectors import project_get_for_user
 from annotation.services import ab_outputs_missing, ab_session_create
 from training.forms import ABSessionForm, DatasetBuildForm, ScoringJobForm, TrainingRunForm
 from training.models import DatasetBuild, GenerationJob, RewardModel, TrainingRun
@@ -378,11 +378,13 @@ def _ab_score(request: HttpRequest, project: Project, reward_model: RewardModel)
 
 @role_required(Role.MANAGER)
 def ab_session_scoring(request: HttpRequest, project_id: int) -> HttpResponse:
-    """Attach a reward model to an A/B session (a scoring job on the gpu queue) and watch its jobs.
+    """Attach a reward model to a project (a scoring job on the gpu queue) and watch its jobs.
 
-    404 for any project but an A/B session the person manages.
+    On an A/B session the scores are compared with the votes; on a ranking
+    project they set the uncertainty its queue can be ordered by. 404 for any
+    project the person does not manage.
     """
-    project = ab_session_get_for_manager(user=request.user, pk=project_id)
+    project = project_get_for_user(user=request.user, pk=project_id, role=Role.MANAGER)
     form = ScoringJobForm(request.POST or None, user=request.user)
     status = 200
     if request.method == "POST" and form.is_valid():
@@ -407,6 +409,6 @@ def ab_session_scoring(request: HttpRequest, project_id: int) -> HttpResponse:
 @require_GET
 @role_required(Role.MANAGER)
 def ab_session_scoring_status(request: HttpRequest, project_id: int) -> JsonResponse:
-    """The newest scoring job of the session, for the scoring page's script."""
-    project = ab_session_get_for_manager(user=request.user, pk=project_id)
+    """The newest scoring job of the project, for the scoring page's script."""
+    project = project_get_for_user(user=request.user, pk=project_id, role=Role.MANAGER)
     return JsonResponse(scoring_job_status(job=scoring_jobs_for_session(project=project).first()))

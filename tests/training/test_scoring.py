@@ -9,6 +9,7 @@ start-up cost.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -295,7 +296,7 @@ def test_a_labeler_or_an_evaluator_of_the_session_cannot_start_scoring(
 
 
 @pytest.mark.django_db
-def test_only_ab_sessions_are_scored_and_only_with_reward_models_the_manager_may_see(
+def test_projects_are_scored_only_with_reward_models_the_manager_may_see(
     manager: AbstractUser, csrf_client: Client, no_publish: list[int]
 ) -> None:
     ranking = project_with_prompts(["Rank these?"], name="ranking", k=2)
@@ -305,7 +306,8 @@ def test_only_ab_sessions_are_scored_and_only_with_reward_models_the_manager_may
     theirs = reward_model_of(elsewhere, "/nowhere", name="rm-theirs")
     client, token = signed_in(csrf_client, manager)
 
-    assert client.get(scoring_url(ranking)).status_code == 404
+    # a ranking project may be scored too (its queue's uncertainty order), by its manager
+    assert client.get(scoring_url(ranking)).status_code == 200
     page = client.post(scoring_url(project), {"reward_model": theirs.pk, "csrfmiddlewaretoken": token})
     assert page.status_code == 200 and "reward_model" in page.context["form"].errors
     with pytest.raises(ValidationError) as refused:
@@ -425,3 +427,43 @@ def test_a_job_is_claimed_once_and_the_reaper_requeues_or_fails_a_silent_one(
     assert (retry.status, spent.status) == ("queued", "failed")
     assert "heartbeat stopped" in retry.error and "no attempts remain" in spent.error
     assert no_publish == [retry.pk]
+
+
+@worker_test
+def test_a_reward_model_attached_to_a_ranking_project_orders_its_queue_by_uncertainty(
+    celery_worker: str,
+    reward_model_dir: Path,  # noqa: F811
+    csrf_client: Client,
+) -> None:
+    from annotation.models import Task
+    from tests.annotation.conftest import make_people
+
+    # given a ranking project served by uncertainty, and a reward model its manager may use
+    manager = user_with_roles(Role.MANAGER, username="uncertainty-host")
+    project = project_with_prompts(
+        [f"Question {n}?" for n in range(6)], name="uncertain", k=3, task_order=Project.TaskOrder.UNCERTAINTY
+    )
+    make_manager(project, manager)
+    reward_model = reward_model_of(project, reward_model_dir, name="rm-order")
+    client, token = signed_in(csrf_client, manager)
+
+    # when the manager attaches it on the project's scoring page and the job runs on the worker
+    response = client.post(
+        scoring_url(project), {"reward_model": reward_model.pk, "csrfmiddlewaretoken": token}
+    )
+    assert response.status_code == 302, response.content.decode()[:2000]
+    job = wait_for(ScoringJob.objects.get(project=project))
+    assert job.status == ScoringJob.Status.SUCCEEDED, job.error + job.log_tail
+
+    # then every task holds the smallest gap between its completions' scores
+    scores = dict(CompletionScore.objects.filter(scorer=job.scorer).values_list("completion_id", "score"))
+    expected = {}
+    for task in Task.objects.filter(project=project).prefetch_related("items"):
+        values = sorted(scores[item.completion_id] for item in task.items.all())
+        expected[task.pk] = min(b - a for a, b in itertools.pairwise(values))
+        assert task.uncertainty == pytest.approx(expected[task.pk], abs=1e-9)
+
+    # and a labeler is served the task the reward model is least sure about
+    labeler = add_member(project, make_people(1, prefix="unsure")[0])
+    assignment = assignment_claim_next(project=project, user=labeler)
+    assert assignment.task_id == min(expected, key=lambda pk: (expected[pk], pk))

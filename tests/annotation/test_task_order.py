@@ -1,0 +1,118 @@
+"""Which task a person gets next: the project's task order (fill, random, uncertainty), read from stored values."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connection
+
+from annotation.models import Assignment, CompletionScore, Project, Task, TaskCompletion
+from annotation.services import assignment_claim_next, tasks_uncertainty_refresh
+from tests.annotation.conftest import add_member, make_people
+from tests.annotation.test_queue import _run_in_threads
+
+
+def scores_for(project: Project, scorer: str, gaps: dict[int, float | None]) -> None:
+    """Give each task's completions scores 0, gap, 2·gap, … under `scorer` (None: leave one unscored)."""
+    for task in project.tasks.all():
+        gap = gaps[task.pk]
+        items = list(TaskCompletion.objects.filter(task=task).order_by("position"))
+        for index, item in enumerate(items):
+            if gap is None and index == 0:
+                continue
+            CompletionScore.objects.update_or_create(
+                completion_id=item.completion_id, scorer=scorer, defaults={"score": index * (gap or 1.0)}
+            )
+
+
+def claim_order(project: Project, count: int) -> list[int]:
+    person = add_member(project, make_people(1, prefix=f"order{Assignment.objects.count()}-")[0])
+    order = []
+    for _ in range(count):
+        assignment = assignment_claim_next(project=project, user=person)
+        if assignment is None:
+            break
+        order.append(assignment.task_id)
+        Assignment.objects.filter(pk=assignment.pk).update(status=Assignment.Status.SUBMITTED)
+    return order
+
+
+@pytest.mark.django_db
+def test_the_random_order_serves_tasks_by_their_stored_random_rank(make_project) -> None:
+    project = make_project(tasks=8, k=2, task_order=Project.TaskOrder.RANDOM)
+    # each task drew its own rank when it was made
+    assert len(set(project.tasks.values_list("random_rank", flat=True))) == 8
+    # set a known shuffle, unlike the id order the fill order would give
+    tasks = list(project.tasks.order_by("id").values_list("pk", flat=True))
+    shuffled = [tasks[i] for i in (5, 2, 7, 0, 3, 6, 1, 4)]
+    for rank, pk in enumerate(shuffled):
+        Task.objects.filter(pk=pk).update(random_rank=rank / 10)
+    assert claim_order(project, 8) == shuffled
+
+
+@pytest.mark.django_db
+def test_the_uncertainty_order_serves_the_smallest_score_gap_first_and_unscored_tasks_last(
+    make_project,
+) -> None:
+    # given six tasks: four scored with different gaps, two with a completion not scored
+    project = make_project(tasks=6, k=3, task_order=Project.TaskOrder.UNCERTAINTY)
+    tasks = list(project.tasks.order_by("id").values_list("pk", flat=True))
+    gaps = {tasks[0]: 0.9, tasks[1]: 0.05, tasks[2]: None, tasks[3]: 0.4, tasks[4]: 0.01, tasks[5]: None}
+    scores_for(project, "rm-1", gaps)
+
+    # when the scores are turned into the tasks' uncertainty
+    assert tasks_uncertainty_refresh(project=project, scorer="rm-1") == 4
+
+    # then the queue goes from least sure to most sure, then the unscored at random
+    stored = dict(project.tasks.values_list("pk", "uncertainty"))
+    assert stored[tasks[4]] == pytest.approx(0.01) and stored[tasks[2]] is None
+    unscored = list(
+        project.tasks.filter(uncertainty__isnull=True).order_by("random_rank").values_list("pk", flat=True)
+    )
+    assert claim_order(project, 6) == [tasks[4], tasks[1], tasks[3], tasks[0], *unscored]
+
+
+@pytest.mark.django_db
+def test_a_newer_reward_models_scores_reorder_the_queue(make_project) -> None:
+    project = make_project(tasks=4, k=2, task_order=Project.TaskOrder.UNCERTAINTY)
+    tasks = list(project.tasks.order_by("id").values_list("pk", flat=True))
+    scores_for(project, "rm-old", dict(zip(tasks, [0.1, 0.2, 0.3, 0.4], strict=True)))
+    scores_for(project, "rm-new", dict(zip(tasks, [0.4, 0.3, 0.2, 0.1], strict=True)))
+
+    tasks_uncertainty_refresh(project=project, scorer="rm-old")
+    first = assignment_claim_next(project=project, user=add_member(project, make_people(1, "a")[0]))
+    tasks_uncertainty_refresh(project=project, scorer="rm-new")
+    second = assignment_claim_next(project=project, user=add_member(project, make_people(1, "b")[0]))
+
+    assert first.task_id == tasks[0]
+    assert second.task_id == tasks[3]
+
+
+@pytest.mark.django_db
+def test_the_fill_order_is_unchanged_nearest_to_done_first(make_project) -> None:
+    project = make_project(tasks=3, k=2, overlap=2)
+    tasks = list(project.tasks.order_by("id").values_list("pk", flat=True))
+    Task.objects.filter(pk=tasks[2]).update(judgment_count=1)
+    assert claim_order(project, 1) == [tasks[2]]
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="locking is tested on PostgreSQL")
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("order", [choice.value for choice in Project.TaskOrder])
+def test_32_people_claiming_at_once_get_different_tasks_in_every_order(make_project, order: str) -> None:
+    # given 40 open tasks (overlap 1) in the chosen order, with uncertainty stored for half of them
+    project = make_project(tasks=40, k=2, task_order=order)
+    tasks = list(project.tasks.order_by("id").values_list("pk", flat=True))
+    scores_for(project, "rm", {pk: (None if i % 2 else 0.01 * i) for i, pk in enumerate(tasks)})
+    tasks_uncertainty_refresh(project=project, scorer="rm")
+    people = [add_member(project, person) for person in make_people(32, prefix=f"{order}-")]
+    claimed: list[int] = []
+
+    # when 32 people claim at the same instant
+    errors = _run_in_threads(
+        people, lambda person: claimed.append(assignment_claim_next(project=project, user=person).task_id)
+    )
+
+    # then nobody shares a task, and the database agrees
+    assert not errors, errors
+    assert len(claimed) == len(set(claimed)) == 32
+    assert Assignment.objects.filter(project=project, status=Assignment.Status.ACTIVE).count() == 32
