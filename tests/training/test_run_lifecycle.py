@@ -3,9 +3,12 @@ the run process's heartbeat thread with a fake trainer (a slow model load, a los
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +25,7 @@ from training.models import DatasetBuild, RewardModel, TrainingRun, TrainingRunM
 from training.runner import RunResult, RunSpec
 from training.services import (
     training_run_claim,
+    training_run_execute,
     training_run_fail,
     training_run_finish,
     training_run_heartbeat,
@@ -42,7 +46,9 @@ def run(db: None) -> TrainingRun:
     build = DatasetBuild.objects.create(
         name="b", created_by=user_with_roles(Role.MANAGER, username="mgr"), status="succeeded"
     )
-    return TrainingRun.objects.create(name="r", kind="reward", dataset_build=build, base_model="m")
+    return TrainingRun.objects.create(
+        name="r", kind="reward", dataset_build=build, base_model="m", trainer="trl"
+    )
 
 
 @pytest.fixture
@@ -172,15 +178,17 @@ def test_the_reaper_counts_only_attempts_not_given_back(
 # --- the run process with a fake trainer -------------------------------------------------------
 
 # The run process's own entry, with `run_training` replaced by a trainer that "loads its model" until
-# the test creates the file `release`, then returns `result`. Heartbeats come every 0.05 s; a run
-# put back in the queue is printed instead of published.
+# the test creates the file `release` or SIGTERM asks it to stop (unless told to ignore SIGTERM),
+# then returns `result`. Heartbeats come every 0.05 s; a run put back in the queue is printed
+# instead of published.
 FAKE_TRAINER = """
-import json, sys, time
+import json, signal, sys, time
 from pathlib import Path
 import training.run_process as run_process
 import training.runner as runner
 
 spec_path, release, result = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+ignore_sigterm = sys.argv[4:] == ["ignore-sigterm"]
 run_process.HEARTBEAT_EVERY_S = 0.05
 
 def publish(*, run_id):
@@ -188,8 +196,10 @@ def publish(*, run_id):
     return True
 
 def run_training(spec, reporter):
+    if ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     reporter.log("loading the model")
-    while not release.exists():
+    while not release.exists() and reporter.stop_cause is None:
         time.sleep(0.05)
     return runner.RunResult(**result)
 
@@ -202,8 +212,6 @@ sys.exit(run_process.main([spec_path]))
 
 
 def start_fake_run_process(run: TrainingRun, folder: Path, result: RunResult) -> subprocess.Popen[str]:
-    import json
-
     attempt = TrainingRun.objects.get(pk=run.pk).attempts
     spec = RunSpec(
         run_id=run.pk,
@@ -330,3 +338,124 @@ def test_a_run_process_stopped_by_a_signal_without_a_cancel_is_never_cancelled(
     assert (run.status, run.attempts, run.attempts_given_back) == ("queued", 1, 1)
     assert "SIGTERM" in run.error
     assert f"published run {run.pk}" in output
+
+
+# --- the supervisor (the Celery task's side) ----------------------------------------------------
+
+
+class TaskInterrupted(Exception):
+    """Stands for Celery's SoftTimeLimitExceeded, raised in the task while it waits for the run."""
+
+
+def interrupt_when_loading(run: TrainingRun) -> threading.Thread:
+    """Raise TaskInterrupted in this (the main) thread once the run's process heartbeats, as Celery's
+    soft time limit does."""
+
+    def raise_interrupted(signum: int, frame: Any) -> None:
+        raise TaskInterrupted
+
+    signal.signal(signal.SIGUSR1, raise_interrupted)
+
+    def interrupt() -> None:
+        wait_until(lambda: "loading the model" in TrainingRun.objects.get(pk=run.pk).log_tail, "a heartbeat")
+        connection.close()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    thread = threading.Thread(target=interrupt, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture
+def run_process_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run processes the task starts read the test database."""
+    monkeypatch.setenv("DATABASE_URL", worker_database_url(connection.settings_dict))
+
+
+def fake_command(folder: Path, result: RunResult, *extra: str) -> Any:
+    def command(*, run: TrainingRun, spec_path: Path) -> list[str]:
+        return [
+            sys.executable,
+            "-c",
+            FAKE_TRAINER,
+            str(spec_path),
+            str(folder / "release"),
+            json.dumps(result.to_dict()),
+            *extra,
+        ]
+
+    return command
+
+
+STOPPED = RunResult(status="cancelled", metrics={}, final_dir="", steps=2, checkpoint_dir="checkpoint-2")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_tasks_time_limit_stops_the_run_process_which_requeues_with_its_attempt_given_back(
+    run: TrainingRun,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    enqueued: list[int],
+    run_process_env: None,
+) -> None:
+    # given a run whose process is loading its model
+    TrainingRun.objects.filter(pk=run.pk).update(output_dir=str(tmp_path))
+    monkeypatch.setattr("training.services.training_run_command", fake_command(tmp_path, STOPPED))
+    interrupter = interrupt_when_loading(run)
+
+    # when the task is interrupted while it waits (it returns: the interruption is handled)
+    try:
+        training_run_execute(run_id=run.pk)
+    finally:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        (tmp_path / "release").touch()
+    interrupter.join()
+
+    # then the process got SIGTERM, stopped and put the run back itself, its attempt given back
+    run.refresh_from_db()
+    assert (run.status, run.attempts, run.attempts_given_back) == ("queued", 1, 1)
+    assert "stopped by SIGTERM" in run.error
+    assert f"published run {run.pk}" in (tmp_path / "process-attempt-1.log").read_text()
+    assert enqueued == []  # the task's own requeue found the run no longer this attempt's
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_process_that_ignores_sigterm_is_killed_and_the_run_requeued_with_its_attempt_given_back(
+    run: TrainingRun,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    enqueued: list[int],
+    run_process_env: None,
+) -> None:
+    # given a run whose process ignores SIGTERM, and a short grace period
+    TrainingRun.objects.filter(pk=run.pk).update(output_dir=str(tmp_path))
+    monkeypatch.setattr(
+        "training.services.training_run_command", fake_command(tmp_path, STOPPED, "ignore-sigterm")
+    )
+    monkeypatch.setattr("training.services.JOB_STOP_GRACE_S", 0.5)
+    interrupter = interrupt_when_loading(run)
+
+    # when the task is interrupted while it waits
+    try:
+        training_run_execute(run_id=run.pk)
+    finally:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        (tmp_path / "release").touch()
+    interrupter.join()
+
+    # then the process was killed, and the task put the run back, its attempt given back
+    run.refresh_from_db()
+    assert (run.status, run.attempts, run.attempts_given_back) == ("queued", 1, 1)
+    assert "time limit" in run.error
+    assert enqueued == [run.pk]
+    assert not [pid for pid in trainers(tmp_path)], "a process of the run outlived its task"
+
+
+def trainers(folder: Path) -> list[int]:
+    import psutil
+
+    return [
+        process.pid
+        for process in psutil.process_iter(["cmdline"])
+        if any(str(folder) in arg for arg in process.info["cmdline"] or [])
+    ]

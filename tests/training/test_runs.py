@@ -276,37 +276,34 @@ def test_a_killed_run_on_its_last_attempt_fails_with_the_reason(
     assert "killed by signal 9" in run.error
 
 
-def trainers_of(run: TrainingRun) -> list[int]:
-    """Pids of the processes training `run` (not their launcher), whichever attempt started them."""
+def trainers_of(run: TrainingRun) -> dict[int, str]:
+    """The processes training `run` (not their launchers): pid -> the spec file, which names the attempt."""
     import psutil
 
-    found = []
+    found = {}
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []  # a zombie has none: it is dead
-        if (
-            "training.run_process" in cmdline
-            and "accelerate.commands.launch" not in cmdline
-            and any(arg.startswith(f"{run.output_dir}/") for arg in cmdline)
-        ):
-            found.append(process.pid)
+        specs = [arg for arg in cmdline if arg.startswith(f"{run.output_dir}/spec-attempt-")]
+        if "training.run_process" in cmdline and "accelerate.commands.launch" not in cmdline and specs:
+            found[process.pid] = specs[0]
     return found
 
 
 @contextmanager
-def trainers_sampled(run: TrainingRun) -> Iterator[list[int]]:
-    """Sample the process table while the block runs; yields the number of `run`'s trainers seen at once, per sample."""
-    counts: list[int] = []
+def trainers_sampled(run: TrainingRun) -> Iterator[list[dict[int, str]]]:
+    """Sample the process table while the block runs; yields the samples of `run`'s trainers."""
+    samples: list[dict[int, str]] = []
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            counts.append(len(trainers_of(run)))
+            samples.append(trainers_of(run))
             time.sleep(0.02)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        yield counts
+        yield samples
     finally:
         done.set()
         sampler.join()
@@ -324,24 +321,29 @@ def wait_for_step(run: TrainingRun, step: int) -> TrainingRun:
 
 
 @worker_test
-def test_kill_9_of_the_launcher_kills_its_trainer_and_the_retry_resumes_with_never_two_trainers(
-    celery_worker, build, tiny_model_dir
+@pytest.mark.parametrize("num_processes", [1, 2])
+def test_kill_9_of_the_launcher_kills_its_trainers_and_the_retry_resumes_with_never_two_trainers(
+    celery_worker, build, tiny_model_dir, num_processes
 ):
-    # given a run training mid-way, with a checkpoint at step 2
-    run = create(build, tiny_model_dir, hyperparameters={**TINY, "max_steps": 40})
-    with trainers_sampled(run) as counts:
+    # given a run training mid-way, with a checkpoint at step 2; with two processes, torch's
+    # launcher starts each trainer in a session of its own
+    run = create(
+        build, tiny_model_dir, hyperparameters={**TINY, "max_steps": 40}, num_processes=num_processes
+    )
+    with trainers_sampled(run) as samples:
         run = wait_for_step(run, 3)
 
         # when its recorded process (`accelerate launch`) is killed, and only that one
         os.kill(run.process_id, signal.SIGKILL)
         run = wait_for(run, TrainingRun.TERMINAL)
 
-    # then its trainer died with it, and the retry resumed and finished the run alone
+    # then its trainers died with it, and the retry resumed and finished the run alone
     assert run.status == TrainingRun.Status.SUCCEEDED, run.error
     assert (run.attempts, run.step) == (2, 40)
     assert "killed by signal 9" in run.error
     assert "resuming from checkpoint" in Path(run.output_dir, "process-attempt-2.log").read_text()
-    assert max(counts) == 1, "two trainers of one run ran at once"
+    assert all(len(set(sample.values())) <= 1 for sample in samples), "two attempts trained at once"
+    assert max(len(sample) for sample in samples) == num_processes
     assert RewardModel.objects.filter(run=run).count() == 1
 
 
@@ -351,7 +353,7 @@ def test_sigterm_to_the_run_process_saves_a_checkpoint_and_requeues_the_run_with
 ):
     # given a run training mid-way that saves no checkpoint of its own
     run = create(build, tiny_model_dir, hyperparameters={**TINY, "max_steps": 40, "save_steps": 1000})
-    with trainers_sampled(run) as counts:
+    with trainers_sampled(run) as samples:
         run = wait_for_step(run, 2)
 
         # when its trainer gets SIGTERM (a time limit, a worker shutting down)
@@ -364,7 +366,7 @@ def test_sigterm_to_the_run_process_saves_a_checkpoint_and_requeues_the_run_with
     assert (run.attempts, run.attempts_given_back) == (2, 1)
     assert "stopped by SIGTERM" in run.error
     assert "resuming from checkpoint" in Path(run.output_dir, "process-attempt-2.log").read_text()
-    assert max(counts) == 1
+    assert max(len(sample) for sample in samples) == 1
 
 
 @worker_test
