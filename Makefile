@@ -11,7 +11,7 @@ PIP := $(VENV)/bin/pip
 DEMO_HOST ?= 127.0.0.1
 DEMO_PORT ?= 8000
 
-.PHONY: help demo test loop lint format migrate clean
+.PHONY: help demo test loop lint format migrate clean vendor
 
 help:
 	@echo "make demo    virtualenv, dependencies, migrations, demo users, Redis if needed, workers, web server"
@@ -19,6 +19,7 @@ help:
 	@echo "make loop    the whole loop on the demo task with simulated people, and its report"
 	@echo "make lint    ruff lint and format check"
 	@echo "make format  ruff format and autofix"
+	@echo "make vendor  the pinned browser libraries (npm ci) copied into static/vendor/"
 
 $(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Rankwise needs Python 3.11 or newer; set PYTHON=/path/to/python3.11")'
@@ -34,8 +35,22 @@ $(VENV)/.dev-installed: requirements.txt requirements-dev.txt | $(VENV)/bin/pyth
 	$(PIP) install --quiet -r requirements-dev.txt
 	touch $(VENV)/.runtime-installed $@
 
+# Browser libraries come from the npm registry at the versions package-lock.json
+# pins (integrity-checked by npm ci) and are copied into static/vendor/, which
+# git ignores: nothing is pasted by hand and no page loads a script from a CDN.
+VENDOR_STAMP := static/vendor/.installed
+$(VENDOR_STAMP): package.json package-lock.json
+	npm ci --ignore-scripts --no-audit --no-fund
+	rm -rf static/vendor
+	mkdir -p static/vendor/chart.js
+	cp node_modules/chart.js/dist/chart.umd.js node_modules/chart.js/dist/chart.umd.js.map \
+	   node_modules/chart.js/LICENSE.md static/vendor/chart.js/
+	touch $@
+
+vendor: $(VENDOR_STAMP)
+
 demo: export DEBUG = 1
-demo: $(VENV)/.runtime-installed
+demo: $(VENV)/.runtime-installed $(VENDOR_STAMP)
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py demo_users
 	$(PY) manage.py seed_demo
@@ -48,7 +63,7 @@ loop: $(VENV)/.runtime-installed
 	$(PY) manage.py migrate --noinput
 	HF_HUB_OFFLINE=1 $(PY) manage.py simulate_loop $(LOOP_ARGS)
 
-test: $(VENV)/.dev-installed
+test: $(VENV)/.dev-installed $(VENDOR_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev-installed
@@ -60,4 +75,4 @@ format: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) var .pytest_cache .ruff_cache .hypothesis node_modules static/vendor

@@ -7,6 +7,7 @@ from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.utils import timezone
+from django.utils.translation import gettext
 from django.views.decorators.http import require_GET, require_POST
 
 from annotation.models import Project
@@ -132,7 +133,7 @@ def evaluate_next(request: HttpRequest, project_id: int) -> HttpResponse:
 def ab_results(request: HttpRequest, project_id: int) -> HttpResponse:
     """Win rates, ratings with intervals, position bias, and agreement of the evaluators and of scorers."""
     from annotation.ab_stats import bradley_terry_ratings, pair_table, position_bias, scorer_agreement
-    from annotation.charts import interval_chart
+    from annotation.chart_data import interval_chart
     from annotation.stats import pairwise_agreement
 
     project = ab_session_get_for_manager(user=request.user, pk=project_id)
@@ -150,7 +151,14 @@ def ab_results(request: HttpRequest, project_id: int) -> HttpResponse:
         "votes_total": len(votes),
         "pairs": pairs,
         "ratings": ratings,
-        "ratings_chart": interval_chart(rows=ratings),
+        "ratings_chart": interval_chart(
+            rows=[
+                {"label": row["policy"], "value": row["rating"], "low": row["low"], "high": row["high"]}
+                for row in ratings
+            ],
+            value_label=gettext("Rating"),
+            interval_label=gettext("Interval"),
+        ),
         "bias": position_bias(votes),
         "agreement": pairwise_agreement(project=project),
         "rounds": AB_BOOTSTRAP_ROUNDS,
@@ -183,7 +191,7 @@ def project_dashboard(request: HttpRequest, project_id: int) -> HttpResponse:
 
 
 def dashboard_charts(*, stats: dict, project: Project) -> dict[str, object]:
-    from annotation.charts import bar_chart, line_chart
+    from annotation.chart_data import category_chart
 
     days = stats["judgments_per_day"]
     cumulative, total = [], 0
@@ -192,18 +200,31 @@ def dashboard_charts(*, stats: dict, project: Project) -> dict[str, object]:
         cumulative.append(total)
     wanted = stats["progress"]["judgments_wanted"]
     labelers = [row for row in stats["labelers"] if row["agreement_rate"] is not None]
+    day_labels = [day["date"] for day in days]
     return {
-        "throughput": bar_chart(
-            labels=[day["date"][5:] for day in days], values=[day["judgments"] for day in days], unit=""
+        "throughput": category_chart(
+            kind="bar",
+            labels=day_labels,
+            series=[{"label": gettext("Judgments"), "values": [day["judgments"] for day in days]}],
+            integer=True,
         ),
-        "progress": line_chart(
-            labels=[day["date"][5:] for day in days], values=cumulative, target=wanted or None
+        "progress": category_chart(
+            kind="line",
+            labels=day_labels,
+            series=[{"label": gettext("Judgments stored"), "values": cumulative}],
+            integer=True,
+            target=wanted or None,
+            target_label=gettext("judgments wanted"),
         ),
-        "agreement": bar_chart(
+        "agreement": category_chart(
+            kind="bar",
             labels=[row["username"] for row in labelers],
-            values=[row["agreement_rate"] for row in labelers],
-            unit="%",
-            scale=100,
-            maximum=1.0,
+            series=[
+                {
+                    "label": gettext("Agreement with others"),
+                    "values": [row["agreement_rate"] for row in labelers],
+                }
+            ],
+            percent=True,
         ),
     }

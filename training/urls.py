@@ -21,6 +21,7 @@ urlpatterns = [
     path("training/runs/new", views.training_run_new, name="training-run-new"),
     path("training/runs/<int:run_id>/", views.training_run_detail, name="training-run-detail"),
     path("training/runs/<int:run_id>/status", views.training_run_status_view, name="training-run-status"),
+    path("training/runs/<int:run_id>/curves", views.training_run_curves_view, name="training-run-curves"),
     path("training/runs/<int:run_id>/cancel", views.training_run_cancel_view, name="training-run-cancel"),
     path("training/runs/<int:run_id>/files/<str:key>", views.training_run_download, name="training-run-file"),
     path("api/training-runs/", api.training_run_list_create, name="api-training-run-list"),

@@ -17,7 +17,7 @@ from django.shortcuts import redirect, render
 from django.utils.translation import gettext as _
 from django.views.decorators.http import require_GET, require_POST
 
-from annotation.charts import line_chart
+from annotation.chart_data import category_chart, step_chart
 from annotation.models import Policy, Project, Prompt
 from annotation.roles import Role, role_required
 from annotation.selectors import project_get_for_user
@@ -88,11 +88,22 @@ def dataset_build_detail(request: HttpRequest, build_id: int) -> HttpResponse:
         for output in BUILD_OUTPUTS
         if output in build.counts
     ]
+    rows_chart = category_chart(
+        kind="bar",
+        labels=[output for output, _values in counts],
+        series=[
+            {"label": split, "values": [values[index] for _output, values in counts]}
+            for index, split in enumerate(BUILD_SPLITS)
+        ],
+        integer=True,
+        value_title=_("rows"),
+    )
     context = {
         "build": build,
         "projects": build.projects.order_by("name"),
         "options": _option_rows(build),
         "counts": counts,
+        "rows_chart": rows_chart,
         "splits": BUILD_SPLITS,
         "files": dataset_build_files(build=build),
         # For the page script, which shows the status in the person's language.
@@ -187,32 +198,43 @@ def training_run_new(request: HttpRequest) -> HttpResponse:
     return render(request, "training/run_form.html", {"form": form}, status=status)
 
 
+# Curves the run page draws, in this order, when the run has logged them.
+RUN_CURVES = ("loss", "accuracy", "rewards/accuracies", "margin", "rewards/margins", "eval_loss")
+
+
+def _run_curve_charts(run: TrainingRun) -> list[dict[str, object]]:
+    series = training_run_metric_series(run=run)
+    return [
+        {
+            "name": name,
+            "chart": step_chart(series=[{"label": name, "points": series[name]}], step_title=_("step")),
+        }
+        for name in RUN_CURVES
+        if series.get(name)
+    ]
+
+
 @login_required
 def training_run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
     run = training_run_get_for_user(user=request.user, pk=run_id)
-    series = training_run_metric_series(run=run)
-    charts = []
-    for name in ("loss", "accuracy", "rewards/accuracies", "margin", "rewards/margins", "eval_loss"):
-        points = series.get(name)
-        if points:
-            charts.append(
-                {
-                    "name": name,
-                    "chart": line_chart(
-                        labels=[str(step) for step, _value in points], values=[v for _s, v in points]
-                    ),
-                }
-            )
     rows = list(run.metric_rows.order_by("-step", "-id")[:50])
     context = {
         "run": run,
-        "charts": charts,
+        "curves": _run_curve_charts(run),
         "metric_rows": rows,
         "metric_names": sorted({name for row in rows for name in row.values}),
         "eta_seconds": training_run_eta_seconds(run=run),
         "files": RUN_FILES if run.status == TrainingRun.Status.SUCCEEDED else ("log.txt",),
     }
     return render(request, "training/run_detail.html", context)
+
+
+@require_GET
+@login_required
+def training_run_curves_view(request: HttpRequest, run_id: int) -> JsonResponse:
+    """The run page's curves as chart data, polled while the run is live so they grow without a reload."""
+    run = training_run_get_for_user(user=request.user, pk=run_id)
+    return JsonResponse({"curves": _run_curve_charts(run)})
 
 
 @login_required

@@ -11,7 +11,7 @@ from django.conf import settings
 from django.core.management import call_command
 
 LOCALE = Path(settings.BASE_DIR) / "annotation" / "locale"
-IGNORE = [".venv", "var", "tests", "bench", "node_modules"]
+IGNORE = [".venv", "var", "tests", "bench", "node_modules", "static/vendor"]
 
 
 SOURCE_DIRS = ["annotation", "training", "templates", "static", "config"]

@@ -41,6 +41,9 @@ def chromium_path() -> str:
 def browser() -> Iterator[object]:
     from playwright.sync_api import sync_playwright
 
+    if not (Path(settings.BASE_DIR) / "static" / "vendor" / "chart.js" / "chart.umd.js").exists():
+        pytest.fail("The pages' chart library is missing: run `make vendor` (make test does it).")
+
     with sync_playwright() as playwright:
         instance = playwright.chromium.launch(
             executable_path=chromium_path(), args=CHROMIUM_ARGS, headless=True

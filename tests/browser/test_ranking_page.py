@@ -254,7 +254,17 @@ def test_a_manager_sees_the_dashboard_with_charts(open_page, live_server, rankin
 
     page, watch = open_page(manager)
     page.goto(f"{live_server.url}/manage/projects/{project.pk}/")
-    assert page.locator("svg.chart").count() >= 2
+    assert page.locator("canvas[data-chart]").count() >= 2
+    # judgments per day are counts: whole-number ticks only
+    page.wait_for_function(
+        "() => window.Chart && Chart.getChart(document.querySelector('[data-chart=chart-throughput]'))"
+    )
+    throughput = page.evaluate(
+        "() => Chart.getChart(document.querySelector('[data-chart=chart-throughput]')).scales.y.ticks.map(t => t.label)"
+    )
+    assert throughput[0] == "0" and "3" in throughput and all(label.isdigit() for label in throughput), (
+        throughput
+    )
     assert "lena" in page.inner_text("table.table")
     page.screenshot(path=str(artifacts_dir / "dashboard.png"), full_page=True)
     assert watch.errors == []

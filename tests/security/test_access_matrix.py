@@ -345,6 +345,7 @@ DOORS: dict[str, Door] = {
     # training runs
     "training/runs/<int:run_id>/": Door("page"),
     "training/runs/<int:run_id>/status": Door("page"),
+    "training/runs/<int:run_id>/curves": Door("page", ("GET",)),
     "training/runs/<int:run_id>/cancel": Door("page", ("POST",), Role.MANAGER),
     "training/runs/<int:run_id>/files/<str:key>": Door("page", key="log.txt"),
     "api/training-runs/<int:run_id>/": Door("api", ("GET",)),
