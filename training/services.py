@@ -779,6 +779,51 @@ def _job_processes(mark: str) -> list[int]:
     return found
 
 
+def _process_parent(pid: int) -> int:
+    """The parent of `pid` (0 when unknown), from /proc/<pid>/stat."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # "pid (command) state ppid ...": the command may hold spaces and parentheses.
+            return int(stat.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def gpu_job_programs_stop(*, ancestor: int) -> list[int]:
+    """SIGTERM the job programs (run, generation and scoring processes) started under process `ancestor`.
+
+    What a worker does when it begins a warm shutdown: a Celery worker waits
+    for its running tasks, which wait for their runs, possibly for hours. A
+    run process told to stop saves a checkpoint and puts its run back in the
+    queue with its attempt given back. Launchers (`accelerate launch`) are
+    left alone: one that dies first would take its trainer down before the
+    checkpoint; they end when their trainers do. Returns the pids signalled.
+    """
+    try:
+        entries = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return []
+    signalled = []
+    for pid in entries:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as environ:
+                if f"{JOB_MARK_ENV}=".encode() not in environ.read():
+                    continue
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if b"accelerate.commands.launch" in cmdline.read():
+                    continue
+        except OSError:
+            continue
+        parent, depth = _process_parent(pid), 0
+        while parent not in (0, 1, ancestor) and depth < 64:
+            parent, depth = _process_parent(parent), depth + 1
+        if parent == ancestor:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
+                signalled.append(pid)
+    return signalled
+
+
 def _job_signal(process: subprocess.Popen[bytes], mark: str, signum: int) -> None:
     """Send `signum` to the attempt's process group and to every process carrying its mark."""
     with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -6,10 +6,13 @@ jobs and scoring jobs are routed to `gpu`, see CELERY_TASK_ROUTES).
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
 from celery import Task, shared_task
+from celery.signals import worker_shutting_down
 from django.conf import settings
 
 from training.services import (
@@ -18,6 +21,7 @@ from training.services import (
     dataset_builds_reap,
     generation_job_fail,
     generation_jobs_reap,
+    gpu_job_programs_stop,
     scoring_job_fail,
     scoring_jobs_reap,
     training_run_fail,
@@ -142,3 +146,16 @@ def stalled_generation_jobs_reap() -> list[int]:
 def stalled_scoring_jobs_reap() -> list[int]:
     """Scoring jobs whose heartbeat stopped go back to the queue (attempts left) or fail."""
     return scoring_jobs_reap()
+
+
+@worker_shutting_down.connect
+def gpu_jobs_stop_on_shutdown(**kwargs: Any) -> None:
+    """A worker shutting down asks its jobs' programs to save what they have and go back to the queue.
+
+    Without it, a warm shutdown waits for a run to its end, and whatever
+    stops the worker meanwhile (a deploy's timeout, SIGKILL) loses the work
+    since the last checkpoint and an attempt.
+    """
+    stopped = gpu_job_programs_stop(ancestor=os.getpid())
+    if stopped:
+        logging.getLogger(__name__).warning("worker shutting down: asked job processes %s to stop", stopped)

@@ -370,6 +370,56 @@ def test_sigterm_to_the_run_process_saves_a_checkpoint_and_requeues_the_run_with
 
 
 @worker_test
+def test_a_worker_shutting_down_stops_its_run_which_another_worker_resumes_with_the_attempt_given_back(
+    celery_worker, build, tiny_model_dir, settings, tmp_path
+):
+    import subprocess
+    import sys
+
+    from celery.utils.nodenames import host_format
+    from django.db import connection
+
+    from tests.conftest import REPO_ROOT, _wait_for_worker, worker_database_url
+    from training.tasks import training_run_execute
+
+    # given a run training on a worker of its own (prefork, as in production), saving no checkpoint itself
+    env = {**os.environ, "DATABASE_URL": worker_database_url(connection.settings_dict)}
+    command = [sys.executable, "-m", "celery", "-A", "config", "worker", "-Q", "gpu-leaving"]
+    command += ["--concurrency", "1", "-n", "leaving@%h", "--loglevel", "INFO"]
+    with (tmp_path / "worker.log").open("wb") as log:
+        worker = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_worker(worker, host_format("leaving@%h"), tmp_path / "worker.log")
+        run = TrainingRun.objects.create(
+            name="leaving",
+            kind="reward",
+            dataset_build=build,
+            base_model=str(tiny_model_dir),
+            hyperparameters={**TINY, "max_steps": 40, "save_steps": 1000},
+        )
+        TrainingRun.objects.filter(pk=run.pk).update(
+            output_dir=str(Path(settings.ARTIFACTS_DIR) / "runs" / str(run.pk))
+        )
+        training_run_execute.apply_async((run.pk,), queue="gpu-leaving")
+        run = wait_for_step(run, 2)
+
+        # when that worker is told to shut down (warm)
+        worker.terminate()
+        assert worker.wait(timeout=RUN_TIMEOUT_S) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    run = wait_for(run, TrainingRun.TERMINAL)
+
+    # then the run saved a checkpoint, went back to the queue, and the other worker resumed it
+    assert run.status == TrainingRun.Status.SUCCEEDED, run.error
+    assert (run.attempts, run.attempts_given_back) == (2, 1)
+    assert "stopped by SIGTERM" in run.error
+    assert "resuming from checkpoint" in Path(run.output_dir, "process-attempt-2.log").read_text()
+
+
+@worker_test
 def test_a_second_delivery_of_the_same_message_does_nothing(celery_worker, build, tiny_model_dir):
     from config.celery import ping
 
