@@ -707,7 +707,13 @@ def _check_adapter_has_head(final_dir: Path) -> None:
 
 
 def checkpoint_is_complete(folder: Path) -> bool:
-    return folder.is_dir() and (folder / CHECKPOINT_COMPLETE_FILENAME).is_file()
+    """Marked complete before its rename; or written in place by an earlier version, whose Trainer
+    wrote `trainer_state.json` last (so a run in flight across an upgrade keeps its checkpoints)."""
+    if not folder.is_dir():
+        return False
+    if (folder / CHECKPOINT_COMPLETE_FILENAME).is_file():
+        return True
+    return (folder / "trainer_state.json").is_file()
 
 
 def checkpoint_newest_complete(checkpoints_dir: Path) -> Path | None:

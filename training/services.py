@@ -876,7 +876,8 @@ def _gpu_job_process_run(
     3. The process records success, cancellation and its own errors. If it
        died without doing so (killed, out of memory), the job goes back to
        `queued` while attempts remain (the next attempt resumes where this one
-       stopped), or fails with the reason.
+       stopped), or fails with the reason; if SIGTERM ended it, it goes back
+       to `queued` with its attempt given back.
 
     The task's own end (soft time limit, worker shutdown) sends the group
     SIGTERM: the job saves what it has and goes back to the queue with its
@@ -916,7 +917,9 @@ def _gpu_job_process_run(
             if isinstance(interruption, Exception):
                 return  # the soft time limit: handled; the task ends normally
             raise
-        gone = _job_kill(process, mark)
+        # Stopped from outside by SIGTERM (a service manager signals every process), the rest of
+        # the group may be saving a checkpoint: it gets the grace of the task's own stop.
+        gone = _job_stop(process, mark) if returncode == -signal.SIGTERM else _job_kill(process, mark)
     model.objects.filter(pk=job_id, attempts=attempt).update(log_tail=_file_tail(log_path))
     row = model.objects.filter(pk=job_id).values("status", "attempts", "cancel_requested").first()
     if row is None or row["status"] != model.Status.RUNNING or row["attempts"] != attempt:
@@ -932,6 +935,17 @@ def _gpu_job_process_run(
             job_id=job_id,
             error=f"{reason}; its processes {left} did not exit when killed, so it is not retried",
             attempt=attempt,
+        )
+        return
+    if returncode == -signal.SIGTERM:
+        # A stop, not a failure of the job: its attempt is given back, as it would have done itself.
+        _gpu_job_requeue(
+            model,
+            job_id=job_id,
+            attempt=attempt,
+            reason=f"attempt {attempt}: {reason}; {retry_note}",
+            give_back=True,
+            enqueue=enqueue,
         )
         return
     job = model.objects.get(pk=job_id)

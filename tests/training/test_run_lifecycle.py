@@ -459,3 +459,25 @@ def trainers(folder: Path) -> list[int]:
         for process in psutil.process_iter(["cmdline"])
         if any(str(folder) in arg for arg in process.info["cmdline"] or [])
     ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_process_ended_by_sigterm_before_it_could_handle_it_is_requeued_with_its_attempt_given_back(
+    run: TrainingRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, enqueued: list[int]
+) -> None:
+    # given a run whose process is ended by SIGTERM from outside (say, while it still starts up)
+    TrainingRun.objects.filter(pk=run.pk).update(output_dir=str(tmp_path))
+    ended = "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"
+    monkeypatch.setattr(
+        "training.services.training_run_command",
+        lambda *, run, spec_path: [sys.executable, "-c", ended],
+    )
+
+    # when the task runs it
+    training_run_execute(run_id=run.pk)
+
+    # then the stop did not use up an attempt
+    run.refresh_from_db()
+    assert (run.status, run.attempts, run.attempts_given_back) == ("queued", 1, 1)
+    assert "killed by signal 15" in run.error
+    assert enqueued == [run.pk]

@@ -23,6 +23,8 @@ from training.runner import (
     RunResult,
     RunSpec,
     checkpoint_is_complete,
+    checkpoint_newest_complete,
+    checkpoints_tidy,
     run_training,
 )
 from training.scoring import reward_input_ids, reward_model_load, reward_scores
@@ -397,6 +399,31 @@ def test_a_half_written_newer_checkpoint_is_passed_over_and_the_run_resumes_from
     assert any("resuming from checkpoint checkpoint-1 " in line for line in reporter.lines)
     assert reporter.training_steps() == [2, 3, 4]
     assert not half.exists()
+
+
+def test_resume_takes_the_newest_complete_checkpoint_marked_or_written_whole_by_an_earlier_version(
+    tmp_path: Path,
+) -> None:
+    # given a marked checkpoint, one an earlier version wrote in place (its trainer state last), and
+    # one whose writer was killed before its trainer state
+    for step, files in (
+        (1, ["adapter_model.safetensors", "trainer_state.json", "rankwise_checkpoint.json"]),
+        (3, ["adapter_model.safetensors", "optimizer.pt", "trainer_state.json"]),
+        (5, ["adapter_model.safetensors"]),
+    ):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        for name in files:
+            (tmp_path / f"checkpoint-{step}" / name).write_text("{}")
+    (tmp_path / CHECKPOINT_STAGING_DIRNAME / "checkpoint-7").mkdir(parents=True)
+
+    # when
+    newest = checkpoint_newest_complete(tmp_path)
+    removed = checkpoints_tidy(tmp_path)
+
+    # then
+    assert newest == tmp_path / "checkpoint-3"
+    assert removed == [CHECKPOINT_STAGING_DIRNAME, "checkpoint-5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-3"]
 
 
 # --- the spec -------------------------------------------------------------------------------
