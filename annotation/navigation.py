@@ -42,6 +42,9 @@ def navigation(request: HttpRequest) -> dict[str, object]:
             and request.resolver_match.view_name == item.url_name,
         }
         for item in NAV_ITEMS
-        if item.role is None or item.role in roles
+        if (item.role is None or item.role in roles)
+        # The admin lets in staff only: a project's manager without the
+        # account-wide manager right runs it from the manager pages.
+        and (item.url_name != "admin:index" or request.user.is_staff)  # type: ignore[union-attr]
     ]
     return {"nav_items": items, "user_roles": roles}

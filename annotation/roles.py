@@ -1,9 +1,19 @@
-"""Roles are Django groups; a user may hold several.
+"""What a person may do comes from their project memberships.
 
-- manager: imports data, builds datasets, starts training runs, creates users
-  (a staff user with the permissions below, never a superuser);
-- labeler: ranks completions;
-- evaluator: votes in blind A/B sessions.
+A membership holds one role in one project (a person may hold several):
+
+- manager: runs the project — members, imports, dataset builds, training
+  runs, A/B sessions, its dashboards;
+- labeler: ranks completions in a ranking project;
+- evaluator: votes in a blind A/B session.
+
+Pages and the API ask the same question: does the person hold the role in
+the project (404 otherwise), and, for a page listing projects, in any
+project (403 otherwise). One right is account-wide: the `manager` group lets
+a person run projects at all — create them, use the admin — before they
+manage any (a staff user with the permissions below, never a superuser).
+The `labeler` and `evaluator` groups grant nothing; they only label
+accounts in the admin.
 """
 
 from __future__ import annotations
@@ -33,13 +43,15 @@ AnyUser = AbstractBaseUser | AnonymousUser
 
 
 def user_roles(user: AnyUser) -> frozenset[str]:
-    """The roles a user holds; a superuser counts as a manager."""
+    """The roles a user holds in any project, plus manager for the manager group and superusers."""
     if not user.is_authenticated:
         return frozenset()
     cached = getattr(user, "_rankwise_roles", None)
     if cached is None:
-        names = set(user.groups.filter(name__in=Role.values).values_list("name", flat=True))  # type: ignore[union-attr]
-        if user.is_superuser:  # type: ignore[union-attr]
+        from annotation.models import Membership
+
+        names = set(Membership.objects.filter(user=user).values_list("role", flat=True).distinct())
+        if user.is_superuser or user.groups.filter(name=Role.MANAGER).exists():  # type: ignore[union-attr]
             names.add(Role.MANAGER)
         cached = frozenset(names)
         user._rankwise_roles = cached  # type: ignore[union-attr]

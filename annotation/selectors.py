@@ -92,6 +92,15 @@ def accounts_addable_to_projects() -> QuerySet[Any]:
     )
 
 
+def project_by_reference(*, reference: str) -> Project | None:
+    """A project by id or, failing that, by exact name: how operators name one on the command line."""
+    if reference.isdigit():
+        project = Project.objects.filter(pk=int(reference)).first()
+        if project is not None:
+            return project
+    return Project.objects.filter(name=reference).first()
+
+
 def project_roles_for_user(*, user: AnyUser, project: Project) -> frozenset[str]:
     if not user.is_authenticated:
         return frozenset()

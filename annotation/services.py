@@ -61,9 +61,13 @@ def user_create(
     roles: list[str],
     email: str = "",
     password: str | None = None,
+    project: Project | None = None,
 ) -> tuple[AbstractUser, str]:
     """Create a user holding `roles`; returns the user and the password set.
 
+    With a project, the user holds the roles there (a membership each): what
+    a person may do comes from memberships (annotation.roles), so without
+    one only the manager role (the right to run projects) means anything yet.
     Without a password one is generated, so no account ever has a default one.
     Raises ValueError for an unknown role or a taken username, and Django's
     ValidationError for a password the validators reject.
@@ -82,6 +86,8 @@ def user_create(
     user.set_password(password)
     user.save()
     user_set_roles(user=user, roles=roles)
+    if project is not None:
+        Membership.objects.bulk_create(Membership(project=project, user=user, role=role) for role in roles)
     return user, password
 
 

@@ -117,6 +117,14 @@ def test_the_role_groups_exist_after_migrations() -> None:
     assert set(Group.objects.values_list("name", flat=True)) >= {"manager", "labeler", "evaluator"}
 
 
+def working_in_a_project(user: AbstractUser, persona: str) -> AbstractUser:
+    """Labelers and evaluators work only where they are members (annotation.roles): give them a project."""
+    if persona in (Role.LABELER, Role.EVALUATOR):
+        project = Project.objects.create(name=f"{persona}'s project", k=2)
+        Membership.objects.create(project=project, user=user, role=persona)
+    return user
+
+
 def nav_links(client: Client) -> set[str]:
     """The links in the page's navigation bar (not the rest of the page)."""
     page = client.get("/").content.decode()
@@ -137,7 +145,7 @@ def nav_links(client: Client) -> set[str]:
 def test_each_role_sees_only_its_own_navigation(
     persona: str, visible: set[str], request: pytest.FixtureRequest, csrf_client: Client, login: Login
 ) -> None:
-    login(csrf_client, request.getfixturevalue(persona))
+    login(csrf_client, working_in_a_project(request.getfixturevalue(persona), persona))
 
     links = nav_links(csrf_client)
 
@@ -146,7 +154,11 @@ def test_each_role_sees_only_its_own_navigation(
 
 
 def test_a_person_with_several_roles_sees_each_roles_navigation(csrf_client: Client, login: Login) -> None:
-    login(csrf_client, user_with_roles(Role.LABELER, Role.EVALUATOR))
+    person = user_with_roles()
+    project = Project.objects.create(name="both", k=2)
+    for role in (Role.LABELER, Role.EVALUATOR):
+        Membership.objects.create(project=project, user=person, role=role)
+    login(csrf_client, person)
 
     assert nav_links(csrf_client) & set(NAV_URLS) == {"/label/", "/evaluate/"}
 
@@ -167,7 +179,7 @@ def test_a_labeler_is_forbidden_other_roles_pages(
 def test_each_role_opens_its_own_page(
     persona: str, url: str, request: pytest.FixtureRequest, csrf_client: Client, login: Login
 ) -> None:
-    login(csrf_client, request.getfixturevalue(persona))
+    login(csrf_client, working_in_a_project(request.getfixturevalue(persona), persona))
 
     assert csrf_client.get(url).status_code == 200
 
@@ -202,6 +214,49 @@ def test_create_user_makes_an_account_whose_printed_password_signs_in(csrf_clien
     assert set(alice.groups.values_list("name", flat=True)) == {"labeler"}
     assert not alice.is_staff
     assert sign_in(csrf_client, "alice", password.group(1)).status_code == 302
+
+
+def test_create_user_with_a_project_makes_the_roles_memberships_there_so_the_person_can_work(
+    csrf_client: Client,
+) -> None:
+    # given a project, named as an operator would
+    project = Project.objects.create(name="Demo: helpful answers", k=2)
+    out = StringIO()
+
+    # when an account is made in it as a labeler and an evaluator
+    call_command(
+        "create_user",
+        "alice",
+        "--role",
+        "labeler",
+        "--role",
+        "evaluator",
+        "--project",
+        project.name,
+        stdout=out,
+    )
+
+    # then those are its roles there, and its pages open
+    alice = get_user_model().objects.get(username="alice")
+    assert set(Membership.objects.filter(user=alice).values_list("project", "role")) == {
+        (project.pk, Role.LABELER),
+        (project.pk, Role.EVALUATOR),
+    }
+    csrf_client.force_login(alice)
+    assert csrf_client.get("/label/").status_code == 200
+    assert "member of no project" not in out.getvalue()
+
+
+def test_create_user_without_a_project_says_the_labeler_cannot_work_yet() -> None:
+    out = StringIO()
+    call_command("create_user", "alice", "--role", "labeler", stdout=out)
+    assert "member of no project yet" in out.getvalue()
+
+
+def test_create_user_refuses_a_project_that_does_not_exist() -> None:
+    with pytest.raises(CommandError, match=r"no project with the id or name 'nowhere'"):
+        call_command("create_user", "alice", "--role", "labeler", "--project", "nowhere", stdout=StringIO())
+    assert not get_user_model().objects.filter(username="alice").exists()
 
 
 def test_create_user_rejects_an_unknown_role() -> None:

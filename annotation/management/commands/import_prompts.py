@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from annotation.importing import ImportReport, ImportValidationError, import_limit, prompts_import
 from annotation.models import Project
+from annotation.selectors import project_by_reference
 
 
 def _line_count(path: Path) -> int:
@@ -25,12 +26,7 @@ def _line_count(path: Path) -> int:
 
 
 def _project(reference: str) -> Project:
-    """A project by id or, failing that, by exact name."""
-    if reference.isdigit():
-        project = Project.objects.filter(pk=int(reference)).first()
-        if project is not None:
-            return project
-    project = Project.objects.filter(name=reference).first()
+    project = project_by_reference(reference=reference)
     if project is None:
         raise CommandError(f"no project with the id or name {reference!r}")
     return project
