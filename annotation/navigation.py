@@ -27,6 +27,7 @@ NAV_ITEMS = (
     NavItem(_("Datasets"), "dataset-build-list", Role.MANAGER),
     NavItem(_("Training"), "training-run-list", Role.MANAGER),
     NavItem(_("Admin"), "admin:index", Role.MANAGER),
+    NavItem(_("API"), "api-docs", Role.MANAGER),
 )
 
 

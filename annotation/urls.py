@@ -1,14 +1,66 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+from csp.constants import SELF, UNSAFE_INLINE
+from csp.decorators import csp_update
 from django.contrib.auth import views as auth_views
+from django.http import HttpRequest, HttpResponseBase
 from django.urls import include, path
 from django.views.i18n import JavaScriptCatalog
-from drf_spectacular.views import SpectacularAPIView
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerSplitView
 
 from annotation import api, views
 
+
+def _docs_page(
+    csp: dict[str, list[str]], view: Callable[..., HttpResponseBase]
+) -> Callable[..., HttpResponseBase]:
+    """An API docs page with its CSP additions, behind Django's CSRF check like every page.
+
+    DRF marks its views CSRF-exempt (it checks by itself, but these pages would
+    refuse a POST without saying why); a plain function, not a wrapped one,
+    carries no exemption.
+    """
+    with_csp = csp_update(csp)(view)
+
+    def page(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        return with_csp(request, *args, **kwargs)
+
+    return page
+
+
 api_patterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    # The schema, browsable: Swagger UI and Redoc from drf-spectacular-sidecar's
+    # static files. Page scripts stay 'self' only; Swagger UI's icons are data:
+    # images, and Redoc styles itself with inline <style> (styled-components)
+    # and searches in a worker it builds from its own code (a blob: URL), so
+    # these two pages, which show only the schema, allow exactly that. Redoc's
+    # logo from its maker's CDN stays refused (img-src).
+    path(
+        "api/docs/",
+        _docs_page(
+            {"img-src": ["data:"]},
+            SpectacularSwaggerSplitView.as_view(
+                url_name="api-schema",
+                template_name="annotation/api_swagger.html",
+                title="Rankwise API · Swagger UI",
+            ),
+        ),
+        name="api-docs",
+    ),
+    path(
+        "api/redoc/",
+        _docs_page(
+            {"style-src": [UNSAFE_INLINE], "img-src": ["data:"], "worker-src": [SELF, "blob:"]},
+            SpectacularRedocView.as_view(
+                url_name="api-schema", template_name="annotation/api_redoc.html", title="Rankwise API · Redoc"
+            ),
+        ),
+        name="api-redoc",
+    ),
     path("api/projects/", api.project_list, name="api-project-list"),
     path("api/projects/<int:project_id>/", api.project_detail, name="api-project-detail"),
     path("api/projects/<int:project_id>/next", api.project_claim_next, name="api-project-next"),
@@ -48,6 +100,8 @@ urlpatterns = [
         auth_views.PasswordResetConfirmView.as_view(post_reset_login=False),
         name="password_reset_confirm",
     ),
-    path("accounts/reset/done/", auth_views.PasswordResetCompleteView.as_view(), name="password_reset_complete"),
+    path(
+        "accounts/reset/done/", auth_views.PasswordResetCompleteView.as_view(), name="password_reset_complete"
+    ),
     *api_patterns,
 ]

@@ -71,6 +71,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI and Redoc as static files (the API docs pages)
     "annotation",
     "training",
 ]
@@ -196,6 +197,10 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Claim tasks, submit rankings, import prompts and read statistics.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # The docs pages load Swagger UI and Redoc from our own static files, never a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
     # Several models have a `kind`; each enum gets its own name in the schema.
     "ENUM_NAME_OVERRIDES": {

@@ -55,10 +55,20 @@ def parameterless_routes() -> list[str]:
     return sorted(route for route, names in walk(get_resolver().url_patterns) if not names)
 
 
+# Redoc (the API docs page) styles itself with inline <style>; that page shows
+# only the schema, and its scripts are held to 'self' like every other page's.
+INLINE_STYLE_ALLOWED = {"/api/redoc/"}
+
+
 def assert_security_headers(response: Any, url: str) -> None:
     csp = response.get("Content-Security-Policy", "")
-    assert "script-src 'self'" in csp, (url, csp)
-    assert "unsafe-inline" not in csp and "unsafe-eval" not in csp, (url, csp)
+    directives = dict(
+        (part.split()[0], part.split()[1:]) for part in (item.strip() for item in csp.split(";")) if part
+    )
+    assert directives.get("script-src") == ["'self'"], (url, csp)
+    assert "unsafe-eval" not in csp, (url, csp)
+    if url not in INLINE_STYLE_ALLOWED:
+        assert "unsafe-inline" not in csp, (url, csp)
     assert "frame-ancestors 'none'" in csp, (url, csp)
     assert response.get("X-Frame-Options") == "DENY", url
     assert response.get("X-Content-Type-Options") == "nosniff", url
