@@ -226,7 +226,7 @@ class ProjectAdmin(admin.ModelAdmin):
             _("Judging"),
             {"fields": ("k", "overlap", "ties_allowed", "likert_enabled", "flags", "rationale_required")},
         ),
-        (_("Queue"), {"fields": ("task_order", "lease_minutes", "gold_rate")}),
+        (_("Queue"), {"fields": ("task_order", "lease_minutes", "gold_rate", "gold_feedback")}),
     )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Project]:

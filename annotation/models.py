@@ -54,6 +54,10 @@ class Project(models.Model):
     rationale_required = models.BooleanField(default=False)
     lease_minutes = models.PositiveIntegerField(default=30)
     gold_rate = models.FloatField(default=0.0, help_text=_("Share of tasks shown that are gold (0–1)."))
+    gold_feedback = models.BooleanField(
+        default=False,
+        help_text=_("Right after a labeler submits a gold task, show them the expected ranking."),
+    )
     task_order = models.CharField(
         max_length=16,
         choices=TaskOrder.choices,
