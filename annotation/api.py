@@ -23,6 +23,7 @@ from annotation.roles import Role
 from annotation.selectors import (
     assignment_get_for_user,
     assignment_payload,
+    judgment_gold_feedback,
     project_get_for_judge,
     project_get_for_user,
     projects_for_user,
@@ -125,11 +126,13 @@ def assignment_judgment(request: Request, assignment_id: int) -> Response:
         return _conflict(str(error), "taken_over", answer.as_dict())
     except AssignmentNotActive as error:
         return _conflict(str(error), error.reason, answer.as_dict())
-    body = {
+    body: dict[str, object] = {
         "judgment": result.judgment.pk,
         "comparisons": result.comparisons,
         "created": result.created,
     }
+    if (gold := judgment_gold_feedback(judgment=result.judgment)) is not None:
+        body["gold"] = gold
     return Response(body, status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)
 
 

@@ -6,7 +6,8 @@ Http404, never 403, so ids reveal nothing.
 
 from __future__ import annotations
 
-from typing import Any
+import itertools
+from typing import Any, TypedDict
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db.models import (
@@ -314,3 +315,33 @@ def completion_scores(*, project: Project) -> dict[str, dict[str, float]]:
 
 def project_completion_count(*, project: Project) -> int:
     return Completion.objects.filter(prompt__project=project).count()
+
+
+class GoldFeedback(TypedDict):
+    """What a labeler is told right after a gold task, where the project shows it."""
+
+    expected: dict[str, int]  # completion uid -> the gold rank (1 is best)
+    matched: bool  # every pair of completions has the gold outcome (better, worse or tie)
+
+
+def judgment_gold_feedback(*, judgment: Judgment) -> GoldFeedback | None:
+    """The expected ranking of the gold task just judged; None unless the task is gold and its project shows it."""
+    task = judgment.task
+    if not (task.is_gold and task.gold_ranks and task.project.gold_feedback):
+        return None
+    uids = [
+        str(uid)
+        for uid in TaskCompletion.objects.filter(task=task)
+        .order_by("position")
+        .values_list("completion__uid", flat=True)
+    ]
+    expected = dict(zip(uids, task.gold_ranks, strict=False))
+    given = judgment.ranks
+
+    def outcome(ranks: dict[str, int], a: str, b: str) -> int | None:
+        if ranks.get(a) is None or ranks.get(b) is None:
+            return None
+        return (ranks[a] > ranks[b]) - (ranks[a] < ranks[b])
+
+    matched = all(outcome(given, a, b) == outcome(expected, a, b) for a, b in itertools.combinations(uids, 2))
+    return {"expected": expected, "matched": matched}

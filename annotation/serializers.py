@@ -101,10 +101,22 @@ class JudgmentRequestSerializer(serializers.Serializer):
         )
 
 
+class GoldFeedbackSerializer(serializers.Serializer):
+    expected = serializers.DictField(
+        child=serializers.IntegerField(),
+        help_text="Completion id -> the gold rank; 1 is best, equal ranks a tie.",
+    )
+    matched = serializers.BooleanField(help_text="Every pair of completions has the gold outcome.")
+
+
 class JudgmentResponseSerializer(serializers.Serializer):
     judgment = serializers.IntegerField()
     comparisons = serializers.IntegerField()
     created = serializers.BooleanField(help_text="False when this client token was already stored.")
+    gold = GoldFeedbackSerializer(
+        required=False,
+        help_text="Only on a gold task of a project that shows labelers the expected ranking afterwards.",
+    )
 
 
 class ConflictSerializer(serializers.Serializer):

@@ -130,13 +130,17 @@
     }
   }
 
+  // A ranking read back by the letters shown: "B > A = D > C".
+  function rankingText(ranks) {
+    const ranked = state.cards.filter((card) => ranks[card.dataset.uid]);
+    const levels = Array.from(new Set(ranked.map((card) => ranks[card.dataset.uid]))).sort((a, b) => a - b);
+    return levels
+      .map((level) => ranked.filter((card) => ranks[card.dataset.uid] === level).map((card) => card.dataset.letter).join(" = "))
+      .join(" > ");
+  }
+
   function summaryText() {
-    const ranked = state.cards.filter((card) => state.ranks[card.dataset.uid]);
-    const levels = Array.from(new Set(ranked.map((card) => state.ranks[card.dataset.uid]))).sort((a, b) => a - b);
-    const groups = levels.map((level) =>
-      ranked.filter((card) => state.ranks[card.dataset.uid] === level).map((card) => card.dataset.letter).join(" = ")
-    );
-    let text = groups.join(" > ");
+    let text = rankingText(state.ranks);
     const unranked = state.cards.filter((card) => !state.ranks[card.dataset.uid]).map((card) => card.dataset.letter);
     if (unranked.length) {
       text += (text ? " · " : "") + interpolate(_("not ranked yet: %(letters)s"), { letters: unranked.join(", ") }, true);
@@ -219,7 +223,9 @@
     }
     state.busy = false;
     if (response.status === 201 || response.status === 200) {
-      loadNext();
+      const body = await response.json();
+      if (body.gold) showGoldFeedback(body.gold, answer);
+      else loadNext();
     } else if (response.status === 409) {
       showConflict(await response.json(), answer);
     } else if (response.status === 400) {
@@ -228,6 +234,32 @@
     } else {
       showErrors([interpolate(_("The server refused the answer (error %(status)s). Your ranking is still here; try again."), { status: response.status }, true)]);
     }
+  }
+
+  // A gold task, in a project that shows its expected ranking: say what it
+  // was next to the person's own answer, then go on when they are ready.
+  function showGoldFeedback(gold, answer) {
+    const panel = document.createElement("section");
+    panel.className = "gold-feedback card " + (gold.matched ? "matched" : "differs");
+    panel.id = "gold-feedback";
+    panel.setAttribute("role", "status");
+    const title = document.createElement("h2");
+    title.textContent = gold.matched ? _("Gold task: you gave the expected ranking") : _("Gold task: the expected ranking differs from yours");
+    const expected = document.createElement("p");
+    expected.className = "gold-expected";
+    expected.textContent = interpolate(_("Expected: %(ranking)s"), { ranking: rankingText(gold.expected) }, true);
+    const yours = document.createElement("p");
+    yours.className = "gold-yours";
+    yours.textContent = interpolate(_("Yours: %(ranking)s"), { ranking: answer.none_acceptable ? _("none acceptable") : rankingText(answer.ranks) }, true);
+    const next = document.createElement("button");
+    next.type = "button";
+    next.className = "primary";
+    next.textContent = _("Go to the next task");
+    next.addEventListener("click", loadNext);
+    panel.append(title, expected, yours, next);
+    state.section.replaceWith(panel);
+    state = null;
+    next.focus();
   }
 
   function showConflict(body, answer) {
