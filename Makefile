@@ -52,10 +52,11 @@ vendor: $(VENDOR_STAMP)
 demo: export DEBUG = 1
 demo: $(VENV)/.runtime-installed $(VENDOR_STAMP)
 	$(PY) manage.py migrate --noinput
-	$(PY) manage.py demo_users
+	$(PY) manage.py demo_users --quiet-passwords
 	$(PY) manage.py seed_demo
-	HF_HUB_OFFLINE=1 $(PY) manage.py build_demo_model
-	$(PY) manage.py rundemo --host $(DEMO_HOST) --port $(DEMO_PORT)
+	# Serves at once; the demo model builds in the background (progress at /demo-model/),
+	# and the address and the accounts' new passwords are printed last.
+	HF_HUB_OFFLINE=1 $(PY) manage.py rundemo --demo --host $(DEMO_HOST) --port $(DEMO_PORT)
 
 # The whole loop with simulated labelers and evaluators (see README, "The whole loop").
 loop: export DEBUG = 1

@@ -73,16 +73,24 @@ class LocalStack:
         self.say = say
         self.log = log  # children's output goes here; None keeps the terminal's
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        # Children that end by themselves when their work is done (a one-off build).
+        self.finite: set[str] = set()
 
-    def spawn(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, name: str, command: list[str], *, output: IO[bytes] | None = None, finite: bool = False
+    ) -> subprocess.Popen[bytes]:
+        """Start a child in its own session; `output` overrides the stack's log for this one."""
+        stdout = output if output is not None else self.log
         process = subprocess.Popen(
             command,
             start_new_session=True,
             cwd=settings.BASE_DIR,
-            stdout=self.log,
-            stderr=subprocess.STDOUT if self.log is not None else None,
+            stdout=stdout,
+            stderr=subprocess.STDOUT if stdout is not None else None,
         )
         self.children.append((name, process))
+        if finite:
+            self.finite.add(name)
         return process
 
     def start_redis_if_needed(self) -> None:
@@ -149,8 +157,9 @@ class LocalStack:
         raise StackError(f"the web server at {base_url} was not healthy after {timeout_s:.0f} s ({last})")
 
     def check_alive(self) -> None:
+        """Raise for a service that stopped; a one-off child reports its own end (its progress file)."""
         for name, process in self.children:
-            if process.poll() is not None:
+            if name not in self.finite and process.poll() is not None:
                 raise StackError(f"{name} exited with status {process.returncode}")
 
     def stop_all(self) -> None:

@@ -183,3 +183,62 @@ def test_rundemo_does_not_try_to_start_redis_for_a_remote_host(tmp_path: Path) -
     assert "redis://192.0.2.1:6379/0" in result.stderr
     assert "starts a Redis server only on this machine" in result.stderr
     assert "apt-get install redis-server" in result.stderr
+
+
+def test_rundemo_demo_serves_at_once_builds_the_model_in_the_background_and_ends_with_address_and_accounts(
+    tmp_path: Path,
+) -> None:
+    # given a migrated demo database without a demo model
+    web_port, redis_port = port_free(), port_free()
+    env = demo_env(tmp_path, redis_port)
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput"],
+        cwd=REPO_ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    log_path = tmp_path / "rundemo.log"
+
+    # when the demo starts
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "manage.py", "rundemo", "--demo", "--port", str(web_port)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until_ready(process, web_port, redis_port, log_path)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while "Rankwise is running" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+        # then the login page is served while the model is still being built by a child of the demo
+        assert get(web_port, "/accounts/login/")[0] == 200
+        children = psutil.Process(process.pid).children(recursive=True)
+        assert any("build_demo_model" in " ".join(child.cmdline()) for child in children)
+        assert not (tmp_path / "var" / "models" / "demo-sft" / "config.json").exists()
+        # and the banner ends with the accounts and the address, together
+        text = log_path.read_text()
+        banner = text[text.index("Demo accounts") : text.index("Press Ctrl-C to stop.")]
+        for username in ("manager", "labeler", "evaluator"):
+            assert f"  {username} " in banner
+        assert f"http://127.0.0.1:{web_port}/demo-model/" in text[: text.index("Demo accounts")]
+        # (the services log to a file, so nothing of theirs comes after it)
+        assert "INFO" not in text[text.index("Press Ctrl-C to stop.") :]
+
+        # and Ctrl-C stops the build too
+        os.kill(process.pid, signal.SIGINT)
+        assert process.wait(timeout=STOP_TIMEOUT_S) == 0, log_tail(log_path)
+        _gone, alive = psutil.wait_procs(children, timeout=10)
+        assert alive == [], [" ".join(child.cmdline()) for child in alive]
+    finally:
+        if process.poll() is None:
+            leftovers = psutil.Process(process.pid).children(recursive=True)
+            process.kill()
+            process.wait()
+            for child in leftovers:
+                child.kill()

@@ -12,7 +12,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+# Re-exported: where a demo model's files are decided lives beside its progress (a light module).
+from config.demo_progress import DEMO_MODEL_FILES as DEMO_MODEL_FILES
+from config.demo_progress import DEMO_REPORT_FILENAME as DEMO_REPORT_FILENAME
+from config.demo_progress import demo_model_is_complete as demo_model_is_complete
 from training.demo_task import (
     DemoProblem,
     answer_confused,
@@ -129,10 +133,6 @@ def causal_lm_create(
 
 # --- the demo SFT policy ---------------------------------------------------------
 
-DEMO_REPORT_FILENAME = "rankwise_demo.json"
-# Files whose presence makes a saved demo model complete; the report is
-# written last, so a build that died part-way never counts as done.
-DEMO_MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", DEMO_REPORT_FILENAME)
 DEMO_DEFAULT_STEPS = 1000
 # A model that builds in seconds: enough for tests of the plumbing, not to learn.
 DEMO_QUICK_SETTINGS: dict[str, Any] = {
@@ -216,10 +216,6 @@ def demo_sft_rows(problems: list[DemoProblem], *, seed: int, noise: float) -> li
     return rows
 
 
-def demo_model_is_complete(out_dir: Path) -> bool:
-    return all((out_dir / name).is_file() for name in DEMO_MODEL_FILES)
-
-
 def causal_lm_load(name_or_path: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """(tokenizer, model) for a local directory or a hub id, weights from safetensors only.
 
@@ -298,6 +294,7 @@ def demo_model_build(
     batch_size: int = 32,
     learning_rate: float = 2e-3,
     vocab_size: int = 1000,
+    progress: Callable[[int, int], None] | None = None,
 ) -> DemoModelReport:
     """Train the demo SFT policy from scratch on noisy arithmetic answers and save it to `out_dir`.
 
@@ -311,9 +308,18 @@ def demo_model_build(
     5. Save model and tokenizer (safetensors only) and `rankwise_demo.json`
        into a sibling folder, then swap it into `out_dir`, so a half-built
        model never sits at `out_dir`.
+
+    `progress`, if given, is called with (step, total steps) after every
+    optimizer step; the trainer then prints nothing itself.
     """
     from datasets import Dataset
+    from transformers import PrinterCallback, TrainerCallback
     from trl import SFTConfig, SFTTrainer
+
+    class StepProgress(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if progress is not None:
+                progress(state.global_step, state.max_steps)
 
     started = time.monotonic()
     out_dir = Path(out_dir)
@@ -354,6 +360,11 @@ def demo_model_build(
             train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "completion")} for r in rows]),
             processing_class=tokenizer,
         )
+        if progress is not None:
+            # Loss dictionaries on the console say nothing about how long is left.
+            trainer.remove_callback(PrinterCallback)
+            trainer.add_callback(StepProgress())
+            progress(0, steps)
         result = trainer.train()
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         final_loss = float(losses[-1]) if losses else float(result.training_loss)

@@ -5,6 +5,7 @@ from django.urls import path
 from training import api, views
 
 urlpatterns = [
+    path("demo-model/", views.demo_model_status, name="demo-model"),
     path("datasets/", views.dataset_build_list, name="dataset-build-list"),
     path("datasets/new", views.dataset_build_new, name="dataset-build-new"),
     path("datasets/<int:build_id>/", views.dataset_build_detail, name="dataset-build-detail"),

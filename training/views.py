@@ -22,6 +22,13 @@ from annotation.models import Policy, Project, Prompt
 from annotation.roles import Role, role_required
 from annotation.selectors import project_get_for_user
 from annotation.services import ab_outputs_missing, ab_session_create
+from config.demo_progress import (
+    demo_model_dir,
+    demo_model_is_complete,
+    demo_progress_line,
+    demo_progress_path,
+    demo_progress_read,
+)
 from training.forms import ABSessionForm, DatasetBuildForm, ScoringJobForm, TrainingRunForm
 from training.models import DatasetBuild, GenerationJob, RewardModel, TrainingRun
 from training.selectors import (
@@ -434,3 +441,28 @@ def ab_session_scoring_status(request: HttpRequest, project_id: int) -> JsonResp
     """The newest scoring job of the project, for the scoring page's script."""
     project = project_get_for_user(user=request.user, pk=project_id, role=Role.MANAGER)
     return JsonResponse(scoring_job_status(job=scoring_jobs_for_session(project=project).first()))
+
+
+@require_GET
+@login_required
+def demo_model_status(request: HttpRequest) -> HttpResponse:
+    """How far the demo model's background build has got (`rundemo --demo` starts it)."""
+    model_dir = demo_model_dir()
+    progress = demo_progress_read(demo_progress_path(model_dir))
+    if demo_model_is_complete(model_dir):
+        state = "ready"
+    elif progress is None:
+        state = "absent"
+    else:
+        state = str(progress.get("status", "building"))
+    fraction = 0.0
+    if progress and progress.get("total"):
+        fraction = min(1.0, int(progress.get("step", 0)) / int(progress["total"]))
+    context = {
+        "state": state,
+        "line": demo_progress_line(progress) if progress else "",
+        "percent": round(100 * fraction),
+        "progress": progress or {},
+        "model_dir": model_dir,
+    }
+    return render(request, "training/demo_model.html", context)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from config.demo_progress import demo_model_dir
 
 
 def _looks_like_a_model(directory: Path) -> bool:
@@ -31,11 +33,18 @@ class Command(BaseCommand):
         )
         parser.add_argument("--quick", action="store_true", help="a tiny model in seconds (for tests)")
         parser.add_argument("--force", action="store_true", help="rebuild over an existing model")
+        parser.add_argument(
+            "--progress-every",
+            type=float,
+            default=10.0,
+            help="seconds between progress lines on the console (the progress file follows every step)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         # The demo model is built from generated data; nothing may reach the hub.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         # Imported here, not at module level, so listing commands stays light.
+        from config.demo_progress import demo_progress_line, demo_progress_path, demo_progress_write
         from training.demo_model import (
             DEMO_DEFAULT_STEPS,
             DEMO_QUICK_SETTINGS,
@@ -44,7 +53,7 @@ class Command(BaseCommand):
             demo_report_read,
         )
 
-        out_dir: Path = options["out"] or Path(settings.MODELS_DIR) / "demo-sft"
+        out_dir: Path = options["out"] or demo_model_dir()
         if demo_model_is_complete(out_dir) and not options["force"]:
             accuracy = demo_report_read(out_dir).get("accuracy")
             self.stdout.write(
@@ -66,8 +75,34 @@ class Command(BaseCommand):
         if options["steps"] is not None:
             build_options["steps"] = options["steps"]
         self.stdout.write(f"Building the demo model at {out_dir} ({build_options['steps']} steps)…")
-        report = demo_model_build(
-            out_dir=out_dir, seed=options["seed"], noise=options["noise"], **build_options
+        progress_path = demo_progress_path(out_dir)
+        started = time.monotonic()
+        shown = [-1.0]
+
+        def progress(step: int, total: int) -> None:
+            elapsed = time.monotonic() - started
+            # Steps run at an even pace once the first few are done; the
+            # estimate starts after them.
+            left = elapsed / step * (total - step) if step >= 3 else None
+            fields = {"status": "building", "step": step, "total": total, "seconds_left": left}
+            demo_progress_write(progress_path, **fields)
+            if step >= total or time.monotonic() - shown[0] >= options["progress_every"]:
+                shown[0] = time.monotonic()
+                self.stdout.write(f"Demo model: {demo_progress_line(fields)}")
+
+        try:
+            report = demo_model_build(
+                out_dir=out_dir,
+                seed=options["seed"],
+                noise=options["noise"],
+                progress=progress,
+                **build_options,
+            )
+        except Exception as error:
+            demo_progress_write(progress_path, status="failed", error=f"{type(error).__name__}: {error}")
+            raise
+        demo_progress_write(
+            progress_path, status="ready", step=report.steps, total=report.steps, accuracy=report.accuracy
         )
         loss = "n/a" if report.final_loss is None else f"{report.final_loss:.4f}"
         self.stdout.write(
