@@ -59,8 +59,10 @@ def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tu
 def pair_table(votes: Iterable[Vote]) -> list[dict[str, object]]:
     """Per unordered pair of policies: wins of each, ties, both bad, and the first's win rate with its interval.
 
-    The win rate counts decisive votes only (ties and "both bad" are left out
-    of its denominator and reported beside it).
+    The side with more wins is named first (`policy`; by name on equal wins),
+    so a row reads as "policy beat opponent". The win rate counts decisive
+    votes only (ties and "both bad" are left out of its denominator and
+    reported beside it).
     """
     counts: dict[tuple[str, str], dict[str, int]] = {}
     for vote in votes:
@@ -75,6 +77,9 @@ def pair_table(votes: Iterable[Vote]) -> list[dict[str, object]]:
             row["wins_first" if winner == first else "wins_second"] += 1
     table = []
     for (first, second), row in sorted(counts.items()):
+        if row["wins_second"] > row["wins_first"]:
+            first, second = second, first
+            row = {**row, "wins_first": row["wins_second"], "wins_second": row["wins_first"]}
         decisive = row["wins_first"] + row["wins_second"]
         interval = wilson_interval(row["wins_first"], decisive)
         table.append(

@@ -65,6 +65,7 @@
       selected: null,
       token: newToken(),
       busy: false,
+      problemsShown: false,
     };
     timer.reset();
     cards.forEach((card) => {
@@ -82,6 +83,12 @@
     section.querySelector("[data-action=submit]").addEventListener("click", submit);
     section.querySelector("[data-action=skip]").addEventListener("click", openSkip);
     section.querySelector("#none-acceptable").addEventListener("change", render);
+    section.querySelector("#rationale").addEventListener("input", render);
+    section.querySelectorAll(".flag-box").forEach((box) =>
+      box.addEventListener("keydown", (event) => {
+        if (event.key === "Escape") select(box.closest(".response"), true);
+      })
+    );
     select(cards[0], false);
     render();
   }
@@ -140,6 +147,10 @@
   }
 
   function summaryText() {
+    if (state.section.querySelector("#none-acceptable").checked) {
+      const ranking = rankingText(state.ranks);
+      return ranking ? ranking + " · " + _("none acceptable") : _("none acceptable");
+    }
     let text = rankingText(state.ranks);
     const unranked = state.cards.filter((card) => !state.ranks[card.dataset.uid]).map((card) => card.dataset.letter);
     if (unranked.length) {
@@ -163,6 +174,12 @@
       card.classList.toggle("ranked", Boolean(rank));
     });
     state.section.querySelector("#summary").textContent = summaryText();
+    // Problems shown at a submit stay only while they are still true.
+    if (state.problemsShown) {
+      const found = problems(currentAnswer());
+      showErrors(found);
+      state.problemsShown = found.length > 0;
+    }
   }
 
   function collectFlags() {
@@ -195,10 +212,9 @@
     });
   }
 
-  async function submit() {
-    if (!state || state.busy) return;
+  function currentAnswer() {
     const noneAcceptable = state.section.querySelector("#none-acceptable").checked;
-    const answer = {
+    return {
       ranks: Object.assign({}, state.ranks),
       likert: state.likertOn ? Object.assign({}, state.likert) : {},
       flags: collectFlags(),
@@ -207,9 +223,21 @@
       active_seconds: timer.seconds(),
       client_token: state.token,
     };
+  }
+
+  async function submit() {
+    if (!state || state.busy) return;
+    const answer = currentAnswer();
     const found = problems(answer);
+    showErrors(found);
+    state.problemsShown = found.length > 0;
     if (found.length) {
-      showErrors(found);
+      // The box can sit under the sticky bar: bring it to the middle and focus it.
+      if (state.rationaleRequired && !answer.rationale.trim()) {
+        const rationale = state.section.querySelector("#rationale");
+        rationale.scrollIntoView({ block: "center" });
+        rationale.focus({ preventScroll: true });
+      }
       return;
     }
     state.busy = true;
@@ -341,6 +369,13 @@
       const box = state.section.querySelector("#none-acceptable");
       box.checked = !box.checked;
       render();
+    } else if (key === "x") {
+      // The selected response's flags: Space ticks one, Tab moves on, Esc goes back.
+      const flag = state.selected && state.selected.querySelector(".flag-box");
+      if (flag) {
+        event.preventDefault();
+        flag.focus();
+      }
     } else if (key === "r") {
       if (state.selected) toggleReading(state.selected);
     } else if (event.key === "Escape") {

@@ -88,3 +88,11 @@ def test_position_bias_is_the_left_share_of_decisive_votes():
 @pytest.mark.parametrize("votes", [[], [Vote("1", "a", "a", "left")]])
 def test_too_few_policies_give_no_ratings(votes):
     assert bradley_terry_ratings(votes) == []
+
+
+def test_head_to_head_names_the_winning_side_first():
+    votes = [Vote(str(n), "a", "b", "right") for n in range(3)] + [Vote("9", "b", "a", "right")]
+    (row,) = pair_table(votes)
+    assert (row["policy"], row["opponent"]) == ("b", "a")
+    assert (row["wins_first"], row["wins_second"]) == (3, 1)
+    assert row["win_rate"] == 0.75 and row["win_rate_low"] < 0.75 < row["win_rate_high"]
