@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
@@ -14,6 +15,26 @@ from annotation.services import ab_session_create
 
 DEMO_DATA = Path(__file__).resolve().parents[2] / "demo_data" / "ranking.jsonl"
 DEMO_PROJECT = "Demo: helpful answers"
+# The loop in the browser: arithmetic word problems, the task the demo model
+# was trained on (written from training/demo_task.py's train and test splits).
+ARITHMETIC_DATA = DEMO_DATA.with_name("arithmetic.jsonl")
+ARITHMETIC_HELDOUT_DATA = DEMO_DATA.with_name("arithmetic_heldout.jsonl")
+ARITHMETIC_PROJECT = "Demo: arithmetic"
+ARITHMETIC_HELDOUT_PROJECT = "Demo: arithmetic, held out"
+DEMO_SFT_POLICY = "demo-sft"
+ARITHMETIC_INSTRUCTIONS = """\
+Each response answers a small arithmetic word problem. Work the answer out yourself, then rank:
+
+1. responses with the **right** number first (equal ranks between right ones are fine),
+2. then responses with a **wrong** number,
+3. then responses that state **no** number at all.
+
+Press `?` for the keyboard shortcuts.
+"""
+HELDOUT_INSTRUCTIONS = """\
+Problems the demo model never saw: the prompts for a blind A/B session of a new policy against demo-sft.
+Nobody ranks here.
+"""
 DEMO_AB_SESSION = "Demo: blind A/B"
 # Two of the demo data's imported sources, close enough in quality that votes are not obvious.
 DEMO_AB_POLICIES = ("sft-large", "sft-small")
@@ -76,7 +97,11 @@ class Command(BaseCommand):
                 instructions=AB_INSTRUCTIONS,
             )
             self.stdout.write(f"Demo A/B session: {session.tasks.count()} pairs to vote on.")
+        arithmetic, heldout = self._arithmetic()
         memberships = (
+            (arithmetic, "manager", Role.MANAGER),
+            (arithmetic, "labeler", Role.LABELER),
+            (heldout, "manager", Role.MANAGER),
             (project, "manager", Role.MANAGER),
             (project, "labeler", Role.LABELER),
             (project, "evaluator", Role.EVALUATOR),
@@ -89,3 +114,34 @@ class Command(BaseCommand):
             user = User.objects.filter(username=username).first()
             if user is not None:
                 Membership.objects.get_or_create(project=target, user=user, role=role)
+
+    def _arithmetic(self) -> tuple[Project, Project]:
+        """The projects of the loop in the browser, and the demo model registered as the policy `demo-sft`.
+
+        The prompts come without answers: the manager's first step is a
+        generation job of demo-sft (four samples a prompt), which makes the
+        ranking tasks.
+        """
+        policy, _created = Policy.objects.get_or_create(
+            name=DEMO_SFT_POLICY,
+            defaults={"kind": Policy.Kind.MODEL, "base_model": str(Path(settings.MODELS_DIR) / "demo-sft")},
+        )
+        projects = []
+        for name, data, fields in (
+            (ARITHMETIC_PROJECT, ARITHMETIC_DATA, {"k": 4, "instructions": ARITHMETIC_INSTRUCTIONS}),
+            (
+                ARITHMETIC_HELDOUT_PROJECT,
+                ARITHMETIC_HELDOUT_DATA,
+                {"k": 2, "instructions": HELDOUT_INSTRUCTIONS},
+            ),
+        ):
+            project, created = Project.objects.get_or_create(
+                name=name,
+                defaults={"kind": Project.Kind.RANKING, "overlap": 1, "ties_allowed": True, **fields},
+            )
+            if created:
+                with data.open("rb") as lines:
+                    report = prompts_import(project=project, data=lines)
+                self.stdout.write(f"{name}: {report.prompts_created} prompts (answered by {policy.name}).")
+            projects.append(project)
+        return projects[0], projects[1]
