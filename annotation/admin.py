@@ -18,7 +18,7 @@ from django.urls import path, reverse
 from django.utils.translation import gettext_lazy as _
 
 from annotation.forms import PromptImportForm
-from annotation.importing import ImportValidationError, prompts_import
+from annotation.importing import ImportReport, ImportValidationError, prompts_import
 from annotation.models import (
     Assignment,
     Comparison,
@@ -214,6 +214,25 @@ class MembershipInline(admin.TabularInline):
     autocomplete_fields = ["user"]
 
 
+# Lines named one by one after an import; beyond this a count says how many more.
+IMPORT_NOTES_SHOWN = 20
+
+
+def _import_line_notes(request: HttpRequest, report: ImportReport) -> None:
+    """Which lines were skipped as duplicates and which prompts got no task, and why."""
+    for title, notes in (
+        (_("Duplicates skipped"), report.duplicates),
+        (_("Prompts without a task"), report.without_task),
+    ):
+        if not notes:
+            continue
+        shown = "; ".join(f"line {line}: {reason}" for line, reason in notes[:IMPORT_NOTES_SHOWN])
+        more = len(notes) - IMPORT_NOTES_SHOWN
+        if more > 0:
+            shown += " " + _("(and %(count)d more)") % {"count": more}
+        messages.warning(request, f"{title}: {shown}")
+
+
 @admin.register(Project)
 class ProjectAdmin(admin.ModelAdmin):
     list_display = ("name", "kind", "k", "overlap", "task_count", "is_active", "created_at")
@@ -284,6 +303,7 @@ class ProjectAdmin(admin.ModelAdmin):
                             "duplicates": len(report.duplicates),
                         },
                     )
+                    _import_line_notes(request, report)
                     return redirect("admin:annotation_project_change", project.pk)
         else:
             form = PromptImportForm()

@@ -191,6 +191,7 @@ def project_import(request: Request, project_id: int) -> Response:
             "tasks_created": report.tasks_created,
             "duplicates": [{"line": line, "reason": reason} for line, reason in report.duplicates],
             "repeated_texts": report.repeated_texts,
+            "without_task": [{"line": line, "reason": reason} for line, reason in report.without_task],
         },
         status=status.HTTP_201_CREATED,
     )

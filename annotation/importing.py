@@ -39,6 +39,7 @@ from django.db import transaction
 from django.db.models import Count
 
 from annotation.models import Completion, Policy, Project, Prompt
+from annotation.rendering import completion_text_key
 from annotation.services import tasks_create_for_project
 
 MIB = 1024 * 1024
@@ -119,6 +120,8 @@ class ImportReport:
     tasks_created: int = 0
     # Lines with K completions or more but fewer than K different texts: no task yet.
     repeated_texts: list[int] = field(default_factory=list)
+    # (line number, why its prompt got no task) for every new prompt left without one.
+    without_task: list[tuple[int, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -358,7 +361,15 @@ def _validate_completions(line: int, value: Any, errors: list[ImportError_]) -> 
         if not _is_non_blank_string(completion.get("text")):
             errors.append(ImportError_(line, f"{path}.text", "must be a non-empty string"))
         policy = completion.get("policy")
-        if not _is_non_blank_string(policy):
+        if "policy" not in completion:
+            errors.append(
+                ImportError_(
+                    line,
+                    f"{path}.policy",
+                    'missing: name the policy that wrote this completion, e.g. "sft-v3"',
+                )
+            )
+        elif not _is_non_blank_string(policy):
             errors.append(ImportError_(line, f"{path}.policy", "must be a non-empty string"))
         elif len(policy) > MAX_NAME_LENGTH:
             errors.append(
@@ -748,4 +759,35 @@ def prompts_import(
             .values_list("pk", flat=True)
         )
         report.repeated_texts = sorted(lines[pk] for pk in waiting if pk in lines)
+        report.without_task = _prompts_without_task(project, lines)
     return report
+
+
+def _prompts_without_task(project: Project, lines: dict[int, int]) -> list[tuple[int, str]]:
+    """(line, why) for each new prompt the task builder left without a task."""
+    texts: dict[int, list[str]] = {}
+    untasked = Prompt.objects.filter(project=project, pk__gte=min(lines, default=0), tasks__isnull=True)
+    for pk in untasked.values_list("pk", flat=True):
+        if pk in lines:
+            texts[pk] = []
+    for prompt_id, text in Completion.objects.filter(prompt_id__in=list(texts)).values_list(
+        "prompt_id", "text"
+    ):
+        texts[prompt_id].append(text)
+    reasons = []
+    for pk, completions in texts.items():
+        different = len({completion_text_key(text) for text in completions})
+        if not completions:
+            reason = "no completions yet"
+        elif len(completions) < project.k:
+            count = len(completions)
+            reason = f"{count} completion{'' if count == 1 else 's'}; a task needs K={project.k}"
+        elif different < project.k:
+            reason = (
+                f"only {different} different text{'' if different == 1 else 's'} among "
+                f"{len(completions)} completions; a task needs K={project.k}"
+            )
+        else:
+            reason = "no task was made"
+        reasons.append((lines[pk], reason))
+    return sorted(reasons)

@@ -154,6 +154,10 @@ class ImportReportSerializer(serializers.Serializer):
         child=serializers.IntegerField(),
         help_text="Lines whose completions hold fewer than K different texts: no task was made.",
     )
+    without_task = serializers.ListField(
+        child=serializers.DictField(),
+        help_text="Each new prompt left without a task: its line and why (too few completions or texts).",
+    )
 
 
 class ImportRequestSerializer(serializers.Serializer):

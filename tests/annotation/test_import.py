@@ -690,3 +690,54 @@ def test_the_upload_form_rejects_a_file_over_the_size_limit_with_a_clear_message
 
     assert not form.is_valid()
     assert form.errors["file"] == ["The file is 2 KiB; the limit is 1 KiB. Split it into smaller files."]
+
+
+def test_a_completion_without_a_policy_is_told_what_to_add(project: Project) -> None:
+    errors = import_errors(project, jsonl({"prompt": "a", "completions": [{"text": "x"}]}))
+
+    assert any(
+        error.startswith("line 1: completions[0].policy: missing: name the policy that wrote this completion")
+        for error in errors
+    ), errors
+
+
+def test_the_report_names_each_prompt_left_without_a_task_and_why(project: Project) -> None:
+    # given a K=2 project: one prompt with two texts, one with one completion, one whose two texts are equal
+    data = jsonl(
+        {"prompt": "a", "completions": [{"text": "x", "policy": "p"}, {"text": "y", "policy": "q"}]},
+        {"prompt": "b", "completions": [{"text": "x", "policy": "p"}]},
+        {"prompt": "c", "completions": [{"text": "same", "policy": "p"}, {"text": "same ", "policy": "q"}]},
+        {"prompt": "d"},
+    )
+
+    report = prompts_import(project=project, data=data)
+
+    assert report.without_task == [
+        (2, "1 completion; a task needs K=2"),
+        (3, "only 1 different text among 2 completions; a task needs K=2"),
+        (4, "no completions yet"),
+    ]
+
+
+def test_the_admin_says_which_lines_were_duplicates_and_which_got_no_task(client, project: Project) -> None:
+    from annotation.roles import Role
+    from tests.annotation.conftest import add_member
+    from tests.factories import user_with_roles
+
+    manager = add_member(project, user_with_roles(Role.MANAGER, username="importer"), Role.MANAGER)
+    client.force_login(manager)
+    data = jsonl(
+        {"prompt": "a", "completions": [{"text": "x", "policy": "p"}, {"text": "y", "policy": "q"}]},
+        {"prompt": "a", "completions": [{"text": "x", "policy": "p"}, {"text": "y", "policy": "q"}]},
+        {"prompt": "b", "completions": [{"text": "x", "policy": "p"}]},
+    )
+
+    response = client.post(
+        f"/admin/annotation/project/{project.pk}/import/",
+        {"file": SimpleUploadedFile("p.jsonl", data)},
+        follow=True,
+    )
+
+    shown = [str(message) for message in response.context["messages"]]
+    assert any("line 2: same prompt as line 1" in message for message in shown), shown
+    assert any("line 3: 1 completion; a task needs K=2" in message for message in shown), shown

@@ -77,8 +77,8 @@ class Command(BaseCommand):
     def _print_report(self, project: Project, report: ImportReport) -> None:
         for line, reason in report.duplicates:
             self.stdout.write(f"line {line}: duplicate: {reason}")
-        for line in report.repeated_texts:
-            self.stdout.write(f"line {line}: no task: fewer than K different completion texts")
+        for line, reason in report.without_task:
+            self.stdout.write(f"line {line}: no task: {reason}")
         self.stdout.write(
             self.style.SUCCESS(
                 f"imported into {project.name}: {report.prompts_created} prompts, "
