@@ -30,3 +30,11 @@ class PromptImportForm(forms.Form):
                 params={"size": bytes_display(upload.size), "limit": bytes_display(limit)},
             )
         return upload
+
+
+class MemberAddForm(forms.Form):
+    """Add a person to a project by their exact username (the page lists nobody)."""
+
+    username = forms.CharField(
+        max_length=150, label=_("Username"), help_text=_("The exact username of an existing account.")
+    )

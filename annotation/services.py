@@ -46,7 +46,7 @@ from annotation.models import (
 )
 from annotation.rendering import completion_text_key
 from annotation.roles import Role
-from annotation.selectors import task_items_prefetch
+from annotation.selectors import accounts_addable_to_projects, task_items_prefetch
 
 
 def password_generate() -> str:
@@ -109,6 +109,29 @@ def user_sync_staff(*, user: AbstractUser) -> None:
         user.save(update_fields=["is_staff"])
     if hasattr(user, "_rankwise_roles"):
         del user._rankwise_roles
+
+
+class MemberInvalid(ValueError):
+    """The person cannot be added to the project with that role (the message says why)."""
+
+
+def project_member_add(*, project: Project, username: str, role: str) -> Membership:
+    """Give the account named exactly `username` a judging role in the project; returns the membership.
+
+    Managers add people, never managers: the account must be one a manager
+    may add to a project (accounts_addable_to_projects), found by its exact
+    username only, so the form lists nobody. The role must be the one that
+    judges this kind of project (labeler: ranking; evaluator: A/B).
+    Raises MemberInvalid, saying why, and changes nothing then.
+    """
+    wanted = Role.EVALUATOR if project.kind == Project.Kind.AB else Role.LABELER
+    if role != wanted:
+        raise MemberInvalid(f"people judge this project as {wanted}s")
+    user = accounts_addable_to_projects().filter(username=username.strip()).first()
+    if user is None:
+        raise MemberInvalid(f"no account that can be added is named {username.strip()!r}")
+    membership, _created = Membership.objects.get_or_create(project=project, user=user, role=role)
+    return membership
 
 
 # --- tasks -------------------------------------------------------------------

@@ -20,7 +20,7 @@ from django.utils import timezone
 from annotation.models import Comparison, Judgment, Membership, Project
 from annotation.roles import Role
 from annotation.selectors import projects_for_user
-from training.models import DatasetBuild, RewardModel, ScoringJob, TrainingRun
+from training.models import DatasetBuild, GenerationJob, RewardModel, ScoringJob, TrainingRun
 
 AnyUser = AbstractBaseUser | AnonymousUser
 
@@ -298,6 +298,11 @@ def training_run_final_dir(*, run: TrainingRun) -> Path:
 def reward_models_for_user(*, user: AnyUser) -> QuerySet[RewardModel]:
     """Reward models from runs the user may see (trained on data from projects they manage)."""
     return RewardModel.objects.filter(run__in=training_runs_for_user(user=user))
+
+
+def generation_jobs_for_project(*, project: Project) -> QuerySet[GenerationJob]:
+    """The project's generation jobs, oldest first (the caller has checked who may see the project)."""
+    return GenerationJob.objects.filter(project=project).select_related("policy").order_by("pk")
 
 
 def scoring_jobs_for_session(*, project: Project) -> QuerySet[ScoringJob]:

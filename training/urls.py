@@ -12,6 +12,7 @@ urlpatterns = [
     path("datasets/<int:build_id>/status", views.dataset_build_status_view, name="dataset-build-status"),
     path("datasets/<int:build_id>/files/<str:key>", views.dataset_build_download, name="dataset-build-file"),
     path("ab-sessions/new", views.ab_session_new, name="ab-session-new"),
+    path("ab-sessions/<int:project_id>/", views.ab_session_detail, name="ab-session-detail"),
     path("ab-sessions/<int:project_id>/scoring", views.ab_session_scoring, name="ab-session-scoring"),
     path(
         "ab-sessions/<int:project_id>/scoring/status",

@@ -18,10 +18,11 @@ from django.utils.translation import gettext as _
 from django.views.decorators.http import require_GET, require_POST
 
 from annotation.chart_data import category_chart, step_chart
+from annotation.forms import MemberAddForm
 from annotation.models import Policy, Project, Prompt
 from annotation.roles import Role, role_required
-from annotation.selectors import project_get_for_user
-from annotation.services import ab_outputs_missing, ab_session_create
+from annotation.selectors import ab_session_get_for_manager, project_get_for_user
+from annotation.services import MemberInvalid, ab_outputs_missing, ab_session_create, project_member_add
 from config.demo_progress import (
     demo_model_dir,
     demo_model_is_complete,
@@ -42,6 +43,7 @@ from training.selectors import (
     dataset_build_get_for_user,
     dataset_build_status,
     dataset_builds_for_user,
+    generation_jobs_for_project,
     scoring_job_status,
     scoring_jobs_for_session,
     training_run_eta_seconds,
@@ -354,8 +356,43 @@ def ab_session_new(request: HttpRequest) -> HttpResponse:
                     messages.success(request, _("The A/B session is open."))
                 if data["reward_model"] is not None:
                     _ab_score(request, project, data["reward_model"])
-                return redirect("ab-results", project.pk)
+                return redirect("ab-session-detail", project.pk)
     return render(request, "training/ab_session_form.html", {"form": form}, status=status)
+
+
+@role_required(Role.MANAGER)
+def ab_session_detail(request: HttpRequest, project_id: int) -> HttpResponse:
+    """One A/B session for its manager: its outputs being generated, then its links; its evaluators.
+
+    404 for any project but an A/B session the person manages.
+    """
+    project = ab_session_get_for_manager(user=request.user, pk=project_id)
+    form = MemberAddForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            membership = project_member_add(
+                project=project, username=form.cleaned_data["username"], role=Role.EVALUATOR
+            )
+        except MemberInvalid as error:
+            form.add_error("username", str(error))
+        else:
+            messages.success(
+                request, _("%(name)s is an evaluator of this session.") % {"name": membership.user}
+            )
+            return redirect("ab-session-detail", project.pk)
+    jobs = list(generation_jobs_for_project(project=project))
+    context = {
+        "project": project,
+        "form": form,
+        "jobs": jobs,
+        "pairs": project.tasks.count(),
+        "preparing": project.opened_at is None,
+        "jobs_failed": [job for job in jobs if job.status == GenerationJob.Status.FAILED],
+        "evaluators": [
+            m.user for m in project.memberships.filter(role=Role.EVALUATOR).select_related("user")
+        ],
+    }
+    return render(request, "training/ab_session_detail.html", context)
 
 
 def _ab_session_with_jobs(

@@ -327,6 +327,14 @@ DOORS: dict[str, Door] = {
         post=lambda world: {"form": {"reward_model": world.reward_model.pk}},
     ),
     "ab-sessions/<int:project_id>/scoring/status": Door("page", ("GET",), Role.MANAGER, ab=True),
+    # the session page: adding an evaluator a manager may add (the evaluator actor, by name)
+    "ab-sessions/<int:project_id>/": Door(
+        "page",
+        ("GET", "POST"),
+        Role.MANAGER,
+        ab=True,
+        post=lambda world: {"form": {"username": world.actors["evaluator"].username}},  # type: ignore[union-attr]
+    ),
     # annotation API
     "api/projects/<int:project_id>/": Door("api", ("GET",), own={"labeler": ("GET",), "evaluator": ("GET",)}),
     "api/projects/<int:project_id>/next": Door("api", ("POST",), own={"labeler": ("POST",)}),
@@ -551,6 +559,7 @@ def test_the_owners_do_get_through_so_the_refusals_above_are_about_who_asks(worl
         f"/admin/training/trainingrun/{world.run.pk}/change/",
         f"/ab-sessions/{world.ab_project.pk}/scoring",
         f"/ab-sessions/{world.ab_project.pk}/scoring/status",
+        f"/ab-sessions/{world.ab_project.pk}/",
     ):
         assert manager.get(url).status_code == 200, url
     assert holder.post(f"/api/projects/{world.project.pk}/next").json()["id"] == world.held.pk
