@@ -265,6 +265,8 @@ class Assignment(models.Model):
         SUBMITTED = "submitted", _("Submitted")
         SKIPPED = "skipped", _("Skipped")
         EXPIRED = "expired", _("Expired")
+        # Its judgment was rejected in review: the slot is free for someone else.
+        REJECTED = "rejected", _("Rejected in review")
 
     LIVE_STATUSES = (Status.ACTIVE, Status.SUBMITTED)
 
@@ -322,6 +324,12 @@ class Assignment(models.Model):
 class Judgment(models.Model):
     """A person's answer to one assignment. Ranks: 1 is best; equal numbers are a tie."""
 
+    class Review(models.TextChoices):
+        PENDING = "pending", _("Not reviewed")
+        ACCEPTED = "accepted", _("Accepted")
+        # Kept for audit; its comparisons are left out of every dataset build.
+        REJECTED = "rejected", _("Rejected")
+
     assignment = models.OneToOneField(Assignment, on_delete=models.CASCADE, related_name="judgment")
     task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="judgments")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="judgments")
@@ -337,6 +345,12 @@ class Judgment(models.Model):
     # Chosen by the client per answer: a retried submit with the same token is the same judgment.
     client_token = models.CharField(max_length=64)
     created_at = models.DateTimeField(auto_now_add=True)
+    review = models.CharField(max_length=16, choices=Review.choices, default=Review.PENDING)
+    reviewed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    reviewed_at = models.DateTimeField(null=True, blank=True)
+    review_reason = models.TextField(blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -414,3 +428,32 @@ class CompletionScore(models.Model):
 
     def __str__(self) -> str:
         return f"{self.scorer}: {self.score:.4g} for completion {self.completion_id}"
+
+
+class LabelerReliability(models.Model):
+    """How reliable a labeler is in a project, as a labeler-aware aggregation estimated it from the votes.
+
+    Written when a dataset build aggregates with Dawid–Skene (the newest build
+    that covered the project replaces the row); the dashboard shows it beside
+    gold accuracy and agreement.
+    """
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="+")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    # The chance the labeler names a pair's true outcome (0–1).
+    reliability = models.FloatField()
+    votes = models.PositiveIntegerField()
+    # Which estimate it is, for people: e.g. "Dawid–Skene, dataset build 12".
+    source = models.CharField(max_length=200)
+    computed_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["project", "user"], name="labelerreliability_one_per_person"),
+            models.CheckConstraint(
+                condition=Q(reliability__gte=0, reliability__lte=1), name="labelerreliability_0_1"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.project}: {self.reliability:.2f}"

@@ -5,7 +5,8 @@ A membership holds one role in one project (a person may hold several):
 - manager: runs the project — members, imports, dataset builds, training
   runs, A/B sessions, its dashboards;
 - labeler: ranks completions in a ranking project;
-- evaluator: votes in a blind A/B session.
+- evaluator: votes in a blind A/B session;
+- reviewer: accepts or rejects the project's judgments (a manager may too).
 
 Pages and the API ask the same question: does the person hold the role in
 the project (404 otherwise), and, for a page listing projects, in any
@@ -33,6 +34,7 @@ class Role(models.TextChoices):
     MANAGER = "manager", _("Manager")
     LABELER = "labeler", _("Labeler")
     EVALUATOR = "evaluator", _("Evaluator")
+    REVIEWER = "reviewer", _("Reviewer")
 
 
 # Apps whose every model a manager may administer, plus user accounts.
