@@ -37,6 +37,7 @@ from annotation.models import (
     Completion,
     CompletionScore,
     Judgment,
+    LabelerReliability,
     Membership,
     Policy,
     Project,
@@ -266,6 +267,38 @@ def tasks_uncertainty_refresh(*, project: Project, scorer: str, batch_size: int 
         updates.append(Task(pk=task_id, uncertainty=gap))
     Task.objects.bulk_update(updates, ["uncertainty"], batch_size=batch_size)
     return scored
+
+
+def labeler_reliability_record(*, project_ids: list[int], labelers: list[dict[str, Any]], source: str) -> int:
+    """Store each labeler's estimated reliability in every one of the projects where they judged.
+
+    `labelers` rows carry `user_id`, `votes` and `reliability` (as a Dawid–Skene
+    build reports them); a newer estimate replaces the stored one. Returns
+    how many rows were written.
+    """
+    by_user = {int(row["user_id"]): row for row in labelers}
+    judged = (
+        Comparison.objects.filter(project_id__in=project_ids, labeler_id__in=list(by_user))
+        .values_list("project_id", "labeler_id")
+        .distinct()
+    )
+    rows = [
+        LabelerReliability(
+            project_id=project_id,
+            user_id=user_id,
+            reliability=min(max(float(by_user[user_id]["reliability"]), 0.0), 1.0),
+            votes=int(by_user[user_id]["votes"]),
+            source=source[:200],
+        )
+        for project_id, user_id in judged.order_by("project_id", "labeler_id")
+    ]
+    LabelerReliability.objects.bulk_create(
+        rows,
+        update_conflicts=True,
+        unique_fields=["project", "user"],
+        update_fields=["reliability", "votes", "source", "computed_at"],
+    )
+    return len(rows)
 
 
 # --- the queue ---------------------------------------------------------------

@@ -34,7 +34,15 @@ from django.db.models.functions import TruncDate
 from django.utils import timezone
 from scipy.stats import kendalltau
 
-from annotation.models import Assignment, Comparison, Judgment, Project, Task, TaskCompletion
+from annotation.models import (
+    Assignment,
+    Comparison,
+    Judgment,
+    LabelerReliability,
+    Project,
+    Task,
+    TaskCompletion,
+)
 
 
 @dataclass(frozen=True)
@@ -387,6 +395,12 @@ def _labeler_table_from(
     agreement: dict[str, Any],
     gold: dict[int, dict[str, Any]],
 ) -> list[dict[str, Any]]:
+    reliability = {
+        row["user_id"]: row
+        for row in LabelerReliability.objects.filter(project=data.project).values(
+            "user_id", "reliability", "source"
+        )
+    }
     by_user: dict[int, list[_JudgmentRow]] = defaultdict(list)
     for judgment in data.judgments:
         by_user[judgment.user_id].append(judgment)
@@ -406,6 +420,9 @@ def _labeler_table_from(
                 "gold_accuracy": user_gold["accuracy"] if user_gold else None,
                 "agreement_shared": user_agreement["shared"] if user_agreement else 0,
                 "agreement_rate": user_agreement["rate"] if user_agreement else None,
+                # Estimated from the votes by the latest Dawid–Skene build (None without one).
+                "reliability": reliability[user_id]["reliability"] if user_id in reliability else None,
+                "reliability_source": reliability[user_id]["source"] if user_id in reliability else "",
             }
         )
     rows.sort(key=lambda row: (-row["judgments"], row["username"]))

@@ -35,7 +35,12 @@ from django.utils import timezone
 from annotation.models import Completion, CompletionScore, Policy, Project, Prompt
 from annotation.roles import Role
 from annotation.selectors import projects_for_user
-from annotation.services import ab_session_open, tasks_create_for_project, tasks_uncertainty_refresh
+from annotation.services import (
+    ab_session_open,
+    labeler_reliability_record,
+    tasks_create_for_project,
+    tasks_uncertainty_refresh,
+)
 from training.models import (
     BestOfN,
     DatasetBuild,
@@ -229,6 +234,13 @@ def dataset_build_run(*, build_id: int) -> DatasetBuild | None:
     if finished != 1:
         # Someone marked it failed meanwhile (a reaper, an admin): the row wins; drop the files.
         shutil.rmtree(dataset_build_dir(build_id=build_id), ignore_errors=True)
+    elif (result.summary.get("dawid_skene") or {}).get("labelers"):
+        # The dashboards show each labeler's reliability as this build estimated it.
+        labeler_reliability_record(
+            project_ids=list(build.projects.values_list("pk", flat=True)),
+            labelers=result.summary["dawid_skene"]["labelers"],
+            source=f"Dawid–Skene, dataset build {build_id}",
+        )
     build.refresh_from_db()
     return build
 

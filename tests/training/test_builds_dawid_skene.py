@@ -135,3 +135,31 @@ def test_a_high_threshold_keeps_only_the_pairs_dawid_skene_is_sure_of(manager: A
     assert not any(
         row["prompt"].startswith("Which answer to question 3") and len(row["prompt"]) > 40 for row in []
     )
+
+
+def test_the_dashboard_shows_each_labelers_reliability_from_the_latest_dawid_skene_build(
+    manager: AbstractUser,
+) -> None:
+    from django.test import Client
+
+    from annotation.models import LabelerReliability
+
+    # given a Dawid–Skene build of the contested project
+    project, _people = contested_project()
+    build = run_build(created_by=manager, projects=[project], aggregation="dawid_skene", test_fraction=0.0)
+
+    # then each labeler's estimate is stored for the project, and the dashboard shows it
+    stored = {row.user.username: row for row in LabelerReliability.objects.filter(project=project)}
+    assert set(stored) == {"careful-1", "careful-2", "coin"}
+    assert stored["coin"].reliability < 0.6 < stored["careful-1"].reliability
+    assert stored["coin"].source == f"Dawid–Skene, dataset build {build.pk}"
+    client = Client()
+    client.force_login(manager)
+    page = client.get(f"/manage/projects/{project.pk}/")
+    rows = {row["username"]: row for row in page.context["stats"]["labelers"]}
+    assert rows["coin"]["reliability"] == pytest.approx(stored["coin"].reliability)
+    assert "Estimated reliability" in page.content.decode()
+
+    # and a majority build leaves the estimates alone
+    run_build(created_by=manager, projects=[project], name="majority", aggregation="majority")
+    assert LabelerReliability.objects.filter(project=project).count() == 3
