@@ -422,17 +422,20 @@ class Loop:
             except Exception as error:
                 raise LoopFailed(f"a simulated person stopped: {error}") from error
 
-    def _build(self, api: ApiClient) -> dict[str, Any]:
+    def _build(
+        self, api: ApiClient, *, project: Project | None = None, name: str = "", **options: Any
+    ) -> dict[str, Any]:
         build = api.expect(
             "POST",
             "/api/dataset-builds/",
             {
-                "name": f"loop {self.tag}",
-                "projects": [self.train_project.pk],
+                "name": name or f"loop {self.tag}",
+                "projects": [(project or self.train_project).pk],
                 "format": "conversational",
                 "ties": "drop",
                 "test_fraction": 0.1,
                 "seed": self.settings.seed,
+                **options,
             },
         )
 
@@ -451,15 +454,26 @@ class Loop:
         }
         return build
 
-    def _train(self, api: ApiClient, *, build: dict[str, Any], kind: str) -> dict[str, Any]:
-        hyperparameters = (
-            self.settings.reward_hyperparameters if kind == "reward" else self.settings.dpo_hyperparameters
-        )
+    def _train(
+        self,
+        api: ApiClient,
+        *,
+        build: dict[str, Any],
+        kind: str,
+        hyperparameters: dict[str, Any] | None = None,
+        name: str = "",
+    ) -> dict[str, Any]:
+        if hyperparameters is None:
+            hyperparameters = (
+                self.settings.reward_hyperparameters
+                if kind == "reward"
+                else self.settings.dpo_hyperparameters
+            )
         run = api.expect(
             "POST",
             "/api/training-runs/",
             {
-                "name": f"loop {self.tag} {kind}",
+                "name": name or f"loop {self.tag} {kind}",
                 "kind": kind,
                 "dataset_build": build["id"],
                 "base_model": self.settings.base_model,
@@ -595,11 +609,21 @@ class Loop:
         both sides of every pair; how often it sides with the evaluators is the results page's figure."""
         from annotation.ab_stats import scorer_agreement
         from annotation.selectors import ab_scored_votes, completion_scores
+
+        self._score(session, reward_model_id=reward_model_id, what="scoring the A/B session")
+        rows = scorer_agreement(ab_scored_votes(project=session), completion_scores(project=session))
+        row = rows[0] if rows else {}
+        self.report.ab["reward_model_agreement"] = {
+            key: row.get(key) for key in ("agreement", "low", "high", "votes", "agree", "scorer_tie_rate")
+        }
+
+    def _score(self, project: Project, *, reward_model_id: int, what: str) -> None:
+        """The manager attaches a reward model to the project; wait for its scoring job on the gpu queue."""
         from training.models import RewardModel, ScoringJob
         from training.services import scoring_job_create
 
         job = scoring_job_create(
-            project=session, reward_model=RewardModel.objects.get(pk=reward_model_id), created_by=self.manager
+            project=project, reward_model=RewardModel.objects.get(pk=reward_model_id), created_by=self.manager
         )
 
         def poll() -> tuple[bool, str]:
@@ -612,12 +636,7 @@ class Loop:
                 f"job {job.pk} {job.status}, {job.completions_done}/{job.completions_total} completions",
             )
 
-        self.wait_for("scoring the A/B session", poll)
-        rows = scorer_agreement(ab_scored_votes(project=session), completion_scores(project=session))
-        row = rows[0] if rows else {}
-        self.report.ab["reward_model_agreement"] = {
-            key: row.get(key) for key in ("agreement", "low", "high", "votes", "agree", "scorer_tie_rate")
-        }
+        self.wait_for(what, poll)
 
     def _evaluator_work(self, name: str, noise: float, token: str, project_id: int) -> dict[str, Any]:
         api = ApiClient(self.settings.base_url, token)

@@ -103,3 +103,58 @@ def test_every_stage_of_the_loop_runs_and_the_reward_model_beats_chance(
     # and the report is written, both ways
     assert json.loads(json_path.read_text())["goals"]
     assert markdown_path.read_text().startswith("# Rankwise loop report")
+
+
+def test_the_label_efficiency_experiment_follows_the_uncertainty_order_and_compares_aggregations(
+    loop_model: Path, live_server, celery_worker: str, tmp_path: Path
+):
+    from annotation.models import Task
+    from training.label_efficiency import LabelEfficiency, LabelEfficiencySettings
+    from training.label_efficiency import report_write as label_efficiency_write
+    from training.management.commands.simulate_loop import QUICK, QUICK_REWARD_HYPERPARAMETERS
+    from training.models import ScoringJob
+
+    # given a running server and worker, and a small SFT policy
+    settings = LoopSettings(
+        base_model=str(loop_model),
+        base_url=live_server.url,
+        out_dir=tmp_path,
+        reward_hyperparameters={**QUICK_REWARD_HYPERPARAMETERS, "num_train_epochs": 1},
+        stage_timeout_s=600,
+        poll_s=0.5,
+        **QUICK,
+    )
+    plan = LabelEfficiencySettings(
+        budgets=[6, 12], orders=["uncertainty"], seeds=[0], aggregation_check=True, aggregation_prompts=8
+    )
+
+    # when the experiment runs
+    result = LabelEfficiency(settings, say=lambda line: None).experiment(plan)
+    markdown = label_efficiency_write(result, tmp_path)
+
+    # then a reward model was trained and measured at each budget
+    assert [(p["order"], p["budget"]) for p in result["curves"]] == [("uncertainty", 6), ("uncertainty", 12)]
+    assert all(p["trials"] > 0 for p in result["curves"])
+    # and after the first six rankings the queue followed the first reward model's uncertainty
+    project = Project.objects.get(task_order="uncertainty")
+    assert ScoringJob.objects.get(project=project).status == ScoringJob.Status.SUCCEEDED
+    judged = list(
+        Judgment.objects.filter(task__project=project).order_by("id").values_list("task_id", flat=True)
+    )
+    first, second = judged[:6], judged[6:]
+    open_after_first = Task.objects.filter(project=project).exclude(pk__in=first)
+    least_sure = list(
+        open_after_first.order_by("uncertainty", "random_rank").values_list("pk", flat=True)[:6]
+    )
+    assert second == least_sure
+    # and the aggregation check built the same rankings both ways, with each labeler's reliability
+    for check in result["aggregation"]:
+        assert check["majority"]["trials"] == check["dawid_skene"]["trials"] == check["truth_pairs"] > 0
+        assert {row["username"] for row in check["reliability"]} == {
+            "loop-labeler-careful",
+            "loop-labeler-average",
+            "loop-labeler-hasty",
+            "loop-labeler-coin",
+        }
+    text = markdown.read_text()
+    assert "majority vs Dawid–Skene (overlap 2)" in text and (tmp_path / "label-efficiency.svg").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -53,6 +54,19 @@ DPO_HYPERPARAMETERS: dict[str, Any] = {
 }
 
 
+def _integers(value: str) -> list[int]:
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected whole numbers separated by commas, got {value!r}"
+        ) from None
+
+
+def _words(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
 class Command(BaseCommand):
     help = (
         "Run the whole loop on the demo arithmetic task: generate, simulated labelers over the API, "
@@ -85,10 +99,47 @@ class Command(BaseCommand):
             "--dpo-hyperparameters", default=None, help="JSON object overriding the DPO run's settings"
         )
         parser.add_argument("--timeout", type=float, default=3600.0, help="seconds any one stage may take")
+        experiments = parser.add_argument_group(
+            "label efficiency (instead of the whole loop; see training/label_efficiency.py)"
+        )
+        experiments.add_argument(
+            "--label-budget",
+            type=_integers,
+            default=[],
+            help="rankings after which a reward model is trained and measured, e.g. 100,200,400,800",
+        )
+        experiments.add_argument(
+            "--order", type=_words, default=["random", "uncertainty"], help="task orders to compare"
+        )
+        experiments.add_argument(
+            "--seeds", type=_integers, default=None, help="seeds to repeat the curve with"
+        )
+        experiments.add_argument(
+            "--aggregation-check",
+            action="store_true",
+            help="majority vs Dawid-Skene pair labels against the truth, with a careless extra labeler",
+        )
+        experiments.add_argument("--aggregation-prompts", type=int, default=300)
 
     def handle(self, *args: Any, **options: Any) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from training.label_efficiency import LabelEfficiency, LabelEfficiencySettings
+        from training.label_efficiency import report_write as label_efficiency_write
         from training.loop import Loop, LoopFailed, LoopSettings, report_markdown, report_write
+
+        plan = None
+        if options["label_budget"] or options["aggregation_check"]:
+            plan = LabelEfficiencySettings(
+                budgets=options["label_budget"],
+                orders=options["order"] if options["label_budget"] else [],
+                seeds=options["seeds"] or [options["seed"]],
+                aggregation_check=options["aggregation_check"],
+                aggregation_prompts=options["aggregation_prompts"],
+            )
+            try:
+                plan.validate()
+            except ValueError as error:
+                raise CommandError(str(error)) from None
 
         sizes = dict(QUICK if options["quick"] else FULL)
         for key in sizes:
@@ -119,11 +170,19 @@ class Command(BaseCommand):
             else:
                 loop_settings.base_url = self._start_stack(stack, out_dir)
             self.stdout.write(f"Loop against {loop_settings.base_url}; report in {out_dir}")
-            report = Loop(loop_settings, say=self.stdout.write).run()
+            if plan is not None:
+                result = LabelEfficiency(loop_settings, say=self.stdout.write).experiment(plan)
+            else:
+                report = Loop(loop_settings, say=self.stdout.write).run()
         except (LoopFailed, StackError) as error:
             raise CommandError(str(error)) from None
         finally:
             stack.stop_all()
+        if plan is not None:
+            markdown_path = label_efficiency_write(result, out_dir)
+            self.stdout.write("\n" + markdown_path.read_text(encoding="utf-8"))
+            self.stdout.write(self.style.SUCCESS(f"Report written to {markdown_path}"))
+            return
         json_path, markdown_path = report_write(report, out_dir)
         self.stdout.write("\n" + report_markdown(report.as_dict()))
         self.stdout.write(self.style.SUCCESS(f"Report written to {markdown_path} and {json_path}"))
