@@ -42,7 +42,7 @@ from typing import Any
 from django.db import transaction
 
 from annotation.ab_stats import wilson_interval
-from annotation.models import Completion, Membership, Policy, Project, Prompt, Task
+from annotation.models import Completion, Membership, Project, Prompt, Task
 from annotation.roles import Role
 from annotation.services import tasks_create_for_project
 from training.demo_task import DemoProblem
@@ -94,13 +94,7 @@ class LabelEfficiency(Loop):
         plan.validate()
         settings = self.settings
         with transaction.atomic():
-            self.manager, self.manager_token = self._person("manager", Role.MANAGER)
-            self.sft = Policy.objects.create(
-                name=f"loop {self.tag} sft",
-                kind=Policy.Kind.MODEL,
-                base_model=settings.base_model,
-                generation_settings={"prompt_format": "chat"},
-            )
+            self._manager_and_sft()
             self.pool = self._project("pool", problems=self.train, k=settings.k)
             self.heldout_project = self._project("held-out", problems=self.heldout, k=settings.k)
         self.api = ApiClient(settings.base_url, self.manager_token)

@@ -271,6 +271,16 @@ class Loop:
                 raise LoopFailed(f"{what} did not finish in {self.settings.stage_timeout_s:.0f} s ({text})")
             time.sleep(self.settings.poll_s)
 
+    def _manager_and_sft(self) -> None:
+        """The manager's account and token, and the SFT policy registered by them."""
+        self.manager, self.manager_token = self._person("manager", Role.MANAGER)
+        self.sft = Policy.objects.create(
+            name=f"loop {self.tag} sft",
+            kind=Policy.Kind.MODEL,
+            base_model=self.settings.base_model,
+            generation_settings={"prompt_format": "chat"},
+        )
+
     def _person(self, name: str, role: str) -> tuple[Any, str]:
         User = get_user_model()
         username = f"{USER_PREFIX}{name}"
@@ -327,13 +337,7 @@ class Loop:
         started = time.monotonic()
         settings = self.settings
         with transaction.atomic():
-            self.manager, self.manager_token = self._person("manager", Role.MANAGER)
-            self.sft = Policy.objects.create(
-                name=f"loop {self.tag} sft",
-                kind=Policy.Kind.MODEL,
-                base_model=settings.base_model,
-                generation_settings={"prompt_format": "chat"},
-            )
+            self._manager_and_sft()
             self.train_project = self._project("train", problems=self.train, k=settings.k)
             self.heldout_project = self._project("held-out", problems=self.heldout, k=settings.k)
             self.eval_project = self._project("evaluation prompts", problems=self.evaluation, k=2)
