@@ -16,19 +16,27 @@ from annotation.roles import Role, user_roles
 class NavItem:
     label: str | Promise
     url_name: str
-    role: str | None  # None: every signed-in user
+    role: str | tuple[str, ...] | None  # any of these roles; None: every signed-in user
 
 
 NAV_ITEMS = (
     NavItem(_("Home"), "home", None),
     NavItem(_("Label"), "label", Role.LABELER),
     NavItem(_("Evaluate"), "evaluate", Role.EVALUATOR),
+    NavItem(_("Review"), "review", (Role.REVIEWER, Role.MANAGER)),
     NavItem(_("Manage"), "manage", Role.MANAGER),
     NavItem(_("Datasets"), "dataset-build-list", Role.MANAGER),
     NavItem(_("Training"), "training-run-list", Role.MANAGER),
     NavItem(_("Admin"), "admin:index", Role.MANAGER),
     NavItem(_("API"), "api-docs", Role.MANAGER),
 )
+
+
+def _shown_to(item: NavItem, roles: frozenset[str]) -> bool:
+    if item.role is None:
+        return True
+    wanted = {item.role} if isinstance(item.role, str) else set(item.role)
+    return bool(wanted & roles)
 
 
 def navigation(request: HttpRequest) -> dict[str, object]:
@@ -43,7 +51,7 @@ def navigation(request: HttpRequest) -> dict[str, object]:
             and request.resolver_match.view_name == item.url_name,
         }
         for item in NAV_ITEMS
-        if (item.role is None or item.role in roles)
+        if _shown_to(item, roles)
         # The admin lets in staff only: a project's manager without the
         # account-wide manager right runs it from the manager pages.
         and (item.url_name != "admin:index" or request.user.is_staff)  # type: ignore[union-attr]

@@ -3,15 +3,32 @@ selectors (404 for what a person may not see) and calls one service."""
 
 from __future__ import annotations
 
+from datetime import date
+from typing import Any
+
+from django.contrib import messages
+from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse
-from django.shortcuts import render
+from django.core.exceptions import ValidationError
+from django.http import HttpRequest, HttpResponse, QueryDict
+from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.translation import gettext
 from django.views.decorators.http import require_GET, require_POST
 
-from annotation.models import Project
+from annotation.models import Judgment, Project
 from annotation.rendering import markdown_to_safe_html
+from annotation.review import (
+    ReviewConflict,
+    ReviewFilters,
+    judgment_as_seen,
+    judgment_get_for_reviewer,
+    judgment_review,
+    project_get_for_reviewer,
+    projects_for_reviewer,
+    review_queue,
+)
 from annotation.roles import Role, role_required
 from annotation.selectors import (
     ab_scored_votes,
@@ -228,3 +245,88 @@ def dashboard_charts(*, stats: dict, project: Project) -> dict[str, object]:
             percent=True,
         ),
     }
+
+
+# --- review ----------------------------------------------------------------------------
+
+REVIEW_PAGE_SIZE = 50
+
+
+def _review_filters(query: Any) -> ReviewFilters:
+    """The queue's filters from the query string; a value that does not parse is ignored."""
+
+    def day(name: str) -> date | None:
+        try:
+            return date.fromisoformat(query.get(name, ""))
+        except ValueError:
+            return None
+
+    review = query.get("review", Judgment.Review.PENDING)
+    labeler = query.get("labeler", "")
+    gold = {"yes": True, "no": False}.get(query.get("gold", ""))
+    return ReviewFilters(
+        review=review if review in Judgment.Review.values else "",
+        labeler_id=int(labeler) if labeler.isdigit() else None,
+        date_from=day("from"),
+        date_to=day("to"),
+        gold=gold,
+    )
+
+
+@login_required
+def review(request: HttpRequest) -> HttpResponse:
+    """The projects whose judgments the person reviews (as reviewer or manager)."""
+    projects = projects_for_reviewer(user=request.user)
+    return render(request, "annotation/review_projects.html", {"projects": projects})
+
+
+@require_GET
+@login_required
+def review_project(request: HttpRequest, project_id: int) -> HttpResponse:
+    """The review queue: each judgment as its labeler saw it, filtered, with accept and reject."""
+    project = project_get_for_reviewer(user=request.user, pk=project_id)
+    filters = _review_filters(request.GET)
+    judgments = list(review_queue(project=project, filters=filters)[:REVIEW_PAGE_SIZE])
+    context = {
+        "project": project,
+        "filters": filters,
+        "rows": [
+            {"judgment": judgment, "responses": judgment_as_seen(judgment=judgment)} for judgment in judgments
+        ],
+        "labelers": get_user_model()
+        .objects.filter(judgments__task__project=project)
+        .distinct()
+        .order_by("username"),
+        "reviews": Judgment.Review.choices,
+        "query": request.GET.urlencode(),
+        "page_size": REVIEW_PAGE_SIZE,
+    }
+    return render(request, "annotation/review.html", context)
+
+
+@require_POST
+@login_required
+def review_decide(request: HttpRequest, judgment_id: int) -> HttpResponse:
+    """Accept or reject one judgment, then back to the queue with the same filters."""
+    judgment = judgment_get_for_reviewer(user=request.user, pk=judgment_id)
+    accept = request.POST.get("decision") == "accept"
+    try:
+        judgment_review(
+            judgment=judgment, reviewer=request.user, accept=accept, reason=request.POST.get("reason", "")
+        )
+    except ValidationError:
+        messages.error(request, gettext("Say why you reject the judgment."))
+    except ReviewConflict:
+        messages.warning(request, gettext("Someone reviewed this judgment first; it is unchanged."))
+    else:
+        if accept:
+            messages.success(request, gettext("Judgment accepted."))
+        else:
+            messages.success(request, gettext("Judgment rejected: its task is open to someone else."))
+    # Only our own filter names travel back, re-encoded: never a URL from the request.
+    query = QueryDict(mutable=True)
+    for name in ("review", "labeler", "from", "to", "gold"):
+        if value := request.POST.get(f"filter_{name}", ""):
+            query[name] = value
+    target = reverse("review-project", args=[judgment.task.project_id])
+    return redirect(f"{target}?{query.urlencode()}" if query else target)

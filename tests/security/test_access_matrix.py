@@ -126,6 +126,7 @@ class World:
             "assignment_id": self.held.pk,
             "build_id": self.build.pk,
             "run_id": self.run.pk,
+            "judgment_id": self.judgment.pk,
         }
 
 
@@ -314,6 +315,11 @@ DOORS: dict[str, Door] = {
     "label/<int:project_id>/": Door("page", ("GET",), Role.LABELER, own={"labeler": ("GET",)}),
     "label/<int:project_id>/next": Door("page", ("POST",), Role.LABELER, own={"labeler": ("POST",)}),
     "manage/projects/<int:project_id>/": Door("page", ("GET",), Role.MANAGER),
+    # review: the project's reviewers and managers only
+    "review/<int:project_id>/": Door("page", ("GET",)),
+    "review/judgments/<int:judgment_id>": Door(
+        "page", ("POST",), post=lambda world: {"form": {"decision": "reject", "reason": "taken over"}}
+    ),
     # blind A/B pages: the evaluator actor holds the role but is no member of the session
     "evaluate/<int:project_id>/": Door("page", ("GET",), Role.EVALUATOR, ab=True),
     "evaluate/<int:project_id>/next": Door("page", ("POST",), Role.EVALUATOR, ab=True),

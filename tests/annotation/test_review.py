@@ -1,0 +1,92 @@
+"""Review: accept or reject once; a rejection reopens the task for someone else; the queue's filters."""
+
+from __future__ import annotations
+
+import pytest
+from django.core.exceptions import ValidationError
+
+from annotation.models import Assignment, Judgment, Task
+from annotation.review import (
+    ReviewConflict,
+    ReviewFilters,
+    judgment_review,
+    projects_for_reviewer,
+    review_queue,
+)
+from annotation.roles import Role
+from annotation.services import assignment_claim_next
+from tests.annotation.conftest import add_member, make_people
+from tests.training.test_builds_support import judge
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def judged(make_project):  # type: ignore[no-untyped-def]
+    """One task (one judgment wanted) judged by `first`; `second` labels too; `rita` reviews."""
+    project = make_project(tasks=1, gold=1, k=2, overlap=1)
+    first, second, rita = make_people(3)
+    for person in (first, second):
+        add_member(project, person, Role.LABELER)
+    add_member(project, rita, Role.REVIEWER)
+    task = project.tasks.get(is_gold=False)
+    judgment = judge(task, first, [1, 2])
+    return project, judgment, first, second, rita
+
+
+def test_a_rejection_needs_a_reason_and_changes_nothing_without_one(judged):
+    _project, judgment, _first, _second, rita = judged
+    with pytest.raises(ValidationError):
+        judgment_review(judgment=judgment, reviewer=rita, accept=False, reason="  ")
+    assert Judgment.objects.get(pk=judgment.pk).review == Judgment.Review.PENDING
+
+
+def test_a_judgment_is_reviewed_once(judged):
+    _project, judgment, _first, _second, rita = judged
+    judgment_review(judgment=judgment, reviewer=rita, accept=True)
+    with pytest.raises(ReviewConflict):
+        judgment_review(judgment=judgment, reviewer=rita, accept=False, reason="changed my mind")
+    assert Judgment.objects.get(pk=judgment.pk).review == Judgment.Review.ACCEPTED
+
+
+def test_a_rejection_reopens_the_task_for_someone_else_but_not_its_labeler(judged):
+    project, judgment, first, second, rita = judged
+    # given the task is done (gold is not served at the project's gold rate of 0)
+    assert assignment_claim_next(project=project, user=second) is None
+
+    judgment_review(judgment=judgment, reviewer=rita, accept=False, reason="random ranks")
+
+    task = Task.objects.get(pk=judgment.task_id)
+    assert task.judgment_count == 0
+    assert Assignment.objects.get(pk=judgment.assignment_id).status == Assignment.Status.REJECTED
+    assert assignment_claim_next(project=project, user=first) is None
+    claimed = assignment_claim_next(project=project, user=second)
+    assert claimed is not None and claimed.task_id == task.pk
+
+
+def test_an_accepted_judgment_keeps_its_task_done(judged):
+    project, judgment, _first, second, rita = judged
+    judgment_review(judgment=judgment, reviewer=rita, accept=True)
+    assert assignment_claim_next(project=project, user=second) is None
+
+
+def test_the_queue_filters_by_status_labeler_and_gold(judged):
+    project, judgment, _first, second, rita = judged
+    gold = judge(project.tasks.get(is_gold=True), second, [2, 1])
+
+    assert list(review_queue(project=project, filters=ReviewFilters())) == [judgment, gold]
+    assert list(review_queue(project=project, filters=ReviewFilters(labeler_id=second.pk))) == [gold]
+    assert list(review_queue(project=project, filters=ReviewFilters(gold=True))) == [gold]
+    judgment_review(judgment=judgment, reviewer=rita, accept=True)
+    assert list(review_queue(project=project, filters=ReviewFilters())) == [gold]
+    assert list(review_queue(project=project, filters=ReviewFilters(review=Judgment.Review.ACCEPTED))) == [
+        judgment
+    ]
+
+
+def test_reviewers_and_managers_review_a_project_labelers_do_not(judged):
+    project, _judgment, first, _second, rita = judged
+    boss = add_member(project, make_people(1, prefix="boss")[0], Role.MANAGER)
+    assert list(projects_for_reviewer(user=rita)) == [project]
+    assert list(projects_for_reviewer(user=boss)) == [project]
+    assert list(projects_for_reviewer(user=first)) == []
