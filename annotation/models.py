@@ -351,6 +351,8 @@ class Judgment(models.Model):
     )
     reviewed_at = models.DateTimeField(null=True, blank=True)
     review_reason = models.TextField(blank=True)
+    # 1 when submitted; each revision by its labeler (allowed until it is reviewed) adds one.
+    version = models.PositiveIntegerField(default=1)
 
     class Meta:
         ordering = ["-created_at", "-id"]
