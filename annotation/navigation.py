@@ -22,6 +22,7 @@ class NavItem:
 NAV_ITEMS = (
     NavItem(_("Home"), "home", None),
     NavItem(_("Label"), "label", Role.LABELER),
+    NavItem(_("History"), "label-history", Role.LABELER),
     NavItem(_("Evaluate"), "evaluate", Role.EVALUATOR),
     NavItem(_("Review"), "review", (Role.REVIEWER, Role.MANAGER)),
     NavItem(_("Manage"), "manage", Role.MANAGER),

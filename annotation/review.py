@@ -8,7 +8,7 @@ judgment count drops by one. Each judgment is reviewed once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -19,15 +19,20 @@ from django.db.models import F, QuerySet
 from django.http import Http404
 from django.utils import timezone
 
-from annotation.models import Assignment, Judgment, Project, Task
+from annotation.models import Assignment, Comparison, Judgment, Project, Task
 from annotation.roles import Role
 from annotation.selectors import AnyUser, assignment_items_in_display_order, display_label, projects_for_user
+from annotation.services import JudgmentInput, comparisons_from_judgment, judgment_validate
 
 REVIEW_ROLES = (Role.REVIEWER, Role.MANAGER)
 
 
 class ReviewConflict(Exception):
     """Someone reviewed this judgment first; nothing was changed."""
+
+
+class JudgmentNotRevisable(Exception):
+    """The judgment was reviewed already (or is someone else's): it cannot change any more."""
 
 
 # --- reads ---------------------------------------------------------------------------
@@ -104,7 +109,64 @@ def judgment_as_seen(*, judgment: Judgment) -> list[dict[str, Any]]:
     return rows
 
 
+def judgments_of_labeler(*, user: AnyUser) -> QuerySet[Judgment]:
+    """A person's own judgments, newest first: their history."""
+    return (
+        Judgment.objects.filter(user_id=user.pk)
+        .select_related("task__project", "task__prompt", "assignment", "reviewed_by")
+        .order_by("-created_at", "-id")
+    )
+
+
+def judgment_get_for_labeler(*, user: AnyUser, pk: Any) -> Judgment:
+    try:
+        return judgments_of_labeler(user=user).get(pk=int(pk))
+    except (Judgment.DoesNotExist, TypeError, ValueError):
+        raise Http404("No such judgment.") from None
+
+
 # --- writes --------------------------------------------------------------------------
+
+
+def judgment_revise(*, judgment: Judgment, user: AbstractBaseUser, answer: JudgmentInput) -> Judgment:
+    """Replace a labeler's own answer, and its comparisons, while nobody has reviewed it.
+
+    1. Under the task's row lock, re-read the judgment: it must be the
+       person's and still pending review (JudgmentNotRevisable otherwise).
+    2. Check the answer as a submit would (JudgmentInvalid).
+    3. In the same transaction: new ranks, ratings, flags, "none acceptable"
+       and rationale, the version plus one, and the comparisons replaced.
+    """
+    with transaction.atomic():
+        task = (
+            Task.objects.select_for_update(no_key=True, of=("self",))
+            .select_related("project")
+            .get(pk=judgment.task_id)
+        )
+        current = Judgment.objects.filter(
+            pk=judgment.pk, user_id=user.pk, review=Judgment.Review.PENDING
+        ).first()
+        if current is None:
+            raise JudgmentNotRevisable("This judgment was reviewed already; it can no longer change.")
+        items = list(task.items.select_related("completion").order_by("position"))
+        answer = replace(answer, client_token=current.client_token)
+        judgment_validate(
+            answer=answer, project=task.project, uids=[str(item.completion.uid) for item in items]
+        )
+        current.ranks = answer.ranks
+        current.likert = answer.likert
+        current.flags = {uid: names for uid, names in answer.flags.items() if names}
+        current.none_acceptable = answer.none_acceptable
+        current.rationale = answer.rationale.strip()
+        current.version += 1
+        current.save(update_fields=["ranks", "likert", "flags", "none_acceptable", "rationale", "version"])
+        Comparison.objects.filter(judgment=current).delete()
+        Comparison.objects.bulk_create(
+            comparisons_from_judgment(
+                judgment=current, items=items, likert_margins=task.project.likert_enabled
+            )
+        )
+    return current
 
 
 def judgment_review(

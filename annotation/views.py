@@ -20,11 +20,15 @@ from django.views.decorators.http import require_GET, require_POST
 from annotation.models import Judgment, Project
 from annotation.rendering import markdown_to_safe_html
 from annotation.review import (
+    JudgmentNotRevisable,
     ReviewConflict,
     ReviewFilters,
     judgment_as_seen,
+    judgment_get_for_labeler,
     judgment_get_for_reviewer,
     judgment_review,
+    judgment_revise,
+    judgments_of_labeler,
     project_get_for_reviewer,
     projects_for_reviewer,
     review_queue,
@@ -43,7 +47,7 @@ from annotation.selectors import (
     project_get_for_user,
     projects_for_user,
 )
-from annotation.services import assignment_claim_next
+from annotation.services import JudgmentInput, JudgmentInvalid, assignment_claim_next
 from annotation.stats import project_stats
 
 AB_BOOTSTRAP_ROUNDS = 1000
@@ -330,3 +334,70 @@ def review_decide(request: HttpRequest, judgment_id: int) -> HttpResponse:
             query[name] = value
     target = reverse("review-project", args=[judgment.task.project_id])
     return redirect(f"{target}?{query.urlencode()}" if query else target)
+
+
+# --- a labeler's history and revisions ---------------------------------------------------
+
+HISTORY_PAGE_SIZE = 100
+
+
+@login_required
+def label_history(request: HttpRequest) -> HttpResponse:
+    """The person's own judgments, newest first, with their review and a way to revise the unreviewed."""
+    judgments = list(judgments_of_labeler(user=request.user)[:HISTORY_PAGE_SIZE])
+    rows = [
+        {"judgment": judgment, "responses": judgment_as_seen(judgment=judgment)} for judgment in judgments
+    ]
+    return render(request, "annotation/label_history.html", {"rows": rows, "page_size": HISTORY_PAGE_SIZE})
+
+
+@login_required
+def label_revise(request: HttpRequest, judgment_id: int) -> HttpResponse:
+    """Change a judgment not yet reviewed: the same answer fields as the ranking page, as a plain form."""
+    judgment = judgment_get_for_labeler(user=request.user, pk=judgment_id)
+    project = judgment.task.project
+    responses = judgment_as_seen(judgment=judgment)
+    uids = [
+        str(item.completion.uid) for item in assignment_items_in_display_order(assignment=judgment.assignment)
+    ]
+    errors: dict[str, str] = {}
+    if request.method == "POST":
+
+        def number(name: str) -> int | None:
+            value = request.POST.get(name, "")
+            return int(value) if value.isdigit() else None
+
+        ranks = {uid: rank for uid in uids if (rank := number(f"rank_{uid}")) is not None}
+        likert = {uid: value for uid in uids if (value := number(f"likert_{uid}")) is not None}
+        flags = {
+            uid: request.POST.getlist(f"flags_{uid}") for uid in uids if request.POST.getlist(f"flags_{uid}")
+        }
+        answer = JudgmentInput(
+            ranks=ranks,
+            likert=likert if project.likert_enabled else {},
+            flags=flags,
+            none_acceptable=request.POST.get("none_acceptable") == "on",
+            rationale=request.POST.get("rationale", ""),
+            client_token=judgment.client_token,
+        )
+        try:
+            judgment_revise(judgment=judgment, user=request.user, answer=answer)
+        except JudgmentNotRevisable as error:
+            messages.warning(request, str(error))
+            return redirect("label-history")
+        except JudgmentInvalid as error:
+            errors = error.errors
+        else:
+            messages.success(request, gettext("Your judgment is revised."))
+            return redirect("label-history")
+    for response, uid in zip(responses, uids, strict=True):
+        response["uid"] = uid
+    context = {
+        "judgment": judgment,
+        "project": project,
+        "responses": responses,
+        "rank_choices": range(1, len(uids) + 1),
+        "likert_choices": range(1, 8),
+        "errors": errors,
+    }
+    return render(request, "annotation/label_revise.html", context, status=400 if errors else 200)

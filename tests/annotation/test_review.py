@@ -1,20 +1,23 @@
-"""Review: accept or reject once; a rejection reopens the task for someone else; the queue's filters."""
+"""Review: accept or reject once; a rejection reopens the task for someone else; the queue's filters;
+revisions until a judgment is reviewed."""
 
 from __future__ import annotations
 
 import pytest
 from django.core.exceptions import ValidationError
 
-from annotation.models import Assignment, Judgment, Task
+from annotation.models import Assignment, Comparison, Judgment, Task
 from annotation.review import (
+    JudgmentNotRevisable,
     ReviewConflict,
     ReviewFilters,
     judgment_review,
+    judgment_revise,
     projects_for_reviewer,
     review_queue,
 )
 from annotation.roles import Role
-from annotation.services import assignment_claim_next
+from annotation.services import JudgmentInput, JudgmentInvalid, assignment_claim_next
 from tests.annotation.conftest import add_member, make_people
 from tests.training.test_builds_support import judge
 
@@ -90,3 +93,42 @@ def test_reviewers_and_managers_review_a_project_labelers_do_not(judged):
     assert list(projects_for_reviewer(user=rita)) == [project]
     assert list(projects_for_reviewer(user=boss)) == [project]
     assert list(projects_for_reviewer(user=first)) == []
+
+
+# --- revisions --------------------------------------------------------------------------
+
+
+def _answer(judgment: Judgment, ranks: list[int]) -> JudgmentInput:
+    uids = [str(item.completion.uid) for item in judgment.task.items.order_by("position")]
+    return JudgmentInput(ranks=dict(zip(uids, ranks, strict=True)), client_token="ignored")
+
+
+def test_a_revision_replaces_the_answer_and_its_comparisons_and_counts_the_version(judged):
+    _project, judgment, first, _second, _rita = judged
+    before = {(c.chosen_id, c.rejected_id) for c in judgment.comparisons.all()}
+
+    revised = judgment_revise(judgment=judgment, user=first, answer=_answer(judgment, [2, 1]))
+
+    after = {(c.chosen_id, c.rejected_id) for c in Comparison.objects.filter(judgment=judgment)}
+    assert revised.version == 2
+    assert after == {(rejected, chosen) for chosen, rejected in before}
+    assert Comparison.objects.filter(judgment=judgment).count() == 1
+    assert Judgment.objects.get(pk=judgment.pk).client_token == judgment.client_token
+
+
+def test_a_reviewed_or_someone_elses_judgment_cannot_be_revised(judged):
+    _project, judgment, first, second, rita = judged
+    with pytest.raises(JudgmentNotRevisable):
+        judgment_revise(judgment=judgment, user=second, answer=_answer(judgment, [2, 1]))
+    judgment_review(judgment=judgment, reviewer=rita, accept=True)
+    with pytest.raises(JudgmentNotRevisable):
+        judgment_revise(judgment=judgment, user=first, answer=_answer(judgment, [2, 1]))
+    assert Judgment.objects.get(pk=judgment.pk).version == 1
+
+
+def test_an_invalid_revision_changes_nothing(judged):
+    _project, judgment, first, _second, _rita = judged
+    with pytest.raises(JudgmentInvalid):
+        judgment_revise(judgment=judgment, user=first, answer=_answer(judgment, [1, 5]))
+    assert Judgment.objects.get(pk=judgment.pk).version == 1
+    assert Comparison.objects.filter(judgment=judgment).count() == 1
