@@ -1182,6 +1182,7 @@ def build_summary(
     excluded: dict[int, list[int]],
     judgment_id_max: int,
     outputs: Outputs,
+    versions: JudgmentVersions,
 ) -> dict[str, Any]:
     """Everything the card reports, as JSON-ready values (no timestamps, no build id)."""
     projects = [
@@ -1198,6 +1199,11 @@ def build_summary(
             "left_out_for_gold_accuracy": {str(k): v for k, v in sorted(excluded.items())},
             "exclude_flagged": options.exclude_flagged,
             "judgments_up_to_id": judgment_id_max,
+        },
+        "judgment_versions": {
+            "judgments": versions.judgments,
+            "revised": versions.revised,
+            "sha256": versions.sha256,
         },
         "options": {
             "aggregation": options.aggregation,
@@ -1285,6 +1291,33 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
+@dataclass(frozen=True)
+class JudgmentVersions:
+    """Which version of each judgment a build read: labelers may revise a judgment until it is reviewed."""
+
+    judgments: int
+    revised: int
+    sha256: str  # over "id:version" lines in id order
+
+
+def judgment_versions_read(
+    *, build: DatasetBuild, excluded: dict[int, list[int]], judgment_id_max: int
+) -> JudgmentVersions:
+    """The versions of the judgments the build selects, read when the build starts."""
+    digest = hashlib.sha256()
+    judgments = revised = 0
+    rows = (
+        dataset_build_judgments(build=build, excluded=excluded, judgment_id_max=judgment_id_max)
+        .order_by("id")
+        .values_list("id", "version")
+    )
+    for judgment_id, version in rows.iterator(chunk_size=CHUNK_SIZE):
+        digest.update(f"{judgment_id}:{version}\n".encode())
+        judgments += 1
+        revised += version > 1
+    return JudgmentVersions(judgments=judgments, revised=revised, sha256=digest.hexdigest())
+
+
 def card_render(*, summary: dict[str, Any], counts: dict[str, dict[str, int]]) -> str:
     """The dataset card (README.md): front matter for the Hub's loaders, then the report."""
     lines = ["---", "configs:"]
@@ -1326,6 +1359,15 @@ def card_render(*, summary: dict[str, Any], counts: dict[str, dict[str, int]]) -
             ("judgments up to id", filters["judgments_up_to_id"]),
         ],
     )
+    versions = summary["judgment_versions"]
+    lines += [
+        "",
+        "## Judgment versions",
+        "",
+        f"{versions['judgments']} judgments, {versions['revised']} of them revised by their labeler "
+        "before this build (rejected ones are left out). SHA-256 of their (id, version) pairs, "
+        f"in id order: `{versions['sha256']}`.",
+    ]
     lines += ["", "## Options", ""]
     lines += _table(("option", "value"), [(k, _shown(v)) for k, v in summary["options"].items()])
 
@@ -1528,6 +1570,7 @@ def dataset_build_write(*, build: DatasetBuild, progress: ProgressCallback) -> B
         progress(PROGRESS_PROMPTS)
 
         selection = {"build": build, "excluded": excluded, "judgment_id_max": judgment_id_max}
+        versions = judgment_versions_read(**selection)
         total = dataset_build_comparisons(**selection).count() + dataset_build_judgments(**selection).count()
         counter = _Progress(progress, total)
         outputs = Outputs(folder=staging, arrow_folder=arrow_folder, options=options)
@@ -1557,6 +1600,7 @@ def dataset_build_write(*, build: DatasetBuild, progress: ProgressCallback) -> B
             excluded=excluded,
             judgment_id_max=judgment_id_max,
             outputs=outputs,
+            versions=versions,
         )
         (staging / CARD_FILENAME).write_text(card_render(summary=summary, counts=counts), encoding="utf-8")
         digest = content_hash(staging)
