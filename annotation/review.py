@@ -8,6 +8,7 @@ judgment count drops by one. Each judgment is reviewed once.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import F, QuerySet
+from django.db.models import Count, F, QuerySet
 from django.http import Http404
 from django.utils import timezone
 
@@ -68,6 +69,7 @@ class ReviewFilters:
     date_from: date | None = None
     date_to: date | None = None
     gold: bool | None = None  # only gold tasks, only regular ones, or both
+    disagreeing: bool = False  # only judgments that another person's judgment of the task contradicts
 
 
 def review_queue(*, project: Project, filters: ReviewFilters) -> QuerySet[Judgment]:
@@ -89,7 +91,41 @@ def review_queue(*, project: Project, filters: ReviewFilters) -> QuerySet[Judgme
         judgments = judgments.filter(created_at__lt=end)
     if filters.gold is not None:
         judgments = judgments.filter(task__is_gold=filters.gold)
+    if filters.disagreeing:
+        judgments = judgments.filter(pk__in=_disagreeing_judgment_ids(project=project))
     return judgments.order_by("created_at", "id")
+
+
+def _outcome(ranks: dict[str, int], a: str, b: str) -> int | None:
+    if ranks.get(a) is None or ranks.get(b) is None:
+        return None
+    return (ranks[a] > ranks[b]) - (ranks[a] < ranks[b])
+
+
+def _disagreeing_judgment_ids(*, project: Project) -> list[int]:
+    """Judgments with a pair of responses that another person's judgment of the same task orders otherwise.
+
+    Only tasks judged by two people or more are read (rejected judgments
+    do not count), so the cost follows the overlapping part of the project.
+    """
+    judged = Judgment.objects.filter(task__project=project).exclude(review=Judgment.Review.REJECTED)
+    shared_tasks = judged.values("task_id").annotate(n=Count("id")).filter(n__gte=2).values("task_id")
+    by_task: dict[int, list[tuple[int, int, dict[str, int]]]] = {}
+    for pk, task_id, user_id, ranks in judged.filter(task_id__in=shared_tasks).values_list(
+        "id", "task_id", "user_id", "ranks"
+    ):
+        by_task.setdefault(task_id, []).append((pk, user_id, ranks))
+    found = []
+    for judgments in by_task.values():
+        for pk, user_id, ranks in judgments:
+            for _other_pk, other_user, other_ranks in judgments:
+                if other_user == user_id:
+                    continue
+                pairs = itertools.combinations(sorted(set(ranks) & set(other_ranks)), 2)
+                if any(_outcome(ranks, a, b) != _outcome(other_ranks, a, b) for a, b in pairs):
+                    found.append(pk)
+                    break
+    return found
 
 
 def judgment_as_seen(*, judgment: Judgment) -> list[dict[str, Any]]:

@@ -274,6 +274,7 @@ def _review_filters(query: Any) -> ReviewFilters:
         date_from=day("from"),
         date_to=day("to"),
         gold=gold,
+        disagreeing=query.get("disagreeing") == "yes",
     )
 
 
@@ -329,7 +330,7 @@ def review_decide(request: HttpRequest, judgment_id: int) -> HttpResponse:
             messages.success(request, gettext("Judgment rejected: its task is open to someone else."))
     # Only our own filter names travel back, re-encoded: never a URL from the request.
     query = QueryDict(mutable=True)
-    for name in ("review", "labeler", "from", "to", "gold"):
+    for name in ("review", "labeler", "from", "to", "gold", "disagreeing"):
         if value := request.POST.get(f"filter_{name}", ""):
             query[name] = value
     target = reverse("review-project", args=[judgment.task.project_id])

@@ -132,3 +132,18 @@ def test_an_invalid_revision_changes_nothing(judged):
         judgment_revise(judgment=judgment, user=first, answer=_answer(judgment, [1, 5]))
     assert Judgment.objects.get(pk=judgment.pk).version == 1
     assert Comparison.objects.filter(judgment=judgment).count() == 1
+
+
+def test_the_queue_can_show_only_judgments_others_contradict(make_project):
+    project = make_project(tasks=2, k=2, overlap=2)
+    ann, bob, cy = make_people(3)
+    contested, agreed = project.tasks.order_by("id")
+    a1 = judge(contested, ann, [1, 2])
+    b1 = judge(contested, bob, [2, 1])
+    a2 = judge(agreed, ann, [1, 2])
+    judge(agreed, cy, [1, 2])
+
+    shown = list(review_queue(project=project, filters=ReviewFilters(disagreeing=True)))
+
+    assert shown == [a1, b1]
+    assert a2 not in shown
