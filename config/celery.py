@@ -3,7 +3,7 @@
 Start workers with, for instance:
 
     celery -A config worker -Q default --concurrency 2
-    celery -A config worker -Q gpu --concurrency 1     # one per GPU machine
+    RANKWISE_GPUS=0,1 celery -A config worker -Q gpu --concurrency 2 -n gpu-0-1@%h   # per set of GPUs
 
 All settings live in ``config/settings.py`` under the ``CELERY_`` prefix.
 """

@@ -9,6 +9,8 @@ settings file. The README lists every variable.
 
 from __future__ import annotations
 
+import re
+import tempfile
 from pathlib import Path
 
 from csp.constants import NONE, SELF
@@ -323,6 +325,21 @@ DATASET_BUILD_TIME_LIMIT_S = env_int("DATASET_BUILD_TIME_LIMIT_S", 2 * 3600, min
 # A running run whose process wrote no heartbeat for this long is taken as dead
 # (its process heartbeats every few seconds while training).
 TRAINING_HEARTBEAT_TIMEOUT_S = env_int("TRAINING_HEARTBEAT_TIMEOUT_S", 300, minimum=10)
+# The GPUs this worker owns (`RANKWISE_GPUS=0,1`; none: its jobs run on CPUs
+# and see no card). Jobs take them through locks in GPU_LOCK_DIR, which must
+# be local to the host (never shared storage), see training.placement.
+WORKER_GPUS = env_list("RANKWISE_GPUS", [])
+for _device in WORKER_GPUS:
+    if not re.match(r"^(\d+|(GPU|MIG)-[0-9A-Za-z-]+)$", _device):
+        raise ImproperlyConfigured(
+            f"RANKWISE_GPUS: {_device!r} is not a GPU index (0, 1, …) nor a GPU-/MIG- UUID."
+        )
+if len(set(WORKER_GPUS)) != len(WORKER_GPUS):
+    raise ImproperlyConfigured(f"RANKWISE_GPUS={','.join(WORKER_GPUS)!r} names a device twice.")
+GPU_LOCK_DIR = env_path("GPU_LOCK_DIR", Path(tempfile.gettempdir()) / "rankwise-gpus")
+# The most GPUs a run may ask for: the number of cards each GPU worker owns
+# (a run asking for more would find no worker to take it).
+TRAINING_MAX_GPUS = env_int("TRAINING_MAX_GPUS", 8, minimum=1)
 # With acks_late, Redis re-delivers an unacknowledged message after the
 # visibility timeout. It must exceed the longest task, or a running job would
 # be delivered a second time while the first is still at work.

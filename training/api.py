@@ -169,7 +169,14 @@ class TrainingRunRequestSerializer(serializers.Serializer):
     kind = serializers.ChoiceField(choices=TrainingRun.Kind.choices)
     base_model = serializers.CharField(max_length=500)
     peft = serializers.ChoiceField(choices=TrainingRun.Peft.choices, default=TrainingRun.Peft.LORA)
-    num_processes = serializers.IntegerField(min_value=1, max_value=64, default=1)
+    gpus = serializers.IntegerField(
+        min_value=1, default=1, help_text="GPUs the run takes, one process each (at most TRAINING_MAX_GPUS)."
+    )
+    distributed = serializers.ChoiceField(
+        choices=TrainingRun.Distributed.choices,
+        default=TrainingRun.Distributed.DDP,
+        help_text="How several GPUs share the run: ddp, fsdp, deepspeed_zero2 or deepspeed_zero3.",
+    )
     trainer = serializers.ChoiceField(
         choices=TrainingRun.Trainer.choices, default=TrainingRun.Trainer.GROUPED
     )
@@ -190,6 +197,8 @@ class TrainingRunSerializer(serializers.Serializer):
     base_model = serializers.CharField()
     peft = serializers.CharField()
     trainer = serializers.CharField()
+    gpus = serializers.IntegerField()
+    distributed = serializers.CharField()
     hyperparameters = serializers.DictField()
     attempts = serializers.IntegerField()
     step = serializers.IntegerField()
@@ -213,6 +222,8 @@ def _run_payload(run: TrainingRun) -> dict[str, Any]:
         "base_model": run.base_model,
         "peft": run.peft,
         "trainer": run.trainer,
+        "gpus": run.gpus,
+        "distributed": run.distributed,
         "hyperparameters": run.hyperparameters,
         "attempts": run.attempts,
         "step": run.step,
@@ -249,7 +260,8 @@ def training_run_list_create(request: Request) -> Response:
             kind=data["kind"],
             base_model=data["base_model"],
             peft=data["peft"],
-            num_processes=data["num_processes"],
+            gpus=data["gpus"],
+            distributed=data["distributed"],
             trainer=data["trainer"],
             hyperparameters=data["hyperparameters"],
             name=data["name"],

@@ -96,8 +96,18 @@ class TrainingRunForm(forms.Form):
         required=False,
         help_text=_("Grouped is the fast default; TRL's own trainers are the baseline."),
     )
-    num_processes = forms.IntegerField(
-        min_value=1, max_value=64, initial=1, help_text=_("One per GPU; `accelerate launch` starts them.")
+    gpus = forms.IntegerField(
+        label=_("GPUs"),
+        min_value=1,
+        initial=1,
+        help_text=_("One process per GPU; at most the GPUs each GPU worker owns."),
+    )
+    distributed = forms.ChoiceField(
+        label=_("Multi-GPU strategy"),
+        choices=TrainingRun.Distributed.choices,
+        initial=TrainingRun.Distributed.DDP,
+        required=False,
+        help_text=_("How several GPUs share the run. DeepSpeed needs requirements-gpu.txt on the workers."),
     )
     learning_rate = forms.FloatField(
         required=False, min_value=0, help_text=_("Blank: the default for the kind and PEFT method.")

@@ -244,6 +244,12 @@ class TrainingRun(models.Model):
         GROUPED = "grouped", _("Grouped K-wise (one forward per completion)")
         TRL = "trl", _("TRL (RewardTrainer / DPOTrainer)")
 
+    class Distributed(models.TextChoices):
+        DDP = "ddp", _("DDP (a full copy of the model per GPU)")
+        FSDP = "fsdp", _("FSDP (parameters sharded across GPUs)")
+        DEEPSPEED_ZERO2 = "deepspeed_zero2", _("DeepSpeed ZeRO-2 (optimizer state and gradients sharded)")
+        DEEPSPEED_ZERO3 = "deepspeed_zero3", _("DeepSpeed ZeRO-3 (parameters sharded too)")
+
     TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
 
     name = models.CharField(max_length=200)
@@ -256,8 +262,21 @@ class TrainingRun(models.Model):
     trainer = models.CharField(max_length=16, choices=Trainer.choices, default=Trainer.GROUPED)
     # Validated by TrainingRunForm / training.runner.RunSpec; only RunSpec's field names.
     hyperparameters = models.JSONField(default=dict, blank=True)
-    num_processes = models.PositiveSmallIntegerField(
-        default=1, help_text=_("Processes (GPUs) for `accelerate launch`.")
+    gpus = models.PositiveSmallIntegerField(
+        _("GPUs"),
+        default=1,
+        help_text=_(
+            "GPUs the run takes from its worker, one process each (CPU processes on a worker without GPUs)."
+        ),
+    )
+    distributed = models.CharField(
+        _("multi-GPU strategy"),
+        max_length=16,
+        choices=Distributed.choices,
+        default=Distributed.DDP,
+        help_text=_(
+            "How several processes share the work (accelerate's configuration); unused with one GPU."
+        ),
     )
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
@@ -293,9 +312,7 @@ class TrainingRun(models.Model):
         ordering = ["-created_at", "-id"]
         indexes = [models.Index(fields=["status", "heartbeat_at"])]
         constraints = [
-            models.CheckConstraint(
-                condition=Q(num_processes__gte=1), name="trainingrun_at_least_one_process"
-            ),
+            models.CheckConstraint(condition=Q(gpus__gte=1), name="trainingrun_at_least_one_gpu"),
             models.CheckConstraint(
                 condition=Q(step__lte=models.F("total_steps")) | Q(total_steps=0),
                 name="trainingrun_step_within_total",

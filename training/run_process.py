@@ -1,7 +1,7 @@
 """The entry of a training run's own process.
 
     python -m training.run_process SPEC.json
-    accelerate launch --multi_gpu --num_processes N -m training.run_process SPEC.json
+    accelerate launch --config_file training/accelerate/ddp.yaml --num_processes N -m training.run_process SPEC.json
 
 The Celery task starts this process and waits for it; the process writes its
 own progress, heartbeat and terminal state to the run's row, so a worker that

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -51,6 +51,7 @@ from training.models import (
     TrainingRun,
     TrainingRunMetric,
 )
+from training.placement import DeviceLease, devices_held
 from training.selectors import BUILD_OPTION_FIELDS, dataset_build_dir, reward_models_for_user
 
 logger = logging.getLogger(__name__)
@@ -316,7 +317,8 @@ def training_run_create(
     peft: str = "lora",
     hyperparameters: dict[str, Any] | None = None,
     name: str = "",
-    num_processes: int = 1,
+    gpus: int = 1,
+    distributed: str = TrainingRun.Distributed.DDP,
     trainer: str = TrainingRun.Trainer.GROUPED,
 ) -> TrainingRun:
     """Create a queued run and enqueue it once the transaction commits.
@@ -326,6 +328,13 @@ def training_run_create(
     """
     if dataset_build.status != DatasetBuild.Status.SUCCEEDED:
         raise ValidationError({"dataset_build": "the dataset build has not succeeded yet"})
+    if gpus > settings.TRAINING_MAX_GPUS:
+        raise ValidationError(
+            {
+                "gpus": f"at most {settings.TRAINING_MAX_GPUS}: no GPU worker owns more "
+                f"(TRAINING_MAX_GPUS); asked for {gpus}"
+            }
+        )
     run = TrainingRun(
         name=name or f"{kind} on {dataset_build.name or f'build {dataset_build.pk}'}",
         kind=kind,
@@ -334,7 +343,8 @@ def training_run_create(
         peft=peft,
         trainer=trainer,
         hyperparameters=dict(hyperparameters or {}),
-        num_processes=num_processes,
+        gpus=gpus,
+        distributed=distributed,
         created_by=created_by,
     )
     run.full_clean(exclude=["created_by"])
@@ -383,21 +393,28 @@ def training_run_claim(*, run_id: int, now: datetime | None = None) -> TrainingR
     return cast("TrainingRun | None", _gpu_job_claim(TrainingRun, job_id=run_id, now=now))
 
 
+# accelerate's configuration for each multi-GPU strategy, shipped with the code.
+ACCELERATE_CONFIG_DIR = Path(__file__).resolve().parent / "accelerate"
+
+
+def training_run_accelerate_config(*, distributed: str) -> Path:
+    """The shipped `accelerate launch --config_file` of a multi-GPU strategy (ddp, fsdp, deepspeed_zero2/3)."""
+    return ACCELERATE_CONFIG_DIR / f"{TrainingRun.Distributed(distributed).value}.yaml"
+
+
 def training_run_command(*, run: TrainingRun, spec_path: Path) -> list[str]:
-    """`accelerate launch` of the run process: one process per GPU (or CPU process where there is none)."""
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-    ]
-    command += ["--dynamo_backend", "no", "--num_processes", str(run.num_processes)]
-    if run.num_processes > 1:
-        # torch.distributed across the processes: NCCL on GPUs, gloo on CPUs.
-        command.append("--multi_gpu")
+    """`accelerate launch` of the run process: one process per GPU (or CPU process where there is none).
+
+    Several processes share the work as the run's strategy says (the shipped
+    configuration files: torch.distributed with NCCL on GPUs, gloo on CPUs).
+    """
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1"]
+    if run.gpus > 1:
+        command += ["--config_file", str(training_run_accelerate_config(distributed=run.distributed))]
+    if not run.distributed.startswith("deepspeed") or run.gpus == 1:
+        # DeepSpeed takes its precision from its own file, and refuses it twice.
+        command += ["--mixed_precision", "no"]
+    command += ["--dynamo_backend", "no", "--num_processes", str(run.gpus)]
     return [*command, "-m", "training.run_process", str(spec_path)]
 
 
@@ -409,8 +426,18 @@ def training_run_execute(*, run_id: int) -> None:
     recording an outcome (killed, out of memory), the whole group is killed
     and the run goes back to `queued` while attempts remain, to resume from
     its newest complete checkpoint, or fails with the reason
-    (`_gpu_job_process_run`).
+    (`_gpu_job_process_run`). The run's GPUs are held before the claim
+    (`_gpu_job_devices`): a run waiting for cards stays queued.
     """
+    row = TrainingRun.objects.filter(pk=run_id).values("gpus").first()
+    if row is None:
+        return
+    with _gpu_job_devices(TrainingRun, job_id=run_id, gpus=row["gpus"], what="run") as lease:
+        if lease is not None:
+            _training_run_launch(run_id=run_id, lease=lease)
+
+
+def _training_run_launch(*, run_id: int, lease: DeviceLease) -> None:
     run = training_run_claim(run_id=run_id)
     if run is None:
         return
@@ -429,6 +456,7 @@ def training_run_execute(*, run_id: int) -> None:
         job_id=run_id,
         attempt=attempt,
         command=training_run_command(run=run, spec_path=spec_path),
+        lease=lease,
         log_path=output / f"process-attempt-{attempt}.log",
         what="run",
         retry_note="retrying from the last checkpoint",
@@ -763,6 +791,52 @@ def _gpu_jobs_reap(
     return reaped
 
 
+def _gpu_job_claimable(model: JobModel, *, job_id: int) -> bool:
+    """Whether a delivery could still claim the job: queued (not cancelled), or running with a stopped heartbeat."""
+    stale = timezone.now() - timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_S)
+    return model.objects.filter(
+        Q(status=model.Status.QUEUED) | Q(status=model.Status.RUNNING, heartbeat_at__lt=stale),
+        pk=job_id,
+        cancel_requested=False,
+    ).exists()
+
+
+@contextlib.contextmanager
+def _gpu_job_devices(model: JobModel, *, job_id: int, gpus: int, what: str) -> Iterator[DeviceLease | None]:
+    """Hold `gpus` of this worker's cards for the job (training.placement), before it is claimed.
+
+    The job stays queued while it waits for busy cards, so the reaper leaves
+    it alone and a cancel ends the wait. Yields None when there is nothing to
+    run: the job went elsewhere, was cancelled, or asks for more cards than
+    this worker owns (then it is failed, saying so).
+    """
+    owned = list(settings.WORKER_GPUS)
+    if owned and gpus > len(owned):
+        _gpu_job_fail(
+            model,
+            job_id=job_id,
+            error=f"the {what} asks for {gpus} GPUs but its worker owns {len(owned)} "
+            f"(RANKWISE_GPUS={','.join(owned)}); ask for at most the GPUs each worker owns (TRAINING_MAX_GPUS)",
+            from_statuses=("queued",),
+        )
+        yield None
+        return
+
+    waited = []
+
+    def keep_waiting() -> bool:
+        claimable = _gpu_job_claimable(model, job_id=job_id)
+        if claimable and not waited:
+            logger.info("%s %s waits for %s free GPUs of %s", what, job_id, gpus, ",".join(owned))
+            waited.append(True)
+        return claimable
+
+    with devices_held(
+        count=gpus, owned=owned, lock_dir=Path(settings.GPU_LOCK_DIR), keep_waiting=keep_waiting
+    ) as lease:
+        yield lease
+
+
 def _job_processes(mark: str) -> list[int]:
     """The live processes of one attempt: every one carries its mark in its environment.
 
@@ -873,6 +947,7 @@ def _gpu_job_process_run(
     job_id: int,
     attempt: int,
     command: list[str],
+    lease: DeviceLease,
     log_path: Path,
     what: str,
     retry_note: str,
@@ -881,7 +956,9 @@ def _gpu_job_process_run(
     """Run a claimed attempt's process group, wait for it, and clean up after it.
 
     1. Start `command` in a session of its own; every process of it inherits
-       a random mark of this attempt in its environment.
+       a random mark of this attempt in its environment, sees exactly the
+       GPUs of `lease` (`CUDA_VISIBLE_DEVICES`; none on a worker without
+       GPUs), and holds their locks while it lives.
     2. Wait for the first process (the launcher). Whatever is left of the
        group then (a trainer whose launcher was killed) is killed, and waited
        for, before anything else: two processes of one job never coexist.
@@ -901,9 +978,12 @@ def _gpu_job_process_run(
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
+        "CUDA_VISIBLE_DEVICES": lease.cuda_visible_devices,
         JOB_MARK_ENV: mark,
     }
     with log_path.open("ab") as log:
+        log.write(f"attempt {attempt}: CUDA_VISIBLE_DEVICES={lease.cuda_visible_devices!r}\n".encode())
+        log.flush()
         process = subprocess.Popen(
             command,
             cwd=settings.BASE_DIR,
@@ -911,6 +991,8 @@ def _gpu_job_process_run(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # The launcher holds the cards too: they stay taken until it is gone.
+            pass_fds=lease.lock_fds,
         )
         model.objects.filter(pk=job_id, attempts=attempt).update(process_id=process.pid)
         try:
@@ -1152,8 +1234,14 @@ def generation_job_execute(*, job_id: int) -> None:
     The process records success, cancellation and its own errors. If it
     dies without doing so (killed, out of memory), the job goes back to
     `queued` while attempts remain (the next attempt skips the prompts
-    already done), or fails with the reason.
+    already done), or fails with the reason. Its GPU is held before the claim.
     """
+    with _gpu_job_devices(GenerationJob, job_id=job_id, gpus=1, what="generation job") as lease:
+        if lease is not None:
+            _generation_job_launch(job_id=job_id, lease=lease)
+
+
+def _generation_job_launch(*, job_id: int, lease: DeviceLease) -> None:
     job = generation_job_claim(job_id=job_id)
     if job is None:
         return
@@ -1172,6 +1260,7 @@ def generation_job_execute(*, job_id: int) -> None:
         job_id=job_id,
         attempt=attempt,
         command=[sys.executable, "-m", "training.generation_process", str(spec_path)],
+        lease=lease,
         log_path=folder / f"process-attempt-{attempt}.log",
         what="generation",
         retry_note="retrying the prompts not done yet",
@@ -1468,7 +1557,13 @@ def scoring_job_spec(*, job: ScoringJob) -> Any:
 
 
 def scoring_job_execute(*, job_id: int) -> None:
-    """Run one delivery of the job's task: claim it, launch its process, wait, clean up after a crash."""
+    """Run one delivery of the job's task: hold its GPU, claim it, launch its process, wait, clean up after a crash."""
+    with _gpu_job_devices(ScoringJob, job_id=job_id, gpus=1, what="scoring job") as lease:
+        if lease is not None:
+            _scoring_job_launch(job_id=job_id, lease=lease)
+
+
+def _scoring_job_launch(*, job_id: int, lease: DeviceLease) -> None:
     job = scoring_job_claim(job_id=job_id)
     if job is None:
         return
@@ -1487,6 +1582,7 @@ def scoring_job_execute(*, job_id: int) -> None:
         job_id=job_id,
         attempt=attempt,
         command=[sys.executable, "-m", "training.scoring_process", str(spec_path)],
+        lease=lease,
         log_path=folder / f"process-attempt-{attempt}.log",
         what="scoring",
         retry_note="retrying the completions not scored yet",

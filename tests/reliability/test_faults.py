@@ -208,7 +208,7 @@ def test_with_redis_down_labeling_goes_on_and_health_and_training_say_the_queue_
             "dataset_build": succeeded_build.pk,
             "base_model": "any/model",
             "peft": "lora",
-            "num_processes": 1,
+            "gpus": 1,
             "num_train_epochs": 1,
             "max_steps": 2,
             "per_device_train_batch_size": 2,

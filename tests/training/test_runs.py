@@ -100,7 +100,7 @@ def start_from_admin(client, build, tiny_model_dir, kind: str, **fields):  # typ
         "base_model": str(tiny_model_dir),
         "peft": "lora",
         "trainer": "grouped",
-        "num_processes": 1,
+        "gpus": 1,
         "num_train_epochs": 1,
         "per_device_train_batch_size": 2,
         "gradient_accumulation_steps": 1,
@@ -321,15 +321,13 @@ def wait_for_step(run: TrainingRun, step: int) -> TrainingRun:
 
 
 @worker_test
-@pytest.mark.parametrize("num_processes", [1, 2])
+@pytest.mark.parametrize("gpus", [1, 2])
 def test_kill_9_of_the_launcher_kills_its_trainers_and_the_retry_resumes_with_never_two_trainers(
-    celery_worker, build, tiny_model_dir, num_processes
+    celery_worker, build, tiny_model_dir, gpus
 ):
     # given a run training mid-way, with a checkpoint at step 2; with two processes, torch's
     # launcher starts each trainer in a session of its own
-    run = create(
-        build, tiny_model_dir, hyperparameters={**TINY, "max_steps": 40}, num_processes=num_processes
-    )
+    run = create(build, tiny_model_dir, hyperparameters={**TINY, "max_steps": 40}, gpus=gpus)
     with trainers_sampled(run) as samples:
         run = wait_for_step(run, 3)
 
@@ -343,7 +341,7 @@ def test_kill_9_of_the_launcher_kills_its_trainers_and_the_retry_resumes_with_ne
     assert "killed by signal 9" in run.error
     assert "resuming from checkpoint" in Path(run.output_dir, "process-attempt-2.log").read_text()
     assert all(len(set(sample.values())) <= 1 for sample in samples), "two attempts trained at once"
-    assert max(len(sample) for sample in samples) == num_processes
+    assert max(len(sample) for sample in samples) == gpus
     assert RewardModel.objects.filter(run=run).count() == 1
 
 
@@ -445,10 +443,13 @@ def test_cancel_stops_a_running_run_within_a_few_steps(celery_worker, build, tin
 
 
 @worker_test
-def test_accelerate_launch_with_two_processes_completes_a_reward_run(celery_worker, build, tiny_model_dir):
-    run = wait_for(create(build, tiny_model_dir, num_processes=2), TrainingRun.TERMINAL)
+def test_a_two_process_run_through_the_ddp_configuration_completes_on_a_worker_without_gpus(
+    celery_worker, build, tiny_model_dir
+):
+    run = wait_for(create(build, tiny_model_dir, gpus=2, distributed="ddp"), TrainingRun.TERMINAL)
     assert run.status == TrainingRun.Status.SUCCEEDED, run.error + run.log_tail
     log = Path(run.output_dir, "process-attempt-1.log").read_text()
+    assert "CUDA_VISIBLE_DEVICES=''" in log  # the worker owns no GPU: its processes see none
     assert "process rank 0 of 2 started" in log
     assert "process rank 1 of 2 started" in log
 
