@@ -6,6 +6,7 @@ projects; for anyone else it does not exist (Http404, never 403).
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, time, timedelta
 from pathlib import Path
 from typing import Any
@@ -298,6 +299,47 @@ def training_run_final_dir(*, run: TrainingRun) -> Path:
 def reward_models_for_user(*, user: AnyUser) -> QuerySet[RewardModel]:
     """Reward models from runs the user may see (trained on data from projects they manage)."""
     return RewardModel.objects.filter(run__in=training_runs_for_user(user=user))
+
+
+# Fewer optimizer steps than this teach a model next to nothing: the run form says so first.
+FEW_STEPS = 20
+
+
+def training_run_steps_estimate(
+    *, build: DatasetBuild, trainer: str, hyperparameters: dict[str, Any]
+) -> int | None:
+    """How many optimizer steps these settings give on one GPU (more GPUs give fewer); None if unknown.
+
+    `max_steps` wins when set; otherwise the epochs over the build's train
+    rows the trainer reads (grouped rows for the grouped trainers, whose
+    batch counts groups; pairs for TRL's).
+    """
+    max_steps = int(hyperparameters.get("max_steps") or -1)
+    if max_steps > 0:
+        return max_steps
+    output = "grouped" if trainer in ("", TrainingRun.Trainer.GROUPED) else "pairs"
+    rows = (build.counts or {}).get(output, {}).get("train")
+    if rows is None:
+        return None
+    per_step = int(hyperparameters.get("per_device_train_batch_size") or 8) * int(
+        hyperparameters.get("gradient_accumulation_steps") or 1
+    )
+    epochs = float(hyperparameters.get("num_train_epochs") or 1.0)
+    return max(1, math.ceil(math.ceil(rows / per_step) * epochs))
+
+
+def training_run_few_steps(
+    *, build: DatasetBuild, trainer: str, hyperparameters: dict[str, Any]
+) -> int | None:
+    """The step count when the epochs give fewer than FEW_STEPS, else None.
+
+    An explicit `max_steps` is a deliberate choice (a smoke test, a resumed
+    schedule) and is never second-guessed.
+    """
+    if int(hyperparameters.get("max_steps") or -1) > 0:
+        return None
+    steps = training_run_steps_estimate(build=build, trainer=trainer, hyperparameters=hyperparameters)
+    return steps if steps is not None and steps < FEW_STEPS else None
 
 
 def generation_jobs_for_project(*, project: Project) -> QuerySet[GenerationJob]:

@@ -47,6 +47,7 @@ from training.selectors import (
     scoring_job_status,
     scoring_jobs_for_session,
     training_run_eta_seconds,
+    training_run_few_steps,
     training_run_final_dir,
     training_run_get_for_user,
     training_run_metric_series,
@@ -181,8 +182,19 @@ def training_run_new(request: HttpRequest) -> HttpResponse:
     initial = {key: request.GET[key] for key in ("kind",) if request.GET.get(key) in TrainingRun.Kind.values}
     if (build_id := request.GET.get("build", "")).isdigit():
         initial["dataset_build"] = int(build_id)
+    if "from_run" in request.GET:
+        initial.update(
+            _run_settings(training_run_get_for_user(user=request.user, pk=request.GET["from_run"]))
+        )
     form = TrainingRunForm(request.POST or None, user=request.user, initial=initial)
-    if request.method == "POST" and form.is_valid():
+    few_steps = None
+    if request.method == "POST" and form.is_valid() and not request.POST.get("few_steps_ok"):
+        few_steps = training_run_few_steps(
+            build=form.cleaned_data["dataset_build"],
+            trainer=form.cleaned_data["trainer"],
+            hyperparameters=form.hyperparameters(),
+        )
+    if request.method == "POST" and form.is_valid() and few_steps is None:
         data = form.cleaned_data
         try:
             run = training_run_create(
@@ -191,8 +203,7 @@ def training_run_new(request: HttpRequest) -> HttpResponse:
                 base_model=data["base_model"],
                 peft=data["peft"],
                 trainer=data["trainer"] or TrainingRun.Trainer.GROUPED,
-                gpus=data["gpus"],
-                distributed=data["distributed"] or TrainingRun.Distributed.DDP,
+                num_processes=data["num_processes"],
                 hyperparameters=form.hyperparameters(),
                 name=data["name"],
                 created_by=request.user,
@@ -205,7 +216,24 @@ def training_run_new(request: HttpRequest) -> HttpResponse:
         else:
             return redirect("training-run-detail", run.pk)
     status = 503 if form.non_field_errors() and request.method == "POST" else 200
-    return render(request, "training/run_form.html", {"form": form}, status=status)
+    context = {"form": form, "few_steps": few_steps}
+    return render(request, "training/run_form.html", context, status=status)
+
+
+def _run_settings(run: TrainingRun) -> dict[str, Any]:
+    """A run's settings as the run form's initial values: "run again" starts from them."""
+    return {
+        "kind": run.kind,
+        "dataset_build": run.dataset_build_id,
+        "base_model": run.base_model,
+        "peft": run.peft,
+        "trainer": run.trainer,
+        **{
+            name: value
+            for name, value in (run.hyperparameters or {}).items()
+            if name in TrainingRunForm.HYPERPARAMETERS
+        },
+    }
 
 
 # Curves the run page draws, in this order, when the run has logged them.
