@@ -394,6 +394,7 @@ def _labeler_table_from(
     *,
     agreement: dict[str, Any],
     gold: dict[int, dict[str, Any]],
+    reviews: dict[int, dict[str, int]] | None = None,
 ) -> list[dict[str, Any]]:
     reliability = {
         row["user_id"]: row
@@ -401,6 +402,7 @@ def _labeler_table_from(
             "user_id", "reliability", "source"
         )
     }
+    reviews = reviews if reviews is not None else _reviews_by_labeler(project=data.project)
     by_user: dict[int, list[_JudgmentRow]] = defaultdict(list)
     for judgment in data.judgments:
         by_user[judgment.user_id].append(judgment)
@@ -423,10 +425,39 @@ def _labeler_table_from(
                 # Estimated from the votes by the latest Dawid–Skene build (None without one).
                 "reliability": reliability[user_id]["reliability"] if user_id in reliability else None,
                 "reliability_source": reliability[user_id]["source"] if user_id in reliability else "",
+                # Review: of this person's reviewed judgments, the share accepted (None before any review).
+                "reviewed": reviews[user_id]["reviewed"],
+                "acceptance_rate": _rate(reviews[user_id]["accepted"], reviews[user_id]["reviewed"]),
             }
         )
     rows.sort(key=lambda row: (-row["judgments"], row["username"]))
     return rows
+
+
+def _reviews_by_labeler(*, project: Project) -> dict[int, dict[str, int]]:
+    """Per labeler: judgments reviewed and judgments accepted (rejected ones included in reviewed)."""
+    counts: dict[int, dict[str, int]] = defaultdict(lambda: {"reviewed": 0, "accepted": 0})
+    rows = (
+        Judgment.objects.filter(task__project=project)
+        .exclude(review=Judgment.Review.PENDING)
+        .values("user_id", "review")
+        .annotate(n=Count("id"))
+        .order_by()
+    )
+    for row in rows:
+        counts[row["user_id"]]["reviewed"] += row["n"]
+        if row["review"] == Judgment.Review.ACCEPTED:
+            counts[row["user_id"]]["accepted"] += row["n"]
+    return counts
+
+
+def review_acceptance(
+    *, project: Project, reviews: dict[int, dict[str, int]] | None = None
+) -> dict[str, Any]:
+    """The project's reviewed judgments and the share accepted (`rate`, None before any review)."""
+    totals = (reviews if reviews is not None else _reviews_by_labeler(project=project)).values()
+    reviewed = sum(row["reviewed"] for row in totals)
+    return {"reviewed": reviewed, "rate": _rate(sum(row["accepted"] for row in totals), reviewed)}
 
 
 def project_labeler_table(*, project: Project) -> list[dict[str, Any]]:
@@ -455,12 +486,13 @@ def project_stats(*, project: Project) -> dict[str, Any]:
     data = _project_data(project=project)
     agreement = _pairwise_agreement_from(data)
     gold = _gold_accuracy_from(data)
+    reviews = _reviews_by_labeler(project=project)
     return {
         "project_id": project.pk,
         "progress": _progress_from(data),
         "judgments_per_day": project_judgments_per_day(project=project),
         "median_active_seconds": _median_active_seconds_from(data),
-        "labelers": _labeler_table_from(data, agreement=agreement, gold=gold),
+        "labelers": _labeler_table_from(data, agreement=agreement, gold=gold, reviews=reviews),
         "pairwise_agreement": {
             **agreement,
             "per_labeler": {str(user_id): row for user_id, row in agreement["per_labeler"].items()},
@@ -468,4 +500,5 @@ def project_stats(*, project: Project) -> dict[str, Any]:
         "kendall_tau": _kendall_tau_from(data),
         "krippendorff_alpha": _krippendorff_alpha_from(data),
         "gold_accuracy": {str(user_id): row for user_id, row in gold.items()},
+        "review": review_acceptance(project=project, reviews=reviews),
     }

@@ -18,6 +18,7 @@ from annotation.review import (
 )
 from annotation.roles import Role
 from annotation.services import JudgmentInput, JudgmentInvalid, assignment_claim_next
+from annotation.stats import project_stats
 from tests.annotation.conftest import add_member, make_people
 from tests.training.test_builds_support import judge
 
@@ -147,3 +148,20 @@ def test_the_queue_can_show_only_judgments_others_contradict(make_project):
 
     assert shown == [a1, b1]
     assert a2 not in shown
+
+
+def test_the_dashboard_and_stats_show_acceptance_rates(judged, client):
+    project, judgment, first, _second, rita = judged
+    other = judge(project.tasks.get(is_gold=True), first, [2, 1])
+    judgment_review(judgment=judgment, reviewer=rita, accept=True)
+    judgment_review(judgment=other, reviewer=rita, accept=False, reason="wrong")
+    boss = add_member(project, make_people(1, prefix="boss")[0], Role.MANAGER)
+
+    stats = project_stats(project=project)
+    client.force_login(boss)
+    page = client.get(f"/manage/projects/{project.pk}/").content.decode()
+
+    assert stats["review"] == {"reviewed": 2, "rate": 0.5}
+    (row,) = [row for row in stats["labelers"] if row["user_id"] == first.pk]
+    assert (row["reviewed"], row["acceptance_rate"]) == (2, 0.5)
+    assert "Accepted in review" in page and "50%" in page

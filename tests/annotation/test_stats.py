@@ -46,8 +46,8 @@ from annotation.stats import (
 pytestmark = pytest.mark.django_db
 
 # One snapshot of tasks, completions and judgments, one comparisons aggregate, the stored reliabilities,
-# one per-day aggregate: the same whatever the number of judgments.
-PROJECT_STATS_QUERY_BOUND = 6
+# one per-day aggregate, one review aggregate: the same whatever the number of judgments.
+PROJECT_STATS_QUERY_BOUND = 7
 
 
 # --- local builders --------------------------------------------------------------
@@ -359,6 +359,8 @@ def test_labeler_table_lists_most_judgments_first_with_gold_and_agreement() -> N
         "agreement_rate": pytest.approx(5 / 6),
         "reliability": None,  # no Dawid–Skene build yet (tests/training/test_builds_dawid_skene.py)
         "reliability_source": "",
+        "reviewed": 0,  # nobody has reviewed a judgment yet (tests/annotation/test_review.py)
+        "acceptance_rate": None,
     }
     assert (bob["judgments"], bob["median_active_seconds"]) == (2, 20.0)
     assert (bob["gold_judged"], bob["gold_accuracy"]) == (1, 1.0)
