@@ -234,11 +234,13 @@ def ab_votes(*, project: Project) -> list[Any]:
 
     Left is what the person saw on the left (the assignment's permutation);
     "both bad" is a judgment with none acceptable, a tie one with equal ranks.
+    Votes rejected in review (annotation.review) do not count.
     """
     from annotation.ab_stats import Vote
 
     judgments = (
         Judgment.objects.filter(task__project=project)
+        .exclude(review=Judgment.Review.REJECTED)
         .select_related("assignment", "task")
         .prefetch_related("task__items__completion")
         .order_by("id")
@@ -269,7 +271,8 @@ def ab_scored_votes(*, project: Project) -> list[Any]:
 
     A decisive vote or a tie is its judgment's one comparison; "both bad"
     (none acceptable) makes no comparison and takes the task's two completions.
-    Completions are named by their opaque uid, as the scores are.
+    Completions are named by their opaque uid, as the scores are. Votes
+    rejected in review do not count.
     """
     from annotation.ab_stats import ScoredVote
 
@@ -282,11 +285,13 @@ def ab_scored_votes(*, project: Project) -> list[Any]:
             "tie" if comparison.is_tie else "decisive",
         )
         for comparison in Comparison.objects.filter(project=project)
+        .exclude(judgment__review=Judgment.Review.REJECTED)
         .select_related("chosen__policy", "rejected__policy")
         .order_by("judgment_id", "id")
     ]
     both_bad = (
         Judgment.objects.filter(task__project=project, none_acceptable=True)
+        .exclude(review=Judgment.Review.REJECTED)
         .prefetch_related(
             Prefetch("task__items", queryset=TaskCompletion.objects.select_related("completion__policy"))
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from django.core.exceptions import ValidationError
 
-from annotation.models import Assignment, Comparison, Judgment, Task
+from annotation.models import Assignment, Comparison, Judgment, Policy, Task
 from annotation.review import (
     JudgmentNotRevisable,
     ReviewConflict,
@@ -17,9 +17,11 @@ from annotation.review import (
     review_queue,
 )
 from annotation.roles import Role
-from annotation.services import JudgmentInput, JudgmentInvalid, assignment_claim_next
+from annotation.selectors import ab_scored_votes, ab_votes
+from annotation.services import JudgmentInput, JudgmentInvalid, assignment_claim_next, judgment_submit
 from annotation.stats import project_stats
 from tests.annotation.conftest import add_member, make_people
+from tests.annotation.test_ab import session
 from tests.training.test_builds_support import judge
 
 pytestmark = pytest.mark.django_db
@@ -165,3 +167,22 @@ def test_the_dashboard_and_stats_show_acceptance_rates(judged, client):
     (row,) = [row for row in stats["labelers"] if row["user_id"] == first.pk]
     assert (row["reviewed"], row["acceptance_rate"]) == (2, 0.5)
     assert "Accepted in review" in page and "50%" in page
+
+
+def test_a_vote_rejected_in_review_leaves_the_ab_results(db):
+    policies = [Policy.objects.create(name="review-a"), Policy.objects.create(name="review-b")]
+    boss, voter = make_people(2)
+    project = session(policies, boss, prompts=2)
+    add_member(project, voter, Role.EVALUATOR)
+    add_member(project, boss, Role.MANAGER)
+    judgments = []
+    for number in range(2):
+        assignment = assignment_claim_next(project=project, user=voter)
+        left, right = (str(item.completion.uid) for item in assignment.task.items.order_by("position"))
+        answer = JudgmentInput(ranks={left: 1, right: 2}, client_token=f"vote-{number}")
+        judgments.append(judgment_submit(assignment=assignment, user=voter, answer=answer).judgment)
+
+    judgment_review(judgment=judgments[0], reviewer=boss, accept=False, reason="clicked at random")
+
+    assert len(ab_votes(project=project)) == 1
+    assert len(ab_scored_votes(project=project)) == 1
