@@ -30,6 +30,7 @@ def demo_progress_path(out_dir: Path) -> Path:
 
 def demo_progress_write(path: Path, **fields: Any) -> None:
     """Replace the progress file whole (write, then rename), so a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(path.name + ".tmp")
     staging.write_text(json.dumps({**fields, "updated_at": time.time()}) + "\n")
     staging.replace(path)

@@ -156,6 +156,13 @@ class LocalStack:
             time.sleep(0.5)
         raise StackError(f"the web server at {base_url} was not healthy after {timeout_s:.0f} s ({last})")
 
+    def exit_status(self, name: str) -> int | None:
+        """The exit status of the named child once it has ended (None while it runs)."""
+        for child_name, process in self.children:
+            if child_name == name:
+                return process.poll()
+        return None
+
     def check_alive(self) -> None:
         """Raise for a service that stopped; a one-off child reports its own end (its progress file)."""
         for name, process in self.children:

@@ -242,3 +242,57 @@ def test_rundemo_demo_serves_at_once_builds_the_model_in_the_background_and_ends
             process.wait()
             for child in leftovers:
                 child.kill()
+
+
+def test_a_demo_model_build_killed_from_outside_is_reported_failed_while_the_app_keeps_serving(
+    tmp_path: Path,
+) -> None:
+    # given the demo running with its model building in the background
+    web_port, redis_port = port_free(), port_free()
+    env = demo_env(tmp_path, redis_port)
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput"],
+        cwd=REPO_ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    log_path = tmp_path / "rundemo.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "manage.py", "rundemo", "--demo", "--port", str(web_port)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until_ready(process, web_port, redis_port, log_path)
+        build = next(
+            child
+            for child in psutil.Process(process.pid).children(recursive=True)
+            if "build_demo_model" in " ".join(child.cmdline())
+        )
+
+        # when the build is killed from outside (as the out-of-memory killer would)
+        build.kill()
+
+        # then the demo says the build failed, on the console and in the progress file, and keeps serving
+        progress_file = tmp_path / "var" / "models" / "demo-sft.progress.json"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline and "failed" not in log_path.read_text():
+            time.sleep(0.2)
+        assert "Demo model: failed: the build process exited with status -9" in log_path.read_text()
+        assert json.loads(progress_file.read_text())["status"] == "failed"
+        assert process.poll() is None
+        assert get(web_port, "/accounts/login/")[0] == 200
+        os.kill(process.pid, signal.SIGINT)
+        assert process.wait(timeout=STOP_TIMEOUT_S) == 0, log_tail(log_path)
+    finally:
+        if process.poll() is None:
+            leftovers = psutil.Process(process.pid).children(recursive=True)
+            process.kill()
+            process.wait()
+            for child in leftovers:
+                child.kill()

@@ -99,7 +99,7 @@ class Command(BaseCommand):
 
     def _watch(self, stack: LocalStack, progress_path: Path | None) -> None:
         """Keep the services alive; show the model build's progress on one line until it ends."""
-        from config.demo_progress import demo_progress_line, demo_progress_read
+        from config.demo_progress import demo_progress_line, demo_progress_read, demo_progress_write
 
         shown, last_print = "", 0.0
         in_place = self.stdout.isatty()
@@ -107,6 +107,11 @@ class Command(BaseCommand):
             stack.check_alive()
             if progress_path is not None:
                 progress = demo_progress_read(progress_path) or {"status": "building", "step": 0, "total": 0}
+                ended = stack.exit_status("demo-model")
+                if ended is not None and progress.get("status") not in ("ready", "failed"):
+                    # Killed from outside (out of memory, a signal): the build could not say so itself.
+                    progress = {"status": "failed", "error": f"the build process exited with status {ended}"}
+                    demo_progress_write(progress_path, **progress)
                 line = f"Demo model: {demo_progress_line(progress)}"
                 finished = progress.get("status") in ("ready", "failed")
                 due = finished or time.monotonic() - last_print >= PROGRESS_EVERY_S
