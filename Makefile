@@ -49,13 +49,13 @@ $(VENDOR_STAMP): package.json package-lock.json
 
 vendor: $(VENDOR_STAMP)
 
+# Serves at once; the demo model builds in the background (progress at /demo-model/),
+# and the address and the accounts' new passwords are printed last (rundemo --demo).
 demo: export DEBUG = 1
 demo: $(VENV)/.runtime-installed $(VENDOR_STAMP)
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py demo_users --quiet-passwords
 	$(PY) manage.py seed_demo
-	# Serves at once; the demo model builds in the background (progress at /demo-model/),
-	# and the address and the accounts' new passwords are printed last.
 	HF_HUB_OFFLINE=1 $(PY) manage.py rundemo --demo --host $(DEMO_HOST) --port $(DEMO_PORT)
 
 # The whole loop with simulated labelers and evaluators (see README, "The whole loop").
