@@ -150,9 +150,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from django.db.models import QuerySet
 from django.db.models.functions import Greatest, Least
 
-from annotation.models import Prompt, TaskCompletion
+from annotation.models import Comparison, Judgment, Prompt, TaskCompletion
 from annotation.rendering import completion_text_key
 from training.models import DatasetBuild
 from training.selectors import (
@@ -170,6 +171,21 @@ from training.selectors import (
 ProgressCallback = Callable[[float], None]
 
 CHUNK_SIZE = 2000  # rows fetched per round trip from the database cursor
+
+
+def _comparisons_read(**selection: Any) -> QuerySet[Comparison]:
+    """The comparisons the build's filters select, less those of judgments rejected in review.
+
+    A rejected judgment is kept for audit (annotation.review) but is no data.
+    """
+    return dataset_build_comparisons(**selection).exclude(judgment__review=Judgment.Review.REJECTED)
+
+
+def _judgments_read(**selection: Any) -> QuerySet[Judgment]:
+    """The judgments behind those comparisons, less those rejected in review."""
+    return dataset_build_judgments(**selection).exclude(review=Judgment.Review.REJECTED)
+
+
 PARQUET_BATCH_ROWS = 5000  # rows per Parquet row group (fixed: part of the bytes)
 PROGRESS_EVERY_ROWS = 5000
 
@@ -874,7 +890,7 @@ def pairs_write(
     if options.margin == DatasetBuild.Margin.LIKERT_GAP:
         fields.append("judgment__likert")
     comparisons = (
-        dataset_build_comparisons(build=build, excluded=excluded, judgment_id_max=judgment_id_max)
+        _comparisons_read(build=build, excluded=excluded, judgment_id_max=judgment_id_max)
         .annotate(pair_low=Least("chosen_id", "rejected_id"), pair_high=Greatest("chosen_id", "rejected_id"))
         .order_by("prompt_id", "pair_low", "pair_high", "id")
         .values_list(*fields, "pair_low", "pair_high", named=True)
@@ -1089,7 +1105,7 @@ def judgments_write(
 ) -> JudgmentStats:
     """Stream the selected judgments, prompt by prompt, into grouped, SFT and reference rows."""
     judgments = (
-        dataset_build_judgments(build=build, excluded=excluded, judgment_id_max=judgment_id_max)
+        _judgments_read(build=build, excluded=excluded, judgment_id_max=judgment_id_max)
         .order_by("task__prompt_id", "id")
         .values_list(
             "id",
@@ -1307,7 +1323,7 @@ def judgment_versions_read(
     digest = hashlib.sha256()
     judgments = revised = 0
     rows = (
-        dataset_build_judgments(build=build, excluded=excluded, judgment_id_max=judgment_id_max)
+        _judgments_read(build=build, excluded=excluded, judgment_id_max=judgment_id_max)
         .order_by("id")
         .values_list("id", "version")
     )
@@ -1571,7 +1587,7 @@ def dataset_build_write(*, build: DatasetBuild, progress: ProgressCallback) -> B
 
         selection = {"build": build, "excluded": excluded, "judgment_id_max": judgment_id_max}
         versions = judgment_versions_read(**selection)
-        total = dataset_build_comparisons(**selection).count() + dataset_build_judgments(**selection).count()
+        total = _comparisons_read(**selection).count() + _judgments_read(**selection).count()
         counter = _Progress(progress, total)
         outputs = Outputs(folder=staging, arrow_folder=arrow_folder, options=options)
         common = {
