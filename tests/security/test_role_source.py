@@ -145,6 +145,11 @@ def test_a_global_group_without_a_membership_opens_no_door_of_the_project(role: 
     # when they try every page and API door of the role, then none lets them reach the project
     answers = _answers(grouped, role, project)
     assert answers == dict.fromkeys(answers, False)
+    # and a labeler or evaluator group alone is told how to get to work
+    if role != Role.MANAGER:
+        client = Client()
+        client.force_login(grouped)
+        assert "not a member of any project yet" in client.get("/").content.decode()
 
 
 @pytest.mark.django_db
