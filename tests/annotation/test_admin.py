@@ -50,6 +50,7 @@ def test_creating_a_project_makes_the_creator_its_manager(client, two_projects):
             "flags": '["harmful"]',
             "lease_minutes": "30",
             "gold_rate": "0.1",
+            "task_order": "fill",
             "memberships-TOTAL_FORMS": "0",
             "memberships-INITIAL_FORMS": "0",
             "memberships-MIN_NUM_FORMS": "0",
