@@ -6,6 +6,8 @@ Only Django is imported here: the web process loads this module.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
@@ -14,6 +16,7 @@ from django.utils.deconstruct import deconstructible
 from django.utils.translation import gettext_lazy as _
 
 from annotation.models import Policy, Project
+from config.storage import storage_path_resolve
 
 # `attempts` counts claims and never goes down: it is the fencing token every
 # write of an attempt is checked against. A job stopped on purpose (SIGTERM:
@@ -325,6 +328,11 @@ class TrainingRun(models.Model):
 
     def __str__(self) -> str:
         return self.name or f"{self.get_kind_display()} run {self.pk}"
+
+    @property
+    def output_path(self) -> Path:
+        """The run's folder on this host (`output_dir` is stored relative to ARTIFACTS_DIR)."""
+        return Path(storage_path_resolve(self.output_dir))
 
     @property
     def progress(self) -> float:

@@ -290,7 +290,7 @@ RUN_FILES = ("model.zip", "metrics.json", "log.txt")
 
 
 def training_run_final_dir(*, run: TrainingRun) -> Path:
-    return Path(run.output_dir) / "final"
+    return run.output_path / "final"
 
 
 # --- reward models and scoring jobs ------------------------------------------------

@@ -41,6 +41,7 @@ from annotation.services import (
     tasks_create_for_project,
     tasks_uncertainty_refresh,
 )
+from config.storage import storage_path_resolve, storage_path_stored
 from training.models import (
     BestOfN,
     DatasetBuild,
@@ -297,8 +298,10 @@ def training_run_spec(*, run: TrainingRun) -> Any:
         kind=run.kind,
         peft=run.peft,
         run_id=run.pk or 0,
-        base_model=run.base_model,
-        output_dir=run.output_dir or str(Path(settings.ARTIFACTS_DIR) / "runs" / "pending"),
+        base_model=storage_path_resolve(run.base_model),
+        output_dir=str(run.output_path)
+        if run.output_dir
+        else str(Path(settings.ARTIFACTS_DIR) / "runs" / "pending"),
         attempt=run.attempts,
         trainer=run.trainer,
         # The grouped trainer reads margins from the ranks the way the build chose to.
@@ -339,7 +342,7 @@ def training_run_create(
         name=name or f"{kind} on {dataset_build.name or f'build {dataset_build.pk}'}",
         kind=kind,
         dataset_build=dataset_build,
-        base_model=base_model,
+        base_model=storage_path_stored(base_model),
         peft=peft,
         trainer=trainer,
         hyperparameters=dict(hyperparameters or {}),
@@ -355,7 +358,7 @@ def training_run_create(
     broker_check()
     with transaction.atomic():
         run.save()
-        run.output_dir = str(Path(settings.ARTIFACTS_DIR) / "runs" / str(run.pk))
+        run.output_dir = storage_path_stored(Path(settings.ARTIFACTS_DIR) / "runs" / str(run.pk))
         run.save(update_fields=["output_dir"])
         transaction.on_commit(lambda: training_run_enqueue(run_id=run.pk))
     return run
@@ -444,7 +447,7 @@ def _training_run_launch(*, run_id: int, lease: DeviceLease) -> None:
     attempt = run.attempts
     try:
         spec = training_run_spec(run=run)
-        output = Path(run.output_dir)
+        output = run.output_path
         output.mkdir(parents=True, exist_ok=True)
         spec_path = output / f"spec-attempt-{attempt}.json"
         spec.to_json(spec_path)
@@ -545,7 +548,7 @@ def training_run_finish(*, run_id: int, attempt: int, result: Any) -> bool:
             name=f"rm-{run.pk}",
             run=run,
             base_model=run.base_model,
-            path=result.final_dir,
+            path=storage_path_stored(result.final_dir),
             metrics=result.metrics,
         )
     else:
@@ -553,11 +556,11 @@ def training_run_finish(*, run_id: int, attempt: int, result: Any) -> bool:
             name=f"dpo-{run.pk}",
             kind=Policy.Kind.MODEL,
             base_model=run.base_model,
-            adapter=result.final_dir if run.peft != TrainingRun.Peft.FULL else "",
+            adapter=storage_path_stored(result.final_dir) if run.peft != TrainingRun.Peft.FULL else "",
             generation_settings={},
         )
         if run.peft == TrainingRun.Peft.FULL:
-            run.policy.base_model = result.final_dir
+            run.policy.base_model = storage_path_stored(result.final_dir)
             run.policy.save(update_fields=["base_model"])
     run.metrics = result.metrics
     run.heartbeat_at = run.finished_at = now
@@ -1204,7 +1207,7 @@ def generation_job_spec(*, job: GenerationJob) -> Any:
         best_of_n = BestOfNSpec(
             n=link.n,
             reward_model_id=link.reward_model_id,
-            reward_model_path=link.reward_model.path,
+            reward_model_path=storage_path_resolve(link.reward_model.path),
             base_policy_id=link.base_policy_id,
             conversational=link.reward_model.run.dataset_build.format == DatasetBuild.Format.CONVERSATIONAL,
         )
@@ -1220,8 +1223,8 @@ def generation_job_spec(*, job: GenerationJob) -> Any:
         max_new_tokens=job.max_new_tokens,
         seed=job.seed,
         policy=PolicySpec(
-            base_model=policy.base_model,
-            adapter=policy.adapter,
+            base_model=storage_path_resolve(policy.base_model),
+            adapter=storage_path_resolve(policy.adapter),
             prompt_format=policy_prompt_format(policy=policy),
         ),
         best_of_n=best_of_n,
@@ -1550,7 +1553,7 @@ def scoring_job_spec(*, job: ScoringJob) -> Any:
         attempt=job.attempts,
         project_id=job.project_id,
         scorer=job.scorer,
-        reward_model_path=reward_model.path,
+        reward_model_path=storage_path_resolve(reward_model.path),
         conversational=reward_model.run.dataset_build.format == DatasetBuild.Format.CONVERSATIONAL,
         max_length=int(max_length) if max_length else None,
     )

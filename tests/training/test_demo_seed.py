@@ -6,7 +6,6 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
-from django.conf import settings
 from django.core.management import call_command
 
 from annotation.management.commands.seed_demo import (
@@ -29,10 +28,7 @@ def test_the_demo_seeds_arithmetic_prompts_the_demo_model_answers_and_registers_
     seed()
 
     policy = Policy.objects.get(name=DEMO_SFT_POLICY)
-    assert (policy.kind, policy.base_model) == (
-        Policy.Kind.MODEL,
-        str(Path(settings.MODELS_DIR) / "demo-sft"),
-    )
+    assert (policy.kind, policy.base_model) == (Policy.Kind.MODEL, "models:demo-sft")
     arithmetic = Project.objects.get(name=ARITHMETIC_PROJECT)
     heldout = Project.objects.get(name=ARITHMETIC_HELDOUT_PROJECT)
     # the model's task: chat prompts, training problems to rank, test problems for the A/B session

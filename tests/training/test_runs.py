@@ -15,6 +15,7 @@ from django.db import transaction
 
 from annotation.models import Policy
 from annotation.roles import Role
+from config.storage import storage_path_resolve
 from tests.factories import user_with_roles
 from tests.training.test_builds_support import judge, make_manager, project_with_prompts, tasks_of
 from training.models import DatasetBuild, RewardModel, TrainingRun, TrainingRunMetric
@@ -131,7 +132,12 @@ def test_a_reward_run_started_from_the_admin_action_succeeds_and_registers_a_rew
     assert {"pairwise_accuracy", "ece", "tie_rate"} <= set(run.metrics)
     assert TrainingRunMetric.objects.filter(run=run).exists()
     reward_model = RewardModel.objects.get(run=run)
-    assert (Path(reward_model.path) / "adapter_model.safetensors").exists()
+    # paths are stored relative to the artifacts folder, and resolve on this host
+    assert (run.output_dir, reward_model.path) == (
+        f"artifacts:runs/{run.pk}",
+        f"artifacts:runs/{run.pk}/final",
+    )
+    assert (Path(storage_path_resolve(reward_model.path)) / "adapter_model.safetensors").exists()
     # the run page shows the result, and the model downloads as an attachment
     page = client.get(f"/training/runs/{run.pk}/")
     assert b"pairwise_accuracy" in page.content
@@ -149,7 +155,8 @@ def test_a_dpo_run_started_from_the_admin_action_succeeds_and_registers_a_policy
     assert {"reward_accuracy", "reward_margin"} <= set(run.metrics)
     policy = Policy.objects.get(training_runs=run)
     assert policy.base_model == str(tiny_model_dir)
-    assert Path(policy.adapter, "adapter_model.safetensors").exists()
+    assert policy.adapter == f"artifacts:runs/{run.pk}/final"
+    assert Path(storage_path_resolve(policy.adapter), "adapter_model.safetensors").exists()
 
 
 @pytest.mark.django_db
@@ -283,7 +290,7 @@ def trainers_of(run: TrainingRun) -> dict[int, str]:
     found = {}
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []  # a zombie has none: it is dead
-        specs = [arg for arg in cmdline if arg.startswith(f"{run.output_dir}/spec-attempt-")]
+        specs = [arg for arg in cmdline if arg.startswith(f"{run.output_path}/spec-attempt-")]
         if "training.run_process" in cmdline and "accelerate.commands.launch" not in cmdline and specs:
             found[process.pid] = specs[0]
     return found
@@ -339,7 +346,7 @@ def test_kill_9_of_the_launcher_kills_its_trainers_and_the_retry_resumes_with_ne
     assert run.status == TrainingRun.Status.SUCCEEDED, run.error
     assert (run.attempts, run.step) == (2, 40)
     assert "killed by signal 9" in run.error
-    assert "resuming from checkpoint" in Path(run.output_dir, "process-attempt-2.log").read_text()
+    assert "resuming from checkpoint" in (run.output_path / "process-attempt-2.log").read_text()
     assert all(len(set(sample.values())) <= 1 for sample in samples), "two attempts trained at once"
     assert max(len(sample) for sample in samples) == gpus
     assert RewardModel.objects.filter(run=run).count() == 1
@@ -363,7 +370,7 @@ def test_sigterm_to_the_run_process_saves_a_checkpoint_and_requeues_the_run_with
     assert run.status == TrainingRun.Status.SUCCEEDED, run.error
     assert (run.attempts, run.attempts_given_back) == (2, 1)
     assert "stopped by SIGTERM" in run.error
-    assert "resuming from checkpoint" in Path(run.output_dir, "process-attempt-2.log").read_text()
+    assert "resuming from checkpoint" in (run.output_path / "process-attempt-2.log").read_text()
     assert max(len(sample) for sample in samples) == 1
 
 
@@ -414,7 +421,7 @@ def test_a_worker_shutting_down_stops_its_run_which_another_worker_resumes_with_
     assert run.status == TrainingRun.Status.SUCCEEDED, run.error
     assert (run.attempts, run.attempts_given_back) == (2, 1)
     assert "stopped by SIGTERM" in run.error
-    assert "resuming from checkpoint" in Path(run.output_dir, "process-attempt-2.log").read_text()
+    assert "resuming from checkpoint" in (run.output_path / "process-attempt-2.log").read_text()
 
 
 @worker_test
@@ -448,7 +455,7 @@ def test_a_two_process_run_through_the_ddp_configuration_completes_on_a_worker_w
 ):
     run = wait_for(create(build, tiny_model_dir, gpus=2, distributed="ddp"), TrainingRun.TERMINAL)
     assert run.status == TrainingRun.Status.SUCCEEDED, run.error + run.log_tail
-    log = Path(run.output_dir, "process-attempt-1.log").read_text()
+    log = (run.output_path / "process-attempt-1.log").read_text()
     assert "CUDA_VISIBLE_DEVICES=''" in log  # the worker owns no GPU: its processes see none
     assert "process rank 0 of 2 started" in log
     assert "process rank 1 of 2 started" in log

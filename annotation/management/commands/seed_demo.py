@@ -12,6 +12,7 @@ from annotation.importing import prompts_import
 from annotation.models import Membership, Policy, Project
 from annotation.roles import Role
 from annotation.services import ab_session_create
+from config.storage import storage_path_stored
 
 DEMO_DATA = Path(__file__).resolve().parents[2] / "demo_data" / "ranking.jsonl"
 DEMO_PROJECT = "Demo: helpful answers"
@@ -124,7 +125,10 @@ class Command(BaseCommand):
         """
         policy, _created = Policy.objects.get_or_create(
             name=DEMO_SFT_POLICY,
-            defaults={"kind": Policy.Kind.MODEL, "base_model": str(Path(settings.MODELS_DIR) / "demo-sft")},
+            defaults={
+                "kind": Policy.Kind.MODEL,
+                "base_model": storage_path_stored(Path(settings.MODELS_DIR) / "demo-sft"),
+            },
         )
         projects = []
         for name, data, fields in (
