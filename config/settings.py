@@ -285,13 +285,8 @@ CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_TIMEZONE = TIME_ZONE
 CELERY_TASK_DEFAULT_QUEUE = "default"
-# Training runs, generation and scoring jobs need a GPU; everything else
-# (dataset builds, reapers, e-mail) runs on the default queue.
-CELERY_TASK_ROUTES = {
-    "training.tasks.training_run_*": {"queue": "gpu"},
-    "training.tasks.generation_job_*": {"queue": "gpu"},
-    "training.tasks.scoring_job_*": {"queue": "gpu"},
-}
+# No routes by name: each task names its queue (`gpu` for the jobs that need a
+# GPU, see training.tasks); everything else runs on the default queue.
 # A worker reserves one message at a time: a GPU job waiting behind a long
 # run on the same worker would otherwise sit idle while other GPUs are free.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 from django.conf import settings
 
 from config.celery import app as celery_app
 from config.celery import ping
+from training.services import (
+    DATASET_BUILD_TASK,
+    GENERATION_JOB_TASK,
+    SCORING_JOB_TASK,
+    TRAINING_RUN_TASK,
+    training_run_enqueue,
+)
 
 
 @pytest.mark.worker
@@ -22,28 +32,40 @@ def test_a_task_round_trips_through_a_real_worker(celery_worker: str) -> None:
     assert celery_worker.endswith("@" + reply["pong"])
 
 
-def queue_for(task_name: str) -> str:
-    return celery_app.amqp.router.route({}, task_name)["queue"].name
+JOB_TASKS = [DATASET_BUILD_TASK, TRAINING_RUN_TASK, GENERATION_JOB_TASK, SCORING_JOB_TASK]
 
 
-@pytest.mark.parametrize(
-    "task_name",
-    [
-        "training.tasks.training_run_execute",
-        "training.tasks.training_run_resume",
-        "training.tasks.generation_job_execute",
-    ],
-)
-def test_training_runs_and_generation_jobs_go_to_the_gpu_queue(task_name: str) -> None:
-    assert queue_for(task_name) == "gpu"
+def test_each_job_kind_has_one_task_that_names_the_queue_services_publish_it_on() -> None:
+    import training.tasks  # noqa: F401  (registers the tasks)
+
+    assert [celery_app.tasks[task.name].queue for task in JOB_TASKS] == [task.queue for task in JOB_TASKS]
+    assert [task.queue for task in JOB_TASKS] == ["default", "gpu", "gpu", "gpu"]
+    reapers = [name for name in celery_app.tasks if name.startswith("training.tasks.") and "reap" in name]
+    assert reapers and all(celery_app.tasks[name].queue == "default" for name in reapers)
 
 
-@pytest.mark.parametrize(
-    "task_name",
-    ["annotation.tasks.assignment_leases_expire", "training.tasks.dataset_build_execute", "rankwise.ping"],
-)
-def test_every_other_task_goes_to_the_default_queue(task_name: str) -> None:
-    assert queue_for(task_name) == "default"
+def test_no_task_is_routed_by_a_pattern_of_names() -> None:
+    assert not celery_app.conf.task_routes
+    # scheduled and unnamed sends fall to the default queue
+    assert celery_app.amqp.router.route({}, "rankwise.ping")["queue"].name == "default"
+
+
+@pytest.mark.django_db
+def test_services_publish_a_runs_task_by_name_on_the_gpu_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent = []
+    monkeypatch.setattr(celery_app, "send_task", lambda name, **options: sent.append((name, options)))
+    assert training_run_enqueue(run_id=7)
+    assert sent == [("training.tasks.training_run_execute", {"args": (7,), "queue": "gpu"})]
+
+
+def test_the_services_never_import_the_task_module() -> None:
+    # the task module imports the services: an import back would be a cycle
+    tree = ast.parse((Path(__file__).resolve().parent.parent / "training" / "services.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {
+        alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
+    assert not {name for name in imported if name and name.startswith("training.tasks")}
 
 
 def test_the_app_accepts_only_json() -> None:

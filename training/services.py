@@ -20,6 +20,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -41,6 +42,7 @@ from annotation.services import (
     tasks_create_for_project,
     tasks_uncertainty_refresh,
 )
+from config.celery import app as celery_app
 from config.storage import storage_path_resolve, storage_path_stored
 from training.models import (
     BestOfN,
@@ -58,6 +60,21 @@ from training.selectors import BUILD_OPTION_FIELDS, dataset_build_dir, reward_mo
 logger = logging.getLogger(__name__)
 
 ERROR_MAX_CHARS = 10_000
+
+
+@dataclass(frozen=True)
+class JobTask:
+    """A job kind's Celery task: its name and its queue. Services publish by name (they never
+    import `training.tasks`, which imports them); the tasks declare these same names and queues."""
+
+    name: str
+    queue: str
+
+
+DATASET_BUILD_TASK = JobTask("training.tasks.dataset_build_execute", "default")
+TRAINING_RUN_TASK = JobTask("training.tasks.training_run_execute", "gpu")
+GENERATION_JOB_TASK = JobTask("training.tasks.generation_job_execute", "gpu")
+SCORING_JOB_TASK = JobTask("training.tasks.scoring_job_execute", "gpu")
 
 
 class DatasetBuildInvalid(ValueError):
@@ -164,13 +181,9 @@ def dataset_build_publish(*, build_id: int) -> bool:
     between that check and the commit; a build nobody will ever run must not
     sit in `queued`.
     """
-    # Imported here: the task module imports this one.
-    from training.tasks import dataset_build_execute
-
     return _task_publish(
-        dataset_build_execute,
+        DATASET_BUILD_TASK,
         build_id,
-        queue="default",
         fail=lambda error: dataset_build_fail(build_id=build_id, error=error, from_statuses=("queued",)),
     )
 
@@ -364,10 +377,10 @@ def training_run_create(
     return run
 
 
-def _task_publish(task: Any, row_id: int, *, queue: str, fail: Callable[[str], object]) -> bool:
-    """Publish a job's task on `queue`; when the broker refuses, `fail(error)` records why."""
+def _task_publish(task: JobTask, row_id: int, *, fail: Callable[[str], object]) -> bool:
+    """Publish a job's task, by name, on its queue; when the broker refuses, `fail(error)` records why."""
     try:
-        task.apply_async((row_id,), queue=queue)
+        celery_app.send_task(task.name, args=(row_id,), queue=task.queue)
     except Exception as error:  # kombu raises several kinds when the broker is gone
         fail(f"could not be queued: {error}")
         return False
@@ -376,12 +389,9 @@ def _task_publish(task: Any, row_id: int, *, queue: str, fail: Callable[[str], o
 
 def training_run_enqueue(*, run_id: int) -> bool:
     """Publish the run's task on the gpu queue; a run that cannot be queued is failed, saying why."""
-    from training.tasks import training_run_execute
-
     return _task_publish(
-        training_run_execute,
+        TRAINING_RUN_TASK,
         run_id,
-        queue="gpu",
         fail=lambda error: training_run_fail(run_id=run_id, error=error, from_statuses=("queued",)),
     )
 
@@ -1179,12 +1189,9 @@ def generation_job_create(
 
 def generation_job_enqueue(*, job_id: int) -> bool:
     """Publish the job's task on the gpu queue; a job that cannot be queued is failed, saying why."""
-    from training.tasks import generation_job_execute as generation_job_execute_task
-
     return _task_publish(
-        generation_job_execute_task,
+        GENERATION_JOB_TASK,
         job_id,
-        queue="gpu",
         fail=lambda error: generation_job_fail(job_id=job_id, error=error, from_statuses=("queued",)),
     )
 
@@ -1522,12 +1529,9 @@ def scoring_job_create(
 
 def scoring_job_enqueue(*, job_id: int) -> bool:
     """Publish the job's task on the gpu queue; a job that cannot be queued is failed, saying why."""
-    from training.tasks import scoring_job_execute as scoring_job_execute_task
-
     return _task_publish(
-        scoring_job_execute_task,
+        SCORING_JOB_TASK,
         job_id,
-        queue="gpu",
         fail=lambda error: scoring_job_fail(job_id=job_id, error=error, from_statuses=("queued",)),
     )
 

@@ -1,7 +1,10 @@
 """Celery tasks of the training side: thin wrappers that take ids and call services.
 
-Dataset builds run on the `default` queue (only training runs, generation
-jobs and scoring jobs are routed to `gpu`, see CELERY_TASK_ROUTES).
+One task per job kind, each naming its queue (`gpu` for training runs,
+generation and scoring jobs; `default` for dataset builds and the reapers);
+no routing by name pattern. Services publish the job tasks by name with the
+same names and queues (`training.services.JobTask`), so they never import
+this module.
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ from celery.signals import worker_shutting_down
 from django.conf import settings
 
 from training.services import (
+    DATASET_BUILD_TASK,
+    GENERATION_JOB_TASK,
+    SCORING_JOB_TASK,
+    TRAINING_RUN_TASK,
     dataset_build_fail,
     dataset_build_run,
     dataset_builds_reap,
@@ -42,7 +49,8 @@ class DatasetBuildTask(Task):
 
 
 @shared_task(
-    name="training.tasks.dataset_build_execute",
+    name=DATASET_BUILD_TASK.name,
+    queue=DATASET_BUILD_TASK.queue,
     base=DatasetBuildTask,
     ignore_result=True,
     time_limit=settings.DATASET_BUILD_TIME_LIMIT_S,
@@ -63,7 +71,8 @@ class TrainingRunTask(Task):
 
 
 @shared_task(
-    name="training.tasks.training_run_execute",
+    name=TRAINING_RUN_TASK.name,
+    queue=TRAINING_RUN_TASK.queue,
     base=TrainingRunTask,
     ignore_result=True,
     # Acknowledged only once the run is over; a worker lost mid-run puts the
@@ -79,13 +88,13 @@ def training_run_execute(run_id: int) -> None:
     training_run_execute_service(run_id=int(run_id))
 
 
-@shared_task(name="training.tasks.training_runs_reap", ignore_result=True)
+@shared_task(name="training.tasks.training_runs_reap", queue="default", ignore_result=True)
 def training_runs_reap() -> list[int]:
     """Runs whose heartbeat stopped go back to the queue (attempts left) or fail."""
     return training_runs_reap_service()
 
 
-@shared_task(name="training.tasks.dataset_builds_reap", ignore_result=True)
+@shared_task(name="training.tasks.dataset_builds_reap", queue="default", ignore_result=True)
 def dataset_builds_reap_task() -> list[int]:
     """Builds left `running` by a worker that died are failed, saying so."""
     return dataset_builds_reap()
@@ -122,27 +131,36 @@ GPU_JOB_TASK_OPTIONS: dict[str, Any] = {
 }
 
 
-@shared_task(name="training.tasks.generation_job_execute", base=GenerationJobTask, **GPU_JOB_TASK_OPTIONS)
+@shared_task(
+    name=GENERATION_JOB_TASK.name,
+    queue=GENERATION_JOB_TASK.queue,
+    base=GenerationJobTask,
+    **GPU_JOB_TASK_OPTIONS,
+)
 def generation_job_execute(job_id: int) -> None:
     """Launch the job's own process (`python -m training.generation_process`) and wait. No torch here."""
     generation_job_execute_service(job_id=int(job_id))
 
 
-@shared_task(name="training.tasks.scoring_job_execute", base=ScoringJobTask, **GPU_JOB_TASK_OPTIONS)
+@shared_task(
+    name=SCORING_JOB_TASK.name,
+    queue=SCORING_JOB_TASK.queue,
+    base=ScoringJobTask,
+    **GPU_JOB_TASK_OPTIONS,
+)
 def scoring_job_execute(job_id: int) -> None:
     """Launch the job's own process (`python -m training.scoring_process`) and wait. No torch here."""
     scoring_job_execute_service(job_id=int(job_id))
 
 
-# Not named generation_job_* / scoring_job_*: CELERY_TASK_ROUTES would send
-# them to the gpu queue, behind the jobs they are meant to watch.
-@shared_task(name="training.tasks.stalled_generation_jobs_reap", ignore_result=True)
+# On the default queue: on `gpu` they would wait behind the jobs they are meant to watch.
+@shared_task(name="training.tasks.stalled_generation_jobs_reap", queue="default", ignore_result=True)
 def stalled_generation_jobs_reap() -> list[int]:
     """Generation jobs whose heartbeat stopped go back to the queue (attempts left) or fail."""
     return generation_jobs_reap()
 
 
-@shared_task(name="training.tasks.stalled_scoring_jobs_reap", ignore_result=True)
+@shared_task(name="training.tasks.stalled_scoring_jobs_reap", queue="default", ignore_result=True)
 def stalled_scoring_jobs_reap() -> list[int]:
     """Scoring jobs whose heartbeat stopped go back to the queue (attempts left) or fail."""
     return scoring_jobs_reap()

@@ -210,7 +210,7 @@ def test_a_build_whose_task_cannot_be_published_is_failed_with_the_reason_never_
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise OperationalError("Error 111 connecting to redis: Connection refused.")
 
-    monkeypatch.setattr("training.tasks.dataset_build_execute.apply_async", refuse)
+    monkeypatch.setattr("config.celery.app.send_task", refuse)
     make_manager(project, manager)
     client = login(csrf_client, manager)
 

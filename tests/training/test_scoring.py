@@ -391,8 +391,10 @@ def test_the_session_form_starts_scoring_once_the_session_exists(
 def test_scoring_jobs_go_to_the_gpu_queue_and_their_reaper_to_the_default_queue_on_beat(
     settings: Any,
 ) -> None:
+    import training.tasks  # noqa: F401  (registers the tasks)
+
     def queue_for(name: str) -> str:
-        return celery_app.amqp.router.route({}, name)["queue"].name
+        return celery_app.tasks[name].queue
 
     assert queue_for("training.tasks.scoring_job_execute") == "gpu"
     assert queue_for("training.tasks.stalled_scoring_jobs_reap") == "default"
