@@ -45,6 +45,7 @@ from annotation.ab_stats import wilson_interval
 from annotation.models import Completion, Membership, Project, Prompt, Task
 from annotation.roles import Role
 from annotation.services import tasks_create_for_project
+from config.storage import storage_path_resolve
 from training.demo_task import DemoProblem
 from training.loop import (
     LABELERS,
@@ -166,7 +167,7 @@ class LabelEfficiency(Loop):
         from training.scoring import reward_model_load
 
         reward_model = RewardModel.objects.get(pk=run["reward_model"])
-        tokenizer, model = reward_model_load(reward_model.path)
+        tokenizer, model = reward_model_load(storage_path_resolve(reward_model.path))
         right_vs_wrong, _nearer = self._pair_accuracy(tokenizer, model, self.heldout_project)
         return right_vs_wrong
 

@@ -55,6 +55,7 @@ from annotation.models import Completion, Membership, Policy, Project
 from annotation.roles import Role
 from annotation.selectors import ab_votes
 from annotation.services import ab_session_create, user_create
+from config.storage import storage_path_resolve
 from training.demo_task import DemoProblem, answer_extract, answer_is_correct, demo_problems
 from training.models import GenerationJob, TrainingRun
 from training.services import generation_job_create
@@ -505,7 +506,7 @@ class Loop:
         from training.scoring import reward_model_load
 
         reward_model = RewardModel.objects.get(pk=run["reward_model"])
-        tokenizer, model = reward_model_load(reward_model.path)
+        tokenizer, model = reward_model_load(storage_path_resolve(reward_model.path))
         heldout = self._pair_accuracy(tokenizer, model, self.heldout_project)
         seen = self._pair_accuracy(tokenizer, model, self.train_project)
         self.report.reward_model = {

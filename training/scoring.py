@@ -202,12 +202,6 @@ def reward_model_load(
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
-    if path.partition(":")[0] in ("artifacts", "models"):
-        # A RewardModel.path as the database stores it, from code in a Django process; job
-        # processes are given resolved paths and never reach this import.
-        from config.storage import storage_path_resolve
-
-        path = storage_path_resolve(path)
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"no saved reward model at {folder}")
