@@ -750,7 +750,7 @@ def prompts_import(
         lines = _write(project, rows, report)
         report.duplicates = sorted(validation.duplicates)
         report.tasks_created = tasks_create_for_project(project=project)
-        # A new prompt with K completions is left without a task only when its texts repeat.
+        # A new prompt with K completions is left without a task only when they all hold one text.
         # (Bounded by id rather than listing the ids: SQLite caps a query's parameters.)
         waiting = (
             Prompt.objects.filter(project=project, pk__gte=min(lines, default=0), tasks__isnull=True)
@@ -782,11 +782,8 @@ def _prompts_without_task(project: Project, lines: dict[int, int]) -> list[tuple
         elif len(completions) < project.k:
             count = len(completions)
             reason = f"{count} completion{'' if count == 1 else 's'}; a task needs K={project.k}"
-        elif different < project.k:
-            reason = (
-                f"only {different} different text{'' if different == 1 else 's'} among "
-                f"{len(completions)} completions; a task needs K={project.k}"
-            )
+        elif different < 2:
+            reason = f"one text in all {len(completions)} completions: nothing to rank"
         else:
             reason = "no task was made"
         reasons.append((lines[pk], reason))

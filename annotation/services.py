@@ -172,17 +172,24 @@ def _dense_ranks(ranks: list[int]) -> list[int]:
     return [levels[rank] for rank in ranks]
 
 
+# A task shows up to K different texts; with fewer than two there is nothing to rank.
+MIN_TASK_TEXTS = 2
+
+
 @transaction.atomic
 def tasks_create_for_project(*, project: Project, batch_size: int = 1000) -> int:
-    """Make one task per prompt that has no task yet and at least K completions with different texts.
+    """Make one task per prompt that has no task yet and at least K completions.
 
-    The K completions come from as many different policies as there are
-    (round-robin over policies, oldest first), and no two hold the same text
-    (completion_text_key): a prompt without K different texts waits without
-    a task. A prompt whose metadata holds `gold_ranks` (one rank per
-    completion, in import order) becomes a gold task over its first K
-    completions, their ranks renumbered from 1, when those K differ. Rows are
-    written in batches. Returns the number of tasks made.
+    A task shows up to K completions, from as many different policies as there
+    are (round-robin over policies, oldest first), and never the same text
+    twice (completion_text_key). A prompt whose K or more completions hold
+    fewer than K different texts gets a smaller task of the different ones
+    (sampled outputs often repeat: dropping such prompts would throw away
+    most of a low-temperature policy's rankings); one with a single text gets
+    none, as there is nothing to rank. A prompt whose metadata holds
+    `gold_ranks` (one rank per completion, in import order) becomes a gold
+    task over its first K completions, their ranks renumbered from 1, when
+    those K differ. Rows are written in batches. Returns the number of tasks made.
     """
     prompts = (
         Prompt.objects.filter(project=project, tasks__isnull=True)
@@ -222,7 +229,7 @@ def tasks_create_for_project(*, project: Project, batch_size: int = 1000) -> int
             )
         else:
             chosen = _pick_diverse(completions, project.k)
-            if len(chosen) < project.k:
+            if len(chosen) < MIN_TASK_TEXTS:
                 continue
             task = Task(project=project, prompt=prompt)
         pending.append((task, chosen))

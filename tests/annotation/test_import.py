@@ -714,7 +714,7 @@ def test_the_report_names_each_prompt_left_without_a_task_and_why(project: Proje
 
     assert report.without_task == [
         (2, "1 completion; a task needs K=2"),
-        (3, "only 1 different text among 2 completions; a task needs K=2"),
+        (3, "one text in all 2 completions: nothing to rank"),
         (4, "no completions yet"),
     ]
 

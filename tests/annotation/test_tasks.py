@@ -38,8 +38,8 @@ def prompt_with(project: Project, texts: list[str], *, metadata: dict | None = N
     return prompt
 
 
-def test_a_prompt_without_k_different_texts_gets_no_task_and_the_import_says_so() -> None:
-    # given a K=3 project and a prompt whose three completions hold only two texts
+def test_a_prompt_with_fewer_than_k_different_texts_gets_a_smaller_task_and_one_text_gets_none() -> None:
+    # given a K=3 project: three texts, two texts among three completions, and one text three times
     project = Project.objects.create(name="capitals", k=3)
     data = jsonl(
         {
@@ -58,15 +58,30 @@ def test_a_prompt_without_k_different_texts_gets_no_task_and_the_import_says_so(
                 {"text": "Turin.", "policy": "c"},
             ],
         },
+        {
+            "prompt": "Capital of Spain?",
+            "completions": [
+                {"text": "Madrid.", "policy": "a"},
+                {"text": "Madrid.", "policy": "b"},
+                {"text": " Madrid.", "policy": "c"},
+            ],
+        },
     )
 
     # when it is imported
     report = prompts_import(project=project, data=data)
 
-    # then only the prompt with three different texts has a task, and the report names the other's line
-    assert report.tasks_created == 1
-    assert list(Task.objects.values_list("prompt__text", flat=True)) == ["Capital of Italy?"]
-    assert report.repeated_texts == [1]
+    # then France gets a task of its two different texts, Italy one of three, Spain none (nothing to rank)
+    assert report.tasks_created == 2
+    shown = {
+        task.prompt.text: sorted(item.completion.text for item in task.items.all())
+        for task in Task.objects.select_related("prompt").prefetch_related("items__completion")
+    }
+    assert shown == {
+        "Capital of France?": ["Lyon.", "Paris."],
+        "Capital of Italy?": ["Milan.", "Rome.", "Turin."],
+    }
+    assert report.repeated_texts == [3]
 
 
 def test_a_task_takes_different_texts_while_spreading_over_policies() -> None:
