@@ -79,13 +79,20 @@ def test_every_stage_of_the_loop_runs_and_the_reward_model_beats_chance(
 
     # every training task was ranked once, through the API, as its C(4,2) comparisons
     train = Project.objects.get(name__endswith=": train")
-    assert report.labeling["judgments"] == train.tasks.count() == QUICK["train_prompts"]
-    assert Judgment.objects.filter(task__project=train).count() == QUICK["train_prompts"]
-    assert Comparison.objects.filter(judgment__task__project=train).count() == 6 * QUICK["train_prompts"]
+    # (a prompt all of whose samples are one text gets no task: nothing to rank)
+    assert report.labeling["judgments"] == train.tasks.count() >= 0.8 * QUICK["train_prompts"]
+    assert Judgment.objects.filter(task__project=train).count() == train.tasks.count()
+    # (a task shows up to K = 4 different texts: a prompt whose samples repeat gets a smaller one)
+    pairs = sum(
+        len(task.items.all()) * (len(task.items.all()) - 1) // 2
+        for task in train.tasks.prefetch_related("items")
+    )
+    assert Comparison.objects.filter(judgment__task__project=train).count() == pairs
 
     # every A/B pair got its vote, and nothing was left unanswered
+    # (a prompt on which SFT and DPO wrote the same text is left out of the session: nothing to compare)
     session = Project.objects.get(kind=Project.Kind.AB)
-    assert report.ab["votes"] == session.tasks.count() == QUICK["eval_prompts"]
+    assert 0 < report.ab["votes"] == session.tasks.count() <= QUICK["eval_prompts"]
     assert (
         report.ab["dpo_wins"] + report.ab["sft_wins"] + report.ab["ties"] + report.ab["both_bad"]
         == report.ab["votes"]
