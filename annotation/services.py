@@ -930,14 +930,8 @@ def ab_session_create(
         chosen.setdefault((completion.policy_id, completion.prompt_id), completion)
     copies: list[Completion] = []
     for source in prompts:
-        prompt = Prompt.objects.create(
-            project=project,
-            external_id=source.external_id,
-            text=source.text,
-            messages=source.messages,
-            metadata=source.metadata,
-            content_hash=source.content_hash,
-        )
+        prompt = prompt_copy(source=source, project=project)
+        prompt.save()
         copies += [
             Completion(
                 prompt=prompt,
@@ -952,6 +946,18 @@ def ab_session_create(
     ab_session_open(project=project)
     project.refresh_from_db()
     return project
+
+
+def prompt_copy(*, source: Prompt, project: Project) -> Prompt:
+    """An unsaved copy of `source` (text or messages, external id, metadata, hash) for `project`."""
+    return Prompt(
+        project=project,
+        external_id=source.external_id,
+        text=source.text,
+        messages=source.messages,
+        metadata=source.metadata,
+        content_hash=source.content_hash,
+    )
 
 
 @transaction.atomic

@@ -44,7 +44,7 @@ from django.db import transaction
 from annotation.ab_stats import wilson_interval
 from annotation.models import Completion, Membership, Project, Prompt, Task
 from annotation.roles import Role
-from annotation.services import tasks_create_for_project
+from annotation.services import prompt_copy, tasks_create_for_project
 from config.storage import storage_path_resolve
 from training.demo_task import DemoProblem
 from training.loop import (
@@ -195,15 +195,7 @@ class LabelEfficiency(Loop):
                 self.pool.prompts.order_by("id")[:limit] if limit else self.pool.prompts.order_by("id")
             )
             copies = Prompt.objects.bulk_create(
-                Prompt(
-                    project=project,
-                    external_id=source.external_id,
-                    text=source.text,
-                    messages=source.messages,
-                    metadata=source.metadata,
-                    content_hash=source.content_hash,
-                )
-                for source in sources
+                prompt_copy(source=source, project=project) for source in sources
             )
             copy_of = {source.pk: copy for source, copy in zip(sources, copies, strict=True)}
             Completion.objects.bulk_create(
@@ -238,11 +230,12 @@ class LabelEfficiency(Loop):
         count = sum(done)
         finished: set[str] = set()
         turn = itertools.cycle(people)
+        clients = {name: ApiClient(self.settings.base_url, self.labelers[name][1]) for name, _noise in people}
         while (budget is None or count < budget) and len(finished) < len(people):
             name, noise = next(turn)
             if name in finished:
                 continue
-            api = ApiClient(self.settings.base_url, self.labelers[name][1])
+            api = clients[name]
             status, assignment = api.request("POST", f"/api/projects/{project.pk}/next")
             if status == 204:
                 finished.add(name)
