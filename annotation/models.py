@@ -459,3 +459,35 @@ class LabelerReliability(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} in {self.project}: {self.reliability:.2f}"
+
+
+class StatsSnapshot(models.Model):
+    """A project's statistics as a background task last computed them (annotation.stats).
+
+    Pages and the stats API read this row instead of loading the whole project
+    on every request. `refresh_requested_at` is the debounce flag: set when new
+    judgments ask for a refresh and a task is scheduled, cleared when the task
+    starts, so one refresh is in flight per project and kind.
+    """
+
+    class Kind(models.TextChoices):
+        PROJECT = "project", _("Project statistics")
+        AB = "ab", _("A/B results")
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="+")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    payload = models.JSONField(default=dict)
+    computed_at = models.DateTimeField()
+    # Submitted judgments the payload was computed from.
+    judgments_seen = models.PositiveIntegerField(default=0)
+    # Seconds the computation took, shown to managers and printed by bench/read_path.py.
+    compute_seconds = models.FloatField(default=0.0)
+    refresh_requested_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["project", "kind"], name="statssnapshot_one_per_kind"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} of {self.project} at {self.computed_at:%Y-%m-%d %H:%M}"
