@@ -491,3 +491,121 @@ class StatsSnapshot(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_kind_display()} of {self.project} at {self.computed_at:%Y-%m-%d %H:%M}"
+
+
+class Notice(models.Model):
+    """An in-app notice to one person: a job they started, or one in a project they manage, ended.
+
+    The job is named by kind and id rather than a foreign key: jobs live in
+    `training`, which this app never depends on (DESIGN.md). The text is
+    written when the notice is shown, in the reader's language.
+    """
+
+    class Kind(models.TextChoices):
+        RUN = "run", _("Training run")
+        BUILD = "build", _("Dataset build")
+        GENERATION = "generation", _("Generation job")
+        SCORING = "scoring", _("Scoring job")
+
+    class Outcome(models.TextChoices):
+        SUCCEEDED = "succeeded", _("succeeded")
+        FAILED = "failed", _("failed")
+        CANCELLED = "cancelled", _("cancelled")
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="notices")
+    project = models.ForeignKey(Project, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    object_id = models.PositiveBigIntegerField()
+    outcome = models.CharField(max_length=16, choices=Outcome.choices)
+    title = models.CharField(max_length=300)
+    url = models.CharField(max_length=300, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    read_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            # A job ends once: a second call for the same end (a retried task, a reaper) adds nothing.
+            models.UniqueConstraint(
+                fields=["user", "kind", "object_id"], name="notice_one_per_job_and_person"
+            ),
+        ]
+        indexes = [
+            # The navigation counts a person's unread notices on every page.
+            models.Index(fields=["user"], condition=Q(read_at__isnull=True), name="notice_unread_by_user"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} {self.title} {self.outcome} (for {self.user})"
+
+
+class Webhook(models.Model):
+    """A project's outgoing webhook: signed JSON POSTed to `url` for the events it chose."""
+
+    class Event(models.TextChoices):
+        JUDGMENT_SUBMITTED = "judgment.submitted", _("Judgment submitted")
+        BUILD_FINISHED = "build.finished", _("Dataset build finished")
+        RUN_FINISHED = "run.finished", _("Training run finished")
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="webhooks")
+    url = models.URLField(_("URL"), max_length=500, help_text=_("Where each event is POSTed as JSON."))
+    secret = models.CharField(
+        _("secret"),
+        max_length=200,
+        help_text=_("Signs every delivery (HMAC-SHA256); the receiver checks the signature with it."),
+    )
+    events = models.JSONField(_("events"), default=list, help_text=_("The events sent to this address."))
+    active = models.BooleanField(_("active"), default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["project", "id"]
+        verbose_name = _("webhook")
+        verbose_name_plural = _("webhooks")
+
+    def __str__(self) -> str:
+        return f"{self.url} ({self.project})"
+
+
+class WebhookDelivery(models.Model):
+    """One event on its way to one webhook: the outbox row and the delivery log in one.
+
+    Written in the transaction of the event itself, so an event is never lost
+    between the database and the broker: the task that posts it is published
+    on commit, and rows whose task never ran are published again by a sweep.
+    """
+
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    webhook = models.ForeignKey(Webhook, on_delete=models.CASCADE, related_name="deliveries")
+    event = models.CharField(max_length=64, choices=Webhook.Event.choices)
+    payload = models.JSONField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    attempts = models.PositiveIntegerField(default=0)
+    last_status_code = models.PositiveIntegerField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    gave_up_at = models.DateTimeField(null=True, blank=True)
+    # When the next attempt is due, when a task for it was last handed to the
+    # broker (None: never, e.g. Redis was down), and until when an attempt in
+    # progress holds the row.
+    next_attempt_at = models.DateTimeField()
+    published_at = models.DateTimeField(null=True, blank=True)
+    leased_until = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name = _("webhook delivery")
+        verbose_name_plural = _("webhook deliveries")
+        indexes = [
+            models.Index(
+                fields=["next_attempt_at"],
+                condition=Q(delivered_at__isnull=True, gave_up_at__isnull=True),
+                name="webhookdelivery_pending",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event} to {self.webhook.url} ({self.attempts} attempts)"
