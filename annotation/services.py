@@ -48,6 +48,7 @@ from annotation.models import (
 from annotation.rendering import completion_text_key
 from annotation.roles import Role
 from annotation.selectors import accounts_addable_to_projects, task_items_prefetch
+from annotation.snapshots import stats_refresh_request
 
 
 def password_generate() -> str:
@@ -837,6 +838,9 @@ def judgment_submit(
         # What the row now holds, without reading it back: it is locked, and these are our writes.
         assignment.status = Assignment.Status.SUBMITTED
         assignment.finished_at = now
+        # The project's statistics are recomputed off the request path (annotation.snapshots).
+        project_id = project.pk
+        transaction.on_commit(lambda: stats_refresh_request(project_id=project_id))
         return SubmitResult(judgment, created=True, comparisons=len(comparisons))
 
 
