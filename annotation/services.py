@@ -44,11 +44,13 @@ from annotation.models import (
     Prompt,
     Task,
     TaskCompletion,
+    Webhook,
 )
 from annotation.rendering import completion_text_key
 from annotation.roles import Role
 from annotation.selectors import accounts_addable_to_projects, task_items_prefetch
 from annotation.snapshots import stats_refresh_request
+from annotation.webhooks import judgment_webhook_data, webhook_event_publish
 
 
 def password_generate() -> str:
@@ -835,6 +837,12 @@ def judgment_submit(
             comparisons_from_judgment(judgment=judgment, items=items, likert_margins=project.likert_enabled)
         )
         Task.objects.filter(pk=task.pk).update(judgment_count=F("judgment_count") + 1)
+        webhook_event_publish(
+            project_id=project.pk,
+            event=Webhook.Event.JUDGMENT_SUBMITTED,
+            data=judgment_webhook_data(judgment=judgment, task=task, comparisons=len(comparisons)),
+            now=now,
+        )
         # What the row now holds, without reading it back: it is locked, and these are our writes.
         assignment.status = Assignment.Status.SUBMITTED
         assignment.finished_at = now
