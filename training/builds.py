@@ -156,6 +156,7 @@ from django.db.models.functions import Greatest, Least
 from annotation.models import Comparison, Judgment, Prompt, TaskCompletion
 from annotation.rendering import completion_text_key
 from training.models import DatasetBuild
+from training.prompts import Rendered, completion_render, prompt_render
 from training.selectors import (
     BUILD_OUTPUTS,
     BUILD_SPLITS,
@@ -198,12 +199,9 @@ MINHASH_ROWS = 3
 # Fixed, so signatures never depend on the build's options.
 MINHASH_SEED = 0x5EED_F00D
 
-ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
 # Progress shares of the build's stages.
 PROGRESS_PROMPTS = 0.05
 PROGRESS_ROWS_END = 0.9
-
-Rendered = str | list[dict[str, str]]
 
 
 # --- options ---------------------------------------------------------------------
@@ -266,23 +264,7 @@ class BuildResult:
     content_hash: str
 
 
-# --- prompts: rendering and normalisation -----------------------------------------
-
-
-def prompt_render(*, text: str, messages: list[dict[str, Any]] | None, conversational: bool) -> Rendered:
-    """A prompt as the dataset holds it (see "Formats" above)."""
-    if conversational:
-        if messages is None:
-            return [{"role": "user", "content": text}]
-        return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
-    if messages is None:
-        return text.rstrip() + "\n"
-    turns = [f"{ROLE_NAMES.get(str(m['role']), str(m['role']).title())}: {m['content']}" for m in messages]
-    return "\n\n".join([*turns, "Assistant:"]) + "\n"
-
-
-def completion_render(text: str, *, conversational: bool) -> str | list[dict[str, str]]:
-    return [{"role": "assistant", "content": text}] if conversational else text
+# --- prompts: normalisation (rendering is training.prompts') ----------------------------
 
 
 @functools.cache

@@ -28,7 +28,11 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
+
+from training import prompts
+from training.prompts import prompt_token_ids as prompt_token_ids
+from training.prompts import prompt_uses_chat as prompt_uses_chat
 
 if TYPE_CHECKING:
     import torch
@@ -176,51 +180,7 @@ def policy_load(
 
 def prompt_format_resolve(policy: PolicySpec) -> str:
     """The policy's prompt format; "auto" becomes what the demo model's report says it was trained on."""
-    if policy.prompt_format != "auto":
-        return policy.prompt_format
-    from training.demo_model import DEMO_REPORT_FILENAME
-
-    report = Path(policy.base_model) / DEMO_REPORT_FILENAME
-    if report.is_file():
-        trained_on = json.loads(report.read_text()).get("prompt_format")
-        if trained_on in ("chat", "text"):
-            return str(trained_on)
-    return "auto"
-
-
-def prompt_uses_chat(
-    tokenizer: PreTrainedTokenizerBase, *, messages: list[dict[str, Any]] | None, prompt_format: str
-) -> bool:
-    """Whether to render a prompt with the chat template: when there is one, and the
-    policy reads chat (`chat`) or the prompt is chat (`auto`)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return False
-    return prompt_format == "chat" or (prompt_format == "auto" and messages is not None)
-
-
-def prompt_token_ids(
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    text: str,
-    messages: list[dict[str, Any]] | None,
-    prompt_format: str,
-) -> tuple[list[int], str]:
-    """The prompt's token ids and the format used ("chat" or "text").
-
-    Rendered as the dataset builds render it (`training.builds.prompt_render`),
-    so a policy trained on a build is prompted as it was trained: chat turns
-    through the tokenizer's template with the generation prompt (the template
-    adds any special tokens), text as "prompt\\n" with the tokenizer's own
-    special tokens.
-    """
-    from training.builds import prompt_render
-
-    if prompt_uses_chat(tokenizer, messages=messages, prompt_format=prompt_format):
-        turns = prompt_render(text=text, messages=messages, conversational=True)
-        rendered = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"]), "chat"
-    rendered_text = prompt_render(text=text, messages=messages, conversational=False)
-    return list(tokenizer(rendered_text)["input_ids"]), "text"
+    return prompts.prompt_format_resolve(prompt_format=policy.prompt_format, base_model=policy.base_model)
 
 
 # --- sampling -------------------------------------------------------------------

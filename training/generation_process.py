@@ -99,7 +99,7 @@ def generation_job_run(spec: GenerationSpec, *, log: Any = print) -> str:
     prompt_format = prompt_format_resolve(spec.policy)
     scorer = None
     if spec.best_of_n is not None:
-        from training.builds import completion_render, prompt_render
+        from training.prompts import completion_render, prompt_render
         from training.scoring import reward_model_load
 
         scorer = reward_model_load(spec.best_of_n.reward_model_path)

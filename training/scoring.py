@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from training.prompts import reward_input_ids as reward_input_ids
+
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -78,25 +80,6 @@ class ScoringSpec:
     @classmethod
     def from_json(cls, path: str | Path) -> ScoringSpec:
         return cls(**json.loads(Path(path).read_text()))
-
-
-def _is_conversational(value: Text) -> bool:
-    return isinstance(value, list)
-
-
-def reward_input_ids(tokenizer: PreTrainedTokenizerBase, prompt: Text, completion: Text) -> list[int]:
-    """The token ids TRL's RewardTrainer builds for one prompt and completion (steps 1–2 above)."""
-    if _is_conversational(prompt) != _is_conversational(completion):
-        raise ValueError("prompt and completion must both be text or both be lists of messages")
-    if _is_conversational(completion):
-        rendered = tokenizer.apply_chat_template(
-            list(prompt) + list(completion), tokenize=True, return_dict=True, tools=None
-        )
-        return list(rendered["input_ids"])
-    eos = tokenizer.eos_token
-    if eos is not None and not completion.endswith(eos):
-        completion = completion + eos
-    return list(tokenizer(text=prompt + completion)["input_ids"])
 
 
 def reward_scores_from_ids(

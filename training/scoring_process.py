@@ -64,8 +64,8 @@ def scoring_job_run(spec: ScoringSpec, *, log: Any = print) -> str:
     "lost": the job is no longer this attempt's (taken over, failed by hand):
     nothing more is written and the row is left to whoever owns it.
     """
-    from training.builds import completion_render, prompt_render
     from training.generation import device_pick
+    from training.prompts import completion_render, prompt_render
     from training.scoring import reward_model_load, reward_scores
     from training.services import (
         scoring_job_finish,
