@@ -11,7 +11,7 @@ from django.urls import include, path
 from django.views.i18n import JavaScriptCatalog
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerSplitView
 
-from annotation import api, views
+from annotation import api, manage_views, views
 
 
 def _docs_page(
@@ -91,8 +91,21 @@ urlpatterns = [
     path("evaluate/<int:project_id>/", views.evaluate_project, name="evaluate-project"),
     path("evaluate/<int:project_id>/next", views.evaluate_next, name="evaluate-next"),
     path("manage/projects/<int:project_id>/results", views.ab_results, name="ab-results"),
+    path(
+        "manage/projects/<int:project_id>/stats/refresh",
+        views.project_stats_refresh,
+        name="project-stats-refresh",
+    ),
     path("manage/", views.manage, name="manage"),
     path("manage/projects/<int:project_id>/", views.project_dashboard, name="project-dashboard"),
+    path("manage/projects/new", manage_views.project_new, name="project-new"),
+    path("manage/projects/<int:project_id>/settings", manage_views.project_settings, name="project-settings"),
+    path("manage/projects/<int:project_id>/members", manage_views.project_members, name="project-members"),
+    path(
+        "manage/projects/<int:project_id>/members/<int:membership_id>",
+        manage_views.project_member_change,
+        name="project-member-change",
+    ),
     path("i18n/", include("django.conf.urls.i18n")),
     path("jsi18n/", JavaScriptCatalog.as_view(), name="javascript-catalog"),
     # Sign-up is closed: accounts are made by a manager (admin) or `manage.py create_user`.
