@@ -229,6 +229,8 @@ def _run_settings(run: TrainingRun) -> dict[str, Any]:
         "base_model": run.base_model,
         "peft": run.peft,
         "trainer": run.trainer,
+        "gpus": run.gpus,
+        "distributed": run.distributed,
         **{
             name: value
             for name, value in (run.hyperparameters or {}).items()
