@@ -1,4 +1,8 @@
-"""One training run, inside its own process: a reward model or a DPO policy with TRL.
+"""One training run, inside its own process: a reward model, an SFT, DPO or RL policy with TRL.
+
+Kinds: "reward" (RewardTrainer), "dpo" (DPOTrainer), "sft" (SFTTrainer on the
+build's `sft/` rows, `training.sft`) and "rl" (RLOOTrainer against a trained
+reward model, `training.rl`).
 
 `trainer` picks TRL's own RewardTrainer / DPOTrainer on the pair file ("trl",
 the baseline) or the K-wise trainers of `training.grouped` on the grouped file
@@ -44,7 +48,7 @@ if TYPE_CHECKING:
     from peft import PeftConfig
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-KINDS = ("reward", "dpo")
+KINDS = ("reward", "dpo", "sft", "rl")
 PEFT_METHODS = ("lora", "ia3", "full")
 TRAINERS = ("trl", "grouped")
 # Named in the design but not built yet; asking for one is an error that says so.
@@ -78,6 +82,14 @@ LEARNING_RATES: dict[tuple[str, str], float] = {
     ("dpo", "lora"): 5e-6,
     ("dpo", "ia3"): 3e-4,
     ("dpo", "full"): 5e-7,
+    # SFT: TRL's SFTConfig default for full weights (2e-5), ten times that for LoRA (its LoRA examples).
+    ("sft", "lora"): 2e-4,
+    ("sft", "ia3"): 3e-3,
+    ("sft", "full"): 2e-5,
+    # RL moves a working policy on its own samples: RLOOConfig's 1e-6 for full weights, LoRA ten times DPO's.
+    ("rl", "lora"): 5e-5,
+    ("rl", "ia3"): 1e-3,
+    ("rl", "full"): 1e-6,
 }
 
 # (IA)³ for GPT-2 (Liu et al., 2022): rescale the attention outputs (c_attn
@@ -110,8 +122,8 @@ def _require(name: str, ok: bool, rule: str, value: Any) -> None:
 @dataclass
 class RunSpec:
     run_id: int
-    kind: str  # "reward" | "dpo"
-    base_model: str  # local path or hub id: the SFT policy for DPO, the base of the reward model
+    kind: str  # "reward" | "dpo" | "sft" | "rl"
+    base_model: str  # local path or hub id: the SFT policy for DPO and RL, the base of SFT and reward models
     train_file: str  # JSONL: prompt, chosen, rejected[, margin]
     test_file: str | None
     output_dir: str
@@ -125,7 +137,7 @@ class RunSpec:
     per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     max_length: int = 512
-    beta: float = 0.1  # DPO
+    beta: float = 0.1  # DPO; RL: the KL penalty to the reference policy
     # DPO: weight of a negative log-likelihood term on the chosen completions
     # (TRL's loss_type "sft", the RPO paper's alpha); it keeps the policy near
     # what people preferred while the DPO term moves it. 0: plain DPO.
@@ -148,6 +160,17 @@ class RunSpec:
     gradient_checkpointing: bool = True  # TRL's default: less memory for ~20% more compute
     disable_dropout: bool = True  # TRL's default: dropout makes the two sides of a pair disagree
     lora_target_modules: list[str] | None = None  # None: peft's per-architecture default
+    # SFT: the build's prompt-completion rows (sft/train.jsonl, sft/test.jsonl).
+    sft_train_file: str | None = None
+    sft_test_file: str | None = None
+    # RL: the trained reward model (its final folder) the policy is optimised against.
+    reward_model_path: str | None = None
+    rl_num_generations: int = 4  # completions sampled per prompt (the leave-one-out group)
+    rl_temperature: float = 1.0  # sampling temperature of those completions
+    rl_max_completion_length: int = 64  # tokens per sampled completion
+    rl_watch_steps: int = 10  # the over-optimisation watch measures every this many steps
+    rl_watch_prompts: int = 16  # held-out prompts in its fixed sample
+    true_scorer: str = ""  # a registered true scorer (training.rl.TRUE_SCORERS), or "" for none
     # Which claim of the run this process serves; every write it makes is fenced by it.
     attempt: int = 0
 
@@ -161,7 +184,7 @@ class RunSpec:
         if self.trainer in PLANNED_TRAINERS:
             raise ValueError(f"trainer {self.trainer!r} is not available in this runner yet; use 'trl'")
         _require_choice("trainer", self.trainer, TRAINERS)
-        if self.trainer == "grouped":
+        if self.trainer == "grouped" and self.kind in ("reward", "dpo"):  # SFT and RL have one trainer each
             _require(
                 "grouped_train_file",
                 isinstance(self.grouped_train_file, str) and bool(self.grouped_train_file),
@@ -197,6 +220,39 @@ class RunSpec:
         ):
             _require(name, getattr(self, name) >= 1, "at least 1", getattr(self, name))
         _require("beta", self.beta > 0, "positive", self.beta)
+        if self.kind == "sft":
+            _require(
+                "sft_train_file",
+                isinstance(self.sft_train_file, str) and bool(self.sft_train_file),
+                "a JSONL file of prompt-completion rows for an SFT run (the build wrote no SFT rows)",
+                self.sft_train_file,
+            )
+        if self.kind == "rl":
+            _require(
+                "reward_model_path",
+                isinstance(self.reward_model_path, str) and bool(self.reward_model_path),
+                "the folder of a trained reward model for an RL run",
+                self.reward_model_path,
+            )
+        _require("rl_num_generations", self.rl_num_generations >= 2, "at least 2", self.rl_num_generations)
+        _require(
+            "rl_temperature", 0 < self.rl_temperature <= 10, "above 0 and at most 10", self.rl_temperature
+        )
+        for name in ("rl_max_completion_length", "rl_watch_steps", "rl_watch_prompts"):
+            _require(name, getattr(self, name) >= 1, "at least 1", getattr(self, name))
+        if self.kind == "rl":
+            # Every generation batch holds whole groups of one prompt's completions.
+            completions = self.per_device_train_batch_size * self.gradient_accumulation_steps
+            _require(
+                "per_device_train_batch_size",
+                completions % self.rl_num_generations == 0,
+                f"such that batch size × gradient accumulation is a multiple of "
+                f"rl_num_generations ({self.rl_num_generations}) for an RL run",
+                self.per_device_train_batch_size,
+            )
+        from training.rl import true_scorer_check
+
+        true_scorer_check(self.true_scorer)
         _require("sft_weight", self.sft_weight >= 0, "0 or more", self.sft_weight)
         _require(
             "center_rewards_coefficient",
@@ -213,6 +269,8 @@ class RunSpec:
         values: dict[str, Any] = {"peft": peft, "learning_rate": LEARNING_RATES[(kind, peft)]}
         if kind == "dpo":
             values["beta"] = 0.1
+        if kind == "rl":
+            values["beta"] = 0.05  # RLOOConfig's default KL coefficient
         return values
 
     @classmethod
@@ -622,6 +680,14 @@ def _dpo_trainer(spec: RunSpec, tokenizer: PreTrainedTokenizerBase, callbacks: l
     )
 
 
+def _trainer_builders() -> dict[str, Callable[[RunSpec, PreTrainedTokenizerBase, list[Any]], Trainer]]:
+    """The trainer of each kind of run."""
+    from training.rl import rl_trainer
+    from training.sft import sft_trainer
+
+    return {"reward": _reward_trainer, "dpo": _dpo_trainer, "sft": sft_trainer, "rl": rl_trainer}
+
+
 # --- evaluation ---------------------------------------------------------------------
 
 
@@ -820,8 +886,7 @@ def run_training(spec: RunSpec, reporter: Reporter) -> RunResult:
     set_seed(spec.seed)
     tokenizer = _tokenizer_load(spec)
     callback = _reporter_callback(reporter)
-    build = _reward_trainer if spec.kind == "reward" else _dpo_trainer
-    trainer = build(spec, tokenizer, [callback])
+    trainer = _trainer_builders()[spec.kind](spec, tokenizer, [callback])
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts to stdout
     _checkpoints_renamed_into_place(trainer, spec.checkpoints_dir)
     is_main = trainer.is_world_process_zero()
@@ -829,6 +894,12 @@ def run_training(spec: RunSpec, reporter: Reporter) -> RunResult:
     def say(line: str) -> None:
         if is_main:
             reporter.log(line)
+
+    watch = None
+    if spec.kind == "rl":
+        from training.rl import watch_attach
+
+        watch = watch_attach(spec, trainer, reporter, say)
 
     resume_checkpoint = checkpoint_newest_complete(spec.checkpoints_dir)
     resume_from = str(resume_checkpoint) if resume_checkpoint else None
@@ -862,7 +933,11 @@ def run_training(spec: RunSpec, reporter: Reporter) -> RunResult:
         reporter.heartbeat()
 
     metrics: dict[str, float] = {"train_loss": float(output.training_loss)}
-    if spec.test_file:
+    if spec.kind == "sft":
+        from training.sft import sft_evaluation
+
+        metrics.update(sft_evaluation(spec, trainer))
+    if spec.test_file and spec.kind in ("reward", "dpo"):
         # Every process takes part: evaluate() gathers across them. Grouped
         # trainers read the test pairs as groups of two, so eval_loss is TRL's
         # loss on the same pairs whichever trainer ran.
@@ -876,6 +951,10 @@ def run_training(spec: RunSpec, reporter: Reporter) -> RunResult:
             # TRL's implicit reward β·log(π/π_ref), chosen vs rejected, averaged per eval batch.
             metrics["reward_accuracy"] = float(evaluated["eval_rewards/accuracies"])
             metrics["reward_margin"] = float(evaluated["eval_rewards/margins"])
+    if is_main and watch is not None:
+        from training.rl import rl_final_metrics
+
+        metrics.update(rl_final_metrics(watch, step=steps))
     if is_main and spec.kind == "reward":
         # Scored on one process with the whole model: fine for DDP, not for
         # weights sharded by FSDP or ZeRO-3.
@@ -886,7 +965,7 @@ def run_training(spec: RunSpec, reporter: Reporter) -> RunResult:
             "kind": spec.kind,
             "base_model": spec.base_model,
             "peft": spec.peft,
-            "trainer": spec.trainer,
+            "trainer": spec.trainer if spec.kind in ("reward", "dpo") else "trl",
             "steps": steps,
             "metrics": {k: _json_safe(v) for k, v in metrics.items()},
         }
