@@ -220,7 +220,7 @@ class DatasetBuild(models.Model):
 
 
 class TrainingRun(models.Model):
-    """A reward-model or DPO run over a dataset build. This row is the source of truth for its state.
+    """A reward-model, DPO, SFT or RL run over a dataset build. This row is the source of truth for its state.
 
     Transitions are compare-and-set (see training.services): queued → running →
     succeeded | failed | cancelled; a run whose process died goes back to
@@ -230,6 +230,11 @@ class TrainingRun(models.Model):
     class Kind(models.TextChoices):
         REWARD = "reward", _("Reward model")
         DPO = "dpo", _("DPO policy")
+        SFT = "sft", _("SFT policy")
+        RL = "rl", _("RL policy (against a reward model)")
+
+    # Kinds that register a Policy when they succeed.
+    POLICY_KINDS = (Kind.DPO, Kind.SFT, Kind.RL)
 
     class Status(models.TextChoices):
         QUEUED = "queued", _("Queued")
@@ -308,7 +313,16 @@ class TrainingRun(models.Model):
         blank=True,
         on_delete=models.SET_NULL,
         related_name="training_runs",
-        help_text=_("The policy a finished DPO run registered."),
+        help_text=_("The policy a finished DPO, SFT or RL run registered."),
+    )
+    against_reward_model = models.ForeignKey(
+        "RewardModel",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="rl_runs",
+        verbose_name=_("reward model"),
+        help_text=_("RL runs only: the trained reward model the policy is optimised against."),
     )
 
     class Meta:
@@ -323,6 +337,12 @@ class TrainingRun(models.Model):
             models.CheckConstraint(
                 condition=Q(attempts_given_back__lte=F("attempts")),
                 name="trainingrun_given_back_within_attempts",
+            ),
+            models.CheckConstraint(
+                condition=Q(kind="rl", against_reward_model__isnull=False)
+                | (~Q(kind="rl") & Q(against_reward_model__isnull=True)),
+                name="trainingrun_reward_model_for_rl_only",
+                violation_error_message=_("An RL run needs a reward model; other kinds take none."),
             ),
         ]
 
