@@ -18,7 +18,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from annotation.importing import ImportValidationError, prompts_import
-from annotation.models import Judgment, Membership, Project, TaskCompletion
+from annotation.models import Judgment, Membership, Project, StatsSnapshot, TaskCompletion
 from annotation.roles import Role
 from annotation.selectors import (
     assignment_get_for_user,
@@ -48,7 +48,7 @@ from annotation.services import (
     assignment_skip,
     judgment_submit,
 )
-from annotation.stats import project_stats
+from annotation.snapshots import snapshot_meta, stats_snapshot_get
 
 
 def _roles_by_project(request: Request, projects: list[Project]) -> dict[int, set[str]]:
@@ -205,9 +205,13 @@ def _import_refused(errors: list[dict[str, object]]) -> Response:
 @extend_schema(responses={200: OpenApiTypes.OBJECT})
 @api_view(["GET"])
 def project_stats_view(request: Request, project_id: int) -> Response:
-    """Progress, throughput, timing, agreement and gold accuracy of the project."""
+    """Progress, throughput, timing, agreement and gold accuracy of the project.
+
+    Read from the project's snapshot, recomputed in the background a few seconds after new
+    judgments; `snapshot` says when it was computed and from how many judgments."""
     project = project_get_for_user(user=request.user, pk=project_id, role=Role.MANAGER)
-    return Response(project_stats(project=project))
+    snapshot = stats_snapshot_get(project=project, kind=StatsSnapshot.Kind.PROJECT)
+    return Response({**snapshot.payload, "snapshot": snapshot_meta(snapshot)})
 
 
 def _judgment_lines(project: Project) -> Iterator[str]:

@@ -17,7 +17,7 @@ from django.utils import timezone
 from django.utils.translation import gettext
 from django.views.decorators.http import require_GET, require_POST
 
-from annotation.models import Judgment, Project
+from annotation.models import Judgment, Project, StatsSnapshot
 from annotation.rendering import markdown_to_safe_html
 from annotation.review import (
     JudgmentNotRevisable,
@@ -35,22 +35,16 @@ from annotation.review import (
 )
 from annotation.roles import Role, role_required
 from annotation.selectors import (
-    ab_scored_votes,
     ab_session_get_for_manager,
-    ab_votes,
     assignment_items_in_display_order,
-    completion_scores,
     judgments_today_count,
-    project_completion_count,
     project_fraction_done,
     project_get_for_judge,
     project_get_for_user,
     projects_for_user,
 )
-from annotation.services import JudgmentInput, JudgmentInvalid, assignment_claim_next
-from annotation.stats import project_stats
-
-AB_BOOTSTRAP_ROUNDS = 1000
+from annotation.services import JudgmentInput, JudgmentInvalid, MemberInvalid, assignment_claim_next
+from annotation.snapshots import snapshot_meta, stats_refresh_now, stats_snapshot_get
 
 
 @login_required
@@ -152,26 +146,21 @@ def evaluate_next(request: HttpRequest, project_id: int) -> HttpResponse:
 @require_GET
 @role_required(Role.MANAGER)
 def ab_results(request: HttpRequest, project_id: int) -> HttpResponse:
-    """Win rates, ratings with intervals, position bias, and agreement of the evaluators and of scorers."""
-    from annotation.ab_stats import bradley_terry_ratings, pair_table, position_bias, scorer_agreement
+    """Win rates, ratings with intervals, position bias, and agreement of the evaluators and of scorers.
+
+    Read from the session's snapshot (annotation.snapshots), computed by a background task.
+    """
     from annotation.chart_data import interval_chart
-    from annotation.stats import pairwise_agreement
 
     project = ab_session_get_for_manager(user=request.user, pk=project_id)
-    votes = ab_votes(project=project)
-    ratings = bradley_terry_ratings(votes, rounds=AB_BOOTSTRAP_ROUNDS)
-    pairs = pair_table(votes)
-    # Scores are written by the training side (a reward model attached on the
-    # session's scoring page) and read here as plain rows, by scorer label.
-    scores = completion_scores(project=project)
-    scorers = scorer_agreement(ab_scored_votes(project=project), scores)
-    for row in scorers:
-        row["scored"] = len(scores[str(row["scorer"])])
+    snapshot = stats_snapshot_get(project=project, kind=StatsSnapshot.Kind.AB)
+    results = snapshot.payload
+    ratings = results["ratings"]
     context = {
+        **results,
         "project": project,
-        "votes_total": len(votes),
-        "pairs": pairs,
-        "ratings": ratings,
+        "snapshot": snapshot_meta(snapshot),
+        "snapshot_at": snapshot.computed_at,
         "ratings_chart": interval_chart(
             rows=[
                 {"label": row["policy"], "value": row["rating"], "low": row["low"], "high": row["high"]}
@@ -180,14 +169,25 @@ def ab_results(request: HttpRequest, project_id: int) -> HttpResponse:
             value_label=gettext("Rating"),
             interval_label=gettext("Interval"),
         ),
-        "bias": position_bias(votes),
-        "agreement": pairwise_agreement(project=project),
-        "rounds": AB_BOOTSTRAP_ROUNDS,
-        "scorers": scorers,
-        "completions_total": project_completion_count(project=project),
-        "several_pairs": len(pairs) > 1,
+        "several_pairs": len(results["pairs"]) > 1,
     }
     return render(request, "annotation/ab_results.html", context)
+
+
+@require_POST
+@role_required(Role.MANAGER)
+def project_stats_refresh(request: HttpRequest, project_id: int) -> HttpResponse:
+    """A manager's "Refresh" of the statistics: the background task runs at once."""
+    project = project_get_for_user(user=request.user, pk=project_id, role=Role.MANAGER)
+    if stats_refresh_now(project=project):
+        messages.success(request, gettext("The figures are being recomputed; reload the page in a moment."))
+    else:
+        messages.error(
+            request, gettext("The job queue cannot be reached, so the figures were not recomputed.")
+        )
+    if request.POST.get("next") == "results" and project.kind == Project.Kind.AB:
+        return redirect("ab-results", project.pk)
+    return redirect("project-dashboard", project.pk)
 
 
 @role_required(Role.MANAGER)
@@ -203,12 +203,16 @@ def manage(request: HttpRequest) -> HttpResponse:
 @role_required(Role.MANAGER)
 def project_dashboard(request: HttpRequest, project_id: int) -> HttpResponse:
     project = project_get_for_user(user=request.user, pk=project_id, role=Role.MANAGER)
-    stats = project_stats(project=project)
-    return render(
-        request,
-        "annotation/dashboard.html",
-        {"project": project, "stats": stats, "charts": dashboard_charts(stats=stats, project=project)},
-    )
+    snapshot = stats_snapshot_get(project=project, kind=StatsSnapshot.Kind.PROJECT)
+    stats = snapshot.payload
+    context = {
+        "project": project,
+        "stats": stats,
+        "snapshot": snapshot_meta(snapshot),
+        "snapshot_at": snapshot.computed_at,
+        "charts": dashboard_charts(stats=stats, project=project),
+    }
+    return render(request, "annotation/dashboard.html", context)
 
 
 def dashboard_charts(*, stats: dict, project: Project) -> dict[str, object]:

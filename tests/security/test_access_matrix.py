@@ -315,6 +315,7 @@ DOORS: dict[str, Door] = {
     "label/<int:project_id>/": Door("page", ("GET",), Role.LABELER, own={"labeler": ("GET",)}),
     "label/<int:project_id>/next": Door("page", ("POST",), Role.LABELER, own={"labeler": ("POST",)}),
     "manage/projects/<int:project_id>/": Door("page", ("GET",), Role.MANAGER),
+    "manage/projects/<int:project_id>/stats/refresh": Door("page", ("POST",), Role.MANAGER),
     # a labeler's own judgment, revised until it is reviewed
     "label/judgments/<int:judgment_id>/revise": Door("page", ("GET", "POST")),
     # review: the project's reviewers and managers only
