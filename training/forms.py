@@ -14,6 +14,7 @@ from annotation.models import Policy, Project
 from annotation.roles import Role
 from annotation.selectors import projects_for_user
 from training.models import DatasetBuild, RewardModel, TrainingRun
+from training.rl import TRUE_SCORERS
 from training.selectors import (
     BUILD_OPTION_FIELDS,
     dataset_builds_for_user,
@@ -56,6 +57,17 @@ class DatasetBuildForm(forms.ModelForm):
         }
 
 
+# Settings only an RL run reads (training.runner.RunSpec); other kinds do not send them.
+RL_SETTINGS = (
+    "rl_num_generations",
+    "rl_temperature",
+    "rl_max_completion_length",
+    "rl_watch_steps",
+    "rl_watch_prompts",
+    "true_scorer",
+)
+
+
 class TrainingRunForm(forms.Form):
     """A run's settings with sane defaults: named, typed fields, never a raw JSON box.
 
@@ -79,6 +91,7 @@ class TrainingRunForm(forms.Form):
         "seed",
         "logging_steps",
         "save_steps",
+        *RL_SETTINGS,
     )
 
     name = forms.CharField(max_length=200, required=False, help_text=_("Leave blank for an automatic name."))
@@ -119,7 +132,13 @@ class TrainingRunForm(forms.Form):
     max_length = forms.IntegerField(
         min_value=8, initial=512, help_text=_("Tokens per prompt and completion.")
     )
-    beta = forms.FloatField(min_value=0, initial=0.1, help_text=_("DPO only: how far the policy may move."))
+    beta = forms.FloatField(
+        min_value=0,
+        initial=0.1,
+        help_text=_(
+            "DPO and RL: how far the policy may move from where it starts (RL: the KL penalty, e.g. 0.05)."
+        ),
+    )
     center_rewards_coefficient = forms.FloatField(
         required=False, min_value=0, help_text=_("Reward only: pulls rewards towards zero mean (e.g. 0.01).")
     )
@@ -129,9 +148,64 @@ class TrainingRunForm(forms.Form):
     seed = forms.IntegerField(min_value=0, initial=0)
     logging_steps = forms.IntegerField(min_value=1, initial=10)
     save_steps = forms.IntegerField(min_value=1, initial=100)
+    # --- RL runs -------------------------------------------------------------
+    against_reward_model = forms.ModelChoiceField(
+        label=_("Reward model"),
+        queryset=RewardModel.objects.none(),
+        required=False,
+        help_text=_("RL only: the trained reward model the policy is optimised against."),
+    )
+    rl_num_generations = forms.IntegerField(
+        label=_("Samples per prompt"),
+        min_value=2,
+        max_value=64,
+        initial=4,
+        required=False,
+        help_text=_("RL only: completions sampled per prompt; each is compared with the mean of the others."),
+    )
+    rl_temperature = forms.FloatField(
+        label=_("Sampling temperature"),
+        min_value=0.01,
+        max_value=10,
+        initial=1.0,
+        required=False,
+        help_text=_("RL only: temperature of the sampled completions."),
+    )
+    rl_max_completion_length = forms.IntegerField(
+        label=_("Max completion length"),
+        min_value=1,
+        max_value=8192,
+        initial=64,
+        required=False,
+        help_text=_("RL only: tokens per sampled completion."),
+    )
+    rl_watch_steps = forms.IntegerField(
+        label=_("Watch every (steps)"),
+        min_value=1,
+        initial=10,
+        required=False,
+        help_text=_("RL only: how often held-out prompts are scored for proxy reward against KL."),
+    )
+    rl_watch_prompts = forms.IntegerField(
+        label=_("Watched prompts"),
+        min_value=1,
+        max_value=1000,
+        initial=16,
+        required=False,
+        help_text=_("RL only: held-out prompts in the watch's fixed sample."),
+    )
+    true_scorer = forms.ChoiceField(
+        label=_("True scorer"),
+        choices=[("", _("None"))] + [(name, name) for name in sorted(TRUE_SCORERS)],
+        required=False,
+        help_text=_(
+            "RL only, optional: a known truth that scores the watched samples too (the demo's answers)."
+        ),
+    )
 
     def __init__(self, *args: Any, user: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.fields["against_reward_model"].queryset = reward_models_for_user(user=user)  # type: ignore[attr-defined]
         self.fields["dataset_build"].queryset = dataset_builds_for_user(user=user).filter(
             status=DatasetBuild.Status.SUCCEEDED
         )
@@ -140,12 +214,25 @@ class TrainingRunForm(forms.Form):
 
     def hyperparameters(self) -> dict[str, Any]:
         data = self.cleaned_data
-        values = {name: data[name] for name in self.HYPERPARAMETERS if data.get(name) is not None}
-        # Each kind has its own knob; the other one is not sent.
-        values.pop(
-            "beta" if data.get("kind") == TrainingRun.Kind.REWARD else "center_rewards_coefficient", None
-        )
+        values = {name: data[name] for name in self.HYPERPARAMETERS if data.get(name) not in (None, "")}
+        kind = data.get("kind")
+        # Each kind has its own knobs; the others are not sent.
+        if kind != TrainingRun.Kind.REWARD:
+            values.pop("center_rewards_coefficient", None)
+        if kind not in (TrainingRun.Kind.DPO, TrainingRun.Kind.RL):
+            values.pop("beta", None)
+        if kind != TrainingRun.Kind.RL:
+            for name in RL_SETTINGS:
+                values.pop(name, None)
         return values
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if data.get("kind") == TrainingRun.Kind.RL and not data.get("against_reward_model"):
+            self.add_error("against_reward_model", _("An RL run needs a trained reward model."))
+        if data.get("kind") != TrainingRun.Kind.RL:
+            data["against_reward_model"] = None
+        return data
 
 
 class ABSessionForm(forms.Form):
@@ -197,3 +284,44 @@ class ScoringJobForm(forms.Form):
     def __init__(self, *args: Any, user: AbstractBaseUser | AnonymousUser, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fields["reward_model"].queryset = reward_models_for_user(user=user)  # type: ignore[attr-defined]
+
+
+class PolicyRegisterForm(forms.Form):
+    """A model policy from a local folder or a hub id; `training.policies.policy_register` checks it loads."""
+
+    name = forms.CharField(
+        max_length=200, required=False, help_text=_("Leave blank to take the folder's or hub id's last part.")
+    )
+    base_model = forms.CharField(
+        max_length=500,
+        label=_("Base model"),
+        help_text=_("A folder on the server (a saved causal language model) or a hub id such as org/model."),
+    )
+    adapter = forms.CharField(
+        max_length=500, required=False, label=_("Adapter"), help_text=_("Optional: a PEFT adapter folder.")
+    )
+
+
+class GenerationJobNewForm(forms.Form):
+    """A policy writes completions for every prompt of a project the manager runs."""
+
+    policy = forms.ModelChoiceField(queryset=Policy.objects.none(), label=_("Policy"))
+    project = forms.ModelChoiceField(
+        queryset=Project.objects.none(),
+        label=_("Project"),
+        help_text=_("Every prompt of this project gets completions; a ranking project gets tasks from them."),
+    )
+    n = forms.IntegerField(
+        min_value=1, max_value=64, initial=4, label=_("Completions per prompt"), help_text=_("From 1 to 64.")
+    )
+    temperature = forms.FloatField(min_value=0.01, max_value=5, initial=1.0, label=_("Temperature"))
+    top_p = forms.FloatField(min_value=0.01, max_value=1, initial=1.0, label=_("Top-p"))
+    max_new_tokens = forms.IntegerField(
+        min_value=1, max_value=8192, initial=256, label=_("New tokens at most")
+    )
+    seed = forms.IntegerField(min_value=0, initial=0, label=_("Seed"))
+
+    def __init__(self, *args: Any, user: AbstractBaseUser | AnonymousUser, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["policy"].queryset = Policy.objects.exclude(kind=Policy.Kind.IMPORTED).order_by("name")  # type: ignore[attr-defined]
+        self.fields["project"].queryset = projects_for_user(user=user, role=Role.MANAGER).order_by("name")  # type: ignore[attr-defined]
