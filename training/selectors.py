@@ -369,3 +369,35 @@ def scoring_job_status(*, job: ScoringJob | None) -> dict[str, Any]:
         "log_tail": job.log_tail,
         "terminal": job.status in ScoringJob.TERMINAL,
     }
+
+
+def generation_jobs_for_user(*, user: AnyUser) -> QuerySet[GenerationJob]:
+    """Generation jobs on the projects the user manages, newest first."""
+    managed = projects_for_user(user=user, role=Role.MANAGER)
+    return GenerationJob.objects.filter(project__in=managed).select_related("policy", "project")
+
+
+def generation_job_get_for_user(*, user: AnyUser, pk: Any) -> GenerationJob:
+    """A generation job on a project the user manages; any other is Http404."""
+    try:
+        return generation_jobs_for_user(user=user).get(pk=int(pk))
+    except (GenerationJob.DoesNotExist, TypeError, ValueError):
+        raise Http404("No such generation job.") from None
+
+
+def generation_job_status(*, job: GenerationJob) -> dict[str, Any]:
+    """What a generation job's page polls; the keys are the run page's, so static/js/run.js serves both."""
+    return {
+        "id": job.pk,
+        "status": job.status,
+        "status_display": job.get_status_display(),
+        "step": job.prompts_done,
+        "total_steps": job.prompts_total,
+        "progress": round(job.progress, 4),
+        "eta_seconds": None,
+        "attempts": job.attempts,
+        "error": job.error,
+        "log_tail": job.log_tail,
+        "terminal": job.status in GenerationJob.TERMINAL,
+        "completions_written": job.completions_written,
+    }
