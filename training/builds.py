@@ -92,7 +92,8 @@ Outputs (each as `<output>/train.jsonl`, `test.jsonl` and the same in Parquet)
         completion ranked top by the most judgments, kept when its share of
         the prompt's judgments reaches the threshold. A judgment with a tie
         at the top votes for none; one whose top is flagged (exclude_flagged)
-        does not vote.
+        does not vote. A prompt whose metadata carries a "reference" answer
+        also gets one row with the reference as its completion.
     reference (when a prompt's metadata has a "reference" answer): the
         reference as chosen against each judged completion of the prompt.
     hf/: `datasets.DatasetDict` (train/test) of the pairs, save_to_disk.
@@ -978,6 +979,9 @@ class JudgmentWriter:
         self.split = split
         self.repeated = repeated
         self.stats = JudgmentStats()
+        # The texts of the current prompt's SFT rows, so that its reference answer is not written twice.
+        self._sft_prompt_id: int | None = None
+        self._sft_texts: set[str] = set()
 
     def judgment(self, current: PromptJudgments, judgment: Any, items: list[tuple[int, str, str]]) -> None:
         options = self.options
@@ -1038,6 +1042,9 @@ class JudgmentWriter:
             self._sft(current, top_text)
 
     def _sft(self, current: PromptJudgments, text: str) -> None:
+        if self._sft_prompt_id != current.prompt_id:
+            self._sft_prompt_id, self._sft_texts = current.prompt_id, set()
+        self._sft_texts.add(completion_text_key(text))
         row = {
             "prompt": current.prompt,
             "completion": completion_render(text, conversational=self.options.conversational),
@@ -1060,6 +1067,11 @@ class JudgmentWriter:
             self.stats.reference_prompts += 1
             chosen = completion_render(reference, conversational=self.options.conversational)
             split = self.split.split_of(current.prompt_id)
+            # A reference answer is a demonstration as much as a preference: SFT learns from it too
+            # (once: not again when people ranked the same text top).
+            written = self._sft_texts if self._sft_prompt_id == current.prompt_id else set()
+            if completion_text_key(reference) not in written:
+                self._sft(current, reference)
             # The reference faces each text once, never itself (the same text by completion_text_key).
             texts = {completion_text_key(reference)}
             for _completion_id, text in sorted(current.completions.items()):
