@@ -30,8 +30,16 @@ from config.demo_progress import (
     demo_progress_path,
     demo_progress_read,
 )
-from training.forms import ABSessionForm, DatasetBuildForm, ScoringJobForm, TrainingRunForm
+from training.forms import (
+    ABSessionForm,
+    DatasetBuildForm,
+    GenerationJobNewForm,
+    PolicyRegisterForm,
+    ScoringJobForm,
+    TrainingRunForm,
+)
 from training.models import DatasetBuild, GenerationJob, RewardModel, TrainingRun
+from training.policies import policies_for_user, policy_register
 from training.selectors import (
     BUILD_OPTION_FIELDS,
     BUILD_OUTPUTS,
@@ -43,7 +51,10 @@ from training.selectors import (
     dataset_build_get_for_user,
     dataset_build_status,
     dataset_builds_for_user,
+    generation_job_get_for_user,
+    generation_job_status,
     generation_jobs_for_project,
+    generation_jobs_for_user,
     scoring_job_status,
     scoring_jobs_for_session,
     training_run_eta_seconds,
@@ -57,6 +68,7 @@ from training.services import (
     DatasetBuildInvalid,
     QueueUnavailable,
     dataset_build_create,
+    generation_job_cancel,
     generation_job_create,
     scoring_job_create,
     training_run_cancel,
@@ -239,13 +251,30 @@ def _run_settings(run: TrainingRun) -> dict[str, Any]:
     }
 
 
-# Curves the run page draws, in this order, when the run has logged them.
-RUN_CURVES = ("loss", "accuracy", "rewards/accuracies", "margin", "rewards/margins", "eval_loss")
+# Curves the run page draws, in this order, when the run has logged them
+# (SFT: mean_token_accuracy; RL, TRL's RLOO names: reward, kl, entropy, completion length).
+RUN_CURVES = (
+    "loss",
+    "accuracy",
+    "rewards/accuracies",
+    "margin",
+    "rewards/margins",
+    "eval_loss",
+    "mean_token_accuracy",
+    "reward",
+    "kl",
+    "entropy",
+    "completions/mean_length",
+)
+# RL: the reward model's score distribution per logging step (training.rl.SCORE_PERCENTILES).
+SCORE_DISTRIBUTION = ("reward_model/score_p10", "reward_model/score_p50", "reward_model/score_p90")
+# RL: the over-optimisation watch's points (training.rl), plotted against KL to the reference.
+WATCH_KL, WATCH_PROXY, WATCH_TRUE = "watch/kl", "watch/proxy_reward", "watch/true_score"
 
 
 def _run_curve_charts(run: TrainingRun) -> list[dict[str, object]]:
     series = training_run_metric_series(run=run)
-    return [
+    charts: list[dict[str, object]] = [
         {
             "name": name,
             "chart": step_chart(series=[{"label": name, "points": series[name]}], step_title=_("step")),
@@ -253,6 +282,43 @@ def _run_curve_charts(run: TrainingRun) -> list[dict[str, object]]:
         for name in RUN_CURVES
         if series.get(name)
     ]
+    if all(series.get(name) for name in SCORE_DISTRIBUTION):
+        charts.append(
+            {
+                "name": "reward_model/score_distribution",
+                "chart": step_chart(
+                    series=[
+                        {"label": name.rsplit("_", 1)[-1], "points": series[name]}
+                        for name in SCORE_DISTRIBUTION
+                    ],
+                    step_title=_("step"),
+                    value_title=_("reward-model score (10th, 50th, 90th percentile)"),
+                ),
+            }
+        )
+    if series.get(WATCH_KL):
+        # The watch reports its points at one step each: join them by step, in training order.
+        kl_at = dict(series[WATCH_KL])
+        curves = [
+            {
+                "label": str(label),
+                "points": [(kl_at[step], value) for step, value in series.get(name, []) if step in kl_at],
+            }
+            for name, label in (
+                (WATCH_PROXY, _("proxy reward (reward model)")),
+                (WATCH_TRUE, _("true score")),
+            )
+            if series.get(name)
+        ]
+        charts.append(
+            {
+                "name": "watch/reward_vs_kl",
+                "chart": step_chart(
+                    series=curves, step_title=_("KL to the reference"), value_title=_("held-out mean")
+                ),
+            }
+        )
+    return charts
 
 
 @login_required
@@ -535,3 +601,81 @@ def demo_model_status(request: HttpRequest) -> HttpResponse:
         "model_dir": model_dir,
     }
     return render(request, "training/demo_model.html", context)
+
+
+# --- policies ---------------------------------------------------------------------------
+
+
+@role_required(Role.MANAGER)
+def policy_list(request: HttpRequest) -> HttpResponse:
+    """The policies a manager may use, and registering one from a folder or hub id, checked at once."""
+    form = PolicyRegisterForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            policy = policy_register(**form.cleaned_data)
+        except ValidationError as error:
+            for field, field_messages in error.message_dict.items():
+                form.add_error(field if field in form.fields else None, field_messages)
+        else:
+            messages.success(
+                request,
+                _("Policy “%(name)s” is registered: its config and tokenizer are in place.")
+                % {"name": policy.name},
+            )
+            return redirect("policy-list")
+    context = {"form": form, "policies": policies_for_user(user=request.user)[:LIST_LIMIT]}
+    return render(request, "training/policy_list.html", context, status=400 if form.errors else 200)
+
+
+# --- generation jobs -------------------------------------------------------------------
+
+
+@role_required(Role.MANAGER)
+def generation_job_list(request: HttpRequest) -> HttpResponse:
+    """Generation jobs on the projects the manager runs (`?project=ID` narrows to one), and starting one."""
+    jobs = generation_jobs_for_user(user=request.user)
+    project_id = request.GET.get("project", "")
+    if project_id.isdigit():
+        jobs = jobs.filter(project_id=int(project_id))
+    initial = {key: request.GET[key] for key in ("policy", "project") if request.GET.get(key, "").isdigit()}
+    form = GenerationJobNewForm(request.POST or None, user=request.user, initial=initial)
+    status = 200
+    if request.method == "POST" and form.is_valid():
+        try:
+            job = generation_job_create(created_by=request.user, **form.cleaned_data)
+        except QueueUnavailable as error:
+            form.add_error(None, str(error))
+            status = 503
+        except ValidationError as error:
+            for field, field_messages in error.message_dict.items():
+                form.add_error(field if field in form.fields else None, field_messages)
+        else:
+            messages.success(request, _("Generation job #%(job)d was queued.") % {"job": job.pk})
+            return redirect("generation-job-detail", job.pk)
+    if form.errors and status == 200:
+        status = 400
+    context = {"form": form, "jobs": jobs[:LIST_LIMIT]}
+    return render(request, "training/generation_job_list.html", context, status=status)
+
+
+@require_GET
+@role_required(Role.MANAGER)
+def generation_job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
+    """One generation job with live progress (static/js/run.js polls its status)."""
+    job = generation_job_get_for_user(user=request.user, pk=job_id)
+    return render(request, "training/generation_job_detail.html", {"job": job})
+
+
+@require_GET
+@role_required(Role.MANAGER)
+def generation_job_status_view(request: HttpRequest, job_id: int) -> JsonResponse:
+    job = generation_job_get_for_user(user=request.user, pk=job_id)
+    return JsonResponse(generation_job_status(job=job))
+
+
+@require_POST
+@role_required(Role.MANAGER)
+def generation_job_cancel_view(request: HttpRequest, job_id: int) -> HttpResponse:
+    job = generation_job_get_for_user(user=request.user, pk=job_id)
+    generation_job_cancel(job=job)
+    return redirect("generation-job-detail", job.pk)

@@ -18,6 +18,7 @@
   const MUTED = colour("--muted", "#6b6f76");
   const LINE = colour("--line", "#d9dce1");
   const TARGET = "#1f7a4d";
+  const SERIES = [ACCENT, TARGET, "#b5542a", MUTED];
   const valueFormat = new Intl.NumberFormat(locale, { maximumFractionDigits: 3 });
 
   function formatValue(value, percent) {
@@ -103,12 +104,13 @@
   function stepConfig(spec) {
     return {
       data: {
-        datasets: spec.series.map((series) => ({
+        datasets: spec.series.map((series, index) => ({
           type: "line",
           label: series.label,
           data: series.points.map((point) => ({ x: point[0], y: point[1] })),
-          borderColor: ACCENT,
-          backgroundColor: ACCENT,
+          // Several series on one chart (score percentiles, proxy and true score) need telling apart.
+          borderColor: SERIES[index % SERIES.length],
+          backgroundColor: SERIES[index % SERIES.length],
           pointRadius: series.points.length > 60 ? 0 : 2,
           pointHitRadius: 4,
         })),
