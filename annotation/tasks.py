@@ -9,6 +9,7 @@ from celery import shared_task
 from celery.signals import worker_ready
 
 from annotation.services import assignments_expire_stale
+from annotation.snapshots import STATS_REFRESH_QUEUE, STATS_REFRESH_TASK, stats_snapshot_refresh
 from annotation.webhooks import (
     WEBHOOK_DELIVERY_TASK,
     WEBHOOK_SWEEP_TASK,
@@ -21,6 +22,12 @@ from annotation.webhooks import (
 def assignments_expire_stale_task() -> int:
     """Return lapsed leases to the pool (claims also do this per task; this keeps counts honest)."""
     return assignments_expire_stale()
+
+
+@shared_task(name=STATS_REFRESH_TASK, queue=STATS_REFRESH_QUEUE, ignore_result=True)
+def stats_snapshot_refresh_task(project_id: int) -> int:
+    """Recompute a project's statistics (and A/B results) into its snapshots; returns how many."""
+    return len(stats_snapshot_refresh(project_id=int(project_id)))
 
 
 @shared_task(name=WEBHOOK_DELIVERY_TASK, queue="default", ignore_result=True)
