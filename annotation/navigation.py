@@ -9,6 +9,7 @@ from django.urls import reverse
 from django.utils.functional import Promise
 from django.utils.translation import gettext_lazy as _
 
+from annotation.notifications import notices_unread_count
 from annotation.roles import Role, user_roles
 
 
@@ -57,4 +58,8 @@ def navigation(request: HttpRequest) -> dict[str, object]:
         # account-wide manager right runs it from the manager pages.
         and (item.url_name != "admin:index" or request.user.is_staff)  # type: ignore[union-attr]
     ]
-    return {"nav_items": items, "user_roles": roles}
+    return {
+        "nav_items": items,
+        "user_roles": roles,
+        "notices_unread": notices_unread_count(user=request.user),
+    }
