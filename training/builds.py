@@ -94,6 +94,11 @@ Outputs (each as `<output>/train.jsonl`, `test.jsonl` and the same in Parquet)
         at the top votes for none; one whose top is flagged (exclude_flagged)
         does not vote. A prompt whose metadata carries a "reference" answer
         also gets one row with the reference as its completion.
+        sft_in_preferences (on by default) keeps SFT and preference rows on
+        the same prompts. Off: each training near-duplicate group is drawn
+        to one side (sha256 of the seed and its key, as for the test split,
+        half and half): its prompts give SFT rows only, or pair, grouped and
+        reference rows only. Test prompts give both. The card's options say which.
     reference (when a prompt's metadata has a "reference" answer): the
         reference as chosen against each judged completion of the prompt.
     hf/: `datasets.DatasetDict` (train/test) of the pairs, save_to_disk.
@@ -221,6 +226,7 @@ class BuildOptions:
     seed: int
     near_duplicate_threshold: float
     exclude_flagged: bool
+    sft_in_preferences: bool = True
 
     @classmethod
     def from_build(cls, build: DatasetBuild) -> BuildOptions:
@@ -234,6 +240,7 @@ class BuildOptions:
             seed=build.seed,
             near_duplicate_threshold=build.near_duplicate_threshold,
             exclude_flagged=build.exclude_flagged,
+            sft_in_preferences=build.sft_in_preferences,
         )
 
     @property
@@ -361,9 +368,21 @@ class PromptSplit:
     groups: int
     merged_groups: int  # groups of two or more prompts
     prompts_in_merged_groups: int
+    # sft_in_preferences off: training prompts whose rows are SFT rows only (the others give no SFT row).
+    sft_only_prompt_ids: frozenset[int] | None = None
 
     def split_of(self, prompt_id: int) -> str:
         return "test" if prompt_id in self.test_prompt_ids else "train"
+
+    def keeps(self, output: str, prompt_id: int) -> bool:
+        """Whether `output` takes the prompt's rows: always, unless SFT and preference prompts are kept apart."""
+        if self.sft_only_prompt_ids is None or prompt_id in self.test_prompt_ids:
+            return True
+        return (output == "sft") == (prompt_id in self.sft_only_prompt_ids)
+
+
+# Mixed into a group's key to draw its SFT-or-preference side independently of its test draw.
+SFT_SIDE_SALT = 0x5F7_51DE
 
 
 def _fraction_of(seed: int, key: int) -> float:
@@ -406,7 +425,18 @@ def prompt_split(*, build: DatasetBuild, options: BuildOptions) -> PromptSplit:
         prompt_id for prompt_id, root in zip(ids, roots.tolist(), strict=True) if root in test_roots
     )
     merged = [size for size in sizes.values() if size > 1]
-    return PromptSplit(test_ids, len(ids), len(keys), len(merged), sum(merged))
+    sft_only = None
+    if not options.sft_in_preferences:
+        # Half the training groups, by the same kind of key as the test split: near duplicates stay together.
+        sft_roots = {
+            root for root, key in keys.items() if _fraction_of(options.seed, key ^ SFT_SIDE_SALT) < 0.5
+        }
+        sft_only = frozenset(
+            prompt_id
+            for prompt_id, root in zip(ids, roots.tolist(), strict=True)
+            if root in sft_roots and prompt_id not in test_ids
+        )
+    return PromptSplit(test_ids, len(ids), len(keys), len(merged), sum(merged), sft_only)
 
 
 # --- writing ---------------------------------------------------------------------
@@ -482,8 +512,11 @@ class Outputs:
     # Written even when empty, so a consumer always finds them.
     ALWAYS = ("pairs", "grouped", "sft")
 
-    def __init__(self, *, folder: Path, arrow_folder: Path, options: BuildOptions) -> None:
+    def __init__(
+        self, *, folder: Path, arrow_folder: Path, options: BuildOptions, split: PromptSplit | None = None
+    ) -> None:
         self.folder = folder
+        self.split = split
         self.arrow_folder = arrow_folder
         self.schemas = output_schemas(options)
         self.writers: dict[str, dict[str, SplitWriter]] = {}
@@ -507,6 +540,8 @@ class Outputs:
         return writers
 
     def write(self, output: str, split: str, row: dict[str, Any], *, prompt_id: int) -> None:
+        if self.split is not None and not self.split.keeps(output, prompt_id):
+            return
         self._open(output)[split].write(row, prompt_id=prompt_id)
 
     def close(self) -> None:
@@ -1224,6 +1259,7 @@ def build_summary(
             "test_fraction": options.test_fraction,
             "seed": options.seed,
             "near_duplicate_threshold": options.near_duplicate_threshold,
+            "sft_in_preferences": options.sft_in_preferences,
             "shingle_words": SHINGLE_WORDS,
             "minhash_permutations": MINHASH_PERMUTATIONS,
             "minhash_bands": MINHASH_BANDS,
@@ -1583,7 +1619,7 @@ def dataset_build_write(*, build: DatasetBuild, progress: ProgressCallback) -> B
         versions = judgment_versions_read(**selection)
         total = _comparisons_read(**selection).count() + _judgments_read(**selection).count()
         counter = _Progress(progress, total)
-        outputs = Outputs(folder=staging, arrow_folder=arrow_folder, options=options)
+        outputs = Outputs(folder=staging, arrow_folder=arrow_folder, options=options, split=split)
         common = {
             **selection,
             "options": options,

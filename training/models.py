@@ -138,6 +138,14 @@ class DatasetBuild(models.Model):
     ties = models.CharField(max_length=8, choices=Ties.choices, default=Ties.DROP)
     margin = models.CharField(max_length=16, choices=Margin.choices, default=Margin.NONE)
     format = models.CharField(max_length=16, choices=Format.choices, default=Format.STANDARD)
+    sft_in_preferences = models.BooleanField(
+        _("SFT prompts also in the preference rows"),
+        default=True,
+        help_text=_(
+            "On: SFT rows and preference rows come from the same prompts (overlap is known to help DPO). "
+            "Off: each training prompt gives SFT rows or preference rows, half and half."
+        ),
+    )
 
     # --- split ---------------------------------------------------------------
     test_fraction = models.FloatField(
