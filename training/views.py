@@ -325,15 +325,47 @@ def _run_curve_charts(run: TrainingRun) -> list[dict[str, object]]:
 def training_run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
     run = training_run_get_for_user(user=request.user, pk=run_id)
     rows = list(run.metric_rows.order_by("-step", "-id")[:50])
+    names = sorted({name for row in rows for name in row.values})
+    columns = _metric_columns(names, request.GET.getlist("metric"))
     context = {
         "run": run,
         "curves": _run_curve_charts(run),
         "metric_rows": rows,
-        "metric_names": sorted({name for row in rows for name in row.values}),
+        "metric_names": names,
+        "metric_columns": columns,
+        "metric_table": [
+            {"step": row.step, "values": [row.values.get(name) for name in columns]} for row in rows
+        ],
         "eta_seconds": training_run_eta_seconds(run=run),
         "files": RUN_FILES if run.status == TrainingRun.Status.SUCCEEDED else ("log.txt",),
     }
     return render(request, "training/run_detail.html", context)
+
+
+# The logged metrics table shows these, in this order, when the run logged them; the
+# rest (a run logs 25 or more) are one click away, so the table stays readable.
+METRIC_COLUMNS_DEFAULT = (
+    "loss",
+    "eval_loss",
+    "accuracy",
+    "eval_accuracy",
+    "rewards/accuracies",
+    "rewards/margins",
+    "margin",
+    "kl",
+    "reward",
+    "learning_rate",
+)
+METRIC_COLUMNS_SHOWN = 6
+
+
+def _metric_columns(names: list[str], asked: list[str]) -> list[str]:
+    """The columns asked for in the query (known names only, in the table's order), else the defaults."""
+    chosen = [name for name in names if name in set(asked)]
+    if chosen:
+        return chosen
+    preferred = [name for name in METRIC_COLUMNS_DEFAULT if name in names]
+    return (preferred or names)[:METRIC_COLUMNS_SHOWN]
 
 
 @require_GET
