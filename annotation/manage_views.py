@@ -7,6 +7,8 @@ a project the person does not manage) and calls one function of
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib import messages
 from django.core.exceptions import ValidationError
 from django.http import Http404, HttpRequest, HttpResponse
@@ -14,7 +16,8 @@ from django.shortcuts import redirect, render
 from django.utils.translation import gettext
 from django.views.decorators.http import require_POST
 
-from annotation.forms import MemberForm, MemberRoleForm, ProjectForm
+from annotation.forms import MemberForm, MemberRoleForm, ProjectForm, PromptImportForm
+from annotation.importing import ImportValidationError, prompts_import
 from annotation.projects import (
     member_roles_for_project,
     membership_get_for_manager,
@@ -126,3 +129,55 @@ def project_member_change(request: HttpRequest, project_id: int, membership_id: 
     except MemberInvalid as error:
         messages.error(request, str(error))
     return redirect("project-members", project.pk)
+
+
+# Lines named one by one after an import; beyond this a count says how many more.
+IMPORT_NOTES_SHOWN = 20
+
+
+@role_required(Role.MANAGER)
+def project_import(request: HttpRequest, project_id: int) -> HttpResponse:
+    """Upload a JSON Lines file of prompts (and completions) into a project the person manages.
+
+    Every bad line is listed and nothing is written then (annotation.importing).
+    """
+    project = project_get_for_user(user=request.user, pk=project_id, role=Role.MANAGER)
+    form = PromptImportForm(request.POST or None, request.FILES or None)
+    errors: list[Any] = []
+    if request.method == "POST" and form.is_valid():
+        try:
+            report = prompts_import(project=project, data=form.cleaned_data["file"])
+        except ImportValidationError as error:
+            errors = error.errors
+        else:
+            messages.success(
+                request,
+                gettext(
+                    "Imported %(prompts)d prompts, %(completions)d completions; "
+                    "%(tasks)d new tasks; %(duplicates)d duplicates skipped."
+                )
+                % {
+                    "prompts": report.prompts_created,
+                    "completions": report.completions_created,
+                    "tasks": report.tasks_created,
+                    "duplicates": len(report.duplicates),
+                },
+            )
+            for title, notes in (
+                (gettext("Duplicates skipped"), report.duplicates),
+                (gettext("Prompts without a task"), report.without_task),
+            ):
+                if notes:
+                    shown = "; ".join(
+                        gettext("line %(line)s: %(reason)s") % {"line": line, "reason": reason}
+                        for line, reason in notes[:IMPORT_NOTES_SHOWN]
+                    )
+                    if len(notes) > IMPORT_NOTES_SHOWN:
+                        shown += " " + gettext("(and %(count)d more)") % {
+                            "count": len(notes) - IMPORT_NOTES_SHOWN
+                        }
+                    messages.warning(request, f"{title}: {shown}")
+            return redirect("project-import", project.pk)
+    status = 400 if errors or form.errors else 200
+    context = {"project": project, "form": form, "errors": errors, "prompts": project.prompts.count()}
+    return render(request, "annotation/manage/project_import.html", context, status=status)

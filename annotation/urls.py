@@ -101,6 +101,7 @@ urlpatterns = [
     path("manage/projects/new", manage_views.project_new, name="project-new"),
     path("manage/projects/<int:project_id>/settings", manage_views.project_settings, name="project-settings"),
     path("manage/projects/<int:project_id>/members", manage_views.project_members, name="project-members"),
+    path("manage/projects/<int:project_id>/import", manage_views.project_import, name="project-import"),
     path(
         "manage/projects/<int:project_id>/members/<int:membership_id>",
         manage_views.project_member_change,

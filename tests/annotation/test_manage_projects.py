@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -185,3 +186,38 @@ def test_a_manager_cannot_add_another_manager_nor_change_a_managers_membership()
     assert Membership.objects.filter(pk=theirs.pk, role=Role.MANAGER).exists()
     page = client.get(f"/manage/projects/{project.pk}/members").content.decode()
     assert "Managers are given and taken away by a superuser" in page
+
+
+def test_prompts_are_imported_from_the_project_page_and_a_bad_file_writes_nothing():
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    manager = user_with_roles(Role.MANAGER, username="maria")
+    project = Project.objects.create(name="p", k=2)
+    add_member(project, manager, Role.MANAGER)
+    client = _signed_in(manager)
+    good = "\n".join(
+        json.dumps(
+            {
+                "id": f"q{n}",
+                "prompt": f"Question {n}?",
+                "completions": [{"text": f"yes {n}", "policy": "a"}, {"text": f"no {n}", "policy": "b"}],
+            }
+        )
+        for n in range(2)
+    )
+    bad = good + "\n{not json\n"
+
+    refused = _post(
+        client, f"/manage/projects/{project.pk}/import", {"file": SimpleUploadedFile("p.jsonl", bad.encode())}
+    )
+    assert refused.status_code == 400
+    assert "nothing was imported" in refused.content.decode()
+    assert not project.prompts.exists()
+
+    imported = _post(
+        client,
+        f"/manage/projects/{project.pk}/import",
+        {"file": SimpleUploadedFile("p.jsonl", good.encode())},
+    )
+    assert imported.status_code == 302
+    assert project.prompts.count() == 2 and project.tasks.count() == 2
