@@ -29,10 +29,13 @@ from annotation.models import (
     Project,
     Prompt,
     Task,
+    Webhook,
+    WebhookDelivery,
 )
 from annotation.roles import Role
 from annotation.selectors import accounts_addable_to_projects, accounts_administered_by, projects_for_user
 from annotation.services import user_set_roles, user_sync_staff
+from annotation.webhooks import webhook_deliveries_retry, webhook_secret_new
 
 User = get_user_model()
 
@@ -409,3 +412,83 @@ class ComparisonAdmin(ReadOnlyAdmin):
     list_display = ("__str__", "project", "is_tie", "margin", "labeler", "created_at")
     list_filter = (("project", ManagedProjectFilter), "is_tie")
     list_select_related = ("project", "labeler")
+
+
+# --- webhooks -------------------------------------------------------------------------
+
+
+class WebhookForm(forms.ModelForm):
+    url = forms.URLField(
+        label=_("URL"),
+        max_length=500,
+        assume_scheme="https",
+        help_text=_("Where each event is POSTed as JSON."),
+    )
+    events = forms.MultipleChoiceField(
+        label=_("Events"),
+        choices=Webhook.Event.choices,
+        widget=forms.CheckboxSelectMultiple,
+        help_text=_("The events sent to this address."),
+    )
+    secret = forms.CharField(
+        label=_("Secret"),
+        max_length=200,
+        required=False,
+        help_text=_("Signs every delivery (HMAC-SHA256). Left empty, a new random secret is made."),
+    )
+
+    class Meta:
+        model = Webhook
+        fields = ("project", "url", "events", "secret", "active")
+
+    def clean_secret(self) -> str:
+        return self.cleaned_data["secret"] or webhook_secret_new()
+
+
+@admin.register(Webhook)
+class WebhookAdmin(ProjectScopedAdmin):
+    form = WebhookForm
+    list_display = ("url", "project", "event_names", "active", "created_at")
+    list_filter = (("project", ManagedProjectFilter), "active")
+    list_select_related = ("project",)
+
+    @admin.display(description=_("events"))
+    def event_names(self, obj: Webhook) -> str:
+        labels = dict(Webhook.Event.choices)
+        return ", ".join(str(labels.get(event, event)) for event in obj.events)
+
+    def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        if db_field.name == "project" and not _is_superuser(request):
+            kwargs["queryset"] = _managed_projects(request)
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
+    def save_model(self, request: HttpRequest, obj: Webhook, form: ModelForm, change: bool) -> None:
+        if not change:
+            obj.created_by = request.user  # type: ignore[assignment]
+        super().save_model(request, obj, form, change)
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(ReadOnlyAdmin):
+    """The delivery log: what was sent where, how many attempts, and the receiver's last answer."""
+
+    project_path = "webhook__project"
+    list_display = (
+        "event",
+        "webhook",
+        "attempts",
+        "last_status_code",
+        "delivered_at",
+        "gave_up_at",
+        "created_at",
+    )
+    list_filter = ("event", ("webhook__project", ManagedProjectFilter))
+    list_select_related = ("webhook",)
+    actions = ["deliveries_retry"]
+
+    @admin.action(description=_("Try the selected undelivered deliveries again now"))
+    def deliveries_retry(self, request: HttpRequest, queryset: QuerySet[WebhookDelivery]) -> None:
+        ids = webhook_deliveries_retry(ids=list(queryset.values_list("pk", flat=True)))
+        self.message_user(
+            request, _("%(count)d deliveries queued again.") % {"count": len(ids)}, messages.SUCCESS
+        )

@@ -255,3 +255,16 @@ def judgment_webhook_data(*, judgment: Judgment, task: Task, comparisons: int) -
         "comparisons": comparisons,
         "version": judgment.version,
     }
+
+
+def webhook_deliveries_retry(*, ids: list[int], now: datetime | None = None) -> list[int]:
+    """A manager's "try again now": undelivered deliveries (given up or waiting) get a new attempt budget."""
+    now = now or timezone.now()
+    pending = WebhookDelivery.objects.filter(pk__in=ids, delivered_at__isnull=True).filter(
+        Q(leased_until__isnull=True) | Q(leased_until__lt=now)
+    )
+    retried = sorted(pending.values_list("pk", flat=True))
+    WebhookDelivery.objects.filter(pk__in=retried).update(gave_up_at=None, attempts=0, next_attempt_at=now)
+    for delivery_id in retried:
+        webhook_delivery_publish(delivery_id=delivery_id)
+    return retried

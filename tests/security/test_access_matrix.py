@@ -47,6 +47,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.http import HttpResponse
 from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
+from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
 from annotation.models import (
@@ -56,10 +57,13 @@ from annotation.models import (
     CompletionScore,
     Judgment,
     Membership,
+    Notice,
     Policy,
     Project,
     Prompt,
     Task,
+    Webhook,
+    WebhookDelivery,
 )
 from annotation.roles import Role
 from annotation.selectors import assignment_items_in_display_order
@@ -112,6 +116,7 @@ class World:
     other_labeler: AbstractUser  # labels only in the other project: the other manager administers her
     actors: dict[str, AbstractUser | None]
     admin_targets: dict[str, Any] = field(default_factory=dict)
+    notice_id: int = 0  # a notice of the manager's
 
     def client(self, actor: str) -> Client:
         client = Client()  # CSRF is checked in test_hardening; here the access rules are
@@ -127,6 +132,7 @@ class World:
             "build_id": self.build.pk,
             "run_id": self.run.pk,
             "judgment_id": self.judgment.pk,
+            "notice_id": self.notice_id,
         }
 
 
@@ -238,6 +244,16 @@ def build_world() -> World:
             created_by=manager,
         ).pk,
     }
+    webhook = Webhook.objects.create(
+        project=project, url=f"https://hooks.example/{SECRET}", secret=SECRET, events=["run.finished"]
+    )
+    world.admin_targets["annotation.webhook"] = webhook.pk
+    world.admin_targets["annotation.webhookdelivery"] = WebhookDelivery.objects.create(
+        webhook=webhook, event="run.finished", payload={"project": SECRET}, next_attempt_at=timezone.now()
+    ).pk
+    world.notice_id = Notice.objects.create(
+        user=manager, project=project, kind="run", object_id=run.pk, outcome="failed", title=SECRET
+    ).pk
     if GenerationJob is not None:
         world.admin_targets["training.generationjob"] = GenerationJob.objects.create(
             policy_id=world.admin_targets["annotation.policy"], project=project, created_by=manager
@@ -360,6 +376,7 @@ DOORS: dict[str, Door] = {
     "datasets/<int:build_id>/files/<str:key>": Door("page", key="README.md"),
     "api/dataset-builds/<int:build_id>/": Door("api", ("GET",)),
     # training runs
+    "notices/<int:notice_id>/": Door("page", ("GET",)),
     "training/runs/<int:run_id>/": Door("page"),
     "training/runs/<int:run_id>/status": Door("page"),
     "training/runs/<int:run_id>/curves": Door("page", ("GET",)),
