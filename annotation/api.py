@@ -19,6 +19,12 @@ from rest_framework.response import Response
 
 from annotation.importing import ImportValidationError, prompts_import
 from annotation.models import Judgment, Membership, Project, StatsSnapshot, TaskCompletion
+from annotation.pagination import (
+    CURSOR_PARAMETERS,
+    OldestFirstCursorPagination,
+    api_page,
+    paginated_schema,
+)
 from annotation.roles import Role
 from annotation.selectors import (
     assignment_get_for_user,
@@ -62,13 +68,21 @@ def _roles_by_project(request: Request, projects: list[Project]) -> dict[int, se
     return roles
 
 
-@extend_schema(responses=ProjectSerializer(many=True))
+@extend_schema(
+    responses=paginated_schema(ProjectSerializer, "Project"),
+    parameters=CURSOR_PARAMETERS,
+)
 @api_view(["GET"])
 def project_list(request: Request) -> Response:
-    """The projects you are a member of, with your roles in each."""
-    projects = list(projects_for_user(user=request.user).order_by("id"))
-    context = {"roles_by_project": _roles_by_project(request, projects)}
-    return Response(ProjectSerializer(projects, many=True, context=context).data)
+    """The projects you are a member of, with your roles in each, oldest first, a page at a time."""
+
+    def serialize(projects: list[Project]) -> list[object]:
+        context = {"roles_by_project": _roles_by_project(request, projects)}
+        return ProjectSerializer(projects, many=True, context=context).data
+
+    return api_page(
+        request, projects_for_user(user=request.user), serialize, pagination=OldestFirstCursorPagination
+    )
 
 
 @extend_schema(responses=ProjectSerializer)

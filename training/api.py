@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
+from django.db.models import Prefetch
 from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
@@ -17,6 +19,8 @@ from rest_framework.decorators import api_view
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from annotation.models import Project
+from annotation.pagination import CURSOR_PARAMETERS, api_page, paginated_schema
 from config import health
 from training.models import DatasetBuild, TrainingRun
 from training.selectors import (
@@ -37,7 +41,6 @@ from training.services import (
     training_run_create,
 )
 
-LIST_LIMIT = 200
 BUILD_QUEUE_UNREACHABLE = (
     "The job queue (Redis) cannot be reached, so the build was not created. "
     "Check that Redis is running and REDIS_URL points at it, then try again."
@@ -64,6 +67,11 @@ class DatasetBuildRequestSerializer(serializers.Serializer):
     test_fraction = serializers.FloatField(required=False, default=0.1)
     seed = serializers.IntegerField(required=False, default=0, min_value=0)
     near_duplicate_threshold = serializers.FloatField(required=False, default=0.6)
+    sft_in_preferences = serializers.BooleanField(
+        required=False,
+        default=True,
+        help_text="SFT rows on the same prompts as the preference rows (true), or on the other half of them.",
+    )
 
 
 class DatasetBuildSerializer(serializers.Serializer):
@@ -120,14 +128,21 @@ def _errors(messages: dict[str, Any]) -> Response:
     request=DatasetBuildRequestSerializer,
     responses={201: DatasetBuildSerializer, 503: OpenApiTypes.OBJECT},
 )
-@extend_schema(methods=["GET"], responses=DatasetBuildSerializer(many=True))
+@extend_schema(
+    methods=["GET"],
+    responses=paginated_schema(DatasetBuildSerializer, "DatasetBuild"),
+    parameters=CURSOR_PARAMETERS,
+)
 @api_view(["GET", "POST"])
 def dataset_build_list_create(request: Request) -> Response:
-    """GET: the builds you may see (you manage all their projects), newest first.
+    """GET: the builds you may see (you manage all their projects), newest first, a page at a time.
     POST: start a build of projects you manage; it is queued and runs on a worker."""
     if request.method == "GET":
-        builds = dataset_builds_for_user(user=request.user)[:LIST_LIMIT]
-        return Response([_payload(request, build) for build in builds])
+        builds = dataset_builds_for_user(user=request.user).prefetch_related(
+            Prefetch("projects", queryset=Project.objects.only("pk")),
+            Prefetch("labelers", queryset=get_user_model().objects.only("pk")),
+        )
+        return api_page(request, builds, lambda page: [_payload(request, build) for build in page])
 
     serializer = DatasetBuildRequestSerializer(data=request.data)
     if not serializer.is_valid():
@@ -242,13 +257,18 @@ def _run_payload(run: TrainingRun) -> dict[str, Any]:
     request=TrainingRunRequestSerializer,
     responses={201: TrainingRunSerializer, 400: OpenApiTypes.OBJECT, 503: OpenApiTypes.OBJECT},
 )
-@extend_schema(methods=["GET"], responses=TrainingRunSerializer(many=True))
+@extend_schema(
+    methods=["GET"],
+    responses=paginated_schema(TrainingRunSerializer, "TrainingRun"),
+    parameters=CURSOR_PARAMETERS,
+)
 @api_view(["GET", "POST"])
 def training_run_list_create(request: Request) -> Response:
-    """List the runs you may see, or start one (managers of all the build's projects only)."""
+    """List the runs you may see, newest first, a page at a time; or start one (managers of all the
+    build's projects only)."""
     if request.method == "GET":
-        runs = training_runs_for_user(user=request.user).select_related("reward_model")[:LIST_LIMIT]
-        return Response([_run_payload(run) for run in runs])
+        runs = training_runs_for_user(user=request.user).select_related("reward_model")
+        return api_page(request, runs, lambda page: [_run_payload(run) for run in page])
     serializer = TrainingRunRequestSerializer(data=request.data)
     if not serializer.is_valid():
         return _errors(serializer.errors)

@@ -39,6 +39,7 @@ BUILD_OPTION_FIELDS = (
     "test_fraction",
     "seed",
     "near_duplicate_threshold",
+    "sft_in_preferences",
 )
 
 # --- the files of a build ------------------------------------------------------
@@ -134,8 +135,9 @@ def dataset_build_options(*, build: DatasetBuild) -> dict[str, Any]:
     values: dict[str, Any] = {field: getattr(build, field) for field in BUILD_OPTION_FIELDS}
     for field in ("date_from", "date_to"):
         values[field] = values[field].isoformat() if values[field] else None
-    values["projects"] = list(build.projects.order_by("pk").values_list("pk", flat=True))
-    values["labelers"] = list(build.labelers.order_by("pk").values_list("pk", flat=True))
+    # Through .all(), so a list that prefetched them costs no query per build.
+    values["projects"] = sorted(project.pk for project in build.projects.all())
+    values["labelers"] = sorted(labeler.pk for labeler in build.labelers.all())
     return values
 
 

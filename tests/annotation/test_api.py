@@ -194,7 +194,7 @@ def test_people_outside_the_project_get_404_on_every_object_url(team, who):
     for method, url in urls:
         response = getattr(client, method)(url, {}, format="json")
         assert response.status_code == 404, (method, url, response.status_code)
-    visible = [project["name"] for project in client.get("/api/projects/").json()]
+    visible = [project["name"] for project in client.get("/api/projects/").json()["results"]]
     assert visible == ([] if who == "outsider" else ["someone else's"])
     assert _database_state() == before
 

@@ -46,7 +46,7 @@ def _api(method: str, path: str) -> Probe:
 
 
 def _api_lists_project(page: Client, api: APIClient, project: Project) -> int:
-    listed = {row["id"] for row in api.get("/api/projects/").json()}
+    listed = {row["id"] for row in api.get("/api/projects/").json()["results"]}
     return 200 if project.pk in listed else 404
 
 

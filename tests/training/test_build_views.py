@@ -348,7 +348,7 @@ def test_the_api_creates_a_build_and_reads_it_back(
     assert len(callbacks) == 1
     read = client.get(f"/api/dataset-builds/{body['id']}/").json()
     assert read["name"] == "from the API" and read["files"] == []
-    assert [item["id"] for item in client.get("/api/dataset-builds/").json()] == [body["id"]]
+    assert [item["id"] for item in client.get("/api/dataset-builds/").json()["results"]] == [body["id"]]
 
 
 def test_the_api_lists_the_files_of_a_finished_build_with_their_links(
