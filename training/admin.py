@@ -280,6 +280,15 @@ class GenerationJobForm(forms.ModelForm):
     class Meta:
         model = GenerationJob
         fields = ["policy", "project", "n", "temperature", "top_p", "max_new_tokens", "seed"]
+        labels = {
+            "policy": _("Policy"),
+            "project": _("Project"),
+            "n": _("Completions per prompt"),
+            "temperature": _("Temperature"),
+            "top_p": _("Top-p"),
+            "max_new_tokens": _("New tokens at most"),
+            "seed": _("Seed"),
+        }
 
     def _post_clean(self) -> None:
         super()._post_clean()

@@ -16,6 +16,7 @@ from annotation.selectors import projects_for_user
 from training.models import DatasetBuild, RewardModel, TrainingRun
 from training.rl import TRUE_SCORERS
 from training.selectors import (
+    BUILD_LABELS,
     BUILD_OPTION_FIELDS,
     dataset_builds_for_user,
     labeler_choices_for_builds,
@@ -30,6 +31,7 @@ class DatasetBuildForm(forms.ModelForm):
     class Meta:
         model = DatasetBuild
         fields = ["name", "projects", "labelers", *BUILD_OPTION_FIELDS]
+        labels = BUILD_LABELS
         widgets = {
             "projects": forms.CheckboxSelectMultiple,
             "labelers": forms.SelectMultiple(attrs={"size": 6}),
@@ -94,16 +96,23 @@ class TrainingRunForm(forms.Form):
         *RL_SETTINGS,
     )
 
-    name = forms.CharField(max_length=200, required=False, help_text=_("Leave blank for an automatic name."))
-    kind = forms.ChoiceField(choices=TrainingRun.Kind.choices, initial=TrainingRun.Kind.REWARD)
-    dataset_build = forms.ModelChoiceField(queryset=DatasetBuild.objects.none())
+    name = forms.CharField(
+        label=_("Name"), max_length=200, required=False, help_text=_("Leave blank for an automatic name.")
+    )
+    kind = forms.ChoiceField(
+        label=_("Kind"), choices=TrainingRun.Kind.choices, initial=TrainingRun.Kind.REWARD
+    )
+    dataset_build = forms.ModelChoiceField(label=_("Dataset build"), queryset=DatasetBuild.objects.none())
     base_model = forms.CharField(
-        max_length=500, help_text=_("A local folder or hub id of a causal language model (the SFT policy).")
+        label=_("Base model"),
+        max_length=500,
+        help_text=_("A local folder or hub id of a causal language model (the SFT policy)."),
     )
     peft = forms.ChoiceField(
         label=_("PEFT method"), choices=TrainingRun.Peft.choices, initial=TrainingRun.Peft.LORA
     )
     trainer = forms.ChoiceField(
+        label=_("Trainer"),
         choices=TrainingRun.Trainer.choices,
         initial=TrainingRun.Trainer.GROUPED,
         required=False,
@@ -123,16 +132,27 @@ class TrainingRunForm(forms.Form):
         help_text=_("How several GPUs share the run. DeepSpeed needs requirements-gpu.txt on the workers."),
     )
     learning_rate = forms.FloatField(
-        required=False, min_value=0, help_text=_("Blank: the default for the kind and PEFT method.")
+        label=_("Learning rate"),
+        required=False,
+        min_value=0,
+        help_text=_("Blank: the default for the kind and PEFT method."),
     )
-    num_train_epochs = forms.FloatField(min_value=0.01, initial=1.0)
-    max_steps = forms.IntegerField(initial=-1, help_text=_("-1: as many as the epochs take."))
-    per_device_train_batch_size = forms.IntegerField(min_value=1, initial=8)
-    gradient_accumulation_steps = forms.IntegerField(min_value=1, initial=1)
+    num_train_epochs = forms.FloatField(label=_("Epochs"), min_value=0.01, initial=1.0)
+    max_steps = forms.IntegerField(
+        label=_("Steps at most"), initial=-1, help_text=_("-1: as many as the epochs take.")
+    )
+    per_device_train_batch_size = forms.IntegerField(label=_("Batch size per GPU"), min_value=1, initial=8)
+    gradient_accumulation_steps = forms.IntegerField(
+        label=_("Gradient accumulation steps"), min_value=1, initial=1
+    )
     max_length = forms.IntegerField(
-        min_value=8, initial=512, help_text=_("Tokens per prompt and completion.")
+        label=_("Length at most (tokens)"),
+        min_value=8,
+        initial=512,
+        help_text=_("Tokens per prompt and completion."),
     )
     beta = forms.FloatField(
+        label=_("Beta"),
         min_value=0,
         initial=0.1,
         help_text=_(
@@ -140,14 +160,17 @@ class TrainingRunForm(forms.Form):
         ),
     )
     center_rewards_coefficient = forms.FloatField(
-        required=False, min_value=0, help_text=_("Reward only: pulls rewards towards zero mean (e.g. 0.01).")
+        label=_("Reward centring"),
+        required=False,
+        min_value=0,
+        help_text=_("Reward only: pulls rewards towards zero mean (e.g. 0.01)."),
     )
-    lora_r = forms.IntegerField(min_value=1, initial=16)
-    lora_alpha = forms.IntegerField(min_value=1, initial=32)
-    lora_dropout = forms.FloatField(min_value=0, max_value=1, initial=0.05)
-    seed = forms.IntegerField(min_value=0, initial=0)
-    logging_steps = forms.IntegerField(min_value=1, initial=10)
-    save_steps = forms.IntegerField(min_value=1, initial=100)
+    lora_r = forms.IntegerField(label=_("LoRA rank"), min_value=1, initial=16)
+    lora_alpha = forms.IntegerField(label=_("LoRA alpha"), min_value=1, initial=32)
+    lora_dropout = forms.FloatField(label=_("LoRA dropout"), min_value=0, max_value=1, initial=0.05)
+    seed = forms.IntegerField(label=_("Seed"), min_value=0, initial=0)
+    logging_steps = forms.IntegerField(label=_("Log every (steps)"), min_value=1, initial=10)
+    save_steps = forms.IntegerField(label=_("Checkpoint every (steps)"), min_value=1, initial=100)
     # --- RL runs -------------------------------------------------------------
     against_reward_model = forms.ModelChoiceField(
         label=_("Reward model"),
@@ -238,21 +261,35 @@ class TrainingRunForm(forms.Form):
 class ABSessionForm(forms.Form):
     """A blind A/B session: policies compared on the prompts of a project the manager runs."""
 
-    name = forms.CharField(max_length=200)
+    name = forms.CharField(label=_("Name"), max_length=200)
     source_project = forms.ModelChoiceField(
-        queryset=Project.objects.none(), help_text=_("Its prompts are the ones the policies answer.")
+        label=_("Source project"),
+        queryset=Project.objects.none(),
+        help_text=_("Its prompts are the ones the policies answer."),
     )
     policies = forms.ModelMultipleChoiceField(
-        queryset=Policy.objects.all(), widget=forms.CheckboxSelectMultiple, help_text=_("Two or more.")
+        label=_("Policies"),
+        queryset=Policy.objects.all(),
+        widget=forms.CheckboxSelectMultiple,
+        help_text=_("Two or more."),
     )
     votes_per_pair = forms.IntegerField(
-        min_value=1, max_value=50, initial=1, help_text=_("Votes wanted per prompt and pair of policies.")
+        label=_("Votes per pair"),
+        min_value=1,
+        max_value=50,
+        initial=1,
+        help_text=_("Votes wanted per prompt and pair of policies."),
     )
     max_new_tokens = forms.IntegerField(
-        min_value=1, max_value=8192, initial=256, help_text=_("For outputs that must be generated first.")
+        label=_("New tokens at most"),
+        min_value=1,
+        max_value=8192,
+        initial=256,
+        help_text=_("For outputs that must be generated first."),
     )
-    seed = forms.IntegerField(min_value=0, initial=0)
+    seed = forms.IntegerField(label=_("Seed"), min_value=0, initial=0)
     reward_model = forms.ModelChoiceField(
+        label=_("Reward model"),
         queryset=RewardModel.objects.none(),
         required=False,
         help_text=_(
@@ -277,6 +314,7 @@ class ScoringJobForm(forms.Form):
     """Attach a reward model to an A/B session: it scores the session's completions on the gpu queue."""
 
     reward_model = forms.ModelChoiceField(
+        label=_("Reward model"),
         queryset=RewardModel.objects.none(),
         help_text=_("Reward models trained on data from projects you manage."),
     )
@@ -290,7 +328,10 @@ class PolicyRegisterForm(forms.Form):
     """A model policy from a local folder or a hub id; `training.policies.policy_register` checks it loads."""
 
     name = forms.CharField(
-        max_length=200, required=False, help_text=_("Leave blank to take the folder's or hub id's last part.")
+        label=_("Name"),
+        max_length=200,
+        required=False,
+        help_text=_("Leave blank to take the folder's or hub id's last part."),
     )
     base_model = forms.CharField(
         max_length=500,

@@ -17,6 +17,7 @@ from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db.models import Exists, OuterRef, Q, QuerySet
 from django.http import Http404
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 
 from annotation.models import Comparison, Judgment, Membership, Project
 from annotation.roles import Role
@@ -41,6 +42,25 @@ BUILD_OPTION_FIELDS = (
     "near_duplicate_threshold",
     "sft_in_preferences",
 )
+# What people read for a build's fields, on its form and its page.
+BUILD_LABELS = {
+    "name": _("Name"),
+    "projects": _("Projects"),
+    "labelers": _("Labelers"),
+    "date_from": _("Judged from"),
+    "date_to": _("Judged until"),
+    "min_gold_accuracy": _("Gold accuracy at least"),
+    "exclude_flagged": _("Leave out flagged"),
+    "aggregation": _("Aggregation"),
+    "agreement_threshold": _("Agreement threshold"),
+    "ties": _("Ties"),
+    "margin": _("Margin"),
+    "format": _("Format"),
+    "test_fraction": _("Test share"),
+    "seed": _("Seed"),
+    "near_duplicate_threshold": _("Near-duplicate threshold"),
+    "sft_in_preferences": _("SFT prompts also in the preference rows"),
+}
 
 # --- the files of a build ------------------------------------------------------
 
