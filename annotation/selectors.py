@@ -7,6 +7,7 @@ Http404, never 403, so ids reveal nothing.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from typing import Any, TypedDict
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
@@ -14,6 +15,7 @@ from django.db.models import (
     Count,
     Exists,
     F,
+    IntegerField,
     OuterRef,
     Prefetch,
     QuerySet,
@@ -216,6 +218,25 @@ def project_fraction_done(*, project: Project) -> float:
     )
     wanted = totals["tasks"] * project.overlap
     return (totals["counted"] or 0) / wanted if wanted else 0.0
+
+
+def projects_fraction_done(*, projects: Iterable[Project]) -> dict[int, float]:
+    """`project_fraction_done` of several projects in one query (for lists of projects)."""
+    by_project = {project.pk: project for project in projects}
+    fractions = dict.fromkeys(by_project, 0.0)
+    rows = (
+        Task.objects.filter(project_id__in=by_project, is_gold=False)
+        .values("project_id")
+        .annotate(
+            tasks=Count("pk"),
+            counted=Sum(Least("judgment_count", F("project__overlap"), output_field=IntegerField())),
+        )
+        .order_by()
+    )
+    for row in rows:
+        wanted = row["tasks"] * by_project[row["project_id"]].overlap
+        fractions[row["project_id"]] = (row["counted"] or 0) / wanted if wanted else 0.0
+    return fractions
 
 
 def judgments_today_count(*, user: AnyUser, project: Project | None = None) -> int:

@@ -10,6 +10,7 @@ from django.contrib import messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
+from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, QueryDict
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -18,6 +19,7 @@ from django.utils.translation import gettext
 from django.views.decorators.http import require_GET, require_POST
 
 from annotation.models import Judgment, Project, StatsSnapshot
+from annotation.pagination import page_of, page_query
 from annotation.rendering import markdown_to_safe_html
 from annotation.review import (
     JudgmentNotRevisable,
@@ -42,9 +44,18 @@ from annotation.selectors import (
     project_get_for_judge,
     project_get_for_user,
     projects_for_user,
+    projects_fraction_done,
 )
 from annotation.services import JudgmentInput, JudgmentInvalid, MemberInvalid, assignment_claim_next
 from annotation.snapshots import snapshot_meta, stats_refresh_now, stats_snapshot_get
+
+
+def _project_rows(request: HttpRequest, projects: QuerySet[Project]) -> dict[str, Any]:
+    """One page of a list of projects, each with its share done, in a fixed number of queries."""
+    page = page_of(request, projects)
+    fractions = projects_fraction_done(projects=page.object_list)
+    rows = [{"project": project, "fraction_done": fractions[project.pk]} for project in page.object_list]
+    return {"rows": rows, "page_obj": page, "page_query": page_query(request)}
 
 
 @login_required
@@ -57,10 +68,7 @@ def label(request: HttpRequest) -> HttpResponse:
     projects = projects_for_user(user=request.user, role=Role.LABELER).filter(
         kind=Project.Kind.RANKING, is_active=True
     )
-    rows = [
-        {"project": project, "fraction_done": project_fraction_done(project=project)} for project in projects
-    ]
-    context = {"rows": rows, "done_today": judgments_today_count(user=request.user)}
+    context = {**_project_rows(request, projects), "done_today": judgments_today_count(user=request.user)}
     return render(request, "annotation/label.html", context)
 
 
@@ -104,10 +112,7 @@ def evaluate(request: HttpRequest) -> HttpResponse:
     projects = projects_for_user(user=request.user, role=Role.EVALUATOR).filter(
         kind=Project.Kind.AB, is_active=True
     )
-    rows = [
-        {"project": project, "fraction_done": project_fraction_done(project=project)} for project in projects
-    ]
-    return render(request, "annotation/evaluate.html", {"rows": rows})
+    return render(request, "annotation/evaluate.html", _project_rows(request, projects))
 
 
 @require_GET
@@ -193,10 +198,7 @@ def project_stats_refresh(request: HttpRequest, project_id: int) -> HttpResponse
 @role_required(Role.MANAGER)
 def manage(request: HttpRequest) -> HttpResponse:
     projects = projects_for_user(user=request.user, role=Role.MANAGER)
-    rows = [
-        {"project": project, "fraction_done": project_fraction_done(project=project)} for project in projects
-    ]
-    return render(request, "annotation/manage.html", {"rows": rows})
+    return render(request, "annotation/manage.html", _project_rows(request, projects))
 
 
 @require_GET

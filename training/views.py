@@ -20,6 +20,7 @@ from django.views.decorators.http import require_GET, require_POST
 from annotation.chart_data import category_chart, step_chart
 from annotation.forms import MemberAddForm
 from annotation.models import Policy, Project, Prompt
+from annotation.pagination import page_of, page_query
 from annotation.roles import Role, role_required
 from annotation.selectors import ab_session_get_for_manager, project_get_for_user
 from annotation.services import MemberInvalid, ab_outputs_missing, ab_session_create, project_member_add
@@ -83,7 +84,8 @@ def dataset_build_list(request: HttpRequest) -> HttpResponse:
     builds = (
         dataset_builds_for_user(user=request.user).select_related("created_by").prefetch_related("projects")
     )
-    return render(request, "training/dataset_build_list.html", {"builds": builds[:LIST_LIMIT]})
+    page = page_of(request, builds)
+    return render(request, "training/dataset_build_list.html", {"builds": page, "page_obj": page})
 
 
 @role_required(Role.MANAGER)
@@ -179,8 +181,11 @@ def training_run_list(request: HttpRequest) -> HttpResponse:
         if value in allowed:  # only known values reach the query
             runs = runs.filter(**{name: value})
             active[name] = value
+    page = page_of(request, runs)
     context = {
-        "runs": runs[:LIST_LIMIT],
+        "runs": page,
+        "page_obj": page,
+        "page_query": page_query(request),
         "active": active,
         "statuses": TrainingRun.Status.choices,
         "kinds": TrainingRun.Kind.choices,
@@ -655,7 +660,8 @@ def policy_list(request: HttpRequest) -> HttpResponse:
                 % {"name": policy.name},
             )
             return redirect("policy-list")
-    context = {"form": form, "policies": policies_for_user(user=request.user)[:LIST_LIMIT]}
+    page = page_of(request, policies_for_user(user=request.user))
+    context = {"form": form, "policies": page, "page_obj": page}
     return render(request, "training/policy_list.html", context, status=400 if form.errors else 200)
 
 
@@ -686,7 +692,8 @@ def generation_job_list(request: HttpRequest) -> HttpResponse:
             return redirect("generation-job-detail", job.pk)
     if form.errors and status == 200:
         status = 400
-    context = {"form": form, "jobs": jobs[:LIST_LIMIT]}
+    page = page_of(request, jobs)
+    context = {"form": form, "jobs": page, "page_obj": page, "page_query": page_query(request)}
     return render(request, "training/generation_job_list.html", context, status=status)
 
 
