@@ -440,6 +440,7 @@ class WebhookForm(forms.ModelForm):
     class Meta:
         model = Webhook
         fields = ("project", "url", "events", "secret", "active")
+        labels = {"project": _("Project"), "active": _("Active")}
 
     def clean_secret(self) -> str:
         return self.cleaned_data["secret"] or webhook_secret_new()
