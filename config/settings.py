@@ -119,6 +119,8 @@ TEMPLATES = [
 _database = env_database("DATABASE_URL", f"sqlite:///{VAR_DIR / 'db.sqlite3'}")
 if _database["ENGINE"] == "django.db.backends.sqlite3":
     Path(str(_database["NAME"])).parent.mkdir(parents=True, exist_ok=True)
+    # config.sqlite_backend: writers of the web process are served first come, first served.
+    _database["ENGINE"] = "config.sqlite_backend"
     _database["OPTIONS"] = {
         # Transactions take the write lock when they begin, so two claims
         # serialize instead of failing half-way with "database is locked".
@@ -136,6 +138,7 @@ else:
     _database.setdefault("OPTIONS", {})
     _database["OPTIONS"].setdefault("connect_timeout", env_int("DATABASE_CONNECT_TIMEOUT", 5, minimum=1))
 DATABASES = {"default": _database}
+SQLITE_FAIR_WRITES = env_bool("SQLITE_FAIR_WRITES", True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- accounts ----------------------------------------------------------------
@@ -195,6 +198,8 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    # Every error of every endpoint as RFC 9457 problem details (config/problems.py).
+    "EXCEPTION_HANDLER": "config.problems.problem_exception_handler",
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Rankwise API",
@@ -311,7 +316,17 @@ CELERY_BEAT_SCHEDULE = {
     "reap-stuck-dataset-builds": {"task": "training.tasks.dataset_builds_reap", "schedule": 300.0},
     "reap-stalled-generation-jobs": {"task": "training.tasks.stalled_generation_jobs_reap", "schedule": 60.0},
     "reap-stalled-scoring-jobs": {"task": "training.tasks.stalled_scoring_jobs_reap", "schedule": 60.0},
+    "sweep-webhook-deliveries": {"task": "annotation.tasks.webhook_deliveries_sweep", "schedule": 60.0},
 }
+# Outgoing webhooks (annotation.webhooks): a delivery's request timeout, its
+# attempts, and the backoff between them (base × 2^(attempt − 1), capped);
+# the sweep publishes again what the broker lost once it is this overdue.
+WEBHOOK_TIMEOUT_S = env_int("WEBHOOK_TIMEOUT_S", 10, minimum=1)
+WEBHOOK_MAX_ATTEMPTS = env_int("WEBHOOK_MAX_ATTEMPTS", 12, minimum=1)
+WEBHOOK_RETRY_BASE_S = env_int("WEBHOOK_RETRY_BASE_S", 2, minimum=1)
+WEBHOOK_RETRY_MAX_S = env_int("WEBHOOK_RETRY_MAX_S", 3600, minimum=1)
+WEBHOOK_SWEEP_GRACE_S = env_int("WEBHOOK_SWEEP_GRACE_S", 300, minimum=1)
+WEBHOOK_SWEEP_BATCH = env_int("WEBHOOK_SWEEP_BATCH", 500, minimum=1)
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # Hard limit for a GPU job; the soft limit leaves time to save a checkpoint.
 TRAINING_TIME_LIMIT_S = env_int("TRAINING_TIME_LIMIT_S", 6 * 3600, minimum=60)
