@@ -42,6 +42,7 @@ from training.forms import (
 from training.models import DatasetBuild, GenerationJob, RewardModel, TrainingRun
 from training.policies import policies_for_user, policy_register
 from training.selectors import (
+    BUILD_LABELS,
     BUILD_OPTION_FIELDS,
     BUILD_OUTPUTS,
     BUILD_SPLITS,
@@ -148,9 +149,9 @@ def _option_rows(build: DatasetBuild) -> list[tuple[str, str]]:
             shown = _("yes") if value else _("no")
         else:
             shown = "—" if value is None else str(value)
-        rows.append((str(field.verbose_name), str(shown)))
+        rows.append((str(BUILD_LABELS.get(name, field.verbose_name)), str(shown)))
     people = ", ".join(build.labelers.order_by("username").values_list("username", flat=True))
-    rows.insert(2, (str(DatasetBuild._meta.get_field("labelers").verbose_name), people or _("everyone")))
+    rows.insert(2, (str(BUILD_LABELS["labelers"]), people or _("everyone")))
     return rows
 
 
