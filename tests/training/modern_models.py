@@ -12,9 +12,11 @@ AutoTokenizer, AutoModelForCausalLM and AutoModelForSequenceClassification.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 FAMILIES = ("llama", "qwen2", "gemma")
 
@@ -62,6 +64,13 @@ GEMMA_CHAT_TEMPLATE = (
 )
 
 
+# Llama 3's pre-tokenizer pattern (Qwen2's differs only in splitting digits one by one).
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -72,7 +81,8 @@ class Family:
     pad_token: str | None
     add_bos: bool  # whether the tokenizer itself prepends the BOS to plain text
     model_type: str
-    config_extra: dict[str, Any] = field(default_factory=dict)
+    # The pre-tokenizer's split (Llama 3 and Qwen2 keep runs of newlines together); None: GPT-2's.
+    split_pattern: str | None = None
 
 
 FAMILY_SPECS: dict[str, Family] = {
@@ -85,6 +95,7 @@ FAMILY_SPECS: dict[str, Family] = {
         pad_token=None,  # Llama ships without one
         add_bos=True,
         model_type="llama",
+        split_pattern=LLAMA3_SPLIT,
     ),
     "qwen2": Family(
         name="qwen2",
@@ -95,6 +106,7 @@ FAMILY_SPECS: dict[str, Family] = {
         pad_token="<|endoftext|>",
         add_bos=False,
         model_type="qwen2",
+        split_pattern=LLAMA3_SPLIT,
     ),
     "gemma": Family(
         name="gemma",
@@ -124,12 +136,20 @@ SENTENCES = [
 
 def tokenizer_build(family: str, *, vocab_size: int = 400, sentences: list[str] | None = None) -> Any:
     """A byte-level BPE tokenizer trained on a few sentences, with the family's special tokens and chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     spec = FAMILY_SPECS[family]
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if spec.split_pattern:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(spec.split_pattern), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -203,3 +223,10 @@ def modern_model_write(family: str, directory: str | Path, *, seed: int = 0) -> 
     tokenizer.save_pretrained(directory)
     model.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+@pytest.fixture(scope="session")
+def modern_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One folder per family (import this fixture into a test module to use it)."""
+    root = tmp_path_factory.mktemp("modern-models")
+    return {family: modern_model_write(family, root / family) for family in FAMILIES}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.training.modern_models import FAMILIES, FAMILY_SPECS, modern_model_write
+from tests.training.modern_models import FAMILIES, FAMILY_SPECS, modern_model_dirs  # noqa: F401
 
 CONVERSATION = [
     {"role": "system", "content": "You are a careful assistant who answers briefly."},
@@ -14,15 +14,10 @@ CONVERSATION = [
 ]
 
 
-@pytest.fixture(scope="session")
-def modern_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("modern-models")
-    return {family: modern_model_write(family, root / family) for family in FAMILIES}
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_familys_template_renders_the_system_turn_and_the_generation_prompt(
-    modern_model_dirs: dict[str, Path], family: str
+    modern_model_dirs: dict[str, Path],  # noqa: F811
+    family: str,
 ) -> None:
     from transformers import AutoTokenizer
 
@@ -46,7 +41,9 @@ def test_each_familys_template_renders_the_system_turn_and_the_generation_prompt
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_reward_model_loads_as_a_sequence_classifier_with_a_pad_token_even_where_the_family_has_none(
-    modern_model_dirs: dict[str, Path], family: str, tmp_path: Path
+    modern_model_dirs: dict[str, Path],  # noqa: F811
+    family: str,
+    tmp_path: Path,
 ) -> None:
     from training.runner import RunSpec, _model_load, _tokenizer_load
 
