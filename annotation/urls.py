@@ -11,7 +11,7 @@ from django.urls import include, path
 from django.views.i18n import JavaScriptCatalog
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerSplitView
 
-from annotation import api, manage_views, views
+from annotation import api, manage_views, views, webhook_views
 
 
 def _docs_page(
@@ -102,6 +102,14 @@ urlpatterns = [
     path("manage/projects/<int:project_id>/settings", manage_views.project_settings, name="project-settings"),
     path("manage/projects/<int:project_id>/members", manage_views.project_members, name="project-members"),
     path("manage/projects/<int:project_id>/import", manage_views.project_import, name="project-import"),
+    path(
+        "manage/projects/<int:project_id>/webhooks", webhook_views.project_webhooks, name="project-webhooks"
+    ),
+    path(
+        "manage/projects/<int:project_id>/webhooks/<int:webhook_id>/toggle",
+        webhook_views.project_webhook_toggle,
+        name="project-webhook-toggle",
+    ),
     path(
         "manage/projects/<int:project_id>/members/<int:membership_id>",
         manage_views.project_member_change,

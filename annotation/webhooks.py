@@ -268,3 +268,19 @@ def webhook_deliveries_retry(*, ids: list[int], now: datetime | None = None) -> 
     for delivery_id in retried:
         webhook_delivery_publish(delivery_id=delivery_id)
     return retried
+
+
+def webhook_create(
+    *, project: Any, url: str, events: list[str], secret: str = "", created_by: Any = None
+) -> Webhook:
+    """A new active webhook of the project; an empty secret gets a random one."""
+    unknown = set(events) - set(Webhook.Event.values)
+    if unknown:
+        raise WebhookEventUnknown(", ".join(sorted(unknown)))
+    return Webhook.objects.create(
+        project=project,
+        url=url,
+        events=list(events),
+        secret=secret or webhook_secret_new(),
+        created_by=created_by,
+    )

@@ -91,3 +91,46 @@ def test_the_delivery_log_shows_a_managers_deliveries_and_retries_a_given_up_one
     given_up.refresh_from_db()
     assert (given_up.gave_up_at, given_up.attempts) == (None, 0)
     assert published == [given_up.pk]
+
+
+# --- the project's webhook page ------------------------------------------------------
+
+
+def test_a_manager_adds_a_webhook_on_the_projects_page_and_switches_it_off(csrf_client, login, two_projects):
+    mine, _theirs, me = two_projects
+    client = login(csrf_client, me)
+    page = client.get(f"/manage/projects/{mine.pk}/webhooks")
+    assert page.status_code == 200
+    token = client.cookies["csrftoken"].value
+
+    added = client.post(
+        f"/manage/projects/{mine.pk}/webhooks",
+        {"csrfmiddlewaretoken": token, "url": "https://hooks.example/in", "events": ["build.finished"]},
+    )
+
+    assert added.status_code == 302
+    webhook = Webhook.objects.get()
+    assert (webhook.project, webhook.events, webhook.active) == (mine, ["build.finished"], True)
+    assert webhook.secret
+    listing = client.get(f"/manage/projects/{mine.pk}/webhooks").content.decode()
+    assert "https://hooks.example/in" in listing and webhook.secret in listing
+
+    client.post(f"/manage/projects/{mine.pk}/webhooks/{webhook.pk}/toggle", {"csrfmiddlewaretoken": token})
+    webhook.refresh_from_db()
+    assert webhook.active is False
+
+
+def test_another_projects_webhook_page_and_toggle_answer_404(csrf_client, login, two_projects):
+    _mine, theirs, me = two_projects
+    theirs_hook = Webhook.objects.create(project=theirs, url="https://x.example/", secret="s", events=[])
+    client = login(csrf_client, me)
+    client.get("/")  # a CSRF cookie
+
+    assert client.get(f"/manage/projects/{theirs.pk}/webhooks").status_code == 404
+    toggled = client.post(
+        f"/manage/projects/{theirs.pk}/webhooks/{theirs_hook.pk}/toggle",
+        {"csrfmiddlewaretoken": client.cookies["csrftoken"].value},
+    )
+    assert toggled.status_code == 404
+    theirs_hook.refresh_from_db()
+    assert theirs_hook.active is True

@@ -133,6 +133,7 @@ class World:
             "run_id": self.run.pk,
             "judgment_id": self.judgment.pk,
             "notice_id": self.notice_id,
+            "webhook_id": self.admin_targets.get("annotation.webhook"),
         }
 
 
@@ -282,6 +283,7 @@ def database_state() -> dict[str, Any]:
         "tasks": rows(Task, "judgment_count"),
         "projects": rows(Project, "name", "is_active", "overlap"),
         "memberships": rows(Membership, "user_id", "role"),
+        "webhooks": rows(Webhook, "url", "active", "events"),
         "policies": rows(Policy, "name"),
         "builds": rows(DatasetBuild, "name", "status"),
         "runs": rows(TrainingRun, "status", "cancel_requested"),
@@ -377,6 +379,10 @@ DOORS: dict[str, Door] = {
     "api/dataset-builds/<int:build_id>/": Door("api", ("GET",)),
     # training runs
     "notices/<int:notice_id>/": Door("page", ("GET",)),
+    "manage/projects/<int:project_id>/webhooks": Door("page", ("GET", "POST"), Role.MANAGER),
+    "manage/projects/<int:project_id>/webhooks/<int:webhook_id>/toggle": Door(
+        "page", ("POST",), Role.MANAGER
+    ),
     "training/runs/<int:run_id>/": Door("page"),
     "training/runs/<int:run_id>/status": Door("page"),
     "training/runs/<int:run_id>/curves": Door("page", ("GET",)),
