@@ -357,6 +357,16 @@ class TrainingRun(models.Model):
     def __str__(self) -> str:
         return self.name or f"{self.get_kind_display()} run {self.pk}"
 
+    def clean(self) -> None:
+        super().clean()
+        if self._state.adding and self.base_model:
+            # Refused at submission, not 25 s into the run's process.
+            from training.model_check import base_model_problem
+
+            problem = base_model_problem(self.base_model)
+            if problem:
+                raise ValidationError({"base_model": problem})
+
     @property
     def output_path(self) -> Path:
         """The run's folder on this host (`output_dir` is stored relative to ARTIFACTS_DIR)."""
