@@ -221,3 +221,15 @@ def test_prompts_are_imported_from_the_project_page_and_a_bad_file_writes_nothin
     )
     assert imported.status_code == 302
     assert project.prompts.count() == 2 and project.tasks.count() == 2
+
+
+@pytest.mark.parametrize("path", ["settings", "members", "import"])
+def test_project_pages_follow_the_membership_not_the_global_group(path):
+    # a manager of the project who is in no global group gets in
+    project = Project.objects.create(name="p")
+    member_only = add_member(project, user_with_roles(username="member-only"), Role.MANAGER)
+    assert _signed_in(member_only).get(f"/manage/projects/{project.pk}/{path}").status_code == 200
+
+    # a person in the manager group who does not manage the project does not even see it
+    group_only = user_with_roles(Role.MANAGER, username="group-only")
+    assert _signed_in(group_only).get(f"/manage/projects/{project.pk}/{path}").status_code == 404
