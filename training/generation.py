@@ -19,6 +19,23 @@ draw can only pick that token.
 The weights are loaded with safetensors only: the base model through
 `training.demo_model.causal_lm_load`, an adapter through PEFT (which reads
 adapter_model.safetensors; a folder without it is refused).
+
+Backends. `GenerationBackend` is what a generation job samples through;
+`generation_backend_load` builds the one a worker is set to use
+(`RANKWISE_GENERATION_BACKEND`, default "hf"):
+
+- `HFBackend`: Hugging Face `generate` with `PerSampleSampler`, on any device
+  (the CPU path, the tests);
+- `VLLMBackend`: vLLM on a GPU worker (imported only there: vLLM is in
+  requirements-gpu.txt), a PEFT LoRA adapter served with vLLM's
+  `LoRARequest` beside the base weights, never merged. Each sample is its own
+  request whose `SamplingParams.seed` is the sample's seed, so vLLM's samples
+  do not depend on the batching either (they are not the HF backend's
+  samples: the two draw differently from the same seed).
+
+Both are handed the same prompt token ids (`prompt_token_ids`, through the
+policy's Hugging Face tokenizer) and return stripped texts without special
+tokens.
 """
 
 from __future__ import annotations
@@ -28,7 +45,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from training import prompts
 from training.prompts import prompt_token_ids as prompt_token_ids
@@ -45,6 +62,10 @@ SEED_BITS = 63  # torch takes up to 64; 63 stays a positive signed integer every
 ADAPTER_WEIGHTS_FILENAME = "adapter_model.safetensors"
 # Sequences (prompts × samples) generated together; a prompt's samples never split across batches.
 SEQUENCES_PER_BATCH = 64
+GENERATION_BACKENDS = ("hf", "vllm")
+# Set on a worker (its generation processes inherit it) to choose how it samples.
+BACKEND_ENV = "RANKWISE_GENERATION_BACKEND"
+DEFAULT_BACKEND = "hf"
 
 
 def _seed_from(text: str) -> int:
@@ -105,6 +126,8 @@ class GenerationSpec:
     policy: PolicySpec
     best_of_n: BestOfNSpec | None = None
     sequences_per_batch: int = SEQUENCES_PER_BATCH
+    # "hf" or "vllm"; "" for the generating worker's own choice (`generation_backend_name`).
+    backend: str = ""
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -117,6 +140,8 @@ class GenerationSpec:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.sequences_per_batch < 1:
             raise ValueError(f"sequences_per_batch must be at least 1, got {self.sequences_per_batch}")
+        if self.backend and self.backend not in GENERATION_BACKENDS:
+            raise ValueError(f"backend must be one of {GENERATION_BACKENDS} or empty, got {self.backend!r}")
         if self.policy.prompt_format not in PROMPT_FORMATS:
             raise ValueError(
                 f"prompt_format must be one of {PROMPT_FORMATS}, got {self.policy.prompt_format!r}"
@@ -301,3 +326,191 @@ def best_index(scores: Sequence[float]) -> int:
     if not scores:
         raise ValueError("no scores to choose from")
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+# --- backends -------------------------------------------------------------------
+
+
+def generation_backend_name(environ: dict[str, str] | None = None) -> str:
+    """The backend this worker generates with: `RANKWISE_GENERATION_BACKEND`, "hf" when unset."""
+    import os
+
+    value = (environ if environ is not None else os.environ).get(BACKEND_ENV, "").strip().lower()
+    if not value:
+        return DEFAULT_BACKEND
+    if value not in GENERATION_BACKENDS:
+        raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(GENERATION_BACKENDS)}; got {value!r}")
+    return value
+
+
+class GenerationBackend(Protocol):
+    """Samples replies to token-id prompts, each reply drawn with its own seed."""
+
+    name: str
+    tokenizer: PreTrainedTokenizerBase
+
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        seeds: Sequence[Sequence[int]],
+        *,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        on_step: Callable[[], None] | None = None,
+    ) -> list[list[str]]:
+        """`len(seeds[i])` replies to prompt i, the j-th drawn with `seeds[i][j]`."""
+        ...
+
+
+class HFBackend:
+    """Hugging Face `generate` (any device): `samples_generate` over a loaded policy."""
+
+    name = "hf"
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | PeftModel) -> None:
+        self.tokenizer = tokenizer
+        self.model = model
+
+    @classmethod
+    def load(cls, policy: PolicySpec, *, device: str | None = None) -> HFBackend:
+        return cls(*policy_load(policy, device=device))
+
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        seeds: Sequence[Sequence[int]],
+        *,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        on_step: Callable[[], None] | None = None,
+    ) -> list[list[str]]:
+        return samples_generate(
+            self.tokenizer,
+            self.model,
+            prompt_ids,
+            seeds,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            on_step=on_step,
+        )
+
+
+def _adapter_lora_rank(adapter: Path) -> int:
+    config_file = adapter / "adapter_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no adapter_config.json in the adapter folder {adapter}")
+    config = json.loads(config_file.read_text())
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        raise ValueError(
+            f"vLLM serves LoRA adapters only; {adapter} holds a {config.get('peft_type')!r} adapter "
+            f"(generate with {BACKEND_ENV}=hf)"
+        )
+    return int(config.get("r", 16))
+
+
+class VLLMBackend:
+    """vLLM on a GPU worker; a LoRA adapter is served next to the base weights, not merged into them."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        policy: PolicySpec,
+        *,
+        gpu_memory_utilization: float = 0.85,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+    ) -> None:
+        try:
+            from vllm import LLM
+            from vllm.lora.request import LoRARequest
+        except ImportError as error:
+            raise RuntimeError(
+                f"{BACKEND_ENV}=vllm but vLLM is not installed on this worker "
+                "(pip install -r requirements-gpu.txt on GPU workers)"
+            ) from error
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"{BACKEND_ENV}=vllm needs a GPU; this worker has none")
+        from transformers import AutoTokenizer
+
+        base = policy.base_model
+        local = Path(base).exists()
+        # The Hugging Face tokenizer renders prompts, so both backends see the same token ids.
+        self.tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=local)
+        self.lora_request = None
+        lora: dict[str, Any] = {}
+        if policy.adapter:
+            adapter = Path(policy.adapter)
+            if not (adapter / ADAPTER_WEIGHTS_FILENAME).is_file():
+                raise FileNotFoundError(f"no {ADAPTER_WEIGHTS_FILENAME} in the adapter folder {adapter}")
+            rank = _adapter_lora_rank(adapter)
+            lora = {"enable_lora": True, "max_lora_rank": max(8, rank), "max_loras": 1}
+            self.lora_request = LoRARequest("policy", 1, str(adapter))
+        self.llm = LLM(
+            model=base,
+            tokenizer=base,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            seed=0,
+            **lora,
+        )
+
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        seeds: Sequence[Sequence[int]],
+        *,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        on_step: Callable[[], None] | None = None,
+    ) -> list[list[str]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if len(prompt_ids) != len(seeds):
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(seeds)} seed lists")
+        requests: list[Any] = []
+        params: list[Any] = []
+        for ids, row in zip(prompt_ids, seeds, strict=True):
+            for seed in row:
+                requests.append(TokensPrompt(prompt_token_ids=list(ids)))
+                params.append(
+                    SamplingParams(
+                        n=1,
+                        temperature=temperature,
+                        top_p=top_p,
+                        top_k=-1,
+                        max_tokens=max_new_tokens,
+                        seed=int(seed),
+                        skip_special_tokens=True,
+                    )
+                )
+        outputs = self.llm.generate(requests, params, lora_request=self.lora_request, use_tqdm=False)
+        if on_step is not None:
+            on_step()
+        texts = [output.outputs[0].text.replace("\x00", "").strip() for output in outputs]
+        grouped: list[list[str]] = []
+        start = 0
+        for row in seeds:
+            grouped.append(texts[start : start + len(row)])
+            start += len(row)
+        return grouped
+
+
+def generation_backend_load(
+    policy: PolicySpec, *, backend: str = "", device: str | None = None
+) -> GenerationBackend:
+    """The policy loaded for sampling with `backend` ("" : this worker's `generation_backend_name()`)."""
+    name = backend or generation_backend_name()
+    if name not in GENERATION_BACKENDS:
+        raise ValueError(f"backend must be one of {GENERATION_BACKENDS}; got {name!r}")
+    if name == "vllm":
+        return VLLMBackend(policy)
+    return HFBackend.load(policy, device=device)

@@ -309,6 +309,15 @@ class TrainingRun(models.Model):
     step = models.PositiveIntegerField(default=0)
     total_steps = models.PositiveIntegerField(default=0)
     metrics = models.JSONField(default=dict, blank=True, help_text=_("Final evaluation on the test split."))
+    device_settings = models.JSONField(
+        _("device settings"),
+        default=dict,
+        blank=True,
+        help_text=_(
+            "What the run's process chose for its device and model: precision, attention, "
+            "gradient checkpointing, LoRA target modules, quantisation, packing."
+        ),
+    )
     log_tail = models.TextField(blank=True)
     error = models.TextField(blank=True)
     output_dir = models.CharField(max_length=500, blank=True)
@@ -499,6 +508,13 @@ class GenerationJob(GpuJob):
     )
     process_id = models.PositiveIntegerField(
         null=True, blank=True, help_text=_("Generation process of the current attempt.")
+    )
+    backend = models.CharField(
+        _("generation backend"),
+        max_length=8,
+        blank=True,
+        choices=[("hf", _("Hugging Face generate")), ("vllm", _("vLLM"))],
+        help_text=_("How the worker that ran the job sampled (its RANKWISE_GENERATION_BACKEND)."),
     )
 
     class Meta:

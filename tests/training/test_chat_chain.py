@@ -92,10 +92,8 @@ def test_a_conversation_is_the_same_tokens_in_the_build_training_generation_and_
 ) -> None:
     from trl.data_utils import _tokenize
 
-    from training.builds import completion_render, prompt_render
-    from training.generation import prompt_token_ids
     from training.grouped import dpo_group_features, reward_group_features
-    from training.scoring import reward_input_ids
+    from training.prompts import completion_render, prompt_render, prompt_token_ids, reward_input_ids
 
     # given a conversational build of chat prompts, and the family's tokenizer as the runner loads it
     build = ranked_chat_build(family)
