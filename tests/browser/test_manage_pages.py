@@ -229,3 +229,33 @@ def test_manage_and_its_links_are_for_managers_only(open_page, live_server):
     assert page.locator("nav >> text=Manage").count() == 0
     for path in ("/manage/", "/manage/projects/new", "/policies/", "/generation/"):
         assert page.goto(f"{live_server.url}{path}").status == 403
+
+
+def test_flags_are_edited_without_the_script_too(browser, live_server):
+    from tests.factories import PASSWORD
+
+    # given a project with one flag, and a browser with JavaScript off
+    manager = user_with_roles(Role.MANAGER, username="host")
+    project = Project.objects.create(name="plain", flags=["harmful"])
+    add_member(project, manager, Role.MANAGER)
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    page.goto(f"{live_server.url}/accounts/login/")
+    page.fill("#id_username", "host")
+    page.fill("#id_password", PASSWORD)
+    page.click("main button[type=submit]")
+    page.goto(f"{live_server.url}/manage/projects/{project.pk}/settings")
+
+    # then the flag and two blank rows are there, and the script's buttons are not
+    rows = page.locator("[data-flag-row] input")
+    assert [rows.nth(i).input_value() for i in range(rows.count())] == ["harmful", "", ""]
+    assert not page.is_visible("#flag-add")
+
+    # when a row is emptied and a blank one filled, then that is what is saved
+    rows.nth(0).fill("")
+    rows.nth(2).fill("off-topic")
+    page.click("main button[type=submit]")
+    page.wait_for_selector("text=Settings saved.")
+    project.refresh_from_db()
+    assert project.flags == ["off-topic"]
+    context.close()
