@@ -48,7 +48,10 @@ if TYPE_CHECKING:
     from peft import PeftConfig
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
+    from training.model_settings import DeviceSettings
+
 KINDS = ("reward", "dpo", "sft", "rl")
+QUANTIZATIONS = ("none", "4bit")
 PEFT_METHODS = ("lora", "ia3", "full")
 TRAINERS = ("trl", "grouped")
 # Named in the design but not built yet; asking for one is an error that says so.
@@ -68,6 +71,8 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 FINAL_DIRNAME = "final"
 RUN_INFO_FILENAME = "rankwise_run.json"
 TEST_REWARDS_FILENAME = "test_rewards.jsonl"
+# What the run trained with on its device (training.model_settings), written when training starts.
+DEVICE_SETTINGS_FILENAME = "device_settings.json"
 TRAINING_ARGS_FILENAME = "training_args.bin"
 CHECKPOINTS_KEPT = 2
 
@@ -159,7 +164,9 @@ class RunSpec:
     per_device_eval_batch_size: int = 8
     gradient_checkpointing: bool = True  # TRL's default: less memory for ~20% more compute
     disable_dropout: bool = True  # TRL's default: dropout makes the two sides of a pair disagree
-    lora_target_modules: list[str] | None = None  # None: peft's per-architecture default
+    lora_target_modules: list[str] | None = None  # None: the architecture's linear layers (model_settings)
+    # "4bit": QLoRA, the base weights in 4-bit NF4 (bitsandbytes; GPU workers and LoRA only).
+    quantization: str = "none"
     # SFT: the build's prompt-completion rows (sft/train.jsonl, sft/test.jsonl).
     sft_train_file: str | None = None
     sft_test_file: str | None = None
@@ -192,6 +199,13 @@ class RunSpec:
                 self.grouped_train_file,
             )
         _require_choice("grouped_margin", self.grouped_margin, GROUPED_MARGINS)
+        _require_choice("quantization", self.quantization, QUANTIZATIONS)
+        _require(
+            "quantization",
+            self.quantization == "none" or self.peft == "lora",
+            "'none' unless peft is 'lora' (QLoRA trains a LoRA adapter)",
+            self.quantization,
+        )
         for name in ("base_model", "train_file", "output_dir"):
             _require(
                 name,
@@ -509,6 +523,29 @@ def _tokenizer_load(spec: RunSpec) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def run_device_settings(spec: RunSpec) -> DeviceSettings:
+    """What this run trains with on this process's device (`training.model_settings`); ValueError if it cannot."""
+    from training.model_settings import (
+        SettingsRequest,
+        device_capabilities_detect,
+        device_settings,
+        model_config_read,
+    )
+
+    return device_settings(
+        capabilities=device_capabilities_detect(),
+        model_config=model_config_read(spec.base_model),
+        requested=SettingsRequest(
+            peft=spec.peft,
+            trainer=spec.trainer,
+            gradient_checkpointing=spec.gradient_checkpointing,
+            lora_target_modules=spec.lora_target_modules,
+            quantization=spec.quantization,
+            packing=spec.grouped_packing,
+        ),
+    )
+
+
 def _model_load(spec: RunSpec, tokenizer: PreTrainedTokenizerBase, *, reward: bool) -> PreTrainedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -521,6 +558,18 @@ def _model_load(spec: RunSpec, tokenizer: PreTrainedTokenizerBase, *, reward: bo
         "use_safetensors": True,
         "local_files_only": _is_local(spec.base_model),
     }
+    settings = run_device_settings(spec)
+    if settings.device == "cuda":
+        kwargs["attn_implementation"] = settings.attn_implementation
+    if settings.quantization == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if settings.precision == "bf16" else torch.float32,
+        )
     if reward:
         with suppress_seqcls_warning():
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -533,6 +582,12 @@ def _model_load(spec: RunSpec, tokenizer: PreTrainedTokenizerBase, *, reward: bo
     else:
         model = AutoModelForCausalLM.from_pretrained(spec.base_model, **kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id
+    if settings.quantization == "4bit":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=settings.gradient_checkpointing
+        )
     return model
 
 
@@ -551,7 +606,7 @@ def _peft_config(spec: RunSpec, model: PreTrainedModel, *, reward: bool) -> Peft
             r=spec.lora_r,
             lora_alpha=spec.lora_alpha,
             lora_dropout=spec.lora_dropout,
-            target_modules=spec.lora_target_modules,
+            target_modules=run_device_settings(spec).lora_target_modules,
             modules_to_save=modules_to_save,
             fan_in_fan_out=fan_in_fan_out,
         )
@@ -909,6 +964,13 @@ def run_training(spec: RunSpec, reporter: Reporter) -> RunResult:
     if resume_from:
         say(f"resuming from checkpoint {Path(resume_from).name} in {spec.checkpoints_dir}")
     say(f"training {spec.kind} model ({spec.peft}) from {spec.base_model}")
+    settings = run_device_settings(spec)
+    say("device settings: " + json.dumps(settings.to_dict(), sort_keys=True))
+    if is_main:
+        spec.checkpoints_dir.parent.mkdir(parents=True, exist_ok=True)
+        (Path(spec.output_dir) / DEVICE_SETTINGS_FILENAME).write_text(
+            json.dumps(settings.to_dict(), indent=2, sort_keys=True) + "\n"
+        )
     output = trainer.train(resume_from_checkpoint=resume_from)
     steps = trainer.state.global_step
     newest_after = checkpoint_newest_complete(spec.checkpoints_dir)
@@ -968,6 +1030,7 @@ def run_training(spec: RunSpec, reporter: Reporter) -> RunResult:
             "trainer": spec.trainer if spec.kind in ("reward", "dpo") else "trl",
             "steps": steps,
             "metrics": {k: _json_safe(v) for k, v in metrics.items()},
+            "device_settings": settings.to_dict(),
         }
         (final_dir / RUN_INFO_FILENAME).write_text(json.dumps(info, indent=2, allow_nan=False) + "\n")
         reporter.heartbeat()
