@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/load.py [--seconds 120] [--users 100] [--tasks 30000]
                                    [--workers 3] [--threads 4] [--think MIN,MAX] [--warmup 10] [--keep]
+    .venv/bin/python bench/load.py --database sqlite [--users 24] [--seconds 60]
 
 Two runs answer two questions:
 
@@ -60,6 +61,14 @@ errors and the invariants still include them).
      judgment_count matches its judgments).
 5. Stops gunicorn and drops the database (unless --keep).
 
+The embedded default (--database sqlite): the same loop against what a fresh
+install serves, SQLite and Django's development server (threaded, one
+process). It runs twice on copies of one seeded database file: first with the
+plain SQLite backend (SQLITE_FAIR_WRITES=0: writers wait in SQLite's busy
+handler, which retries by sleeping and serves them in no order), then with
+the default (config.sqlite_backend: the process's writers queue first come,
+first served), and prints both tables and the ratios of their percentiles.
+
 This file is also the locustfile: locust imports it (module name `load`) in
 its own process, where the `Labeler` user class below is defined. Locust
 patches sockets with gevent on import, so the benchmark's own process never
@@ -74,6 +83,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -179,19 +189,7 @@ def gunicorn_start(
     var_dir: str,
     log_path: Path,
 ) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "DEBUG": "0",
-        "SECRET_KEY": secrets.token_urlsafe(50),
-        "ALLOWED_HOSTS": "127.0.0.1",
-        "SECURE_SSL_REDIRECT": "0",
-        "SESSION_COOKIE_SECURE": "0",
-        "CSRF_COOKIE_SECURE": "0",
-        "DATABASE_URL": database_url,
-        "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
-        "VAR_DIR": var_dir,
-        "LOG_LEVEL": "WARNING",
-    }
+    env = server_env(database_url=database_url, var_dir=var_dir)
     command = [
         sys.executable,
         "-m",
@@ -214,10 +212,32 @@ def gunicorn_start(
     ]
     with log_path.open("wb") as log:
         server = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return server_wait(server, port=port, log_path=log_path, what="gunicorn")
+
+
+def server_env(*, database_url: str, var_dir: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DEBUG": "0",
+        "SECRET_KEY": secrets.token_urlsafe(50),
+        "ALLOWED_HOSTS": "127.0.0.1",
+        "SECURE_SSL_REDIRECT": "0",
+        "SESSION_COOKIE_SECURE": "0",
+        "CSRF_COOKIE_SECURE": "0",
+        "DATABASE_URL": database_url,
+        "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        "VAR_DIR": var_dir,
+        "LOG_LEVEL": "WARNING",
+    }
+
+
+def server_wait(
+    server: subprocess.Popen[bytes], *, port: int, log_path: Path, what: str
+) -> subprocess.Popen[bytes]:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise SystemExit(f"gunicorn exited ({server.returncode}):\n{log_path.read_text()[-3000:]}")
+            raise SystemExit(f"{what} exited ({server.returncode}):\n{log_path.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
                 if response.status == 200:
@@ -225,7 +245,21 @@ def gunicorn_start(
         except OSError:
             time.sleep(0.3)
     server.terminate()
-    raise SystemExit(f"gunicorn did not answer /healthz within 60 s:\n{log_path.read_text()[-3000:]}")
+    raise SystemExit(f"{what} did not answer /healthz within 60 s:\n{log_path.read_text()[-3000:]}")
+
+
+def runserver_start(
+    *, database_url: str, port: int, var_dir: str, log_path: Path, fair_writes: bool
+) -> subprocess.Popen[bytes]:
+    """Django's development server, as `make demo` serves: one process, a thread per request."""
+    env = {
+        **server_env(database_url=database_url, var_dir=var_dir),
+        "SQLITE_FAIR_WRITES": "1" if fair_writes else "0",
+    }
+    command = [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"]
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return server_wait(server, port=port, log_path=log_path, what="runserver")
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -293,17 +327,17 @@ def pacing_describe(*, users: int, think: tuple[float, float]) -> str:
 def report(
     result: dict[str, Any],
     *,
-    workers: int,
-    threads: int,
+    server: str,
     users: int,
     think: tuple[float, float],
     warmup: float,
-) -> None:
+) -> dict[str, dict[float, float]]:
+    """Prints the run's table; returns each endpoint's p50/p95/p99 (ms)."""
     elapsed = result["elapsed"]
     print()
     print(
         f"{pacing_describe(users=users, think=think)}; {elapsed:.0f} s measured; "
-        f"gunicorn gthread {workers}×{threads} on {os.cpu_count()} cores shared with PostgreSQL and locust "
+        f"{server} on {os.cpu_count()} cores shared with the database and locust "
         f"(load average at the end: {os.getloadavg()[0]:.1f})"
     )
     print(
@@ -336,6 +370,7 @@ def report(
         f"statuses: claim {result['statuses'].get('claim', {})}, submit {result['statuses'].get('submit', {})}; "
         f"ranked tasks/s: {result['statuses'].get('submit', {}).get('201', 0) / elapsed:.1f}"
     )
+    return stats
 
 
 def invariants(*, project_id: int, submits_201: int) -> bool:
@@ -411,8 +446,9 @@ def think_parse(value: str) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=int, default=120)
-    parser.add_argument("--users", type=int, default=100)
+    parser.add_argument("--database", choices=("postgresql", "sqlite"), default="postgresql")
+    parser.add_argument("--seconds", type=int, default=None, help="default: 120 (PostgreSQL), 60 (SQLite)")
+    parser.add_argument("--users", type=int, default=None, help="default: 100 (PostgreSQL), 24 (SQLite)")
     parser.add_argument("--tasks", type=int, default=30_000)
     parser.add_argument("--workers", type=int, default=3, help="gunicorn worker processes")
     parser.add_argument("--threads", type=int, default=4, help="threads per gunicorn worker")
@@ -431,17 +467,23 @@ def main() -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
     args = parser.parse_args()
+    sqlite = args.database == "sqlite"
+    args.seconds = args.seconds or (60 if sqlite else 120)
+    args.users = args.users or (24 if sqlite else 100)
     if not 0 <= args.warmup < args.seconds:
         parser.error("--warmup must be at least 0 and shorter than --seconds")
 
-    database_url = os.environ.get("LOAD_DATABASE_URL", DEFAULT_DATABASE_URL)
-    if urlsplit(database_url).hostname not in ("127.0.0.1", "localhost"):
-        raise SystemExit("the load benchmark only runs against a local database")
     work = Path(tempfile.mkdtemp(prefix="rankwise-load-"))
-    print(f"database {database_url}; logs in {work}")
+    if sqlite:
+        database_url = f"sqlite:///{work / 'seed.sqlite3'}"
+    else:
+        database_url = os.environ.get("LOAD_DATABASE_URL", DEFAULT_DATABASE_URL)
+        if urlsplit(database_url).hostname not in ("127.0.0.1", "localhost"):
+            raise SystemExit("the load benchmark only runs against a local database")
+        database_recreate(database_url)
+    print(f"database {args.database}; logs in {work}")
 
     started = time.monotonic()
-    database_recreate(database_url)
     setup_django(database_url)
     from django.core.management import call_command
     from django.db import connections
@@ -451,50 +493,75 @@ def main() -> int:
     with connections["default"].cursor() as cursor:
         cursor.execute("ANALYZE")  # fresh bulk-loaded tables have no statistics; a live database has
     print(f"seeded {args.tasks} tasks and {args.users} labelers in {time.monotonic() - started:.0f} s")
-    config_path, result_path = work / "config.json", work / "result.json"
+    config_path = work / "config.json"
     config_path.write_text(json.dumps(config))
     connections.close_all()
 
     from config.stack import port_free
 
-    port = port_free()
-    server = gunicorn_start(
-        database_url=database_url,
-        port=port,
-        workers=args.workers,
-        threads=args.threads,
-        keep_alive=math.ceil(args.think[1]) + 5,
-        var_dir=str(work / "var"),
-        log_path=work / "gunicorn.log",
-    )
-    try:
-        locust_run(
-            host=f"http://127.0.0.1:{port}",
-            users=args.users,
-            seconds=args.seconds,
-            stop_timeout=30 + math.ceil(2 * args.think[1]),  # an iteration holds two pauses
-            config=config_path,
-            result=result_path,
-            log_path=work / "locust.log",
+    def one_run(name: str, run_database_url: str, start: Any) -> tuple[dict[str, dict[float, float]], bool]:
+        port = port_free()
+        result_path = work / f"result-{name}.json"
+        server = start(database_url=run_database_url, port=port, log_path=work / f"server-{name}.log")
+        try:
+            locust_run(
+                host=f"http://127.0.0.1:{port}",
+                users=args.users,
+                seconds=args.seconds,
+                stop_timeout=30 + math.ceil(2 * args.think[1]),  # an iteration holds two pauses
+                config=config_path,
+                result=result_path,
+                log_path=work / f"locust-{name}.log",
+            )
+        finally:
+            stop(server)
+        result = json.loads(result_path.read_text())
+        stats = report(result, server=name, users=args.users, think=args.think, warmup=args.warmup)
+        if sqlite:
+            connections["default"].settings_dict["NAME"] = urlsplit(run_database_url).path
+        ok = invariants(
+            project_id=config["project"], submits_201=result["statuses"].get("submit", {}).get("201", 0)
         )
-    finally:
-        stop(server)
-    result = json.loads(result_path.read_text())
-    report(
-        result,
-        workers=args.workers,
-        threads=args.threads,
-        users=args.users,
-        think=args.think,
-        warmup=args.warmup,
-    )
-    ok = invariants(
-        project_id=config["project"], submits_201=result["statuses"].get("submit", {}).get("201", 0)
-    )
-    connections.close_all()
+        connections.close_all()
+        return stats, ok
+
+    if not sqlite:
+        keep_alive = math.ceil(args.think[1]) + 5
+        _, ok = one_run(
+            f"gunicorn gthread {args.workers}×{args.threads}, PostgreSQL",
+            database_url,
+            lambda **kw: gunicorn_start(
+                workers=args.workers,
+                threads=args.threads,
+                keep_alive=keep_alive,
+                var_dir=str(work / "var"),
+                **kw,
+            ),
+        )
+        if not args.keep:
+            database_recreate(database_url, drop_only=True)
+        return 0 if ok else 1
+
+    # SQLite: the plain backend first (the baseline), then the default, each on a copy of the seeded file.
+    runs = {}
+    for fair in (False, True):
+        name = f"runserver, SQLite, {'writers queued in order (default)' if fair else 'plain backend (baseline)'}"
+        copy = work / f"{'fair' if fair else 'plain'}.sqlite3"
+        shutil.copyfile(work / "seed.sqlite3", copy)
+        runs[fair] = one_run(
+            name,
+            f"sqlite:///{copy}",
+            lambda fair=fair, **kw: runserver_start(var_dir=str(work / "var"), fair_writes=fair, **kw),
+        )
+    print()
+    print("SQLite default vs the plain backend, same seeded file, same load (ratio < 1: faster):")
+    print(f"{'endpoint':<10} {'p50':>8} {'p95':>8} {'p99':>8}")
+    for endpoint in ENDPOINTS:
+        plain, fair = runs[False][0][endpoint], runs[True][0][endpoint]
+        print(f"{endpoint:<10}" + "".join(f" {fair[q] / plain[q]:>7.2f}x" for q in (0.50, 0.95, 0.99)))
     if not args.keep:
-        database_recreate(database_url, drop_only=True)
-    return 0 if ok else 1
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(ok for _, ok in runs.values()) else 1
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def worker_database_url(settings_dict: dict[str, object]) -> str:
     Host, credentials and options (``?sslmode=…``) stay as the suite was given them.
     """
     name = str(settings_dict["NAME"])
-    if settings_dict["ENGINE"] == "django.db.backends.sqlite3":
+    if "sqlite" in str(settings_dict["ENGINE"]):
         return f"sqlite:///{name}"
     given = urlsplit(os.environ["DATABASE_URL"])
     return urlunsplit(given._replace(path="/" + quote(name, safe="")))
