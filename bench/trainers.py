@@ -1,11 +1,16 @@
 """Benchmark: TRL's RewardTrainer / DPOTrainer against the grouped trainers, K = 4, 6, 9.
 
     .venv/bin/python bench/trainers.py [--steps 6] [--groups 4] [--rounds 3] [--kinds reward,dpo]
-                                       [--peft lora] [--threads 1]
+                                       [--peft lora] [--threads 1] [--models demo,llama]
 
 1. Builds a demo-sized GPT-2 (4 layers, 4 heads, 128 wide, a 1,000-token BPE
    tokenizer trained on generated arithmetic text; random weights, which
-   cost the same as trained ones) in a temporary folder.
+   cost the same as trained ones) in a temporary folder; with `--models`
+   also a model of the same size of a modern family (llama, qwen2 or gemma:
+   grouped-query attention, gated MLP, rotary positions), whose tokenizer
+   carries the family's chat template, trained on chat rows (a system and a
+   user turn, completions as assistant turns) with LoRA on every linear
+   layer of its blocks.
 2. For each K generates rankings of K completions (a prompt of ~25 tokens,
    completions of 20 to 60 tokens that part ways within their first few
    tokens, as sampled ones do; ranks a random permutation: no ties) and, in
@@ -60,6 +65,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 KS = (4, 6, 9)
 MODEL_SIZE = {"n_layer": 4, "n_head": 4, "n_embd": 128}
+MODELS = ("demo", "llama", "qwen2", "gemma")
 VOCAB_SIZE = 1000
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -107,16 +113,39 @@ class PeakRss:
 # --- model and data ------------------------------------------------------------------------
 
 
-def model_build(folder: Path) -> None:
-    from training.demo_model import causal_lm_create, tokenizer_train
+def _corpus() -> list[str]:
     from training.demo_task import completion_canonical, demo_problems
 
     problems = demo_problems(count=2000, seed=11, split="train")
     rng = random.Random(0)  # noqa: S311 (benchmark data)
     corpus = [f"{p.prompt}\n{_completion(p, p.answer, rng)}" for p in problems]
-    corpus += [completion_canonical(p) for p in problems]
-    tokenizer = tokenizer_train(corpus, vocab_size=VOCAB_SIZE)
-    model = causal_lm_create(tokenizer, n_positions=512, **MODEL_SIZE)
+    return corpus + [completion_canonical(p) for p in problems]
+
+
+def model_build(folder: Path, family: str = "demo") -> None:
+    """The demo's GPT-2, or a model of a modern family of the same size (4 layers, 128 wide)."""
+    if family == "demo":
+        from training.demo_model import causal_lm_create, tokenizer_train
+
+        tokenizer = tokenizer_train(_corpus(), vocab_size=VOCAB_SIZE)
+        model = causal_lm_create(tokenizer, n_positions=512, **MODEL_SIZE)
+    else:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from tests.training.modern_models import model_config, tokenizer_build
+
+        tokenizer = tokenizer_build(family, vocab_size=VOCAB_SIZE, sentences=[SYSTEM, *_corpus()])
+        tokenizer.model_max_length = 512
+        torch.manual_seed(0)
+        config = model_config(
+            family,
+            tokenizer,
+            hidden_size=MODEL_SIZE["n_embd"],
+            layers=MODEL_SIZE["n_layer"],
+            max_positions=512,
+        )
+        model = AutoModelForCausalLM.from_config(config)
     tokenizer.save_pretrained(folder)
     model.save_pretrained(folder, safe_serialization=True)
 
@@ -144,7 +173,11 @@ def _completion(problem: Any, answer: int, rng: random.Random) -> str:
     return f"{' '.join(steps)} {completion_canonical(problem, answer=answer)}"
 
 
-def rankings(k: int, count: int, seed: int) -> list[dict[str, Any]]:
+SYSTEM = "You solve arithmetic word problems. Show the steps, then the answer."
+
+
+def rankings(k: int, count: int, seed: int, *, chat: bool = False) -> list[dict[str, Any]]:
+    """Rankings of K completions; `chat`: conversational rows (a system and a user turn, assistant replies)."""
     from training.demo_task import demo_problems
 
     rng = random.Random(seed)  # noqa: S311 (benchmark data)
@@ -153,13 +186,20 @@ def rankings(k: int, count: int, seed: int) -> list[dict[str, Any]]:
         answers = [problem.answer + d for d in range(k)]
         ranks = list(range(1, k + 1))
         rng.shuffle(ranks)
-        rows.append(
-            {
-                "prompt": f"{problem.prompt}\n",
-                "completions": [_completion(problem, a, rng) for a in answers],
-                "ranks": ranks,
-            }
-        )
+        completions = [_completion(problem, a, rng) for a in answers]
+        if chat:
+            rows.append(
+                {
+                    "prompt": [
+                        {"role": "system", "content": SYSTEM},
+                        {"role": "user", "content": problem.prompt},
+                    ],
+                    "completions": [[{"role": "assistant", "content": c}] for c in completions],
+                    "ranks": ranks,
+                }
+            )
+        else:
+            rows.append({"prompt": f"{problem.prompt}\n", "completions": completions, "ranks": ranks})
     return rows
 
 
@@ -173,7 +213,7 @@ class StepClock:
     collating its batch included.
     """
 
-    def __init__(self, warmup: int) -> None:
+    def __init__(self, warmup: int, *, cuda: bool = False) -> None:
         from transformers import TrainerCallback
 
         clock = self
@@ -181,6 +221,10 @@ class StepClock:
         class Callback(TrainerCallback):
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                 if state.global_step >= warmup:
+                    if cuda:
+                        import torch
+
+                        torch.cuda.synchronize()  # the step's kernels have run, not only been queued
                     clock.marks.append((time.perf_counter(), clock.trainer._total_train_tokens))
 
         self.callback = Callback()
@@ -194,8 +238,11 @@ class StepClock:
         return [b[1] - a[1] for a, b in itertools.pairwise(self.marks)]
 
 
-def peft_config(kind: str, peft: str) -> Any:
+def peft_config(kind: str, peft: str, model_type: str = "gpt2") -> Any:
+    """The runner's LoRA settings: peft's default modules for GPT-2, every block linear layer otherwise."""
     from peft import LoraConfig
+
+    from training.model_settings import LORA_TARGET_MODULES
 
     if peft == "full":
         return None
@@ -204,8 +251,9 @@ def peft_config(kind: str, peft: str) -> Any:
         r=16,
         lora_alpha=32,
         lora_dropout=0.05,
+        target_modules=LORA_TARGET_MODULES.get(model_type),
         modules_to_save=["score"] if kind == "reward" else None,
-        fan_in_fan_out=True,
+        fan_in_fan_out=model_type == "gpt2",
     )
 
 
@@ -220,7 +268,11 @@ def run_once(
     steps: int,
     peft: str,
     out: Path,
+    device: str = "cpu",
+    max_length: int = 512,
+    gradient_checkpointing: bool = False,
 ) -> dict[str, float]:
+    """One trainer's timed steps. On "cuda": bf16 mixed precision, peak memory from torch's allocator."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -239,18 +291,19 @@ def run_once(
     warmup = 1
     pairs_per_step = math.comb(k, 2) * groups
     grouped = trainer_name != "trl"
+    cuda = device == "cuda"
     args: dict[str, Any] = {
         "output_dir": str(out),
-        "use_cpu": True,
-        "bf16": False,
-        "activation_checkpointing": False,
+        "use_cpu": not cuda,
+        "bf16": cuda,
+        "activation_checkpointing": gradient_checkpointing,
         "report_to": "none",
         "disable_tqdm": True,
         "save_strategy": "no",
         "logging_steps": 10_000,
         "max_steps": warmup + steps,
         "learning_rate": 5e-5,
-        "max_length": 512,
+        "max_length": max_length,
         "seed": 0,
         "data_seed": 0,
         "dataloader_num_workers": 0,
@@ -276,29 +329,41 @@ def run_once(
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         config = GroupedDPOConfig(**args, beta=0.1) if grouped else DPOConfig(**args, beta=0.1)
         trainer_class = GroupedDPOTrainer if grouped else DPOTrainer
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     dataset = Dataset.from_list(rows if grouped else pairs_from_groups(rows))
-    clock = StepClock(warmup)
+    clock = StepClock(warmup, cuda=cuda)
     trainer = trainer_class(
         model=model,
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=[clock.callback],
-        peft_config=peft_config(kind, peft),
+        peft_config=peft_config(kind, peft, model.config.model_type),
     )
     clock.trainer = trainer
     trainer.remove_callback(PrinterCallback)  # it prints the final metrics dict to stdout
     _give_memory_back()
-    with PeakRss() as memory:
-        baseline = _rss()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
         trainer.train()
+        peak = torch.cuda.max_memory_allocated()
+        del trainer, model
+        gc.collect()
+        torch.cuda.empty_cache()
+    else:
+        with PeakRss() as memory:
+            baseline = _rss()
+            trainer.train()
+        peak = memory.peak - baseline
     # The median step: other jobs on a shared machine slow some steps down.
     seconds = statistics.median(clock.step_seconds())
     return {
         "comparisons_per_s": pairs_per_step / seconds,
         "tokens_per_s": statistics.mean(clock.step_tokens()) / seconds,
-        "peak_mib": (memory.peak - baseline) / 2**20,
+        "peak_mib": peak / 2**20,
         "seconds_per_step": seconds,
     }
 
@@ -319,7 +384,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default="reward,dpo")
     parser.add_argument("--peft", choices=("lora", "full"), default="lora")
     parser.add_argument("--ks", default=",".join(map(str, KS)))
+    parser.add_argument(
+        "--models",
+        default="demo",
+        help=f"comma-separated, of {', '.join(MODELS)} (modern ones train on chat rows)",
+    )
     options = parser.parse_args(argv)
+    models = options.models.split(",")
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
 
     import torch
     import transformers
@@ -332,49 +406,53 @@ def main(argv: list[str] | None = None) -> int:
         f"{options.peft}; {options.groups} rankings a step; {options.steps} timed steps after 1 warm-up"
     )
     trainers = ("trl", "grouped (packed)", "grouped (padded)")
-    results: list[tuple[int, str, str, dict[str, float]]] = []
+    results: list[tuple[str, int, str, str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory(prefix="rankwise-bench-") as folder:
-        model_dir = Path(folder) / "model"
-        model_build(model_dir)
-        for k in map(int, options.ks.split(",")):
-            rows = rankings(k, options.groups * (options.steps + 1), seed=k)
-            for kind in options.kinds.split(","):
-                best: dict[str, dict[str, float]] = {}
-                for _ in range(options.rounds):
-                    for name in trainers:
-                        measured = run_once(
-                            kind=kind,
-                            trainer_name=name,
-                            model_dir=model_dir,
-                            rows=rows,
-                            k=k,
-                            groups=options.groups,
-                            steps=options.steps,
-                            peft=options.peft,
-                            out=Path(folder) / "out",
-                        )
-                        print(f"  K={k} {kind} {name}: {measured}", file=sys.stderr, flush=True)
-                        kept = best.get(name)
-                        if kept is None or measured["comparisons_per_s"] > kept["comparisons_per_s"]:
-                            best[name] = {
-                                **measured,
-                                "peak_mib": max(measured["peak_mib"], (kept or measured)["peak_mib"]),
-                            }
-                        else:
-                            kept["peak_mib"] = max(kept["peak_mib"], measured["peak_mib"])
-                results.extend((k, kind, name, best[name]) for name in trainers)
+        for family in models:
+            model_dir = Path(folder) / family
+            model_build(model_dir, family)
+            for k in map(int, options.ks.split(",")):
+                rows = rankings(k, options.groups * (options.steps + 1), seed=k, chat=family != "demo")
+                for kind in options.kinds.split(","):
+                    best: dict[str, dict[str, float]] = {}
+                    for _ in range(options.rounds):
+                        for name in trainers:
+                            measured = run_once(
+                                kind=kind,
+                                trainer_name=name,
+                                model_dir=model_dir,
+                                rows=rows,
+                                k=k,
+                                groups=options.groups,
+                                steps=options.steps,
+                                peft=options.peft,
+                                out=Path(folder) / "out",
+                            )
+                            print(f"  {family} K={k} {kind} {name}: {measured}", file=sys.stderr, flush=True)
+                            kept = best.get(name)
+                            if kept is None or measured["comparisons_per_s"] > kept["comparisons_per_s"]:
+                                best[name] = {
+                                    **measured,
+                                    "peak_mib": max(measured["peak_mib"], (kept or measured)["peak_mib"]),
+                                }
+                            else:
+                                kept["peak_mib"] = max(kept["peak_mib"], measured["peak_mib"])
+                    results.extend((family, k, kind, name, best[name]) for name in trainers)
 
-    header = "| K | kind | trainer | comparisons/s | tokens/s | s/step | peak RSS Δ MiB | grouped/TRL | goal 0.8·(K−1) |"
+    header = (
+        "| model | K | kind | trainer | comparisons/s | tokens/s | s/step | peak RSS Δ MiB | grouped/TRL "
+        "| goal 0.8·(K−1) |"
+    )
     print()
     print(header)
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
-    for k, kind, name, measured in results:
-        baseline = next(m for kk, kd, n, m in results if (kk, kd, n) == (k, kind, "trl"))
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for family, k, kind, name, measured in results:
+        baseline = next(m for f, kk, kd, n, m in results if (f, kk, kd, n) == (family, k, kind, "trl"))
         ratio = measured["comparisons_per_s"] / baseline["comparisons_per_s"]
         goal = 0.8 * (k - 1)
         verdict = "" if name == "trl" else f"{ratio:.2f} {'✓' if ratio >= goal else '✗'}"
         print(
-            f"| {k} | {kind} | {name} | {measured['comparisons_per_s']:.1f} | {measured['tokens_per_s']:.0f} | "
+            f"| {family} | {k} | {kind} | {name} | {measured['comparisons_per_s']:.1f} | {measured['tokens_per_s']:.0f} | "
             f"{measured['seconds_per_step']:.3f} | {measured['peak_mib']:.0f} | {verdict} | "
             f"{'' if name == 'trl' else f'{goal:.1f}'} |"
         )

@@ -184,7 +184,9 @@ def tokenizer_build(family: str, *, vocab_size: int = 400, sentences: list[str] 
     return PreTrainedTokenizerFast(**values)
 
 
-def model_config(family: str, tokenizer: Any, *, hidden_size: int = 32, layers: int = 2) -> Any:
+def model_config(
+    family: str, tokenizer: Any, *, hidden_size: int = 32, layers: int = 2, max_positions: int = 256
+) -> Any:
     """A tiny config of the family: 2 layers, 4 heads (2 key/value heads: grouped-query attention)."""
     from transformers import GemmaConfig, LlamaConfig, Qwen2Config
 
@@ -195,7 +197,7 @@ def model_config(family: str, tokenizer: Any, *, hidden_size: int = 32, layers: 
         "num_hidden_layers": layers,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
+        "max_position_embeddings": max_positions,
         "eos_token_id": tokenizer.eos_token_id,
         "bos_token_id": tokenizer.bos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
