@@ -60,12 +60,16 @@ def test_services_publish_a_runs_task_by_name_on_the_gpu_queue(monkeypatch: pyte
 
 def test_the_services_never_import_the_task_module() -> None:
     # the task module imports the services: an import back would be a cycle
-    tree = ast.parse((Path(__file__).resolve().parent.parent / "training" / "services.py").read_text())
-    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    imported |= {
-        alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
-    }
-    assert not {name for name in imported if name and name.startswith("training.tasks")}
+    package = Path(__file__).resolve().parent.parent / "training" / "services"
+    modules = sorted(package.glob("*.py"))
+    assert {"__init__.py", "jobs.py", "runs.py"} <= {module.name for module in modules}
+    for module in modules:
+        tree = ast.parse(module.read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        imported |= {
+            alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+        }
+        assert not {name for name in imported if name and name.startswith("training.tasks")}, module.name
 
 
 def test_the_app_accepts_only_json() -> None:

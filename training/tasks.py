@@ -121,7 +121,7 @@ class ScoringJobTask(GpuJobTask):
 
 # As for training runs: acknowledged once the job is over; a lost worker puts
 # the message back, and the redelivery takes over only if the job's heartbeat
-# stopped (`_gpu_job_claim`). The attempt cap lives on the row.
+# stopped (`training.services.jobs.job_claim`). The attempt cap lives on the row.
 GPU_JOB_TASK_OPTIONS: dict[str, Any] = {
     "ignore_result": True,
     "acks_late": True,

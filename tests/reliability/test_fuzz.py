@@ -245,8 +245,12 @@ def test_the_api_never_answers_5xx_and_always_as_its_schema_says(
     # given the schema the running server publishes, and a labeler's and a manager's token
     # (builds and runs the fuzzer creates are not sent to a queue: a worker of the suite would take them)
     queued: list[int] = []
-    monkeypatch.setattr("training.services.dataset_build_enqueue", lambda *, build: queued.append(build.pk))
-    monkeypatch.setattr("training.services.training_run_enqueue", lambda *, run_id: queued.append(run_id))
+    monkeypatch.setattr(
+        "training.services.builds.dataset_build_enqueue", lambda *, build: queued.append(build.pk)
+    )
+    monkeypatch.setattr(
+        "training.services.runs.training_run_enqueue", lambda *, run_id: queued.append(run_id)
+    )
     schema = schemathesis.openapi.from_url(f"{live_server.url}/api/schema/")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 15

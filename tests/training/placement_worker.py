@@ -28,4 +28,4 @@ def probe_instead_of_trainer(**kwargs: Any) -> None:
     # In each pool process, once Django is set up (the services import models).
     import training.services
 
-    training.services.training_run_command = probe_command
+    training.services.runs.training_run_command = probe_command

@@ -131,7 +131,7 @@ def test_a_session_lacking_outputs_waits_closed_and_queues_jobs_on_its_own_promp
     client, manager, monkeypatch
 ):
     # given a K=4 project with one prompt answered by two imported sources only
-    monkeypatch.setattr("training.services.generation_job_enqueue", lambda *, job_id: True)
+    monkeypatch.setattr("training.services.generation.generation_job_enqueue", lambda *, job_id: True)
     source = _k4_source_with_one_prompt_of_two_completions(manager)
     before = _source_snapshot(source)
     sft = Policy.objects.create(name="sft", kind=Policy.Kind.MODEL, base_model="/models/sft")

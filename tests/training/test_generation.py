@@ -110,7 +110,7 @@ def queued_job(policy: Policy, project: Project, **fields: Any) -> GenerationJob
 def no_publish(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     published: list[int] = []
     monkeypatch.setattr(
-        "training.services.generation_job_enqueue", lambda *, job_id: published.append(job_id)
+        "training.services.generation.generation_job_enqueue", lambda *, job_id: published.append(job_id)
     )
     return published
 

@@ -54,7 +54,9 @@ def run(db: None) -> TrainingRun:
 @pytest.fixture
 def enqueued(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     published: list[int] = []
-    monkeypatch.setattr("training.services.training_run_enqueue", lambda *, run_id: published.append(run_id))
+    monkeypatch.setattr(
+        "training.services.runs.training_run_enqueue", lambda *, run_id: published.append(run_id)
+    )
     return published
 
 
@@ -206,7 +208,7 @@ def run_training(spec, reporter):
 runner.run_training = run_training
 run_process.django.setup()
 import training.services
-training.services.training_run_enqueue = publish
+training.services.runs.training_run_enqueue = publish
 sys.exit(run_process.main([spec_path]))
 """
 
@@ -400,7 +402,7 @@ def test_the_tasks_time_limit_stops_the_run_process_which_requeues_with_its_atte
 ) -> None:
     # given a run whose process is loading its model
     TrainingRun.objects.filter(pk=run.pk).update(output_dir=str(tmp_path))
-    monkeypatch.setattr("training.services.training_run_command", fake_command(tmp_path, STOPPED))
+    monkeypatch.setattr("training.services.runs.training_run_command", fake_command(tmp_path, STOPPED))
     interrupter = interrupt_when_loading(run)
 
     # when the task is interrupted while it waits (it returns: the interruption is handled)
@@ -430,9 +432,9 @@ def test_a_run_process_that_ignores_sigterm_is_killed_and_the_run_requeued_with_
     # given a run whose process ignores SIGTERM, and a short grace period
     TrainingRun.objects.filter(pk=run.pk).update(output_dir=str(tmp_path))
     monkeypatch.setattr(
-        "training.services.training_run_command", fake_command(tmp_path, STOPPED, "ignore-sigterm")
+        "training.services.runs.training_run_command", fake_command(tmp_path, STOPPED, "ignore-sigterm")
     )
-    monkeypatch.setattr("training.services.JOB_STOP_GRACE_S", 0.5)
+    monkeypatch.setattr("training.services.supervisor.JOB_STOP_GRACE_S", 0.5)
     interrupter = interrupt_when_loading(run)
 
     # when the task is interrupted while it waits
@@ -469,7 +471,7 @@ def test_a_run_process_ended_by_sigterm_before_it_could_handle_it_is_requeued_wi
     TrainingRun.objects.filter(pk=run.pk).update(output_dir=str(tmp_path))
     ended = "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"
     monkeypatch.setattr(
-        "training.services.training_run_command",
+        "training.services.runs.training_run_command",
         lambda *, run, spec_path: [sys.executable, "-c", ended],
     )
 

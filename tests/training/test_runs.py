@@ -185,7 +185,7 @@ def test_a_labeler_cannot_start_a_run_by_any_door(client, build, tiny_model_dir)
 
 @pytest.mark.django_db
 def test_another_projects_manager_sees_no_run(client, build, tiny_model_dir, monkeypatch):
-    monkeypatch.setattr("training.services.training_run_enqueue", lambda *, run_id: True)
+    monkeypatch.setattr("training.services.runs.training_run_enqueue", lambda *, run_id: True)
     run = TrainingRun.objects.create(name="x", kind="reward", dataset_build=build, base_model="m")
     stranger = user_with_roles(Role.MANAGER, username="stranger")
     client.force_login(stranger)
@@ -205,7 +205,7 @@ def test_another_projects_manager_sees_no_run(client, build, tiny_model_dir, mon
 def test_the_api_starts_a_run_and_names_a_bad_hyperparameter(build, tiny_model_dir, monkeypatch):
     from rest_framework.test import APIClient
 
-    monkeypatch.setattr("training.services.training_run_enqueue", lambda *, run_id: True)
+    monkeypatch.setattr("training.services.runs.training_run_enqueue", lambda *, run_id: True)
     api = APIClient()
     api.force_authenticate(build.created_by)
     bad = api.post(
@@ -464,7 +464,9 @@ def test_a_two_process_run_through_the_ddp_configuration_completes_on_a_worker_w
 @pytest.mark.django_db(transaction=True)
 def test_a_rolled_back_transaction_enqueues_nothing(build, tiny_model_dir, monkeypatch):
     published = []
-    monkeypatch.setattr("training.services.training_run_enqueue", lambda *, run_id: published.append(run_id))
+    monkeypatch.setattr(
+        "training.services.runs.training_run_enqueue", lambda *, run_id: published.append(run_id)
+    )
     with pytest.raises(RuntimeError), transaction.atomic():
         create(build, tiny_model_dir)
         raise RuntimeError("the admin request failed after the run was saved")
@@ -507,7 +509,9 @@ def test_the_reaper_requeues_a_run_whose_heartbeat_stopped_and_fails_it_when_out
     from django.utils import timezone
 
     enqueued = []
-    monkeypatch.setattr("training.services.training_run_enqueue", lambda *, run_id: enqueued.append(run_id))
+    monkeypatch.setattr(
+        "training.services.runs.training_run_enqueue", lambda *, run_id: enqueued.append(run_id)
+    )
     old = timezone.now() - timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_S + 5)
     retry = TrainingRun.objects.create(
         name="r",

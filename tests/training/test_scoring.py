@@ -124,7 +124,9 @@ def manager(db: None) -> AbstractUser:
 @pytest.fixture
 def no_publish(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     published: list[int] = []
-    monkeypatch.setattr("training.services.scoring_job_enqueue", lambda *, job_id: published.append(job_id))
+    monkeypatch.setattr(
+        "training.services.scoring.scoring_job_enqueue", lambda *, job_id: published.append(job_id)
+    )
     return published
 
 
