@@ -22,6 +22,7 @@ from annotation.models import Project
 from annotation.roles import Role
 from annotation.selectors import projects_for_user
 from annotation.services import labeler_reliability_record
+from training.job_events import job_ended
 from training.models import DatasetBuild
 from training.selectors import BUILD_OPTION_FIELDS, dataset_build_dir
 from training.services.jobs import (
@@ -150,11 +151,13 @@ def dataset_build_fail(
 ) -> bool:
     """Mark a build failed with the error (compare-and-set from the given statuses); False if it was not in one."""
     for status in from_statuses:
-        changed = DatasetBuild.objects.filter(pk=build_id, status=status).update(
-            status=DatasetBuild.Status.FAILED, error=error[-ERROR_MAX_CHARS:], finished_at=timezone.now()
-        )
-        if changed == 1:
-            return True
+        with transaction.atomic():
+            changed = DatasetBuild.objects.filter(pk=build_id, status=status).update(
+                status=DatasetBuild.Status.FAILED, error=error[-ERROR_MAX_CHARS:], finished_at=timezone.now()
+            )
+            if changed == 1:
+                job_ended(DatasetBuild, job_id=build_id)
+                return True
     return False
 
 
@@ -188,14 +191,17 @@ def dataset_build_run(*, build_id: int) -> DatasetBuild | None:
         dataset_build_fail(build_id=build_id, error=f"{detail}\n\n{traceback.format_exc()}")
         build.refresh_from_db()
         return build
-    finished = DatasetBuild.objects.filter(pk=build_id, status=DatasetBuild.Status.RUNNING).update(
-        status=DatasetBuild.Status.SUCCEEDED,
-        progress=1.0,
-        counts=result.counts,
-        summary=result.summary,
-        content_hash=result.content_hash,
-        finished_at=timezone.now(),
-    )
+    with transaction.atomic():
+        finished = DatasetBuild.objects.filter(pk=build_id, status=DatasetBuild.Status.RUNNING).update(
+            status=DatasetBuild.Status.SUCCEEDED,
+            progress=1.0,
+            counts=result.counts,
+            summary=result.summary,
+            content_hash=result.content_hash,
+            finished_at=timezone.now(),
+        )
+        if finished == 1:
+            job_ended(DatasetBuild, job_id=build_id)
     if finished != 1:
         # Someone marked it failed meanwhile (a reaper, an admin): the row wins; drop the files.
         shutil.rmtree(dataset_build_dir(build_id=build_id), ignore_errors=True)

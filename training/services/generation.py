@@ -20,6 +20,7 @@ from annotation.roles import Role
 from annotation.selectors import projects_for_user
 from annotation.services import ab_session_open, tasks_create_for_project
 from config.storage import storage_path_resolve
+from training.job_events import job_ended
 from training.models import BestOfN, DatasetBuild, GenerationJob, RewardModel, TrainingRun
 from training.placement import DeviceLease
 from training.services.jobs import (
@@ -339,6 +340,7 @@ def generation_job_finish(*, job_id: int, attempt: int) -> bool:
     )
     if finished != 1:
         return False
+    job_ended(GenerationJob, job_id=job_id)
     job = GenerationJob.objects.select_related("project").get(pk=job_id)
     if job.project.kind == Project.Kind.RANKING:
         made = tasks_create_for_project(project=job.project)

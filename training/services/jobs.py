@@ -21,6 +21,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from config.celery import app as celery_app
+from training.job_events import job_ended
 from training.models import GpuJob, TrainingRun
 
 ERROR_MAX_CHARS = 10_000
@@ -113,9 +114,12 @@ def job_fail(
     rows = model.objects.filter(pk=job_id, status__in=from_statuses)
     if attempt is not None:
         rows = rows.filter(attempts=attempt)
-    changed = rows.update(
-        status=model.Status.FAILED, error=error[-ERROR_MAX_CHARS:], finished_at=timezone.now()
-    )
+    with transaction.atomic():
+        changed = rows.update(
+            status=model.Status.FAILED, error=error[-ERROR_MAX_CHARS:], finished_at=timezone.now()
+        )
+        if changed == 1:
+            job_ended(model, job_id=job_id)
     return changed == 1
 
 
@@ -171,7 +175,11 @@ def job_mark_cancelled(model: JobModel, *, job_id: int, attempt: int) -> bool:
     """The attempt stopped because a cancel was asked for: running → cancelled (only if one was)."""
     now = timezone.now()
     rows = job_owned(model, job_id=job_id, attempt=attempt).filter(cancel_requested=True)
-    return rows.update(status=model.Status.CANCELLED, heartbeat_at=now, finished_at=now) == 1
+    with transaction.atomic():
+        cancelled = rows.update(status=model.Status.CANCELLED, heartbeat_at=now, finished_at=now) == 1
+        if cancelled:
+            job_ended(model, job_id=job_id)
+    return cancelled
 
 
 def job_requeue(
@@ -202,9 +210,11 @@ def job_requeue(
 def job_cancel(model: JobModel, *, job_id: int) -> None:
     """A queued job is cancelled at once; a running one is asked to stop (its process checks between batches)."""
     now = timezone.now()
-    model.objects.filter(pk=job_id, status=model.Status.QUEUED).update(
-        status=model.Status.CANCELLED, cancel_requested=True, finished_at=now
-    )
+    with transaction.atomic():
+        if model.objects.filter(pk=job_id, status=model.Status.QUEUED).update(
+            status=model.Status.CANCELLED, cancel_requested=True, finished_at=now
+        ):
+            job_ended(model, job_id=job_id)
     model.objects.filter(pk=job_id, status=model.Status.RUNNING).update(cancel_requested=True)
 
 
@@ -225,12 +235,15 @@ def jobs_reap(
             if same.update(status=model.Status.QUEUED, error=f"heartbeat stopped; {retry_note}"):
                 transaction.on_commit(lambda job_id=job.pk: enqueue(job_id))
                 reaped.append(job.pk)
-        elif same.update(
-            status=model.Status.FAILED,
-            error=f"heartbeat stopped at {job.heartbeat_at:%Y-%m-%d %H:%M:%S} and no attempts remain",
-            finished_at=now,
-        ):
-            reaped.append(job.pk)
+        else:
+            with transaction.atomic():
+                if same.update(
+                    status=model.Status.FAILED,
+                    error=f"heartbeat stopped at {job.heartbeat_at:%Y-%m-%d %H:%M:%S} and no attempts remain",
+                    finished_at=now,
+                ):
+                    job_ended(model, job_id=job.pk)
+                    reaped.append(job.pk)
     return reaped
 
 

@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from annotation.models import Policy
 from config.storage import storage_path_resolve, storage_path_stored
+from training.job_events import job_ended
 from training.models import DatasetBuild, RewardModel, TrainingRun, TrainingRunMetric
 from training.placement import DeviceLease
 from training.selectors import dataset_build_dir
@@ -309,6 +310,7 @@ def training_run_finish(*, run_id: int, attempt: int, result: Any) -> bool:
     run.metrics = result.metrics
     run.heartbeat_at = run.finished_at = now
     run.save()
+    job_ended(TrainingRun, job_id=run_id)
     return True
 
 

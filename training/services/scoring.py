@@ -21,6 +21,7 @@ from annotation.roles import Role
 from annotation.selectors import projects_for_user
 from annotation.services import tasks_uncertainty_refresh
 from config.storage import storage_path_resolve
+from training.job_events import job_ended
 from training.models import DatasetBuild, RewardModel, ScoringJob
 from training.placement import DeviceLease
 from training.selectors import reward_models_for_user
@@ -261,6 +262,7 @@ def scoring_job_finish(*, job_id: int, attempt: int) -> bool:
         == 1
     )
     if finished:
+        job_ended(ScoringJob, job_id=job_id)
         job = ScoringJob.objects.select_related("project").get(pk=job_id)
         if job.project.kind == Project.Kind.RANKING:
             tasks_uncertainty_refresh(project=job.project, scorer=job.scorer)
