@@ -17,7 +17,7 @@ hands `generate` a one-hot distribution, so `generate`'s own multinomial
 draw can only pick that token.
 
 The weights are loaded with safetensors only: the base model through
-`training.demo_model.causal_lm_load`, an adapter through PEFT (which reads
+`training.loading.causal_lm_load`, an adapter through PEFT (which reads
 adapter_model.safetensors; a folder without it is refused).
 
 Backends. `GenerationBackend` is what a generation job samples through;
@@ -182,7 +182,7 @@ def policy_load(
     """
     import torch
 
-    from training.demo_model import causal_lm_load
+    from training.loading import causal_lm_load
 
     device = device or device_pick()
     tokenizer, model = causal_lm_load(policy.base_model)

@@ -12,11 +12,11 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from training.demo_model import (
     DEMO_QUICK_SETTINGS,
     DEMO_REPORT_FILENAME,
-    causal_lm_load,
     completions_generate_greedy,
     demo_model_build,
     demo_model_is_complete,
 )
+from training.loading import causal_lm_load
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
