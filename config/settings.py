@@ -128,6 +128,8 @@ if _database["ENGINE"] == "django.db.backends.sqlite3":
         "timeout": 20,
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
+    # A thread keeps its connection between requests: opening one runs the pragmas above.
+    _database["CONN_MAX_AGE"] = env_int("DATABASE_CONN_MAX_AGE", 60, minimum=0)
     # A file, not :memory:, so a Celery worker started by a test sees the test database.
     _database["TEST"] = {"NAME": str(VAR_DIR / "test_db.sqlite3")}
 else:
