@@ -12,12 +12,11 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.decorators import api_view, parser_classes
-from rest_framework.exceptions import ParseError
 from rest_framework.parsers import MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from annotation.importing import ImportValidationError, prompts_import
+from annotation.importing import prompts_import
 from annotation.models import Judgment, Membership, Project, StatsSnapshot, TaskCompletion
 from annotation.pagination import (
     CURSOR_PARAMETERS,
@@ -37,19 +36,16 @@ from annotation.selectors import (
 from annotation.serializers import (
     AssignmentSerializer,
     ConflictSerializer,
-    ErrorsSerializer,
     ImportFailureSerializer,
     ImportReportSerializer,
     ImportRequestSerializer,
     JudgmentRequestSerializer,
     JudgmentResponseSerializer,
+    ProblemSerializer,
     ProjectSerializer,
     SkipRequestSerializer,
 )
 from annotation.services import (
-    AssignmentNotActive,
-    JudgmentInvalid,
-    LeaseTakenOver,
     assignment_claim_next,
     assignment_skip,
     judgment_submit,
@@ -115,7 +111,7 @@ def project_claim_next(request: Request, project_id: int) -> Response:
     responses={
         200: JudgmentResponseSerializer,
         201: JudgmentResponseSerializer,
-        400: ErrorsSerializer,
+        400: ProblemSerializer,
         409: ConflictSerializer,
     },
 )
@@ -124,22 +120,9 @@ def assignment_judgment(request: Request, assignment_id: int) -> Response:
     """Submit your answer. 201 when stored, 200 when this client token was stored before,
     409 (with your answer echoed) when the lease ran out and the task was taken over."""
     assignment = assignment_get_for_user(user=request.user, pk=assignment_id)
-    try:
-        serializer = JudgmentRequestSerializer(data=request.data)
-    except ParseError as error:  # a body that is no JSON gets the documented 400 shape too
-        return Response({"errors": {"body": str(error.detail)}}, status=status.HTTP_400_BAD_REQUEST)
-    if not serializer.is_valid():
-        errors = {field: " ".join(str(m) for m in messages) for field, messages in serializer.errors.items()}
-        return Response({"errors": errors}, status=status.HTTP_400_BAD_REQUEST)
-    answer = serializer.to_answer()
-    try:
-        result = judgment_submit(assignment=assignment, user=request.user, answer=answer)
-    except JudgmentInvalid as error:
-        return Response({"errors": error.errors}, status=status.HTTP_400_BAD_REQUEST)
-    except LeaseTakenOver as error:
-        return _conflict(str(error), "taken_over", answer.as_dict())
-    except AssignmentNotActive as error:
-        return _conflict(str(error), error.reason, answer.as_dict())
+    serializer = JudgmentRequestSerializer(data=request.data)
+    serializer.is_valid(raise_exception=True)
+    result = judgment_submit(assignment=assignment, user=request.user, answer=serializer.to_answer())
     body: dict[str, object] = {
         "judgment": result.judgment.pk,
         "comparisons": result.comparisons,
@@ -150,12 +133,6 @@ def assignment_judgment(request: Request, assignment_id: int) -> Response:
     return Response(body, status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)
 
 
-def _conflict(detail: str, reason: str, answer: dict[str, object]) -> Response:
-    return Response(
-        {"detail": detail, "reason": reason, "your_answer": answer}, status=status.HTTP_409_CONFLICT
-    )
-
-
 @extend_schema(request=SkipRequestSerializer, responses={200: AssignmentSerializer, 409: ConflictSerializer})
 @api_view(["POST"])
 def assignment_skip_view(request: Request, assignment_id: int) -> Response:
@@ -163,10 +140,7 @@ def assignment_skip_view(request: Request, assignment_id: int) -> Response:
     assignment = assignment_get_for_user(user=request.user, pk=assignment_id)
     serializer = SkipRequestSerializer(data=request.data)
     serializer.is_valid(raise_exception=True)
-    try:
-        assignment = assignment_skip(assignment=assignment, reason=serializer.validated_data["reason"])
-    except AssignmentNotActive as error:
-        return _conflict(str(error), error.reason, dict(serializer.validated_data))
+    assignment = assignment_skip(assignment=assignment, reason=serializer.validated_data["reason"])
     return Response(assignment_payload(assignment=assignment))
 
 
@@ -179,24 +153,9 @@ def assignment_skip_view(request: Request, assignment_id: int) -> Response:
 def project_import(request: Request, project_id: int) -> Response:
     """Import prompts (and completions) from a JSONL file. All or nothing: any bad line writes nothing."""
     project = project_get_for_user(user=request.user, pk=project_id, role=Role.MANAGER)
-    try:
-        serializer = ImportRequestSerializer(data=request.data)
-    except ParseError as error:
-        return _import_refused([{"line": None, "field": "file", "message": str(error.detail)}])
-    if not serializer.is_valid():  # no file: the documented 400 shape, like a bad line
-        return _import_refused(
-            [
-                {"line": None, "field": field, "message": " ".join(map(str, messages))}
-                for field, messages in serializer.errors.items()
-            ]
-        )
-    upload = serializer.validated_data["file"]
-    try:
-        report = prompts_import(project=project, data=upload)
-    except ImportValidationError as error:
-        return _import_refused(
-            [{"line": e.line, "field": e.field, "message": e.message} for e in error.errors]
-        )
+    serializer = ImportRequestSerializer(data=request.data)
+    serializer.is_valid(raise_exception=True)
+    report = prompts_import(project=project, data=serializer.validated_data["file"])
     return Response(
         {
             "prompts_created": report.prompts_created,
@@ -209,11 +168,6 @@ def project_import(request: Request, project_id: int) -> Response:
         },
         status=status.HTTP_201_CREATED,
     )
-
-
-def _import_refused(errors: list[dict[str, object]]) -> Response:
-    body = {"detail": f"{len(errors)} problem(s); nothing was imported.", "errors": errors}
-    return Response(body, status=status.HTTP_400_BAD_REQUEST)
 
 
 @extend_schema(responses={200: OpenApiTypes.OBJECT})

@@ -119,14 +119,25 @@ class JudgmentResponseSerializer(serializers.Serializer):
     )
 
 
-class ConflictSerializer(serializers.Serializer):
-    detail = serializers.CharField()
+class ProblemSerializer(serializers.Serializer):
+    """Every error of the API: RFC 9457 problem details, served as application/problem+json."""
+
+    type = serializers.CharField(help_text="urn:rankwise:problem:<slug>, one per kind of problem.")
+    title = serializers.CharField(help_text="The same for every problem of this type.")
+    status = serializers.IntegerField(help_text="The HTTP status, repeated.")
+    detail = serializers.CharField(help_text="What went wrong this time, for people.")
+    errors = serializers.DictField(
+        child=serializers.ListField(child=serializers.CharField()),
+        required=False,
+        help_text="On a validation problem: field -> messages.",
+    )
+
+
+class ConflictSerializer(ProblemSerializer):
+    """A 409: the answer was not stored; it is sent back so the person does not lose it."""
+
     reason = serializers.ChoiceField(choices=["taken_over", "submitted", "skipped"])
-    your_answer = serializers.DictField(help_text="The answer as sent, so the person does not lose it.")
-
-
-class ErrorsSerializer(serializers.Serializer):
-    errors = serializers.DictField(child=serializers.CharField())
+    your_answer = serializers.DictField(help_text="The answer as sent.")
 
 
 class SkipRequestSerializer(serializers.Serializer):
@@ -139,9 +150,10 @@ class ImportErrorSerializer(serializers.Serializer):
     message = serializers.CharField()
 
 
-class ImportFailureSerializer(serializers.Serializer):
-    detail = serializers.CharField()
-    errors = ImportErrorSerializer(many=True)
+class ImportFailureSerializer(ProblemSerializer):
+    """A refused import: `errors` by field, and `lines` with every bad line's number (nothing was written)."""
+
+    lines = ImportErrorSerializer(many=True)
 
 
 class ImportReportSerializer(serializers.Serializer):

@@ -9,10 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.core.exceptions import ValidationError
 from django.db.models import Prefetch
 from django.urls import reverse
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.decorators import api_view
@@ -21,6 +19,7 @@ from rest_framework.response import Response
 
 from annotation.models import Project
 from annotation.pagination import CURSOR_PARAMETERS, api_page, paginated_schema
+from annotation.serializers import ProblemSerializer
 from config import health
 from training.models import DatasetBuild, TrainingRun
 from training.selectors import (
@@ -34,7 +33,6 @@ from training.selectors import (
     training_runs_for_user,
 )
 from training.services import (
-    DatasetBuildInvalid,
     QueueUnavailable,
     dataset_build_create,
     training_run_cancel,
@@ -119,14 +117,10 @@ def _payload(request: Request, build: DatasetBuild) -> dict[str, Any]:
     }
 
 
-def _errors(messages: dict[str, Any]) -> Response:
-    return Response({"errors": messages}, status=status.HTTP_400_BAD_REQUEST)
-
-
 @extend_schema(
     methods=["POST"],
     request=DatasetBuildRequestSerializer,
-    responses={201: DatasetBuildSerializer, 503: OpenApiTypes.OBJECT},
+    responses={201: DatasetBuildSerializer, 400: ProblemSerializer, 503: ProblemSerializer},
 )
 @extend_schema(
     methods=["GET"],
@@ -145,26 +139,24 @@ def dataset_build_list_create(request: Request) -> Response:
         return api_page(request, builds, lambda page: [_payload(request, build) for build in page])
 
     serializer = DatasetBuildRequestSerializer(data=request.data)
-    if not serializer.is_valid():
-        return _errors({field: " ".join(map(str, messages)) for field, messages in serializer.errors.items()})
+    serializer.is_valid(raise_exception=True)
     data = dict(serializer.validated_data)
     project_ids = set(data.pop("projects"))
     projects = list(project_choices_for_builds(user=request.user).filter(pk__in=project_ids))
     if len(projects) != len(project_ids):
         # Projects the caller does not manage are as unknown as ones that do not exist.
-        return _errors({"projects": "unknown project id(s); use projects you manage"})
+        raise serializers.ValidationError({"projects": ["unknown project id(s); use projects you manage"]})
     labeler_ids = set(data.pop("labelers"))
     labelers = list(labeler_choices_for_builds(user=request.user).filter(pk__in=labeler_ids))
     if len(labelers) != len(labeler_ids):
-        return _errors({"labelers": "unknown labeler id(s); use people who judge in projects you manage"})
+        raise serializers.ValidationError(
+            {"labelers": ["unknown labeler id(s); use people who judge in projects you manage"]}
+        )
     if not health.broker_reachable():
         # Checked first, as for runs: the build is queued on commit, and a publish that
         # fails there would answer 500 and leave a build queued forever.
-        return Response({"detail": BUILD_QUEUE_UNREACHABLE}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
-    try:
-        build = dataset_build_create(created_by=request.user, projects=projects, labelers=labelers, **data)
-    except DatasetBuildInvalid as error:
-        return _errors(error.errors)
+        raise QueueUnavailable(BUILD_QUEUE_UNREACHABLE)
+    build = dataset_build_create(created_by=request.user, projects=projects, labelers=labelers, **data)
     return Response(_payload(request, build), status=status.HTTP_201_CREATED)
 
 
@@ -255,7 +247,7 @@ def _run_payload(run: TrainingRun) -> dict[str, Any]:
 @extend_schema(
     methods=["POST"],
     request=TrainingRunRequestSerializer,
-    responses={201: TrainingRunSerializer, 400: OpenApiTypes.OBJECT, 503: OpenApiTypes.OBJECT},
+    responses={201: TrainingRunSerializer, 400: ProblemSerializer, 503: ProblemSerializer},
 )
 @extend_schema(
     methods=["GET"],
@@ -270,27 +262,21 @@ def training_run_list_create(request: Request) -> Response:
         runs = training_runs_for_user(user=request.user).select_related("reward_model")
         return api_page(request, runs, lambda page: [_run_payload(run) for run in page])
     serializer = TrainingRunRequestSerializer(data=request.data)
-    if not serializer.is_valid():
-        return _errors(serializer.errors)
+    serializer.is_valid(raise_exception=True)
     data = serializer.validated_data
     build = dataset_build_get_for_user(user=request.user, pk=data["dataset_build"])
-    try:
-        run = training_run_create(
-            dataset_build=build,
-            kind=data["kind"],
-            base_model=data["base_model"],
-            peft=data["peft"],
-            gpus=data["gpus"],
-            distributed=data["distributed"],
-            trainer=data["trainer"],
-            hyperparameters=data["hyperparameters"],
-            name=data["name"],
-            created_by=request.user,
-        )
-    except QueueUnavailable as error:
-        return Response({"detail": str(error)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
-    except ValidationError as error:
-        return _errors(error.message_dict)
+    run = training_run_create(
+        dataset_build=build,
+        kind=data["kind"],
+        base_model=data["base_model"],
+        peft=data["peft"],
+        gpus=data["gpus"],
+        distributed=data["distributed"],
+        trainer=data["trainer"],
+        hyperparameters=data["hyperparameters"],
+        name=data["name"],
+        created_by=request.user,
+    )
     return Response(_run_payload(run), status=status.HTTP_201_CREATED)
 
 

@@ -93,7 +93,8 @@
       state.section.querySelector("[data-action=submit]").addEventListener("click", loadNext, { once: true });
     } else {
       const body = await response.json().catch(() => ({}));
-      showError(Object.values(body.errors || {}).join(" ") || String(response.status));
+      // Problem details (RFC 9457): errors maps a field to its messages.
+      showError(Object.values(body.errors || {}).flat().join(" ") || body.detail || String(response.status));
     }
   }
 

@@ -258,7 +258,9 @@
       showConflict(await response.json(), answer);
     } else if (response.status === 400) {
       const body = await response.json();
-      showErrors(Object.entries(body.errors || {}).map(([field, message]) => field + ": " + message));
+      // Problem details (RFC 9457): errors maps a field to its messages.
+      const fields = Object.entries(body.errors || {});
+      showErrors(fields.length ? fields.map(([field, messages]) => field + ": " + [].concat(messages).join(" ")) : [body.detail || String(response.status)]);
     } else {
       showErrors([interpolate(_("The server refused the answer (error %(status)s). Your ranking is still here; try again."), { status: response.status }, true)]);
     }

@@ -262,7 +262,8 @@ def test_a_manager_imports_reads_stats_and_exports_judgments(team):
     bad = SimpleUploadedFile("bad.jsonl", b'{"prompt": "ok"}\n{"prompt": 3}\nnot json\n')
     refused = manager.post(f"/api/projects/{project.pk}/import", {"file": bad}, format="multipart")
     assert refused.status_code == 400
-    assert [error["line"] for error in refused.json()["errors"]] == [2, 3]
+    assert [error["line"] for error in refused.json()["lines"]] == [2, 3]
+    assert refused["Content-Type"] == "application/problem+json"
     assert Prompt.objects.filter(project=project).count() == 3 + 2
 
     alice = token_client(team["alice"])
