@@ -321,6 +321,13 @@ class Assignment(models.Model):
         super().save(*args, **kwargs)
 
 
+class Source(models.TextChoices):
+    """Who gave a judgment (and its comparisons): a person, or a model judge working as a labeler account."""
+
+    HUMAN = "human", _("Human")
+    MODEL = "model", _("Model judge")
+
+
 class Judgment(models.Model):
     """A person's answer to one assignment. Ranks: 1 is best; equal numbers are a tie."""
 
@@ -353,6 +360,8 @@ class Judgment(models.Model):
     review_reason = models.TextField(blank=True)
     # 1 when submitted; each revision by its labeler (allowed until it is reviewed) adds one.
     version = models.PositiveIntegerField(default=1)
+    # A model judge's answers are marked (training.judges); builds choose whether to read them.
+    source = models.CharField(max_length=8, choices=Source.choices, default=Source.HUMAN)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -387,6 +396,8 @@ class Comparison(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="comparisons"
     )
     created_at = models.DateTimeField()
+    # The judgment's source, kept on each pair so builds and exports filter without a join.
+    source = models.CharField(max_length=8, choices=Source.choices, default=Source.HUMAN)
 
     class Meta:
         ordering = ["id"]
