@@ -42,6 +42,7 @@ from annotation.models import (
     Policy,
     Project,
     Prompt,
+    Source,
     Task,
     TaskCompletion,
     Webhook,
@@ -760,6 +761,7 @@ def comparisons_from_judgment(
                     margin=margin,
                     labeler_id=judgment.user_id,
                     created_at=judgment.created_at,
+                    source=judgment.source,
                 )
             )
     return comparisons
@@ -773,9 +775,18 @@ class SubmitResult:
 
 
 def judgment_submit(
-    *, assignment: Assignment, user: AbstractBaseUser, answer: JudgmentInput, now: datetime | None = None
+    *,
+    assignment: Assignment,
+    user: AbstractBaseUser,
+    answer: JudgmentInput,
+    now: datetime | None = None,
+    source: str = Source.HUMAN,
 ) -> SubmitResult:
     """Store a person's answer and its C(K,2) comparisons in one transaction.
+
+    `source` marks a model judge's answer (training.judges submits with
+    Source.MODEL through this same path); every page and the API submit as a
+    person.
 
     Idempotent per client token: a retry returns the judgment already stored.
     The lease is re-checked under the task's row lock. An answer after the
@@ -832,6 +843,7 @@ def judgment_submit(
             active_seconds=answer.active_seconds,
             strength=answer.strength,
             client_token=answer.client_token,
+            source=source,
         )
         comparisons = Comparison.objects.bulk_create(
             comparisons_from_judgment(judgment=judgment, items=items, likert_margins=project.likert_enabled)
