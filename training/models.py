@@ -98,6 +98,14 @@ class DatasetBuild(models.Model):
         STANDARD = "standard", _("Standard (strings)")
         CONVERSATIONAL = "conversational", _("Conversational (messages)")
 
+    class Sources(models.TextChoices):
+        HUMANS = "humans", _("Humans only")
+        HUMANS_AND_MODELS = "humans_and_models", _("Humans and model judges")
+        CALIBRATED_MODELS = (
+            "calibrated_models",
+            _("Humans, and model judges whose agreement with humans reaches the threshold"),
+        )
+
     name = models.CharField(max_length=200)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
@@ -138,6 +146,22 @@ class DatasetBuild(models.Model):
     ties = models.CharField(max_length=8, choices=Ties.choices, default=Ties.DROP)
     margin = models.CharField(max_length=16, choices=Margin.choices, default=Margin.NONE)
     format = models.CharField(max_length=16, choices=Format.choices, default=Format.STANDARD)
+    sources = models.CharField(
+        _("judgments from"),
+        max_length=20,
+        choices=Sources.choices,
+        default=Sources.HUMANS,
+        help_text=_("Model judges (training.judges) label like people; choose whether their votes are data."),
+    )
+    judge_agreement_min = models.FloatField(
+        _("minimum judge agreement with humans"),
+        default=0.7,
+        validators=[RangeValidator(0, 1, _("The minimum judge agreement is a fraction from 0 to 1."))],
+        help_text=_(
+            "Calibrated judges only: a judge's votes are read when it agrees with the humans' majority on "
+            "at least this share of the pairs both judged (0–1)."
+        ),
+    )
     sft_in_preferences = models.BooleanField(
         _("SFT prompts also in the preference rows"),
         default=True,
@@ -651,3 +675,42 @@ class ScoringJob(GpuJob):
     @property
     def progress(self) -> float:
         return self.completions_done / self.completions_total if self.completions_total else 0.0
+
+
+class Judge(models.Model):
+    """A model that ranks a project's tasks as a labeler account marked as a model (training.judges).
+
+    The account is made for the judge: no password, a labeler membership in
+    the project, so it claims and submits through the same services as people;
+    its judgments carry `source = model`. A reward-model judge ranks a task's
+    completions by the reward model's scores (a scoring job over the project
+    writes them first).
+    """
+
+    class Kind(models.TextChoices):
+        REWARD_MODEL = "reward_model", _("Reward model")
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="judges")
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.REWARD_MODEL)
+    reward_model = models.ForeignKey(RewardModel, on_delete=models.PROTECT, related_name="judges")
+    account = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="judge")
+    active = models.BooleanField(default=True)
+    max_judgments = models.PositiveIntegerField(
+        null=True, blank=True, help_text=_("Stop after this many judgments (empty: every task it may take).")
+    )
+    judgments_made = models.PositiveIntegerField(default=0)
+    last_run_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["project", "reward_model"], name="judge_one_per_project_and_model")
+        ]
+
+    def __str__(self) -> str:
+        return f"judge {self.account} on {self.project}"
