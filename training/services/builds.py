@@ -63,6 +63,7 @@ def dataset_build_create(
     test_fraction: float = 0.1,
     seed: int = 0,
     near_duplicate_threshold: float = 0.6,
+    sft_in_preferences: bool = True,
 ) -> DatasetBuild:
     """Save a build and queue it on the `default` queue once the transaction commits.
 
@@ -94,6 +95,7 @@ def dataset_build_create(
         test_fraction=test_fraction,
         seed=seed,
         near_duplicate_threshold=near_duplicate_threshold,
+        sft_in_preferences=sft_in_preferences,
     )
     try:
         build.full_clean(exclude=["created_by"])
