@@ -48,6 +48,8 @@ def _describe(job: Any) -> tuple[str, str, str, list[int]]:
 
 def _webhook_data(job: Any, outcome: str, url: str) -> tuple[str, dict[str, Any]] | None:
     """The webhook event of a job's end, if its kind has one (builds and runs)."""
+    if not isinstance(job, (TrainingRun, DatasetBuild)):
+        return None
     common = {
         "id": job.pk,
         "name": job.name,

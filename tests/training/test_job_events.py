@@ -87,3 +87,25 @@ def test_job_ended_ignores_a_job_that_has_not_ended(setting):
     job_ended(TrainingRun, job_id=run.pk)
 
     assert not Notice.objects.exists()
+
+
+def test_a_generation_job_that_ends_tells_its_starter_and_posts_no_webhook(setting):
+    from annotation.models import Policy
+    from training.models import GenerationJob
+    from training.services import generation_job_cancel
+
+    project, starter, boss, _build, _run = setting
+    Webhook.objects.create(
+        project=project, url="http://hooks.test/", secret="s", events=["run.finished", "build.finished"]
+    )
+    policy = Policy.objects.create(name="writer", kind=Policy.Kind.MODEL, base_model="m")
+    job = GenerationJob.objects.create(policy=policy, project=project, created_by=starter)
+
+    generation_job_cancel(job=job)
+
+    notices = Notice.objects.filter(kind=Notice.Kind.GENERATION)
+    assert sorted(notices.values_list("user__username", flat=True)) == sorted(
+        [starter.username, boss.username]
+    )
+    assert notices.first().url == f"/generation/{job.pk}/"
+    assert not WebhookDelivery.objects.exists()
