@@ -266,6 +266,10 @@ def scoring_job_finish(*, job_id: int, attempt: int) -> bool:
         job = ScoringJob.objects.select_related("project").get(pk=job_id)
         if job.project.kind == Project.Kind.RANKING:
             tasks_uncertainty_refresh(project=job.project, scorer=job.scorer)
+            # The model judges waiting for these scores run once this commits.
+            from training.judges import judges_after_scoring
+
+            judges_after_scoring(project=job.project, reward_model=job.reward_model)
     return finished
 
 
