@@ -18,6 +18,8 @@ from celery import Task, shared_task
 from celery.signals import worker_shutting_down
 from django.conf import settings
 
+from training.judges import JUDGE_RUN_QUEUE, JUDGE_RUN_TASK_NAME
+from training.judges import judge_run as judge_run_service
 from training.services import (
     DATASET_BUILD_TASK,
     GENERATION_JOB_TASK,
@@ -164,6 +166,12 @@ def stalled_generation_jobs_reap() -> list[int]:
 def stalled_scoring_jobs_reap() -> list[int]:
     """Scoring jobs whose heartbeat stopped go back to the queue (attempts left) or fail."""
     return scoring_jobs_reap()
+
+
+@shared_task(name=JUDGE_RUN_TASK_NAME, queue=JUDGE_RUN_QUEUE, ignore_result=True)
+def judge_run(judge_id: int) -> str:
+    """A model judge ranks the tasks it may take, from its reward model's stored scores (training.judges)."""
+    return judge_run_service(judge_id=int(judge_id))
 
 
 @worker_shutting_down.connect
