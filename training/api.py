@@ -10,6 +10,7 @@ from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.db.models import Prefetch
+from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
@@ -29,6 +30,7 @@ from training.selectors import (
     dataset_builds_for_user,
     labeler_choices_for_builds,
     project_choices_for_builds,
+    reward_models_for_user,
     training_run_get_for_user,
     training_runs_for_user,
 )
@@ -125,6 +127,7 @@ def _payload(request: Request, build: DatasetBuild) -> dict[str, Any]:
 @extend_schema(
     methods=["GET"],
     responses=paginated_schema(DatasetBuildSerializer, "DatasetBuild"),
+    operation_id="dataset_builds_list",
     parameters=CURSOR_PARAMETERS,
 )
 @api_view(["GET", "POST"])
@@ -193,6 +196,27 @@ class TrainingRunRequestSerializer(serializers.Serializer):
         default=dict,
         help_text="Fields of the run spec (learning_rate, max_steps, beta, …); unknown names are refused.",
     )
+    # RL runs: the reward model, and the named settings (merged into the run spec's hyper-parameters;
+    # validated as the run process will, so a bad value is answered here, naming it).
+    against_reward_model = serializers.IntegerField(
+        required=False, allow_null=True, default=None, help_text="RL only: id of the trained reward model."
+    )
+    rl_num_generations = serializers.IntegerField(
+        required=False, help_text="RL only: completions sampled per prompt (at least 2)."
+    )
+    rl_temperature = serializers.FloatField(required=False, help_text="RL only: sampling temperature (0–10].")
+    rl_max_completion_length = serializers.IntegerField(
+        required=False, help_text="RL only: tokens per sampled completion."
+    )
+    true_scorer = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        help_text="RL only, optional: a registered true scorer (e.g. demo_arithmetic) for the watch.",
+    )
+
+
+# The RL settings the API names at the top level; the run spec reads them from the hyper-parameters.
+RL_SETTINGS = ("rl_num_generations", "rl_temperature", "rl_max_completion_length", "true_scorer")
 
 
 class TrainingRunSerializer(serializers.Serializer):
@@ -215,6 +239,7 @@ class TrainingRunSerializer(serializers.Serializer):
     error = serializers.CharField(allow_blank=True)
     policy = serializers.IntegerField(allow_null=True)
     reward_model = serializers.IntegerField(allow_null=True)
+    against_reward_model = serializers.IntegerField(allow_null=True)
     url = serializers.CharField()
 
 
@@ -240,6 +265,7 @@ def _run_payload(run: TrainingRun) -> dict[str, Any]:
         "error": run.error,
         "policy": run.policy_id,
         "reward_model": reward_model.pk if reward_model else None,
+        "against_reward_model": run.against_reward_model_id,
         "url": reverse("training-run-detail", args=[run.pk]),
     }
 
@@ -252,6 +278,7 @@ def _run_payload(run: TrainingRun) -> dict[str, Any]:
 @extend_schema(
     methods=["GET"],
     responses=paginated_schema(TrainingRunSerializer, "TrainingRun"),
+    operation_id="training_runs_list",
     parameters=CURSOR_PARAMETERS,
 )
 @api_view(["GET", "POST"])
@@ -265,6 +292,16 @@ def training_run_list_create(request: Request) -> Response:
     serializer.is_valid(raise_exception=True)
     data = serializer.validated_data
     build = dataset_build_get_for_user(user=request.user, pk=data["dataset_build"])
+    against_reward_model = None
+    if data["against_reward_model"] is not None:
+        # A reward model the caller may not see is as unknown as one that does not exist.
+        against_reward_model = get_object_or_404(
+            reward_models_for_user(user=request.user), pk=data["against_reward_model"]
+        )
+    hyperparameters = {
+        **data["hyperparameters"],
+        **{name: data[name] for name in RL_SETTINGS if name in data},
+    }
     run = training_run_create(
         dataset_build=build,
         kind=data["kind"],
@@ -273,9 +310,10 @@ def training_run_list_create(request: Request) -> Response:
         gpus=data["gpus"],
         distributed=data["distributed"],
         trainer=data["trainer"],
-        hyperparameters=data["hyperparameters"],
+        hyperparameters=hyperparameters,
         name=data["name"],
         created_by=request.user,
+        against_reward_model=against_reward_model,
     )
     return Response(_run_payload(run), status=status.HTTP_201_CREATED)
 

@@ -226,6 +226,7 @@ def training_run_new(request: HttpRequest) -> HttpResponse:
                 hyperparameters=form.hyperparameters(),
                 name=data["name"],
                 created_by=request.user,
+                against_reward_model=data["against_reward_model"],
             )
         except QueueUnavailable as error:
             form.add_error(None, str(error))
@@ -249,6 +250,7 @@ def _run_settings(run: TrainingRun) -> dict[str, Any]:
         "trainer": run.trainer,
         "gpus": run.gpus,
         "distributed": run.distributed,
+        "against_reward_model": run.against_reward_model_id,
         **{
             name: value
             for name, value in (run.hyperparameters or {}).items()

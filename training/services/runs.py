@@ -41,7 +41,7 @@ from training.services.supervisor import gpu_job_devices, gpu_job_process_run
 
 
 def training_run_files(*, build: DatasetBuild) -> dict[str, str | None]:
-    """The dataset files a run reads: TRL pairs (train, test) and grouped K-wise rows (train, test)."""
+    """The dataset files a run reads: TRL pairs (train, test), grouped K-wise rows (train, test) and SFT rows."""
     folder = dataset_build_dir(build_id=build.pk)
 
     def present(path: Path) -> str | None:
@@ -52,6 +52,8 @@ def training_run_files(*, build: DatasetBuild) -> dict[str, str | None]:
         "test_file": present(folder / "pairs" / "test.jsonl"),
         "grouped_train_file": present(folder / "grouped" / "train.jsonl"),
         "grouped_test_file": present(folder / "grouped" / "test.jsonl"),
+        "sft_train_file": present(folder / "sft" / "train.jsonl"),
+        "sft_test_file": present(folder / "sft" / "test.jsonl"),
     }
 
 
@@ -71,6 +73,10 @@ def training_run_spec(*, run: TrainingRun) -> Any:
         trainer=run.trainer,
         # The grouped trainer reads margins from the ranks the way the build chose to.
         grouped_margin=run.dataset_build.margin,
+        # RL: the reward model's final folder, resolved on this host.
+        reward_model_path=storage_path_resolve(run.against_reward_model.path)
+        if run.against_reward_model_id and run.against_reward_model
+        else None,
         **training_run_files(build=run.dataset_build),
         **run.hyperparameters,
     )
@@ -88,8 +94,12 @@ def training_run_create(
     gpus: int = 1,
     distributed: str = TrainingRun.Distributed.DDP,
     trainer: str = TrainingRun.Trainer.GROUPED,
+    against_reward_model: RewardModel | None = None,
 ) -> TrainingRun:
     """Create a queued run and enqueue it once the transaction commits.
+
+    An RL run names the trained reward model it is optimised against
+    (`against_reward_model`); other kinds take none.
 
     Checks the broker first, so an unreachable queue leaves nothing behind,
     and validates the hyper-parameters as the run process will (ValidationError).
@@ -103,6 +113,10 @@ def training_run_create(
                 f"(TRAINING_MAX_GPUS); asked for {gpus}"
             }
         )
+    if kind == TrainingRun.Kind.RL and against_reward_model is None:
+        raise ValidationError({"against_reward_model": "an RL run needs a trained reward model"})
+    if kind != TrainingRun.Kind.RL and against_reward_model is not None:
+        raise ValidationError({"against_reward_model": "only RL runs are optimised against a reward model"})
     run = TrainingRun(
         name=name or f"{kind} on {dataset_build.name or f'build {dataset_build.pk}'}",
         kind=kind,
@@ -114,6 +128,7 @@ def training_run_create(
         gpus=gpus,
         distributed=distributed,
         created_by=created_by,
+        against_reward_model=against_reward_model,
     )
     run.full_clean(exclude=["created_by"])
     try:
@@ -298,7 +313,7 @@ def training_run_finish(*, run_id: int, attempt: int, result: Any) -> bool:
         )
     else:
         run.policy = Policy.objects.create(
-            name=f"dpo-{run.pk}",
+            name=f"{run.kind}-{run.pk}",
             kind=Policy.Kind.MODEL,
             base_model=run.base_model,
             adapter=storage_path_stored(result.final_dir) if run.peft != TrainingRun.Peft.FULL else "",
