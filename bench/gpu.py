@@ -6,11 +6,12 @@
 On a machine without a CUDA GPU it says so and exits 0 (`--smoke` runs every
 step on the CPU with a tiny model instead, to check the script, not to measure).
 
-1. Builds a Qwen2.5-0.5B-shaped model (24 layers, 896 wide, 14 heads with 2
-   key/value heads, gated MLP of 4,864, 151,936-token vocabulary, tied
-   embeddings: 494M parameters) with random weights, which cost the same as
-   trained ones, and a word-level tokenizer of as many tokens, so that text of
-   n random words is n tokens.
+1. Builds a Llama-architecture model of Qwen2.5-0.5B's shape (24 layers, 896
+   wide, 14 heads with 2 key/value heads, gated MLP of 4,864, 151,936-token
+   vocabulary, tied embeddings: ~494M parameters; Qwen2 only adds q/k/v
+   biases, but transformers reads a qwen2 folder's tokenizer as Qwen2's BPE)
+   with random weights, which cost the same as trained ones, and a word-level
+   tokenizer of as many tokens, so that text of n random words is n tokens.
 2. For each K, rankings shaped like chat data: a 200-token prompt and K
    completions of 100 to 400 tokens each (uniform), in bf16 mixed precision
    (float32 master weights, as the runner trains), the same comparisons a step
@@ -122,10 +123,10 @@ def _word(index: int) -> str:
 
 
 def model_build(folder: Path, shape: dict[str, Any]) -> int:
-    """A random-initialised Qwen2 of `shape` and its word-level tokenizer in `folder`; returns N (parameters)."""
+    """A random-initialised Llama of `shape` and its word-level tokenizer in `folder`; returns N (parameters)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     words = shape["vocab_size"] - len(SPECIALS)
     vocab = {token: index for index, token in enumerate(SPECIALS)}
@@ -139,7 +140,7 @@ def model_build(folder: Path, shape: dict[str, Any]) -> int:
         additional_special_tokens=["<|im_start|>"],
         model_max_length=shape["max_position_embeddings"],
     )
-    config = Qwen2Config(
+    config = LlamaConfig(
         **shape,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -147,7 +148,7 @@ def model_build(folder: Path, shape: dict[str, Any]) -> int:
     )
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = Qwen2ForCausalLM(config)
+        model = LlamaForCausalLM(config)
     parameters = sum(p.numel() for p in model.parameters())
     tokenizer.save_pretrained(folder)
     model.save_pretrained(folder, safe_serialization=True)
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         peak_text = f"peak bf16 {peak / 1e12:.0f} TFLOP/s" if peak else "peak bf16 unknown (no MFU)"
         print(
             f"{device_name}; torch {torch.__version__}, transformers {transformers.__version__}; "
-            f"Qwen2-shaped model, {parameters / 1e6:.1f}M parameters; {options.peft}; {peak_text}",
+            f"Llama model of Qwen2.5-0.5B's shape, {parameters / 1e6:.1f}M parameters; {options.peft}; {peak_text}",
             flush=True,
         )
         trainers = ("trl", "grouped (packed)", "grouped (padded)")
