@@ -161,6 +161,7 @@ from django.db.models.functions import Greatest, Least
 
 from annotation.models import Comparison, Judgment, Prompt, TaskCompletion
 from annotation.rendering import completion_text_key
+from training.judges import dataset_build_judges
 from training.models import DatasetBuild
 from training.prompts import Rendered, completion_render, prompt_render
 from training.selectors import (
@@ -1228,6 +1229,7 @@ def build_summary(
     judgment_id_max: int,
     outputs: Outputs,
     versions: JudgmentVersions,
+    judges: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Everything the card reports, as JSON-ready values (no timestamps, no build id)."""
     projects = [
@@ -1244,6 +1246,11 @@ def build_summary(
             "left_out_for_gold_accuracy": {str(k): v for k, v in sorted(excluded.items())},
             "exclude_flagged": options.exclude_flagged,
             "judgments_up_to_id": judgment_id_max,
+        },
+        "model_judges": {
+            "sources": build.sources,
+            "judge_agreement_min": build.judge_agreement_min,
+            "judges": judges or [],
         },
         "judgment_versions": {
             "judgments": versions.judgments,
@@ -1405,6 +1412,30 @@ def card_render(*, summary: dict[str, Any], counts: dict[str, dict[str, int]]) -
             ("judgments up to id", filters["judgments_up_to_id"]),
         ],
     )
+    model_judges = summary.get("model_judges")
+    if model_judges and model_judges["judges"]:
+        lines += [
+            "",
+            "## Model judges",
+            "",
+            f"Judgments from: {model_judges['sources']} (minimum agreement with the humans' majority "
+            f"for calibrated judges: {model_judges['judge_agreement_min']}). Agreement is measured on the "
+            "pairs a judge and at least one person both judged.",
+            "",
+        ]
+        lines += _table(
+            ("judge", "project", "pairs shared with humans", "agreement with humans", "votes in this build"),
+            [
+                (
+                    judge["username"],
+                    judge["project_id"],
+                    judge["pairs_shared_with_humans"],
+                    _shown(judge["agreement_with_humans"]),
+                    "kept" if judge["kept"] else "left out",
+                )
+                for judge in model_judges["judges"]
+            ],
+        )
     versions = summary["judgment_versions"]
     lines += [
         "",
@@ -1611,11 +1642,20 @@ def dataset_build_write(*, build: DatasetBuild, progress: ProgressCallback) -> B
         options = BuildOptions.from_build(build)
         excluded = dataset_build_excluded_labelers(build=build)
         judgment_id_max = dataset_build_judgment_id_max(build=build)
+        # Model judges: left out, kept, or kept when calibrated against the humans (training.judges).
+        judges_left_out, judges = dataset_build_judges(
+            build=build,
+            comparisons=_comparisons_read(build=build, excluded=excluded, judgment_id_max=judgment_id_max),
+        )
         split = prompt_split(build=build, options=options)
         repeated = repeated_texts_find(build=build)
         progress(PROGRESS_PROMPTS)
 
-        selection = {"build": build, "excluded": excluded, "judgment_id_max": judgment_id_max}
+        read_excluded = {
+            project_id: sorted(set(excluded.get(project_id, [])) | set(judges_left_out.get(project_id, [])))
+            for project_id in excluded.keys() | judges_left_out.keys()
+        }
+        selection = {"build": build, "excluded": read_excluded, "judgment_id_max": judgment_id_max}
         versions = judgment_versions_read(**selection)
         total = _comparisons_read(**selection).count() + _judgments_read(**selection).count()
         counter = _Progress(progress, total)
@@ -1644,6 +1684,7 @@ def dataset_build_write(*, build: DatasetBuild, progress: ProgressCallback) -> B
             judgment_stats=judgment_stats,
             repeated=repeated,
             excluded=excluded,
+            judges=judges,
             judgment_id_max=judgment_id_max,
             outputs=outputs,
             versions=versions,
