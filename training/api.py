@@ -72,6 +72,16 @@ class DatasetBuildRequestSerializer(serializers.Serializer):
         default=True,
         help_text="SFT rows on the same prompts as the preference rows (true), or on the other half of them.",
     )
+    sources = serializers.ChoiceField(
+        choices=DatasetBuild.Sources.choices,
+        default=DatasetBuild.Sources.HUMANS,
+        help_text="Whose judgments are data: humans, humans and model judges, or judges calibrated against humans.",
+    )
+    judge_agreement_min = serializers.FloatField(
+        required=False,
+        default=0.7,
+        help_text="Calibrated judges: the least share of pairs on which a judge agrees with the humans' majority.",
+    )
 
 
 class DatasetBuildSerializer(serializers.Serializer):
