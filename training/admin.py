@@ -80,7 +80,17 @@ class DatasetBuildAdmin(admin.ModelAdmin):
         (None, {"fields": ("name", "projects")}),
         (
             _("Which comparisons"),
-            {"fields": ("date_from", "date_to", "labelers", "min_gold_accuracy", "exclude_flagged")},
+            {
+                "fields": (
+                    "date_from",
+                    "date_to",
+                    "labelers",
+                    "min_gold_accuracy",
+                    "exclude_flagged",
+                    "sources",
+                    "judge_agreement_min",
+                )
+            },
         ),
         (
             _("Rows"),

@@ -41,6 +41,8 @@ BUILD_OPTION_FIELDS = (
     "seed",
     "near_duplicate_threshold",
     "sft_in_preferences",
+    "sources",
+    "judge_agreement_min",
 )
 # What people read for a build's fields, on its form and its page.
 BUILD_LABELS = {
@@ -60,6 +62,8 @@ BUILD_LABELS = {
     "seed": _("Seed"),
     "near_duplicate_threshold": _("Near-duplicate threshold"),
     "sft_in_preferences": _("SFT prompts also in the preference rows"),
+    "sources": _("Judgments from"),
+    "judge_agreement_min": _("Judges' agreement with humans at least"),
 }
 
 # --- the files of a build ------------------------------------------------------

@@ -64,6 +64,8 @@ def dataset_build_create(
     seed: int = 0,
     near_duplicate_threshold: float = 0.6,
     sft_in_preferences: bool = True,
+    sources: str = DatasetBuild.Sources.HUMANS,
+    judge_agreement_min: float = 0.7,
 ) -> DatasetBuild:
     """Save a build and queue it on the `default` queue once the transaction commits.
 
@@ -96,6 +98,8 @@ def dataset_build_create(
         seed=seed,
         near_duplicate_threshold=near_duplicate_threshold,
         sft_in_preferences=sft_in_preferences,
+        sources=sources,
+        judge_agreement_min=judge_agreement_min,
     )
     try:
         build.full_clean(exclude=["created_by"])
