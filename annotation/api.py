@@ -51,6 +51,7 @@ from annotation.services import (
     judgment_submit,
 )
 from annotation.snapshots import snapshot_meta, stats_snapshot_get
+from config.problems import PROBLEM_CONTENT_TYPE as PROBLEM
 
 
 def _roles_by_project(request: Request, projects: list[Project]) -> dict[int, set[str]]:
@@ -66,6 +67,7 @@ def _roles_by_project(request: Request, projects: list[Project]) -> dict[int, se
 
 @extend_schema(
     responses=paginated_schema(ProjectSerializer, "Project"),
+    operation_id="projects_list",
     parameters=CURSOR_PARAMETERS,
 )
 @api_view(["GET"])
@@ -111,8 +113,8 @@ def project_claim_next(request: Request, project_id: int) -> Response:
     responses={
         200: JudgmentResponseSerializer,
         201: JudgmentResponseSerializer,
-        400: ProblemSerializer,
-        409: ConflictSerializer,
+        (400, PROBLEM): ProblemSerializer,
+        (409, PROBLEM): ConflictSerializer,
     },
 )
 @api_view(["POST"])
@@ -133,7 +135,9 @@ def assignment_judgment(request: Request, assignment_id: int) -> Response:
     return Response(body, status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)
 
 
-@extend_schema(request=SkipRequestSerializer, responses={200: AssignmentSerializer, 409: ConflictSerializer})
+@extend_schema(
+    request=SkipRequestSerializer, responses={200: AssignmentSerializer, (409, PROBLEM): ConflictSerializer}
+)
 @api_view(["POST"])
 def assignment_skip_view(request: Request, assignment_id: int) -> Response:
     """Give the task back (with an optional reason); it will not be offered to you again."""
@@ -146,7 +150,7 @@ def assignment_skip_view(request: Request, assignment_id: int) -> Response:
 
 @extend_schema(
     request={"multipart/form-data": ImportRequestSerializer},
-    responses={201: ImportReportSerializer, 400: ImportFailureSerializer},
+    responses={201: ImportReportSerializer, (400, PROBLEM): ImportFailureSerializer},
 )
 @api_view(["POST"])
 @parser_classes([MultiPartParser])

@@ -22,6 +22,7 @@ from annotation.models import Project
 from annotation.pagination import CURSOR_PARAMETERS, api_page, paginated_schema
 from annotation.serializers import ProblemSerializer
 from config import health
+from config.problems import PROBLEM_CONTENT_TYPE as PROBLEM
 from training.models import DatasetBuild, TrainingRun
 from training.selectors import (
     dataset_build_files,
@@ -132,7 +133,11 @@ def _payload(request: Request, build: DatasetBuild) -> dict[str, Any]:
 @extend_schema(
     methods=["POST"],
     request=DatasetBuildRequestSerializer,
-    responses={201: DatasetBuildSerializer, 400: ProblemSerializer, 503: ProblemSerializer},
+    responses={
+        201: DatasetBuildSerializer,
+        (400, PROBLEM): ProblemSerializer,
+        (503, PROBLEM): ProblemSerializer,
+    },
 )
 @extend_schema(
     methods=["GET"],
@@ -283,7 +288,11 @@ def _run_payload(run: TrainingRun) -> dict[str, Any]:
 @extend_schema(
     methods=["POST"],
     request=TrainingRunRequestSerializer,
-    responses={201: TrainingRunSerializer, 400: ProblemSerializer, 503: ProblemSerializer},
+    responses={
+        201: TrainingRunSerializer,
+        (400, PROBLEM): ProblemSerializer,
+        (503, PROBLEM): ProblemSerializer,
+    },
 )
 @extend_schema(
     methods=["GET"],
