@@ -497,7 +497,7 @@ def main() -> int:
     config_path.write_text(json.dumps(config))
     connections.close_all()
 
-    from config.stack import port_free
+    from training.demo.stack import port_free
 
     def one_run(name: str, run_database_url: str, start: Any) -> tuple[dict[str, dict[float, float]], bool]:
         port = port_free()

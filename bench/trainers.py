@@ -114,7 +114,7 @@ class PeakRss:
 
 
 def _corpus() -> list[str]:
-    from training.demo_task import completion_canonical, demo_problems
+    from training.demo.task import completion_canonical, demo_problems
 
     problems = demo_problems(count=2000, seed=11, split="train")
     rng = random.Random(0)  # noqa: S311 (benchmark data)
@@ -125,7 +125,7 @@ def _corpus() -> list[str]:
 def model_build(folder: Path, family: str = "demo") -> None:
     """The demo's GPT-2, or a model of a modern family of the same size (4 layers, 128 wide)."""
     if family == "demo":
-        from training.demo_model import causal_lm_create, tokenizer_train
+        from training.demo.model import causal_lm_create, tokenizer_train
 
         tokenizer = tokenizer_train(_corpus(), vocab_size=VOCAB_SIZE)
         model = causal_lm_create(tokenizer, n_positions=512, **MODEL_SIZE)
@@ -167,7 +167,7 @@ STEPS = (
 
 
 def _completion(problem: Any, answer: int, rng: random.Random) -> str:
-    from training.demo_task import completion_canonical
+    from training.demo.task import completion_canonical
 
     steps = rng.sample(STEPS, rng.randint(1, 4))
     return f"{' '.join(steps)} {completion_canonical(problem, answer=answer)}"
@@ -178,7 +178,7 @@ SYSTEM = "You solve arithmetic word problems. Show the steps, then the answer."
 
 def rankings(k: int, count: int, seed: int, *, chat: bool = False) -> list[dict[str, Any]]:
     """Rankings of K completions; `chat`: conversational rows (a system and a user turn, assistant replies)."""
-    from training.demo_task import demo_problems
+    from training.demo.task import demo_problems
 
     rng = random.Random(seed)  # noqa: S311 (benchmark data)
     rows = []

@@ -1,6 +1,6 @@
 """Progress of a demo model build, written by `build_demo_model` and read by `rundemo` and the demo model page.
 
-Kept apart from training.demo_model so that reading it imports nothing heavy.
+Kept apart from training.demo.model so that reading it imports nothing heavy.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import psutil
 import pytest
 from celery import Celery
 
-from config.stack import port_free
+from training.demo.stack import port_free
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import pytest
 from django.test import Client
 
 from config.celery import app as celery_app
-from config.stack import port_free
+from training.demo.stack import port_free
 
 
 def closed_port() -> int:

@@ -64,7 +64,7 @@ TrueScorer = Callable[[Any, Any], float | None]
 
 # name → "module:factory"; the factory takes no arguments and returns a TrueScorer.
 TRUE_SCORERS: dict[str, str] = {
-    "demo_arithmetic": "training.demo_truth:true_scorer",
+    "demo_arithmetic": "training.demo.truth:true_scorer",
 }
 WATCH_PREFIX = "watch/"
 SCORE_PERCENTILES = (10, 50, 90)

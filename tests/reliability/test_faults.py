@@ -41,9 +41,9 @@ from pytest_django import Settings
 from annotation.models import Judgment, Membership, Project
 from annotation.roles import Role
 from config.celery import app as celery_app
-from config.stack import port_free
 from tests.factories import user_with_roles
 from tests.training.test_builds_support import judge, project_with_prompts, run_build, tasks_of
+from training.demo.stack import port_free
 from training.models import DatasetBuild, TrainingRun
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

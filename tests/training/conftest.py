@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from training.demo_task import completion_canonical, demo_problems
+from training.demo.task import completion_canonical, demo_problems
 
 # Nothing in these tests may reach the Hugging Face hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,7 +32,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Loads offline with AutoTokenizer, AutoModelForCausalLM and
     AutoModelForSequenceClassification(num_labels=1).
     """
-    from training.demo_model import causal_lm_create, tokenizer_train
+    from training.demo.model import causal_lm_create, tokenizer_train
 
     directory = tmp_path_factory.mktemp("tiny-model")
     tokenizer = tokenizer_train(_tiny_corpus(), vocab_size=600)

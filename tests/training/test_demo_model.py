@@ -9,7 +9,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from training.demo_model import (
+from training.demo.model import (
     DEMO_QUICK_SETTINGS,
     DEMO_REPORT_FILENAME,
     completions_generate_greedy,

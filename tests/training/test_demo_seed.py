@@ -15,7 +15,7 @@ from annotation.management.commands.seed_demo import (
 )
 from annotation.models import Membership, Policy, Project
 from tests.training.test_generation import SAMPLING, queued_job, run_here
-from training.demo_task import problem_split
+from training.demo.task import problem_split
 
 
 def seed() -> None:

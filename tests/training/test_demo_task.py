@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from training.demo_model import answer_noisy
-from training.demo_task import (
+from training.demo.model import answer_noisy
+from training.demo.task import (
     DemoProblem,
     answer_confused,
     answer_extract,

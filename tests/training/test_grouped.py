@@ -13,7 +13,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from training.demo_task import completion_canonical, demo_problems
+from training.demo.task import completion_canonical, demo_problems
 from training.grouped import (
     GroupedDPOConfig,
     GroupedDPOTrainer,
@@ -472,7 +472,7 @@ def merging_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tokenizer whose tokens merge across the prompt's end, with the chat template above, and a tiny model."""
     import random
 
-    from training.demo_model import causal_lm_create, tokenizer_train
+    from training.demo.model import causal_lm_create, tokenizer_train
 
     rng = random.Random(0)
     corpus = [" ".join(rng.choice(MERGING_WORDS) for _ in range(8)) + "." for _ in range(400)]

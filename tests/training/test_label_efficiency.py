@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from training.demo_task import DemoProblem
-from training.label_efficiency import (
+from training.demo.label_efficiency import (
     LabelEfficiencySettings,
     curve_summary,
     pair_label_agreement,
     report_markdown,
     report_write,
 )
+from training.demo.task import DemoProblem
 
 SUM = DemoProblem(id="p1", prompt="Mia has 7 apples and gets 5 more. How many?", answer=12)
 TRUTH = {SUM.prompt: SUM}

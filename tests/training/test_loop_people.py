@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from training.demo_task import DemoProblem
-from training.loop import evaluator_verdict, labeler_ranks, report_markdown, verdict_answer
+from training.demo.loop import evaluator_verdict, labeler_ranks, report_markdown, verdict_answer
+from training.demo.task import DemoProblem
 
 PROBLEM = DemoProblem(
     id="p", prompt="Mia has 5 apples and buys 7 more. How many apples does Mia have now?", answer=12

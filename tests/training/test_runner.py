@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from safetensors import safe_open
 
-from training.demo_task import completion_canonical, demo_problems
+from training.demo.task import completion_canonical, demo_problems
 from training.runner import (
     CHECKPOINT_STAGING_DIRNAME,
     FINAL_DIRNAME,

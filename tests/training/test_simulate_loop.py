@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from annotation.models import Comparison, Judgment, Project
-from training.loop import Loop, LoopSettings, report_write
+from training.demo.loop import Loop, LoopSettings, report_write
 from training.models import DatasetBuild, GenerationJob, TrainingRun
 
 pytestmark = [
@@ -25,7 +25,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def loop_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from training.demo_model import demo_model_build
+    from training.demo.model import demo_model_build
     from training.management.commands.simulate_loop import QUICK_MODEL
 
     out_dir = tmp_path_factory.mktemp("loop") / "sft"
@@ -116,8 +116,8 @@ def test_the_label_efficiency_experiment_follows_the_uncertainty_order_and_compa
     loop_model: Path, live_server, celery_worker: str, tmp_path: Path
 ):
     from annotation.models import Task
-    from training.label_efficiency import LabelEfficiency, LabelEfficiencySettings
-    from training.label_efficiency import report_write as label_efficiency_write
+    from training.demo.label_efficiency import LabelEfficiency, LabelEfficiencySettings
+    from training.demo.label_efficiency import report_write as label_efficiency_write
     from training.management.commands.simulate_loop import QUICK, QUICK_REWARD_HYPERPARAMETERS
     from training.models import ScoringJob
 

@@ -21,7 +21,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from annotation.management.commands.demo_users import demo_accounts_lines, demo_accounts_reset
-from config.stack import LocalStack, StackError
+from training.demo.stack import LocalStack, StackError
 
 # Seconds between progress lines where the console cannot rewrite one line in place.
 PROGRESS_EVERY_S = 30.0

@@ -17,7 +17,7 @@ from config.storage import storage_path_stored
 DEMO_DATA = Path(__file__).resolve().parents[2] / "demo_data" / "ranking.jsonl"
 DEMO_PROJECT = "Demo: helpful answers"
 # The loop in the browser: arithmetic word problems, the task the demo model
-# was trained on (written from training/demo_task.py's train and test splits).
+# was trained on (written from training/demo/task.py's train and test splits).
 ARITHMETIC_DATA = DEMO_DATA.with_name("arithmetic.jsonl")
 ARITHMETIC_HELDOUT_DATA = DEMO_DATA.with_name("arithmetic_heldout.jsonl")
 ARITHMETIC_PROJECT = "Demo: arithmetic"

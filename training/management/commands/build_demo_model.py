@@ -45,7 +45,7 @@ class Command(BaseCommand):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         # Imported here, not at module level, so listing commands stays light.
         from config.demo_progress import demo_progress_line, demo_progress_path, demo_progress_write
-        from training.demo_model import (
+        from training.demo.model import (
             DEMO_DEFAULT_STEPS,
             DEMO_QUICK_SETTINGS,
             demo_model_build,

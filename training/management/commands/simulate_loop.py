@@ -1,4 +1,4 @@
-"""Run the whole loop on the demo task with simulated people and print the report (see training.loop)."""
+"""Run the whole loop on the demo task with simulated people and print the report (see training.demo.loop)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from config.stack import LocalStack, StackError, port_free
+from training.demo.stack import LocalStack, StackError, port_free
 
 # The full run: sized to reach the goals on a 2-core machine in under 20 minutes.
 FULL = {"train_prompts": 1000, "heldout_prompts": 200, "eval_prompts": 400}
@@ -100,7 +100,7 @@ class Command(BaseCommand):
         )
         parser.add_argument("--timeout", type=float, default=3600.0, help="seconds any one stage may take")
         experiments = parser.add_argument_group(
-            "label efficiency (instead of the whole loop; see training/label_efficiency.py)"
+            "label efficiency (instead of the whole loop; see training/demo/label_efficiency.py)"
         )
         experiments.add_argument(
             "--label-budget",
@@ -123,9 +123,9 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from training.label_efficiency import LabelEfficiency, LabelEfficiencySettings
-        from training.label_efficiency import report_write as label_efficiency_write
-        from training.loop import Loop, LoopFailed, LoopSettings, report_markdown, report_write
+        from training.demo.label_efficiency import LabelEfficiency, LabelEfficiencySettings
+        from training.demo.label_efficiency import report_write as label_efficiency_write
+        from training.demo.loop import Loop, LoopFailed, LoopSettings, report_markdown, report_write
 
         plan = None
         if options["label_budget"] or options["aggregation_check"]:
@@ -201,7 +201,7 @@ class Command(BaseCommand):
 
     def _demo_model(self, *, quick: bool) -> str:
         """The demo SFT policy's folder, built first when it is not there."""
-        from training.demo_model import demo_model_build, demo_model_is_complete
+        from training.demo.model import demo_model_build, demo_model_is_complete
 
         if not quick:
             out_dir = Path(settings.MODELS_DIR) / "demo-sft"

@@ -56,7 +56,7 @@ from annotation.roles import Role
 from annotation.selectors import ab_votes
 from annotation.services import ab_session_create, user_create
 from config.storage import storage_path_resolve
-from training.demo_task import DemoProblem, answer_extract, answer_is_correct, demo_problems
+from training.demo.task import DemoProblem, answer_extract, answer_is_correct, demo_problems
 from training.models import GenerationJob, TrainingRun
 from training.services import generation_job_create
 

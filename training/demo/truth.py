@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from training import demo_task
+from training.demo import task as demo_task
 
 _OPERATIONS: tuple[tuple[tuple[str, ...], Callable[[int, int], int]], ...] = (
     (demo_task.ADD_TEMPLATES, operator.add),

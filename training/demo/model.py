@@ -30,7 +30,7 @@ from transformers import (
 from config.demo_progress import DEMO_MODEL_FILES as DEMO_MODEL_FILES
 from config.demo_progress import DEMO_REPORT_FILENAME as DEMO_REPORT_FILENAME
 from config.demo_progress import demo_model_is_complete as demo_model_is_complete
-from training.demo_task import (
+from training.demo.task import (
     DemoProblem,
     answer_confused,
     answer_is_correct,

@@ -46,8 +46,7 @@ from annotation.models import Completion, Membership, Project, Prompt, Task
 from annotation.roles import Role
 from annotation.services import prompt_copy, tasks_create_for_project
 from config.storage import storage_path_resolve
-from training.demo_task import DemoProblem
-from training.loop import (
+from training.demo.loop import (
     LABELERS,
     ApiClient,
     Loop,
@@ -57,6 +56,7 @@ from training.loop import (
     answer_grade,
     labeler_ranks,
 )
+from training.demo.task import DemoProblem
 from training.models import DatasetBuild
 from training.selectors import dataset_build_dir
 
