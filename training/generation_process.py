@@ -1,20 +1,24 @@
-"""The entry of a generation job's own process.
+"""The entry of a generation job's child program.
 
-    python -m training.generation_process SPEC.json
+    python -m training.generation_process SPEC.json WORK.json
 
-The Celery task starts this process and waits for it; the process writes its
-own progress, heartbeat and terminal state to the job's row (through
-`training.services`), so a worker that dies mid-job loses nothing.
+It imports no Django and never touches the database: its supervisor (the
+Celery task) wrote WORK.json before the launch, listing the project's
+prompts that still lack completions from the policy (those with enough are
+done: a retried attempt resumes there), and applies the events this program
+reports (`training.events`) to the job's row, fenced by the attempt.
 
-1. Load the policy (for a best-of-n policy: its base policy and the reward model).
-2. List the project's prompts that have fewer than `n` completions from the
-   policy; those with enough are done (a retried attempt resumes here).
+1. Load the policy (for a best-of-n policy: its base policy and the reward
+   model); the watch thread heartbeats meanwhile.
+2. Report `started` with the prompts in the project and those done.
 3. Per batch of prompts lacking the same number of completions: stop if the
-   job was cancelled or taken over; sample (each prompt encoded once, its
-   samples expanded with `num_return_sequences`); for best-of-n, score the
-   candidates and keep the best of each group of `n`; write the batch's
-   completions and the progress in one transaction.
-4. Mark the job succeeded (which makes ranking tasks), or failed with the error.
+   stop file says cancel (`stopped`, cause "cancel") or SIGTERM came
+   (`stopped`, cause "signal"); sample (each prompt encoded once, its samples
+   expanded with `num_return_sequences`); for best-of-n, score the candidates
+   and keep the best of each group of `n`; report the batch's completions
+   (`batch`): the supervisor writes them and the progress in one transaction.
+4. Report `result`: the supervisor marks the job succeeded (which makes
+   ranking tasks). An exception is an `error` event.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from training.gpu_job_process import Heartbeat, attempt_stop, gpu_job_main
+from training.gpu_job_process import ChildChannel, gpu_job_main
 
 if TYPE_CHECKING:
     from training.generation import GenerationSpec
@@ -41,20 +45,9 @@ class PromptWork:
     existing: int  # completions the policy already has for it
 
 
-def prompts_to_generate(spec: GenerationSpec) -> tuple[int, list[PromptWork]]:
-    """(prompts in the project, those still lacking completions from the policy), in prompt order."""
-    from django.db.models import Count, Q
-
-    from annotation.models import Prompt
-
-    prompts = Prompt.objects.filter(project_id=spec.project_id)
-    lacking = (
-        prompts.annotate(existing=Count("completions", filter=Q(completions__policy_id=spec.policy_id)))
-        .filter(existing__lt=spec.n)
-        .order_by("pk")
-        .values_list("pk", "text", "messages", "content_hash", "existing")
-    )
-    return prompts.count(), [PromptWork(*row) for row in lacking.iterator(chunk_size=2000)]
+def prompts_from_work(work: dict[str, Any]) -> tuple[int, list[PromptWork]]:
+    """(prompts in the project, those still lacking completions), as the supervisor listed them."""
+    return int(work["total"]), [PromptWork(**item) for item in work["prompts"]]
 
 
 def batches(spec: GenerationSpec, work: list[PromptWork]) -> Iterator[list[PromptWork]]:
@@ -69,62 +62,45 @@ def batches(spec: GenerationSpec, work: list[PromptWork]) -> Iterator[list[Promp
             yield group[start : start + size]
 
 
-def generation_job_run(spec: GenerationSpec, *, log: Any = print) -> str:
-    """Generate what the job's prompts lack; returns "succeeded", "cancelled" or "lost".
-
-    "lost": the job is no longer this attempt's (taken over, failed by hand):
-    nothing more is written and the row is left to whoever owns it.
-    """
+def generation_job_run(spec: GenerationSpec, work: dict[str, Any], channel: ChildChannel) -> str:
+    """Generate what the listed prompts lack; returns "succeeded", "cancelled" or "stopped" (SIGTERM)."""
     from training.generation import (
         best_index,
         policy_load,
         prompt_format_resolve,
         prompt_seed,
-        prompt_token_ids,
         sample_seed,
         samples_generate,
     )
-    from training.services import (
-        generation_job_finish,
-        generation_job_heartbeat,
-        generation_job_mark_cancelled,
-        generation_job_started,
-        generation_job_stop_reason,
-        generation_job_write_batch,
-    )
+    from training.prompts import completion_render, prompt_render, prompt_token_ids
 
+    log = channel.log
     started = time.monotonic()
-    heartbeat = Heartbeat(lambda: generation_job_heartbeat(job_id=spec.job_id, attempt=spec.attempt))
     tokenizer, model = policy_load(spec.policy)
     prompt_format = prompt_format_resolve(spec.policy)
     scorer = None
     if spec.best_of_n is not None:
-        from training.prompts import completion_render, prompt_render
         from training.scoring import reward_model_load
 
         scorer = reward_model_load(spec.best_of_n.reward_model_path)
         scorer[1].to(next(model.parameters()).device)
     log(f"job {spec.job_id} attempt {spec.attempt}: policy loaded in {time.monotonic() - started:.1f} s")
 
-    total, work = prompts_to_generate(spec)
-    if not generation_job_started(
-        job_id=spec.job_id, attempt=spec.attempt, prompts_total=total, prompts_done=total - len(work)
-    ):
-        return "lost"
-    log(f"{len(work)} of {total} prompts lack completions")
+    total, prompts = prompts_from_work(work)
+    channel.emit("started", prompts_total=total, prompts_done=total - len(prompts))
+    log(f"{len(prompts)} of {total} prompts lack completions")
     sampling = {"temperature": spec.temperature, "top_p": spec.top_p, "max_new_tokens": spec.max_new_tokens}
     per = spec.samples_per_completion
     written = 0
-    for batch in batches(spec, work):
-        outcome = attempt_stop(
-            stop_reason=lambda: generation_job_stop_reason(job_id=spec.job_id, attempt=spec.attempt),
-            mark_cancelled=lambda: generation_job_mark_cancelled(job_id=spec.job_id, attempt=spec.attempt),
-            heartbeat=heartbeat,
-            log=log,
-            done=f"{written} completions",
-        )
-        if outcome is not None:
-            return outcome
+    for batch in batches(spec, prompts):
+        if channel.cancel_asked():
+            log(f"cancelled after {written} completions")
+            channel.emit("stopped", cause="cancel")
+            return "cancelled"
+        if channel.signalled.is_set():
+            log(f"stopped by SIGTERM after {written} completions")
+            channel.emit("stopped", cause="signal")
+            return "stopped"
         missing = spec.n - batch[0].existing
         encoded = [
             prompt_token_ids(tokenizer, text=p.text, messages=p.messages, prompt_format=prompt_format)
@@ -146,7 +122,6 @@ def generation_job_run(spec: GenerationSpec, *, log: Any = print) -> str:
             temperature=spec.temperature,
             top_p=spec.top_p,
             max_new_tokens=spec.max_new_tokens,
-            on_step=heartbeat,
         )
         scores: list[list[float]] = [[] for _ in batch]
         if scorer is not None and spec.best_of_n is not None:
@@ -165,7 +140,6 @@ def generation_job_run(spec: GenerationSpec, *, log: Any = print) -> str:
                     for texts in samples
                     for text in texts
                 ],
-                on_batch=heartbeat,
             )
             width = missing * per  # every prompt of a batch has this many samples
             scores = [flat[row * width : (row + 1) * width] for row in range(len(batch))]
@@ -207,14 +181,10 @@ def generation_job_run(spec: GenerationSpec, *, log: Any = print) -> str:
                     )
                 )
             completions[p.prompt_id] = kept
-        stored = generation_job_write_batch(job_id=spec.job_id, attempt=spec.attempt, completions=completions)
-        if stored is None:
-            log("the job is no longer this attempt's; the batch was not written")
-            return "lost"
-        written += stored
-        log(f"wrote {stored} completions for {len(batch)} prompts lacking {missing}")
-    if not generation_job_finish(job_id=spec.job_id, attempt=spec.attempt):
-        return "lost"
+        channel.emit("batch", completions=completions)
+        written += sum(len(kept) for kept in completions.values())
+        log(f"sampled {written} completions; this batch: {len(batch)} prompts lacking {missing}")
+    channel.emit("result")
     log(f"succeeded: {written} completions in {time.monotonic() - started:.1f} s")
     return "succeeded"
 
@@ -225,18 +195,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return GenerationSpec.from_json(path)
 
-    def fail(**values: Any) -> bool:
-        from training.services import generation_job_fail
-
-        return generation_job_fail(**values)
-
     return gpu_job_main(
-        argv,
-        module="training.generation_process",
-        kind="generation",
-        load=load,
-        run=generation_job_run,
-        fail=fail,
+        argv, module="training.generation_process", kind="generation", load=load, run=generation_job_run
     )
 
 

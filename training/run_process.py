@@ -1,145 +1,86 @@
-"""The entry of a training run's own process.
+"""The entry of a training run's child program.
 
     python -m training.run_process SPEC.json
     accelerate launch --config_file training/accelerate/ddp.yaml --num_processes N -m training.run_process SPEC.json
 
-The Celery task starts this process and waits for it; the process writes its
-own progress, heartbeat and terminal state to the run's row, so a worker that
-dies while a run is training loses nothing: the run finishes and records
-itself, or its heartbeat stops and the reaper takes over. Only the main
-process (rank 0) writes; the others follow its stop decision.
+It imports no Django and never touches the database. It reads its spec and the
+build's dataset files, writes checkpoints and the final weights under the
+run's folder, and reports events (`training.events`) that its supervisor, the
+Celery task that launched it, applies to the run's row with the attempt fence.
+Only the main process (rank 0) reports; the others follow its stop decision.
 
-Every write is fenced by the spec's attempt (training.services): once the
-run is no longer this attempt's (reaped, taken over, failed by hand), a write
-changes nothing and the process exits at once, without a checkpoint, since
-the checkpoint folder now belongs to another attempt.
-
-1. Start Django, read the spec; rank 0 starts its heartbeat thread before
-   anything slow (model load, reference model, tokenising), so the reaper
-   never takes a run that is alive.
+1. Read the spec; start the watch thread before anything slow (model load,
+   reference model, tokenising): it heartbeats, and ends the process at once
+   if the supervisor is gone.
 2. Train (`training.runner.run_training`). SIGTERM asks for a stop at the
-   next step, with a checkpoint.
-3. Record the outcome: succeeded (the result is registered), cancelled (only
-   when a cancel was asked for), or back to `queued` with the attempt given
-   back (stopped by SIGTERM); an exception fails the attempt with its traceback.
+   next step, with a checkpoint; so does the stop file (a cancel).
+3. Report the outcome: `result` (succeeded), or `stopped` with its cause
+   ("cancel" or "signal"; the supervisor cancels the run or puts it back in
+   the queue with the attempt given back); an exception is an `error` event.
+   A child that lost its run is killed by its supervisor: it never decides.
 """
 
 from __future__ import annotations
 
 import collections
 import os
-import signal
 import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
-import django
+from training.gpu_job_process import ChildChannel, is_main_process, slow_start_for_tests
 
-# The heartbeat thread's rate; the reaper's timeout (TRAINING_HEARTBEAT_TIMEOUT_S) is far longer.
-HEARTBEAT_EVERY_S = 5.0
-CANCEL_CHECK_EVERY_S = 2.0
 LOG_LINES_KEPT = 200
-# Exit status of a process whose attempt lost the run: nothing it did is recorded.
-EXIT_LOST = 3
+# Test-only: "STEP:SECONDS", a pause after checkpoint-STEP is written and before it is complete.
+SLOW_CHECKPOINT_ENV = "RANKWISE_TEST_SLOW_CHECKPOINT"
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+class EventReporter:
+    """A `training.runner.Reporter` that reports as events on the child's channel.
 
-
-class DatabaseReporter:
-    """A `training.runner.Reporter` that writes to the TrainingRun row, fenced by the attempt.
-
-    `stop_cause` says why the run was asked to stop: "cancel" (someone
-    cancelled it) or "signal" (SIGTERM), or None.
+    `stop_cause` says why the run was asked to stop: "cancel" (the supervisor
+    created the stop file: someone cancelled the run) or "signal" (SIGTERM), or None.
     """
 
-    def __init__(self, run_id: int, attempt: int) -> None:
-        self.run_id = run_id
-        self.attempt = attempt
-        self.main = is_main_process()
+    def __init__(self, channel: ChildChannel, checkpoints_dir: Path | None = None) -> None:
+        self.channel = channel
+        self.main = channel.reports
         self.lines: collections.deque[str] = collections.deque(maxlen=LOG_LINES_KEPT)
         self.lines_lock = threading.Lock()
-        self.last_cancel_check = 0.0
         self.stop_cause: str | None = None
-
-    # --- fenced writes --------------------------------------------------------
-
-    def log_tail(self) -> str:
-        with self.lines_lock:
-            return "\n".join(self.lines)
-
-    def owned(self, written: bool) -> None:
-        """A fenced write changed nothing: the run is no longer this attempt's, so stop here."""
-        if not written:
-            self.lost()
-
-    def lost(self) -> None:
-        print(
-            f"run {self.run_id}: attempt {self.attempt} no longer owns the run; stopping without saving",
-            flush=True,
-        )
-        # From any thread, at once: every further step or checkpoint would
-        # write into a folder another attempt now owns.
-        os._exit(EXIT_LOST)
-
-    def beat(self) -> None:
-        """One heartbeat (the heartbeat thread calls this); stops the process if the attempt lost the run."""
-        from django.db import close_old_connections
-
-        from training.services import training_run_heartbeat
-
-        # A connection that died (PostgreSQL restarted) is replaced, not reused.
-        close_old_connections()
-        self.owned(training_run_heartbeat(run_id=self.run_id, attempt=self.attempt, log_tail=self.log_tail()))
-
-    # --- the Reporter protocol --------------------------------------------------
+        self.checkpoints_dir = checkpoints_dir
+        self.checkpoint_reported: str | None = None
 
     def started(self, *, total_steps: int) -> None:
-        if self.main:
-            from training.services import training_run_started
-
-            self.owned(
-                training_run_started(
-                    run_id=self.run_id,
-                    attempt=self.attempt,
-                    total_steps=total_steps,
-                    log_tail=self.log_tail(),
-                )
-            )
+        self.channel.emit("started", total_steps=total_steps)
 
     def progress(self, *, step: int, total_steps: int, metrics: dict[str, float]) -> None:
-        if self.main:
-            from training.services import training_run_progress
+        self.channel.emit("progress", step=step, total_steps=total_steps, metrics=metrics)
+        self.checkpoints_look()
 
-            self.owned(
-                training_run_progress(
-                    run_id=self.run_id,
-                    attempt=self.attempt,
-                    step=step,
-                    total_steps=total_steps,
-                    metrics=metrics,
-                    log_tail=self.log_tail(),
-                )
-            )
+    def checkpoints_look(self) -> None:
+        """Report the newest complete checkpoint once it is renamed into place (looked at as steps are logged)."""
+        if not self.main or self.checkpoints_dir is None:
+            return
+        from training.runner import checkpoint_newest_complete
+
+        newest = checkpoint_newest_complete(self.checkpoints_dir)
+        if newest is not None and str(newest) != self.checkpoint_reported:
+            self.checkpoint_reported = str(newest)
+            self.checkpoint(str(newest))
 
     def heartbeat(self) -> None:
-        pass  # the heartbeat thread beats, whatever the trainer is busy with
+        pass  # the watch thread beats, whatever the trainer is busy with
+
+    def checkpoint(self, path: str) -> None:
+        self.channel.emit("checkpoint", path=path)
 
     def should_stop(self) -> bool:
-        if not self.main or self.stop_cause is not None:
-            return self.stop_cause is not None
-        if time.monotonic() - self.last_cancel_check >= CANCEL_CHECK_EVERY_S:
-            from training.services import training_run_stop_reason
-
-            self.last_cancel_check = time.monotonic()
-            reason = training_run_stop_reason(run_id=self.run_id, attempt=self.attempt)
-            if reason == "lost":
-                self.lost()
-            if reason == "cancel":
-                self.stop_cause = "cancel"
+        if self.stop_cause is None and self.main and self.channel.cancel_asked():
+            self.stop_cause = "cancel"
         return self.stop_cause is not None
 
     def request_stop(self) -> None:
@@ -150,109 +91,76 @@ class DatabaseReporter:
     def log(self, line: str) -> None:
         with self.lines_lock:
             self.lines.append(line)
-        print(line, flush=True)
+        self.channel.log(line)
 
 
-class HeartbeatThread(threading.Thread):
-    """Heartbeats every HEARTBEAT_EVERY_S from the start of the process to its end.
+def slow_checkpoint_for_tests(channel: ChildChannel) -> None:
+    """Test-only hook: pause after writing checkpoint-STEP, before it is marked complete and renamed
+    into place, so a test can kill the trainer in the middle of a checkpoint."""
+    value = os.environ.get(SLOW_CHECKPOINT_ENV)
+    if not value:
+        return
+    step_text, _, seconds_text = value.partition(":")
+    step, seconds = int(step_text), float(seconds_text or 60)
+    from trl import DPOTrainer, RewardTrainer
 
-    A thread rather than the trainer's callbacks: loading a large model, the
-    DPO reference copy, tokenising and precomputing reference log-probs send
-    no callback for minutes. The price: a trainer hung in its main thread
-    looks alive; the task's time limit ends it.
-    """
+    for trainer_class in (RewardTrainer, DPOTrainer):
+        original = trainer_class._save_checkpoint
 
-    def __init__(self, reporter: DatabaseReporter) -> None:
-        super().__init__(name=f"run-{reporter.run_id}-heartbeat", daemon=True)
-        self.reporter = reporter
-        self.done = threading.Event()
+        def slowed(self: Any, model: Any, trial: Any, original: Any = original) -> None:
+            original(self, model, trial)
+            if self.state.global_step == step and self.is_world_process_zero():
+                channel.log(f"checkpoint-{step} written, not complete yet (paused {seconds:g} s for a test)")
+                time.sleep(seconds)
 
-    def run(self) -> None:
-        from django.db import connection
-
-        try:
-            while True:
-                try:
-                    self.reporter.beat()
-                except Exception:  # the database is away for a moment: the next beat may get through
-                    traceback.print_exc()
-                if self.done.wait(HEARTBEAT_EVERY_S):
-                    return
-        finally:
-            connection.close()
+        trainer_class._save_checkpoint = slowed  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    django.setup()
-    from training.runner import RunSpec, run_training
-
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m training.run_process SPEC.json", file=sys.stderr)
         return 2
+    from training.runner import RunSpec
+
     spec = RunSpec.from_json(args[0])
-    reporter = DatabaseReporter(spec.run_id, spec.attempt)
-
-    def stop_at_next_step(signum: int, frame: Any) -> None:
-        # Every SIGTERM (the supervisor's, a worker shutdown's, a second one) means the same:
-        # stop at the next step with a checkpoint. What will not stop is killed by the supervisor.
-        reporter.request_stop()
-
-    signal.signal(signal.SIGTERM, stop_at_next_step)
-    heartbeat = HeartbeatThread(reporter)
-    if reporter.main:
-        heartbeat.start()
+    channel = ChildChannel(reports=is_main_process())
+    reporter = EventReporter(channel, spec.checkpoints_dir)
+    # Every SIGTERM (the supervisor's, a worker shutdown's, a second one) means the same: stop at
+    # the next step with a checkpoint. What will not stop is killed by the supervisor.
+    channel.on_sigterm(also=reporter.request_stop)
+    channel.start()
     rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
     print(f"run {spec.run_id}: attempt {spec.attempt}, process rank {rank} of {world} started", flush=True)
     try:
-        result = run_training(spec, reporter)
+        slow_start_for_tests(channel)
+        slow_checkpoint_for_tests(channel)
+        from training import runner
+
+        result = runner.run_training(spec, reporter)
     except Exception as error:
-        reporter.log(traceback.format_exc())
-        if reporter.main:
-            record_error(
-                spec.run_id, spec.attempt, f"{type(error).__name__}: {error}\n\n{traceback.format_exc()}"
-            )
+        traceback.print_exc()
+        channel.emit("error", error=f"{type(error).__name__}: {error}\n\n{traceback.format_exc()}")
         return 1
     finally:
-        heartbeat.done.set()
-    if reporter.main:
-        heartbeat.join()
-        record_result(reporter, result)
+        channel.stop()
+    reporter.checkpoints_look()
+    report_result(channel, reporter, result)
     return 0
 
 
-def record_error(run_id: int, attempt: int, error: str) -> None:
-    from training.services import training_run_fail
-
-    training_run_fail(run_id=run_id, error=error, from_statuses=("running",), attempt=attempt)
-
-
-def record_result(reporter: DatabaseReporter, result: Any) -> None:
-    """The attempt's outcome on the row (each write fenced; a lost attempt records nothing)."""
-    from training.services import (
-        training_run_finish,
-        training_run_mark_cancelled,
-        training_run_requeue_stopped,
-    )
-
-    run_id, attempt = reporter.run_id, reporter.attempt
+def report_result(channel: ChildChannel, reporter: EventReporter, result: Any) -> None:
+    """The attempt's outcome as an event; the supervisor records it, fenced by the attempt."""
     if result.status == "succeeded":
-        recorded = training_run_finish(run_id=run_id, attempt=attempt, result=result)
-    elif reporter.stop_cause == "cancel":
-        recorded = training_run_mark_cancelled(run_id=run_id, attempt=attempt)
+        channel.emit("result", **result.to_dict())
     else:
-        recorded = training_run_requeue_stopped(
-            run_id=run_id,
-            attempt=attempt,
-            reason=f"attempt {attempt} stopped by SIGTERM at step {result.steps} "
-            f"(a time limit or a worker shutting down); resuming from {result.checkpoint_dir}",
-        )
-    if not recorded:
-        print(
-            f"run {run_id}: attempt {attempt} no longer owns the run; its outcome is not recorded", flush=True
+        channel.emit(
+            "stopped",
+            cause=reporter.stop_cause or "signal",
+            steps=result.steps,
+            checkpoint_dir=result.checkpoint_dir,
         )
 
 

@@ -1,19 +1,23 @@
-"""The entry of a scoring job's own process.
+"""The entry of a scoring job's child program.
 
-    python -m training.scoring_process SPEC.json
+    python -m training.scoring_process SPEC.json WORK.json
 
-The Celery task starts this process and waits for it; the process writes its
-own progress, heartbeat and terminal state to the job's row (through
-`training.services`), so a worker that dies mid-job loses nothing.
+It imports no Django and never touches the database: its supervisor (the
+Celery task) wrote WORK.json before the launch, listing the session's
+completions that have no score under the job's scorer label yet (the others
+are done: a retried attempt resumes there), and applies the events this
+program reports (`training.events`) to the job's row, fenced by the attempt.
 
-1. Load the reward model (safetensors only, `training.scoring.reward_model_load`).
-2. List the session's completions that have no score under the job's scorer
-   label yet; the others are done (a retried attempt resumes here).
-3. Per batch of completions: stop if the job was cancelled or taken over;
-   render prompt and completion as the reward model's dataset build did;
-   read the rewards (`training.scoring.reward_scores`); write the batch's
-   scores and the progress in one transaction.
-4. Mark the job succeeded, or failed with the error.
+1. Load the reward model (safetensors only, `training.scoring.reward_model_load`);
+   the watch thread heartbeats meanwhile.
+2. Report `started` with the completions in the session and those done.
+3. Per batch of completions: stop if the stop file says cancel (`stopped`,
+   cause "cancel") or SIGTERM came (`stopped`, cause "signal"); render
+   prompt and completion as the reward model's dataset build did
+   (`training.prompts`); read the rewards; report the batch's scores
+   (`batch`): the supervisor writes them and the progress in one transaction.
+4. Report `result`: the supervisor marks the job succeeded. An exception is
+   an `error` event.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from training.gpu_job_process import Heartbeat, attempt_stop, gpu_job_main
+from training.gpu_job_process import ChildChannel, gpu_job_main
 
 if TYPE_CHECKING:
     from training.scoring import ScoringSpec
@@ -37,17 +41,9 @@ class CompletionWork:
     prompt_messages: list[dict[str, Any]] | None
 
 
-def completions_to_score(spec: ScoringSpec) -> tuple[int, list[CompletionWork]]:
-    """(completions in the session, those still lacking a score under the job's label), in id order."""
-    from annotation.models import Completion
-
-    completions = Completion.objects.filter(prompt__project_id=spec.project_id)
-    lacking = (
-        completions.exclude(scores__scorer=spec.scorer)
-        .order_by("pk")
-        .values_list("pk", "text", "prompt__text", "prompt__messages")
-    )
-    return completions.count(), [CompletionWork(*row) for row in lacking.iterator(chunk_size=2000)]
+def completions_from_work(work: dict[str, Any]) -> tuple[int, list[CompletionWork]]:
+    """(completions in the session, those still lacking a score), as the supervisor listed them."""
+    return int(work["total"]), [CompletionWork(**item) for item in work["completions"]]
 
 
 def token_limit(spec: ScoringSpec, model: Any) -> int | None:
@@ -58,26 +54,14 @@ def token_limit(spec: ScoringSpec, model: Any) -> int | None:
     return min(limits) if limits else None
 
 
-def scoring_job_run(spec: ScoringSpec, *, log: Any = print) -> str:
-    """Score what the session's completions lack; returns "succeeded", "cancelled" or "lost".
-
-    "lost": the job is no longer this attempt's (taken over, failed by hand):
-    nothing more is written and the row is left to whoever owns it.
-    """
+def scoring_job_run(spec: ScoringSpec, work: dict[str, Any], channel: ChildChannel) -> str:
+    """Score what the listed completions lack; returns "succeeded", "cancelled" or "stopped" (SIGTERM)."""
     from training.generation import device_pick
     from training.prompts import completion_render, prompt_render
     from training.scoring import reward_model_load, reward_scores
-    from training.services import (
-        scoring_job_finish,
-        scoring_job_heartbeat,
-        scoring_job_mark_cancelled,
-        scoring_job_started,
-        scoring_job_stop_reason,
-        scoring_job_write_batch,
-    )
 
+    log = channel.log
     started = time.monotonic()
-    heartbeat = Heartbeat(lambda: scoring_job_heartbeat(job_id=spec.job_id, attempt=spec.attempt))
     # Float32, the precision the reward model was trained in: the scores are compared, not sampled.
     tokenizer, model = reward_model_load(spec.reward_model_path)
     model.to(device_pick())
@@ -86,24 +70,20 @@ def scoring_job_run(spec: ScoringSpec, *, log: Any = print) -> str:
         f"job {spec.job_id} attempt {spec.attempt}: reward model loaded in {time.monotonic() - started:.1f} s"
     )
 
-    total, work = completions_to_score(spec)
-    if not scoring_job_started(
-        job_id=spec.job_id, attempt=spec.attempt, completions_total=total, completions_done=total - len(work)
-    ):
-        return "lost"
-    log(f"{len(work)} of {total} completions lack a score from {spec.scorer}")
+    total, items = completions_from_work(work)
+    channel.emit("started", completions_total=total, completions_done=total - len(items))
+    log(f"{len(items)} of {total} completions lack a score from {spec.scorer}")
     written = 0
-    for start in range(0, len(work), spec.completions_per_batch):
-        outcome = attempt_stop(
-            stop_reason=lambda: scoring_job_stop_reason(job_id=spec.job_id, attempt=spec.attempt),
-            mark_cancelled=lambda: scoring_job_mark_cancelled(job_id=spec.job_id, attempt=spec.attempt),
-            heartbeat=heartbeat,
-            log=log,
-            done=f"{written} scores",
-        )
-        if outcome is not None:
-            return outcome
-        batch = work[start : start + spec.completions_per_batch]
+    for start in range(0, len(items), spec.completions_per_batch):
+        if channel.cancel_asked():
+            log(f"cancelled after {written} scores")
+            channel.emit("stopped", cause="cancel")
+            return "cancelled"
+        if channel.signalled.is_set():
+            log(f"stopped by SIGTERM after {written} scores")
+            channel.emit("stopped", cause="signal")
+            return "stopped"
+        batch = items[start : start + spec.completions_per_batch]
         values = reward_scores(
             tokenizer,
             model,
@@ -116,20 +96,13 @@ def scoring_job_run(spec: ScoringSpec, *, log: Any = print) -> str:
             [completion_render(item.text, conversational=spec.conversational) for item in batch],
             batch_size=spec.batch_size,
             max_length=limit,
-            on_batch=heartbeat,
         )
-        stored = scoring_job_write_batch(
-            job_id=spec.job_id,
-            attempt=spec.attempt,
-            scores={item.completion_id: value for item, value in zip(batch, values, strict=True)},
+        channel.emit(
+            "batch", scores={item.completion_id: value for item, value in zip(batch, values, strict=True)}
         )
-        if stored is None:
-            log("the job is no longer this attempt's; the batch was not written")
-            return "lost"
-        written += stored
-        log(f"scored {written} of {len(work)}")
-    if not scoring_job_finish(job_id=spec.job_id, attempt=spec.attempt):
-        return "lost"
+        written += len(batch)
+        log(f"scored {written} of {len(items)}")
+    channel.emit("result")
     log(f"succeeded: {written} scores in {time.monotonic() - started:.1f} s")
     return "succeeded"
 
@@ -140,13 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return ScoringSpec.from_json(path)
 
-    def fail(**values: Any) -> bool:
-        from training.services import scoring_job_fail
-
-        return scoring_job_fail(**values)
-
     return gpu_job_main(
-        argv, module="training.scoring_process", kind="scoring", load=load, run=scoring_job_run, fail=fail
+        argv, module="training.scoring_process", kind="scoring", load=load, run=scoring_job_run
     )
 
 

@@ -24,6 +24,7 @@ from annotation.importing import prompt_content_hash
 from annotation.models import Completion, Policy, Project, Prompt, Task
 from annotation.roles import Role
 from tests.factories import user_with_roles
+from tests.training.child_here import run_child_here
 from tests.training.test_builds_support import make_manager
 from training.generation import prompt_seed
 from training.generation_process import generation_job_run
@@ -37,6 +38,7 @@ from training.services import (
     generation_job_spec,
     generation_jobs_reap,
 )
+from training.services.child_events import GenerationEvents, generation_work
 
 JOB_TIMEOUT_S = 120
 SAMPLING = {"max_new_tokens": 8, "temperature": 1.0, "top_p": 0.95}
@@ -96,7 +98,13 @@ def run_here(job: GenerationJob) -> str:
     """Claim the job and run its process's loop in this process, as one attempt would."""
     claimed = generation_job_claim(job_id=job.pk)
     assert claimed is not None
-    outcome = generation_job_run(generation_job_spec(job=claimed), log=lambda line: None)
+    spec = generation_job_spec(job=claimed)
+    outcome = run_child_here(
+        GenerationEvents(job_id=job.pk, attempt=claimed.attempts),
+        generation_job_run,
+        spec,
+        generation_work(project_id=spec.project_id, policy_id=spec.policy_id, n=spec.n),
+    )
     job.refresh_from_db()
     return outcome
 
@@ -304,7 +312,15 @@ def test_cancel_stops_a_running_job_before_its_next_batch_and_a_queued_one_at_on
     claimed = generation_job_claim(job_id=running.pk)
     assert claimed is not None
     generation_job_cancel(job=claimed)
-    assert generation_job_run(generation_job_spec(job=claimed), log=lambda line: None) == "cancelled"
+    spec = generation_job_spec(job=claimed)
+    outcome = run_child_here(
+        GenerationEvents(job_id=claimed.pk, attempt=claimed.attempts),
+        generation_job_run,
+        spec,
+        generation_work(project_id=spec.project_id, policy_id=spec.policy_id, n=spec.n),
+        cancel=True,  # the supervisor saw the cancel and created the stop file
+    )
+    assert outcome == "cancelled"
     claimed.refresh_from_db()
     assert claimed.status == GenerationJob.Status.CANCELLED
     assert not Completion.objects.exists()
@@ -357,6 +373,7 @@ def test_a_dpo_policy_reads_prompts_as_its_dataset_build_wrote_them(tiny_model_d
 
 @worker_test
 def test_a_policy_whose_model_cannot_load_fails_the_job_with_the_reason(tmp_path: Path) -> None:
+    from training.events import EVENTS_FILE_ENV, EventReader
     from training.generation_process import main
 
     policy = Policy.objects.create(name="gone", base_model=str(tmp_path / "no-such-model"))
@@ -364,8 +381,14 @@ def test_a_policy_whose_model_cannot_load_fails_the_job_with_the_reason(tmp_path
     claimed = generation_job_claim(job_id=job.pk)
     assert claimed is not None
     generation_job_spec(job=claimed).to_json(tmp_path / "spec.json")
-
-    assert main([str(tmp_path / "spec.json")]) == 1
+    (tmp_path / "work.json").write_text('{"total": 1, "prompts": []}')
+    os.environ[EVENTS_FILE_ENV] = str(tmp_path / "events.jsonl")
+    try:
+        assert main([str(tmp_path / "spec.json"), str(tmp_path / "work.json")]) == 1
+    finally:
+        del os.environ[EVENTS_FILE_ENV]
+    applier = GenerationEvents(job_id=job.pk, attempt=claimed.attempts)
+    assert all(applier.apply(event) for event in EventReader(tmp_path / "events.jsonl").read())
 
     job.refresh_from_db()
     assert job.status == GenerationJob.Status.FAILED

@@ -1,12 +1,12 @@
 """A training run's lifecycle without torch: the attempt fence, attempts given back, the reaper, and
-the run process's heartbeat thread with a fake trainer (a slow model load, a lost attempt)."""
+the run's child program with a fake trainer under its supervisor (a slow model load, a lost attempt,
+SIGTERM, a cancel, the task's time limit)."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -19,11 +19,11 @@ from django.db import connection
 from django.utils import timezone
 
 from annotation.roles import Role
-from tests.conftest import REPO_ROOT, worker_database_url
 from tests.factories import user_with_roles
 from training.models import DatasetBuild, RewardModel, TrainingRun, TrainingRunMetric
-from training.runner import RunResult, RunSpec
+from training.runner import RunResult
 from training.services import (
+    training_run_cancel,
     training_run_claim,
     training_run_execute,
     training_run_fail,
@@ -177,12 +177,12 @@ def test_the_reaper_counts_only_attempts_not_given_back(
     assert enqueued == [run.pk]
 
 
-# --- the run process with a fake trainer -------------------------------------------------------
+# --- the child program with a fake trainer, under its supervisor --------------------------------
 
-# The run process's own entry, with `run_training` replaced by a trainer that "loads its model" until
-# the test creates the file `release` or SIGTERM asks it to stop (unless told to ignore SIGTERM),
-# then returns `result`. Heartbeats come every 0.05 s; a run put back in the queue is printed
-# instead of published.
+# The run's child program, with `run_training` replaced by a trainer that "loads its model" until
+# the test creates the file `release` or a stop is asked for (SIGTERM, or the stop file of a
+# cancel; SIGTERM is ignored if told so), then returns `result`. It imports no Django: its
+# supervisor, `training_run_execute` in the test's process, applies its events.
 FAKE_TRAINER = """
 import json, signal, sys, time
 from pathlib import Path
@@ -191,56 +191,19 @@ import training.runner as runner
 
 spec_path, release, result = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
 ignore_sigterm = sys.argv[4:] == ["ignore-sigterm"]
-run_process.HEARTBEAT_EVERY_S = 0.05
-
-def publish(*, run_id):
-    print(f"published run {run_id}", flush=True)
-    return True
 
 def run_training(spec, reporter):
     if ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     reporter.log("loading the model")
-    while not release.exists() and reporter.stop_cause is None:
+    while not release.exists() and not reporter.should_stop():
         time.sleep(0.05)
     return runner.RunResult(**result)
 
 runner.run_training = run_training
-run_process.django.setup()
-import training.services
-training.services.runs.training_run_enqueue = publish
+assert "django" not in sys.modules
 sys.exit(run_process.main([spec_path]))
 """
-
-
-def start_fake_run_process(run: TrainingRun, folder: Path, result: RunResult) -> subprocess.Popen[str]:
-    attempt = TrainingRun.objects.get(pk=run.pk).attempts
-    spec = RunSpec(
-        run_id=run.pk,
-        kind="reward",
-        base_model="m",
-        train_file="t",
-        test_file=None,
-        output_dir=str(folder),
-        attempt=attempt,
-    )
-    spec.to_json(folder / "spec.json")
-    env = {**os.environ, "DATABASE_URL": worker_database_url(connection.settings_dict)}
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            FAKE_TRAINER,
-            str(folder / "spec.json"),
-            str(folder / "release"),
-            json.dumps(result.to_dict()),
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
 
 
 def wait_until(check: Any, what: str) -> None:
@@ -250,128 +213,10 @@ def wait_until(check: Any, what: str) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.django_db(transaction=True)
-def test_a_run_loading_its_model_heartbeats_and_is_never_reaped(
-    run: TrainingRun, tmp_path: Path, settings: Any, enqueued: list[int]
-) -> None:
-    # given a reaper that takes a run silent for 2 s, and a run process loading its model
-    settings.TRAINING_HEARTBEAT_TIMEOUT_S = 2
-    training_run_claim(run_id=run.pk)
-    process = start_fake_run_process(run, tmp_path, succeeded(str(tmp_path / "final")))
-    try:
-        wait_until(lambda: "loading the model" in TrainingRun.objects.get(pk=run.pk).log_tail, "a heartbeat")
-
-        # when the load takes several heartbeat timeouts
-        seen: set[Any] = set()
-        deadline_beats = 3 * settings.TRAINING_HEARTBEAT_TIMEOUT_S / 0.05
-
-        def beats() -> bool:
-            assert not training_runs_reap(), "the reaper took a run that is alive"
-            seen.add(TrainingRun.objects.get(pk=run.pk).heartbeat_at)
-            return len(seen) > deadline_beats
-
-        wait_until(beats, "heartbeats during the model load")
-        (tmp_path / "release").touch()
-        output, _ = process.communicate(timeout=WAIT_S)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-    # then the one attempt trained and recorded its result
-    assert process.returncode == 0, output
-    run.refresh_from_db()
-    assert (run.status, run.attempts) == ("succeeded", 1)
-    assert enqueued == []
-    assert "published run" not in output
-
-
-@pytest.mark.django_db(transaction=True)
-def test_a_run_process_that_lost_its_run_stops_and_records_nothing(run: TrainingRun, tmp_path: Path) -> None:
-    from training.run_process import EXIT_LOST
-
-    # given attempt 1's process loading its model
-    training_run_claim(run_id=run.pk)
-    process = start_fake_run_process(run, tmp_path, succeeded(str(tmp_path / "final")))
-    try:
-        wait_until(lambda: "loading the model" in TrainingRun.objects.get(pk=run.pk).log_tail, "a heartbeat")
-
-        # when attempt 2 takes the run over (a reaper and a redelivery) while attempt 1 still loads
-        take_over(run)
-        output, _ = process.communicate(timeout=WAIT_S)
-    finally:
-        (tmp_path / "release").touch()
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-    # then attempt 1 stopped by itself, and nothing of it is the run's
-    assert process.returncode == EXIT_LOST, output
-    run.refresh_from_db()
-    assert (run.status, run.attempts) == ("running", 2)
-    assert not RewardModel.objects.exists()
-
-
-@pytest.mark.django_db(transaction=True)
-def test_a_run_process_stopped_by_a_signal_without_a_cancel_is_never_cancelled(
-    run: TrainingRun, tmp_path: Path
-) -> None:
-    # given a process whose trainer stops early (SIGTERM) with a checkpoint
-    training_run_claim(run_id=run.pk)
-    stopped = RunResult(
-        status="cancelled", metrics={}, final_dir="", steps=2, checkpoint_dir=str(tmp_path / "checkpoint-2")
-    )
-    process = start_fake_run_process(run, tmp_path, stopped)
-    try:
-        wait_until(lambda: "loading the model" in TrainingRun.objects.get(pk=run.pk).log_tail, "a heartbeat")
-
-        # when it gets SIGTERM
-        process.terminate()
-        (tmp_path / "release").touch()
-        output, _ = process.communicate(timeout=WAIT_S)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-    # then the run is back in the queue with its attempt given back
-    assert process.returncode == 0, output
-    run.refresh_from_db()
-    assert (run.status, run.attempts, run.attempts_given_back) == ("queued", 1, 1)
-    assert "SIGTERM" in run.error
-    assert f"published run {run.pk}" in output
-
-
-# --- the supervisor (the Celery task's side) ----------------------------------------------------
-
-
-class TaskInterrupted(Exception):
-    """Stands for Celery's SoftTimeLimitExceeded, raised in the task while it waits for the run."""
-
-
-def interrupt_when_loading(run: TrainingRun) -> threading.Thread:
-    """Raise TaskInterrupted in this (the main) thread once the run's process heartbeats, as Celery's
-    soft time limit does."""
-
-    def raise_interrupted(signum: int, frame: Any) -> None:
-        raise TaskInterrupted
-
-    signal.signal(signal.SIGUSR1, raise_interrupted)
-
-    def interrupt() -> None:
-        wait_until(lambda: "loading the model" in TrainingRun.objects.get(pk=run.pk).log_tail, "a heartbeat")
-        connection.close()
-        os.kill(os.getpid(), signal.SIGUSR1)
-
-    thread = threading.Thread(target=interrupt, daemon=True)
-    thread.start()
-    return thread
-
-
 @pytest.fixture
-def run_process_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The run processes the task starts read the test database."""
-    monkeypatch.setenv("DATABASE_URL", worker_database_url(connection.settings_dict))
+def run_process_env(monkeypatch: pytest.MonkeyPatch, settings: Any) -> None:
+    """Child programs heartbeat every 0.2 s (a tenth of the reaper's timeout, at least 0.2 s)."""
+    settings.TRAINING_HEARTBEAT_TIMEOUT_S = 2
 
 
 def fake_command(folder: Path, result: RunResult, *extra: str) -> Any:
@@ -389,18 +234,193 @@ def fake_command(folder: Path, result: RunResult, *extra: str) -> Any:
     return command
 
 
-STOPPED = RunResult(status="cancelled", metrics={}, final_dir="", steps=2, checkpoint_dir="checkpoint-2")
+def supervise_in_thread(run: TrainingRun) -> threading.Thread:
+    """The run's task (`training_run_execute`) in a thread of this process, as a worker would run it."""
+
+    def execute() -> None:
+        try:
+            training_run_execute(run_id=run.pk)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=execute, daemon=True)
+    thread.start()
+    return thread
+
+
+def loading(run: TrainingRun) -> bool:
+    return "loading the model" in TrainingRun.objects.get(pk=run.pk).log_tail
+
+
+def trainers(folder: Path) -> list[int]:
+    import psutil
+
+    return [
+        process.pid
+        for process in psutil.process_iter(["cmdline"])
+        if any(str(folder) in arg for arg in process.info["cmdline"] or [])
+    ]
 
 
 @pytest.mark.django_db(transaction=True)
-def test_the_tasks_time_limit_stops_the_run_process_which_requeues_with_its_attempt_given_back(
+def test_a_run_loading_its_model_heartbeats_and_is_never_reaped(
+    run: TrainingRun,
+    tmp_path: Path,
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    enqueued: list[int],
+    run_process_env: None,
+) -> None:
+    # given a reaper that takes a run silent for 2 s, and a child loading its model
+    TrainingRun.objects.filter(pk=run.pk).update(output_dir=str(tmp_path))
+    result = succeeded(str(tmp_path / "final"))
+    monkeypatch.setattr("training.services.runs.training_run_command", fake_command(tmp_path, result))
+    supervisor = supervise_in_thread(run)
+    try:
+        wait_until(lambda: loading(run), "a heartbeat with the log")
+
+        # when the load takes several heartbeat timeouts
+        seen: set[Any] = set()
+
+        def beats() -> bool:
+            assert not training_runs_reap(), "the reaper took a run that is alive"
+            seen.add(TrainingRun.objects.get(pk=run.pk).heartbeat_at)
+            return len(seen) > 3 * settings.TRAINING_HEARTBEAT_TIMEOUT_S / 0.2
+
+        wait_until(beats, "heartbeats during the model load")
+    finally:
+        (tmp_path / "release").touch()
+        supervisor.join(WAIT_S)
+
+    # then the one attempt trained and its result was recorded
+    run.refresh_from_db()
+    assert (run.status, run.attempts) == ("succeeded", 1), run.error
+    assert RewardModel.objects.filter(run=run).count() == 1
+    assert enqueued == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_child_whose_run_was_taken_over_is_killed_and_records_nothing(
+    run: TrainingRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_process_env: None
+) -> None:
+    # given attempt 1's child loading its model
+    TrainingRun.objects.filter(pk=run.pk).update(output_dir=str(tmp_path))
+    result = succeeded(str(tmp_path / "final"))
+    monkeypatch.setattr("training.services.runs.training_run_command", fake_command(tmp_path, result))
+    supervisor = supervise_in_thread(run)
+    try:
+        wait_until(lambda: loading(run), "a heartbeat with the log")
+
+        # when attempt 2 takes the run over (a reaper and a redelivery) while attempt 1 still loads
+        take_over(run)
+        supervisor.join(WAIT_S)
+    finally:
+        (tmp_path / "release").touch()
+
+    # then its supervisor killed attempt 1's child, and nothing of it is the run's
+    assert not supervisor.is_alive()
+    assert trainers(tmp_path) == []
+    run.refresh_from_db()
+    assert (run.status, run.attempts) == ("running", 2)
+    assert not RewardModel.objects.exists()
+    assert "no longer this attempt's" in (tmp_path / "process-attempt-1.log").read_text()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_child_stopped_by_sigterm_without_a_cancel_is_requeued_and_never_cancelled(
     run: TrainingRun,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     enqueued: list[int],
     run_process_env: None,
 ) -> None:
-    # given a run whose process is loading its model
+    # given a child whose trainer stops early with a checkpoint when asked to
+    TrainingRun.objects.filter(pk=run.pk).update(output_dir=str(tmp_path))
+    monkeypatch.setattr("training.services.runs.training_run_command", fake_command(tmp_path, STOPPED))
+    supervisor = supervise_in_thread(run)
+    try:
+        wait_until(lambda: loading(run), "a heartbeat with the log")
+
+        # when the child (not its supervisor) gets SIGTERM
+        (child,) = trainers(tmp_path)
+        os.kill(child, signal.SIGTERM)
+        supervisor.join(WAIT_S)
+    finally:
+        (tmp_path / "release").touch()
+
+    # then the run is back in the queue with its attempt given back, not cancelled
+    run.refresh_from_db()
+    assert (run.status, run.attempts, run.attempts_given_back) == ("queued", 1, 1)
+    assert "stopped by SIGTERM" in run.error
+    assert enqueued == [run.pk]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_cancel_reaches_the_child_through_its_supervisor_and_the_run_is_cancelled(
+    run: TrainingRun,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    enqueued: list[int],
+    run_process_env: None,
+) -> None:
+    # given a child loading its model
+    TrainingRun.objects.filter(pk=run.pk).update(output_dir=str(tmp_path))
+    monkeypatch.setattr("training.services.runs.training_run_command", fake_command(tmp_path, STOPPED))
+    supervisor = supervise_in_thread(run)
+    try:
+        wait_until(lambda: loading(run), "a heartbeat with the log")
+
+        # when someone cancels the run
+        training_run_cancel(run=TrainingRun.objects.get(pk=run.pk))
+        supervisor.join(WAIT_S)
+    finally:
+        (tmp_path / "release").touch()
+
+    # then the supervisor's stop file stopped the child, and the run is cancelled
+    assert (tmp_path / "stop-attempt-1").exists()
+    run.refresh_from_db()
+    assert (run.status, run.attempts) == ("cancelled", 1)
+    assert enqueued == []
+
+
+# --- the supervisor interrupted (the task's time limit) -------------------------------------------------
+
+
+class TaskInterrupted(Exception):
+    """Stands for Celery's SoftTimeLimitExceeded, raised in the task while it waits for the run."""
+
+
+def interrupt_when_loading(run: TrainingRun) -> threading.Thread:
+    """Raise TaskInterrupted in this (the main) thread once the run's child heartbeats, as Celery's
+    soft time limit does."""
+
+    def raise_interrupted(signum: int, frame: Any) -> None:
+        raise TaskInterrupted
+
+    signal.signal(signal.SIGUSR1, raise_interrupted)
+
+    def interrupt() -> None:
+        wait_until(lambda: loading(run), "a heartbeat with the log")
+        connection.close()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    thread = threading.Thread(target=interrupt, daemon=True)
+    thread.start()
+    return thread
+
+
+STOPPED = RunResult(status="cancelled", metrics={}, final_dir="", steps=2, checkpoint_dir="checkpoint-2")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_tasks_time_limit_stops_the_child_which_reports_it_and_the_run_is_requeued_with_its_attempt_given_back(
+    run: TrainingRun,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    enqueued: list[int],
+    run_process_env: None,
+) -> None:
+    # given a run whose child is loading its model
     TrainingRun.objects.filter(pk=run.pk).update(output_dir=str(tmp_path))
     monkeypatch.setattr("training.services.runs.training_run_command", fake_command(tmp_path, STOPPED))
     interrupter = interrupt_when_loading(run)
@@ -413,12 +433,11 @@ def test_the_tasks_time_limit_stops_the_run_process_which_requeues_with_its_atte
         (tmp_path / "release").touch()
     interrupter.join()
 
-    # then the process got SIGTERM, stopped and put the run back itself, its attempt given back
+    # then the child got SIGTERM, stopped and said so, and the run went back with its attempt given back
     run.refresh_from_db()
     assert (run.status, run.attempts, run.attempts_given_back) == ("queued", 1, 1)
     assert "stopped by SIGTERM" in run.error
-    assert f"published run {run.pk}" in (tmp_path / "process-attempt-1.log").read_text()
-    assert enqueued == []  # the task's own requeue found the run no longer this attempt's
+    assert enqueued == [run.pk]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -451,16 +470,6 @@ def test_a_run_process_that_ignores_sigterm_is_killed_and_the_run_requeued_with_
     assert "time limit" in run.error
     assert enqueued == [run.pk]
     assert not [pid for pid in trainers(tmp_path)], "a process of the run outlived its task"
-
-
-def trainers(folder: Path) -> list[int]:
-    import psutil
-
-    return [
-        process.pid
-        for process in psutil.process_iter(["cmdline"])
-        if any(str(folder) in arg for arg in process.info["cmdline"] or [])
-    ]
 
 
 @pytest.mark.django_db(transaction=True)

@@ -27,6 +27,7 @@ from config.celery import app as celery_app
 from tests.annotation.conftest import add_member
 from tests.annotation.test_ab import source_prompts
 from tests.factories import user_with_roles
+from tests.training.child_here import run_child_here
 from tests.training.test_builds_support import make_manager, project_with_prompts
 from tests.training.test_generation import reward_model_dir  # noqa: F401  (a session fixture)
 from training.models import DatasetBuild, RewardModel, ScoringJob, TrainingRun
@@ -39,6 +40,7 @@ from training.services import (
     scoring_job_spec,
     scoring_jobs_reap,
 )
+from training.services.child_events import ScoringEvents, scoring_work
 
 JOB_TIMEOUT_S = 120
 OUTCOMES = ("left", "right", "left", "tie", "both_bad")
@@ -194,7 +196,7 @@ def test_a_retry_scores_only_what_is_missing_with_the_reward_models_own_numbers(
     reward_model_dir: Path,  # noqa: F811
     no_publish: list[int],
 ) -> None:
-    from training.builds import completion_render, prompt_render
+    from training.prompts import completion_render, prompt_render
     from training.scoring import reward_model_load, reward_scores
 
     # given a session whose first completion already has a score from an earlier attempt
@@ -210,7 +212,9 @@ def test_a_retry_scores_only_what_is_missing_with_the_reward_models_own_numbers(
     claimed = scoring_job_claim(job_id=job.pk)
     assert claimed is not None
     spec = dataclasses.replace(scoring_job_spec(job=claimed), completions_per_batch=2)
-    assert scoring_job_run(spec, log=lambda line: None) == "succeeded"
+    work = scoring_work(project_id=spec.project_id, scorer=spec.scorer)
+    events = ScoringEvents(job_id=job.pk, attempt=claimed.attempts)
+    assert run_child_here(events, scoring_job_run, spec, work) == "succeeded"
 
     # then it left the earlier score alone and wrote the rest, one row each
     job.refresh_from_db()
@@ -247,7 +251,11 @@ def test_a_cancelled_job_stops_before_its_next_batch(
     assert claimed is not None
     ScoringJob.objects.filter(pk=job.pk).update(cancel_requested=True)
 
-    assert scoring_job_run(scoring_job_spec(job=claimed), log=lambda line: None) == "cancelled"
+    spec = scoring_job_spec(job=claimed)
+    work = scoring_work(project_id=spec.project_id, scorer=spec.scorer)
+    events = ScoringEvents(job_id=job.pk, attempt=claimed.attempts)
+    # the supervisor saw the cancel and created the stop file
+    assert run_child_here(events, scoring_job_run, spec, work, cancel=True) == "cancelled"
     job.refresh_from_db()
     assert job.status == ScoringJob.Status.CANCELLED
     assert not CompletionScore.objects.exists()

@@ -23,6 +23,7 @@ from config.storage import storage_path_resolve
 from training.job_events import job_ended
 from training.models import BestOfN, DatasetBuild, GenerationJob, RewardModel, TrainingRun
 from training.placement import DeviceLease
+from training.services.child_events import GenerationEvents, generation_work
 from training.services.jobs import (
     GENERATION_JOB_TASK,
     QueueUnavailable,
@@ -38,7 +39,7 @@ from training.services.jobs import (
     task_publish,
     validation_errors,
 )
-from training.services.supervisor import gpu_job_devices, gpu_job_process_run
+from training.services.supervisor import child_work_write, gpu_job_devices, gpu_job_process_run
 
 # --- generation jobs ------------------------------------------------------------
 #
@@ -231,16 +232,21 @@ def _generation_job_launch(*, job_id: int, lease: DeviceLease) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / f"spec-attempt-{attempt}.json"
     spec.to_json(spec_path)
+    work_path = child_work_write(
+        folder / f"work-attempt-{attempt}.json",
+        generation_work(project_id=spec.project_id, policy_id=spec.policy_id, n=spec.n),
+    )
     gpu_job_process_run(
         GenerationJob,
         job_id=job_id,
         attempt=attempt,
-        command=[sys.executable, "-m", "training.generation_process", str(spec_path)],
+        command=[sys.executable, "-m", "training.generation_process", str(spec_path), str(work_path)],
         lease=lease,
         log_path=folder / f"process-attempt-{attempt}.log",
         what="generation",
         retry_note="retrying the prompts not done yet",
         enqueue=lambda queued_id: generation_job_enqueue(job_id=queued_id),
+        events=GenerationEvents(job_id=job_id, attempt=attempt),
     )
 
 

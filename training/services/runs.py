@@ -24,6 +24,7 @@ from training.job_events import job_ended
 from training.models import DatasetBuild, RewardModel, TrainingRun, TrainingRunMetric
 from training.placement import DeviceLease
 from training.selectors import dataset_build_dir
+from training.services.child_events import RunEvents
 from training.services.jobs import (
     TRAINING_RUN_TASK,
     broker_check,
@@ -231,6 +232,7 @@ def _training_run_launch(*, run_id: int, lease: DeviceLease) -> None:
         what="run",
         retry_note="retrying from the last checkpoint",
         enqueue=lambda queued_id: training_run_enqueue(run_id=queued_id),
+        events=RunEvents(job_id=run_id, attempt=attempt),
     )
 
 

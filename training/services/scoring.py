@@ -25,6 +25,7 @@ from training.job_events import job_ended
 from training.models import DatasetBuild, RewardModel, ScoringJob
 from training.placement import DeviceLease
 from training.selectors import reward_models_for_user
+from training.services.child_events import ScoringEvents, scoring_work
 from training.services.jobs import (
     SCORING_JOB_TASK,
     QueueUnavailable,
@@ -39,7 +40,7 @@ from training.services.jobs import (
     jobs_reap,
     task_publish,
 )
-from training.services.supervisor import gpu_job_devices, gpu_job_process_run
+from training.services.supervisor import child_work_write, gpu_job_devices, gpu_job_process_run
 
 # --- scoring jobs ---------------------------------------------------------------
 #
@@ -171,16 +172,20 @@ def _scoring_job_launch(*, job_id: int, lease: DeviceLease) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / f"spec-attempt-{attempt}.json"
     spec.to_json(spec_path)
+    work_path = child_work_write(
+        folder / f"work-attempt-{attempt}.json", scoring_work(project_id=spec.project_id, scorer=spec.scorer)
+    )
     gpu_job_process_run(
         ScoringJob,
         job_id=job_id,
         attempt=attempt,
-        command=[sys.executable, "-m", "training.scoring_process", str(spec_path)],
+        command=[sys.executable, "-m", "training.scoring_process", str(spec_path), str(work_path)],
         lease=lease,
         log_path=folder / f"process-attempt-{attempt}.log",
         what="scoring",
         retry_note="retrying the completions not scored yet",
         enqueue=lambda queued_id: scoring_job_enqueue(job_id=queued_id),
+        events=ScoringEvents(job_id=job_id, attempt=attempt),
     )
 
 
