@@ -16,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # included: these are imported here directly).
 CHILD_MODULES = {
     "training.run_process": ["training.runner", "training.grouped", "training.metrics"],
-    "training.generation_process": ["training.generation", "training.scoring"],
+    "training.generation_process": ["training.generation", "training.loading", "training.scoring"],
     "training.scoring_process": ["training.scoring", "training.generation"],
 }
 SHARED = ["training.events", "training.gpu_job_process", "training.prompts"]
