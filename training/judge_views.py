@@ -1,0 +1,198 @@
+"""Model judges on a manager's pages and in the API (training.judges does the work).
+
+    /projects/<id>/judges                 the project's judges: attach one, switch one off or on, run again
+    GET/POST /api/projects/<id>/judges    the same for programs
+
+404 for a project the person does not manage, as everywhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import messages
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.contrib.auth.models import AnonymousUser
+from django.core.exceptions import ValidationError
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
+from django.views.decorators.http import require_POST
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.decorators import api_view, permission_classes
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from annotation.models import Comparison, Judgment, Project
+from annotation.roles import Role, role_required
+from annotation.selectors import project_get_for_user
+from annotation.stats import gold_accuracy
+from training.judges import judge_attach, judge_calibration, judge_request
+from training.models import Judge, RewardModel
+from training.selectors import reward_models_for_user
+
+
+class JudgeAttachForm(forms.Form):
+    reward_model = forms.ModelChoiceField(
+        label=gettext_lazy("Reward model"),
+        queryset=RewardModel.objects.none(),
+        help_text=gettext_lazy(
+            "It ranks each task's responses by its scores (a scoring job writes them first)."
+        ),
+    )
+    max_judgments = forms.IntegerField(
+        label=gettext_lazy("At most this many judgments"),
+        required=False,
+        min_value=1,
+        help_text=gettext_lazy("Empty: every task it may take, like any labeler."),
+    )
+
+    def __init__(self, *args: Any, user: AbstractBaseUser | AnonymousUser, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["reward_model"].queryset = reward_models_for_user(user=user)  # type: ignore[attr-defined]
+
+
+def judges_table(*, project: Project) -> list[dict[str, Any]]:
+    """Each judge of the project with its judgments, agreement with the humans' majority and gold accuracy."""
+    judges = list(Judge.objects.filter(project=project).select_related("reward_model", "account"))
+    if not judges:
+        return []
+    live = Comparison.objects.filter(project=project).exclude(judgment__review=Judgment.Review.REJECTED)
+    calibration = {row.user_id: row for row in judge_calibration(comparisons=live)}
+    gold = gold_accuracy(project=project)
+    rows = []
+    for judge in judges:
+        measured = calibration.get(judge.account_id)
+        judged_gold = gold.get(judge.account_id)
+        rows.append(
+            {
+                "judge": judge,
+                "pairs_shared": measured.pairs if measured else 0,
+                "agreement": measured.agreement if measured else None,
+                "gold_judged": judged_gold["judged"] if judged_gold else 0,
+                "gold_accuracy": judged_gold["accuracy"] if judged_gold else None,
+            }
+        )
+    return rows
+
+
+@role_required(Role.MANAGER)
+def project_judges(request: HttpRequest, project_id: int) -> HttpResponse:
+    project = project_get_for_user(user=request.user, pk=project_id, role=Role.MANAGER)
+    form = JudgeAttachForm(request.POST or None, user=request.user)
+    status_code = 200
+    if request.method == "POST" and form.is_valid():
+        try:
+            judge = judge_attach(
+                project=project,
+                reward_model=form.cleaned_data["reward_model"],
+                created_by=request.user,
+                max_judgments=form.cleaned_data["max_judgments"],
+            )
+        except ValidationError as error:
+            for field, field_messages in error.message_dict.items():
+                form.add_error(field if field in form.fields else None, field_messages)
+            status_code = 400
+        else:
+            messages.success(
+                request,
+                _("%(model)s now judges this project as %(account)s.")
+                % {"model": judge.reward_model.name, "account": judge.account.username},
+            )
+            return redirect("project-judges", project.pk)
+    context = {"project": project, "form": form, "rows": judges_table(project=project)}
+    return render(request, "training/project_judges.html", context, status=status_code)
+
+
+@role_required(Role.MANAGER)
+@require_POST
+def project_judge_action(request: HttpRequest, project_id: int, judge_id: int, action: str) -> HttpResponse:
+    """Switch a judge off or on, or run it again (it takes the tasks left to it)."""
+    project = project_get_for_user(user=request.user, pk=project_id, role=Role.MANAGER)
+    judge = get_object_or_404(Judge, pk=judge_id, project=project)
+    if action == "off":
+        Judge.objects.filter(pk=judge.pk).update(active=False)
+        messages.success(request, _("The judge was switched off: it takes no more tasks."))
+    elif action == "on":
+        Judge.objects.filter(pk=judge.pk).update(active=True)
+        judge_request(judge_id=judge.pk)
+        messages.success(request, _("The judge was switched on and asked to run."))
+    elif action == "run":
+        judge_request(judge_id=judge.pk)
+        messages.success(request, _("The judge was asked to run."))
+    else:
+        return HttpResponse(status=404)
+    return redirect("project-judges", project.pk)
+
+
+# --- API -------------------------------------------------------------------------------
+
+
+class JudgeRequestSerializer(serializers.Serializer):
+    reward_model = serializers.IntegerField(help_text="Id of a reward model trained on projects you manage.")
+    max_judgments = serializers.IntegerField(required=False, allow_null=True, default=None, min_value=1)
+
+
+class JudgeSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    kind = serializers.CharField()
+    reward_model = serializers.IntegerField()
+    account = serializers.CharField(help_text="The judge's labeler account (marked as a model).")
+    active = serializers.BooleanField()
+    max_judgments = serializers.IntegerField(allow_null=True)
+    judgments_made = serializers.IntegerField()
+    pairs_shared_with_humans = serializers.IntegerField()
+    agreement_with_humans = serializers.FloatField(allow_null=True)
+    gold_judged = serializers.IntegerField()
+    gold_accuracy = serializers.FloatField(allow_null=True)
+    last_error = serializers.CharField()
+
+
+def _judge_payload(row: dict[str, Any]) -> dict[str, Any]:
+    judge = row["judge"]
+    return {
+        "id": judge.pk,
+        "kind": judge.kind,
+        "reward_model": judge.reward_model_id,
+        "account": judge.account.username,
+        "active": judge.active,
+        "max_judgments": judge.max_judgments,
+        "judgments_made": judge.judgments_made,
+        "pairs_shared_with_humans": row["pairs_shared"],
+        "agreement_with_humans": row["agreement"],
+        "gold_judged": row["gold_judged"],
+        "gold_accuracy": row["gold_accuracy"],
+        "last_error": judge.last_error,
+    }
+
+
+@extend_schema(methods=["GET"], responses={200: JudgeSerializer(many=True)})
+@extend_schema(methods=["POST"], request=JudgeRequestSerializer, responses={201: JudgeSerializer})
+@api_view(["GET", "POST"])
+@permission_classes([IsAuthenticated])
+def project_judges_api(request: Request, project_id: int) -> Response:
+    """A project's model judges (GET), or attach a reward model as a judge (POST); managers of the project only."""
+    project = project_get_for_user(user=request.user, pk=project_id, role=Role.MANAGER)
+    if request.method == "POST":
+        given = JudgeRequestSerializer(data=request.data)
+        given.is_valid(raise_exception=True)
+        reward_model = (
+            reward_models_for_user(user=request.user).filter(pk=given.validated_data["reward_model"]).first()
+        )
+        if reward_model is None:
+            raise serializers.ValidationError(
+                {"reward_model": ["no such reward model among those trained on projects you manage"]}
+            )
+        judge = judge_attach(
+            project=project,
+            reward_model=reward_model,
+            created_by=request.user,
+            max_judgments=given.validated_data["max_judgments"],
+        )
+        row = next(row for row in judges_table(project=project) if row["judge"].pk == judge.pk)
+        return Response(JudgeSerializer(_judge_payload(row)).data, status=status.HTTP_201_CREATED)
+    return Response([JudgeSerializer(_judge_payload(row)).data for row in judges_table(project=project)])
