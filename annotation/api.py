@@ -207,6 +207,8 @@ def _judgment_lines(project: Project) -> Iterator[str]:
             "task": judgment.task_id,
             "prompt_id": judgment.task.prompt.external_id or None,
             "labeler": judgment.user.get_username(),
+            # "human", or "model" for a model judge's judgment (training.judges).
+            "source": judgment.source,
             "created_at": judgment.created_at.isoformat(),
             "is_gold": judgment.task.is_gold,
             "completions": [
