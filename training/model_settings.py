@@ -85,6 +85,8 @@ FLASH_ATTENTION_MODEL_TYPES = {
     "smollm3",
 }
 PACKABLE_ATTENTION = ("sdpa", "eager")
+# Written into the run's folder when training starts; the run page reads it.
+DEVICE_SETTINGS_FILENAME = "device_settings.json"
 QUANTIZATIONS = ("none", "4bit")
 
 

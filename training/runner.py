@@ -43,6 +43,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
+# What the run trained with on its device, written into output_dir when training starts.
+from training.model_settings import DEVICE_SETTINGS_FILENAME as DEVICE_SETTINGS_FILENAME
+
 if TYPE_CHECKING:
     from datasets import Dataset
     from peft import PeftConfig
@@ -71,8 +74,6 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 FINAL_DIRNAME = "final"
 RUN_INFO_FILENAME = "rankwise_run.json"
 TEST_REWARDS_FILENAME = "test_rewards.jsonl"
-# What the run trained with on its device (training.model_settings), written when training starts.
-DEVICE_SETTINGS_FILENAME = "device_settings.json"
 TRAINING_ARGS_FILENAME = "training_args.bin"
 CHECKPOINTS_KEPT = 2
 

@@ -293,6 +293,24 @@ def training_run_get_for_user(*, user: AnyUser, pk: Any) -> TrainingRun:
         raise Http404("No such training run.") from None
 
 
+def training_run_device_settings(*, run: TrainingRun) -> dict[str, Any]:
+    """What the run's process chose for its device (`training.model_settings`): the row's copy, else
+    the file the process wrote into the run's folder; {} before it started."""
+    import json
+
+    from training.model_settings import DEVICE_SETTINGS_FILENAME
+
+    if run.device_settings:
+        return dict(run.device_settings)
+    if not run.output_dir:
+        return {}
+    try:
+        recorded = json.loads((run.output_path / DEVICE_SETTINGS_FILENAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
 def training_run_eta_seconds(*, run: TrainingRun, now: datetime | None = None) -> float | None:
     """Seconds left, from the pace so far; None before the first step or once the run is over."""
     if run.status != TrainingRun.Status.RUNNING or not run.started_at or not run.step or not run.total_steps:

@@ -59,6 +59,7 @@ from training.selectors import (
     generation_jobs_for_user,
     scoring_job_status,
     scoring_jobs_for_session,
+    training_run_device_settings,
     training_run_eta_seconds,
     training_run_few_steps,
     training_run_final_dir,
@@ -345,6 +346,11 @@ def training_run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
             {"step": row.step, "values": [row.values.get(name) for name in columns]} for row in rows
         ],
         "eta_seconds": training_run_eta_seconds(run=run),
+        "device_settings": {
+            name: ", ".join(map(str, value)) if isinstance(value, list) else value
+            for name, value in training_run_device_settings(run=run).items()
+            if value not in (None, [], "")
+        },
         "files": RUN_FILES if run.status == TrainingRun.Status.SUCCEEDED else ("log.txt",),
     }
     return render(request, "training/run_detail.html", context)

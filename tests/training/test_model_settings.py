@@ -168,3 +168,41 @@ def test_a_run_records_its_device_settings_next_to_its_weights(
     assert info["device_settings"] == recorded
     adapter = json.loads((Path(result.final_dir) / "adapter_config.json").read_text())
     assert sorted(adapter["target_modules"]) == sorted(LLAMA_LIKE_MODULES)
+
+
+@pytest.mark.django_db
+def test_the_run_page_shows_the_settings_the_runs_process_chose(client, settings, tmp_path: Path) -> None:
+    from annotation.models import Project
+    from annotation.roles import Role
+    from tests.factories import user_with_roles
+    from tests.training.test_builds_support import make_manager
+    from training.model_settings import DEVICE_SETTINGS_FILENAME
+    from training.models import DatasetBuild, TrainingRun
+
+    # given a run whose process recorded bf16 and FlashAttention-2 in its folder
+    settings.ARTIFACTS_DIR = str(tmp_path)
+    manager = user_with_roles(Role.MANAGER, username="watcher")
+    project = Project.objects.create(name="p", k=2)
+    make_manager(project, manager)
+    build = DatasetBuild.objects.create(name="b", created_by=manager, status=DatasetBuild.Status.SUCCEEDED)
+    build.projects.add(project)
+    run = TrainingRun.objects.create(
+        name="r",
+        kind="dpo",
+        dataset_build=build,
+        base_model="m",
+        status="running",
+        output_dir="artifacts:runs/1",
+    )
+    chosen = device_settings(capabilities=H100, model_config=LLAMA, requested=SettingsRequest(trainer="trl"))
+    (tmp_path / "runs" / "1").mkdir(parents=True)
+    (tmp_path / "runs" / "1" / DEVICE_SETTINGS_FILENAME).write_text(json.dumps(chosen.to_dict()))
+
+    # when its manager opens the run page
+    client.force_login(manager)
+    page = client.get(f"/training/runs/{run.pk}/").content.decode()
+
+    # then the settings are listed with the run's own
+    assert 'data-device-setting="precision">bf16<' in page
+    assert 'data-device-setting="attn_implementation">flash_attention_2<' in page
+    assert "q_proj, k_proj, v_proj" in page
