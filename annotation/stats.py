@@ -64,6 +64,8 @@ class _JudgmentRow:
     active_seconds: float | None
     # Rank per position of the task's completions; None where the judgment gave none.
     ranks: list[int | None]
+    # "model" for a model judge's judgment (training.judges).
+    source: str = "human"
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,16 @@ def _project_data(*, project: Project) -> _ProjectData:
     for row in (
         _submitted_judgments(project=project)
         .order_by("id")
-        .values("id", "task_id", "user_id", "user__username", "ranks", "none_acceptable", "active_seconds")
+        .values(
+            "id",
+            "task_id",
+            "user_id",
+            "user__username",
+            "ranks",
+            "none_acceptable",
+            "active_seconds",
+            "source",
+        )
     ):
         task = tasks[row["task_id"]]
         given = row["ranks"] or {}
@@ -121,6 +132,7 @@ def _project_data(*, project: Project) -> _ProjectData:
                 none_acceptable=row["none_acceptable"],
                 active_seconds=row["active_seconds"],
                 ranks=[given.get(uid) for uid in task.uids],
+                source=row["source"],
             )
         )
     return _ProjectData(project=project, tasks=tasks, judgments=judgments)
@@ -414,6 +426,8 @@ def _labeler_table_from(
             {
                 "user_id": user_id,
                 "username": judgments[0].username,
+                # A model judge, listed like anyone (its gold accuracy and agreement are measured the same way).
+                "is_model": judgments[0].source == "model",
                 "judgments": len(judgments),
                 "median_active_seconds": _median(
                     [j.active_seconds for j in judgments if j.active_seconds is not None]

@@ -351,6 +351,7 @@ def test_labeler_table_lists_most_judgments_first_with_gold_and_agreement() -> N
     assert alice == {
         "user_id": users["alice"].pk,
         "username": "alice",
+        "is_model": False,
         "judgments": 2,
         "median_active_seconds": 20.0,
         "gold_judged": 0,
