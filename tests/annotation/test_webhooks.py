@@ -351,3 +351,34 @@ def _broker_at(url: str) -> Iterator[None]:
         yield
     finally:
         celery_app.conf.broker_url, celery_app._pool, celery_app.amqp._producer_pool = saved
+
+
+@pytest.mark.worker
+@pytest.mark.django_db(transaction=True)
+def test_a_delivery_whose_message_the_broker_lost_is_delivered_by_the_sweep(
+    celery_worker, make_project, receiver, settings
+):
+    # given a delivery handed to the broker long ago and never attempted: its
+    # message went with a Redis restart
+    project = make_project(tasks=1)
+    webhook = Webhook.objects.create(
+        project=project, url=receiver.url, secret=SECRET, events=["run.finished"]
+    )
+    long_ago = timezone.now() - timezone.timedelta(seconds=settings.WEBHOOK_SWEEP_GRACE_S + 60)
+    lost = WebhookDelivery.objects.create(
+        webhook=webhook,
+        event="run.finished",
+        payload={"event": "run.finished", "project": project.pk, "data": {"run": 1}},
+        next_attempt_at=long_ago,
+        published_at=long_ago,
+    )
+
+    # when the sweep runs (beat does every minute; a worker at its start)
+    assert webhook_deliveries_sweep() == [lost.pk]
+
+    # then the worker delivers it
+    _wait_for(
+        lambda: WebhookDelivery.objects.filter(delivered_at__isnull=False).exists(), "the swept delivery"
+    )
+    (request,) = receiver.requests
+    assert request.headers[DELIVERY_HEADER] == str(lost.uid)
