@@ -60,7 +60,53 @@ class RangeValidator:
         return hash((self.low, self.high, str(self.message), self.high_included))
 
 
-class DatasetBuild(models.Model):
+class Job(models.Model):
+    """What every background job's row holds for its lifecycle (training.services.jobs): the status,
+    when it started and finished, and why it failed. Dataset builds are jobs; GPU jobs add attempts.
+
+    Transitions are compare-and-set: queued → running → succeeded | failed |
+    cancelled. Each kind says how far it is as `progress`, a fraction from 0 to 1.
+    """
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", _("Queued")
+        RUNNING = "running", _("Running")
+        SUCCEEDED = "succeeded", _("Succeeded")
+        FAILED = "failed", _("Failed")
+        CANCELLED = "cancelled", _("Cancelled")
+
+    TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+    LIVE = (Status.QUEUED, Status.RUNNING)
+
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        abstract = True
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in self.TERMINAL
+
+
+class GpuJob(Job):
+    """A job whose attempts run as a process group on a GPU worker (training runs, generation and
+    scoring jobs): each claim is an attempt more, and every write after it is fenced by
+    (id, attempt, running); a live attempt heartbeats, and a cancel is asked for, then honoured."""
+
+    attempts = models.PositiveSmallIntegerField(default=0)
+    attempts_given_back = models.PositiveSmallIntegerField(default=0, help_text=ATTEMPTS_GIVEN_BACK_HELP)
+    cancel_requested = models.BooleanField(default=False)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    log_tail = models.TextField(blank=True)
+
+    class Meta:
+        abstract = True
+
+
+class DatasetBuild(Job):
     """A build of TRL-ready preference datasets from the comparisons of some projects.
 
     The options below are the build's whole input besides the database: the
@@ -69,13 +115,8 @@ class DatasetBuild(models.Model):
     documents every rule and the files it writes.
     """
 
-    class Status(models.TextChoices):
-        QUEUED = "queued", _("Queued")
-        RUNNING = "running", _("Running")
-        SUCCEEDED = "succeeded", _("Succeeded")
-        FAILED = "failed", _("Failed")
-
-    FINISHED_STATUSES = (Status.SUCCEEDED, Status.FAILED)
+    # The name the build pages and tests use for `TERMINAL` (a build is not cancelled today).
+    FINISHED_STATUSES = Job.TERMINAL
 
     class Aggregation(models.TextChoices):
         EVERY_VOTE = "every_vote", _("Every vote (one row per comparison)")
@@ -191,16 +232,12 @@ class DatasetBuild(models.Model):
     )
 
     # --- state and results ---------------------------------------------------
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
     progress = models.FloatField(default=0.0)
     # {"pairs": {"train": n, "test": m}, "grouped": {...}, ...}
     counts = models.JSONField(default=dict, blank=True)
     # What the dataset card reports: rows read and dropped, tie rate, agreement, margins.
     summary = models.JSONField(default=dict, blank=True)
-    error = models.TextField(blank=True)
     content_hash = models.CharField(max_length=64, blank=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -248,10 +285,10 @@ class DatasetBuild(models.Model):
 
     @property
     def is_finished(self) -> bool:
-        return self.status in self.FINISHED_STATUSES
+        return self.is_terminal
 
 
-class TrainingRun(models.Model):
+class TrainingRun(GpuJob):
     """A reward-model, DPO, SFT or RL run over a dataset build. This row is the source of truth for its state.
 
     Transitions are compare-and-set (see training.services): queued → running →
@@ -268,13 +305,6 @@ class TrainingRun(models.Model):
     # Kinds that register a Policy when they succeed.
     POLICY_KINDS = (Kind.DPO, Kind.SFT, Kind.RL)
 
-    class Status(models.TextChoices):
-        QUEUED = "queued", _("Queued")
-        RUNNING = "running", _("Running")
-        SUCCEEDED = "succeeded", _("Succeeded")
-        FAILED = "failed", _("Failed")
-        CANCELLED = "cancelled", _("Cancelled")
-
     class Peft(models.TextChoices):
         LORA = "lora", _("LoRA")
         IA3 = "ia3", _("IA3")
@@ -289,8 +319,6 @@ class TrainingRun(models.Model):
         FSDP = "fsdp", _("FSDP (parameters sharded across GPUs)")
         DEEPSPEED_ZERO2 = "deepspeed_zero2", _("DeepSpeed ZeRO-2 (optimizer state and gradients sharded)")
         DEEPSPEED_ZERO3 = "deepspeed_zero3", _("DeepSpeed ZeRO-3 (parameters sharded too)")
-
-    TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
 
     name = models.CharField(max_length=200)
     kind = models.CharField(max_length=16, choices=Kind.choices)
@@ -323,13 +351,6 @@ class TrainingRun(models.Model):
     )
     created_at = models.DateTimeField(auto_now_add=True)
 
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
-    attempts = models.PositiveSmallIntegerField(default=0)
-    attempts_given_back = models.PositiveSmallIntegerField(default=0, help_text=ATTEMPTS_GIVEN_BACK_HELP)
-    cancel_requested = models.BooleanField(default=False)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
     step = models.PositiveIntegerField(default=0)
     total_steps = models.PositiveIntegerField(default=0)
     metrics = models.JSONField(default=dict, blank=True, help_text=_("Final evaluation on the test split."))
@@ -342,8 +363,6 @@ class TrainingRun(models.Model):
             "gradient checkpointing, LoRA target modules, quantisation, packing."
         ),
     )
-    log_tail = models.TextField(blank=True)
-    error = models.TextField(blank=True)
     output_dir = models.CharField(max_length=500, blank=True)
     process_id = models.PositiveIntegerField(
         null=True, blank=True, help_text=_("Launcher process of the current attempt.")
@@ -443,34 +462,6 @@ class RewardModel(models.Model):
 
     def __str__(self) -> str:
         return self.name
-
-
-class GpuJob(models.Model):
-    """What every GPU job's row holds for its lifecycle (training.services, "GPU jobs"): the status,
-    attempts, cancel flag, heartbeat, times and outcome. Generation and scoring jobs extend it."""
-
-    class Status(models.TextChoices):
-        QUEUED = "queued", _("Queued")
-        RUNNING = "running", _("Running")
-        SUCCEEDED = "succeeded", _("Succeeded")
-        FAILED = "failed", _("Failed")
-        CANCELLED = "cancelled", _("Cancelled")
-
-    TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
-    LIVE = (Status.QUEUED, Status.RUNNING)
-
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
-    attempts = models.PositiveSmallIntegerField(default=0)
-    attempts_given_back = models.PositiveSmallIntegerField(default=0, help_text=ATTEMPTS_GIVEN_BACK_HELP)
-    cancel_requested = models.BooleanField(default=False)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-    error = models.TextField(blank=True)
-    log_tail = models.TextField(blank=True)
-
-    class Meta:
-        abstract = True
 
 
 class GenerationJob(GpuJob):
@@ -709,7 +700,9 @@ class Judge(models.Model):
     class Meta:
         ordering = ["-created_at", "-id"]
         constraints = [
-            models.UniqueConstraint(fields=["project", "reward_model"], name="judge_one_per_project_and_model")
+            models.UniqueConstraint(
+                fields=["project", "reward_model"], name="judge_one_per_project_and_model"
+            )
         ]
 
     def __str__(self) -> str:
