@@ -66,25 +66,29 @@ def generation_job_run(spec: GenerationSpec, work: dict[str, Any], channel: Chil
     """Generate what the listed prompts lack; returns "succeeded", "cancelled" or "stopped" (SIGTERM)."""
     from training.generation import (
         best_index,
-        policy_load,
+        generation_backend_load,
         prompt_format_resolve,
         prompt_seed,
         sample_seed,
-        samples_generate,
     )
     from training.prompts import completion_render, prompt_render, prompt_token_ids
 
     log = channel.log
     started = time.monotonic()
-    tokenizer, model = policy_load(spec.policy)
+    backend = generation_backend_load(spec.policy, backend=spec.backend)
+    tokenizer = backend.tokenizer
     prompt_format = prompt_format_resolve(spec.policy)
     scorer = None
     if spec.best_of_n is not None:
+        from training.generation import device_pick
         from training.scoring import reward_model_load
 
         scorer = reward_model_load(spec.best_of_n.reward_model_path)
-        scorer[1].to(next(model.parameters()).device)
-    log(f"job {spec.job_id} attempt {spec.attempt}: policy loaded in {time.monotonic() - started:.1f} s")
+        scorer[1].to(device_pick())
+    log(
+        f"job {spec.job_id} attempt {spec.attempt}: policy loaded in {time.monotonic() - started:.1f} s "
+        f"({backend.name} backend)"
+    )
 
     total, prompts = prompts_from_work(work)
     channel.emit("started", prompts_total=total, prompts_done=total - len(prompts))
@@ -114,9 +118,7 @@ def generation_job_run(spec: GenerationSpec, work: dict[str, Any], channel: Chil
             [sample_seed(prompt_seed=seed, index=i * per + j) for i in wanted for j in range(per)]
             for seed, wanted in zip(seeds, indices, strict=True)
         ]
-        samples = samples_generate(
-            tokenizer,
-            model,
+        samples = backend.generate(
             [ids for ids, _format in encoded],
             sample_seeds,
             temperature=spec.temperature,

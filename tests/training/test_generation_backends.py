@@ -126,3 +126,26 @@ def test_the_vllm_backend_writes_the_same_samples_in_batches_of_one_and_of_eight
     backend = generation_backend_load(PolicySpec(base_model=str(modern_model_dirs[family])), backend="vllm")
     prompt_ids, seeds = prompts_and_seeds(backend)
     assert batched(backend, prompt_ids, seeds, 1) == batched(backend, prompt_ids, seeds, 8)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_job_records_the_backend_its_worker_generated_with(
+    celery_worker: str, tiny_model_dir: Path
+) -> None:
+    from annotation.roles import Role
+    from tests.factories import user_with_roles
+    from tests.training.test_builds_support import make_manager
+    from tests.training.test_generation import SAMPLING as JOB_SAMPLING
+    from tests.training.test_generation import policy_of, project_of, wait_for
+    from training.models import GenerationJob
+    from training.services import generation_job_create
+
+    project = project_of(["What is 2 plus 3?", [{"role": "user", "content": "And 4 plus 4?"}]], k=2)
+    manager = make_manager(project, user_with_roles(Role.MANAGER, username="backend-manager"))
+    job = generation_job_create(
+        policy=policy_of(tiny_model_dir), project=project, n=2, seed=1, created_by=manager, **JOB_SAMPLING
+    )
+    job = wait_for(job, GenerationJob.TERMINAL)
+
+    assert job.status == GenerationJob.Status.SUCCEEDED, job.error + job.log_tail
+    assert job.backend == "hf"

@@ -169,8 +169,8 @@ def generation_job_claim(*, job_id: int, now: datetime | None = None) -> Generat
 
 
 def generation_job_spec(*, job: GenerationJob) -> Any:
-    """The GenerationSpec of the job's current attempt (what its process reads)."""
-    from training.generation import BestOfNSpec, GenerationSpec, PolicySpec
+    """The GenerationSpec of the job's current attempt (what its process reads), with this worker's backend."""
+    from training.generation import BestOfNSpec, GenerationSpec, PolicySpec, generation_backend_name
 
     policy = job.policy
     best_of_n = None
@@ -202,6 +202,7 @@ def generation_job_spec(*, job: GenerationJob) -> Any:
             prompt_format=policy_prompt_format(policy=policy),
         ),
         best_of_n=best_of_n,
+        backend=generation_backend_name(),
     )
 
 
@@ -228,6 +229,8 @@ def _generation_job_launch(*, job_id: int, lease: DeviceLease) -> None:
     except Exception as error:  # e.g. the best-of-n link or its reward model is gone
         generation_job_fail(job_id=job_id, error=f"{type(error).__name__}: {error}", attempt=attempt)
         return
+    # The worker's backend is the job's record of how this attempt samples.
+    GenerationJob.objects.filter(pk=job_id, attempts=attempt).update(backend=spec.backend)
     folder = generation_job_dir(job_id=job_id)
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / f"spec-attempt-{attempt}.json"
