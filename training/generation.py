@@ -66,6 +66,7 @@ GENERATION_BACKENDS = ("hf", "vllm")
 # Set on a worker (its generation processes inherit it) to choose how it samples.
 BACKEND_ENV = "RANKWISE_GENERATION_BACKEND"
 DEFAULT_BACKEND = "hf"
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def _seed_from(text: str) -> int:
@@ -449,7 +450,9 @@ class VLLMBackend:
             if not (adapter / ADAPTER_WEIGHTS_FILENAME).is_file():
                 raise FileNotFoundError(f"no {ADAPTER_WEIGHTS_FILENAME} in the adapter folder {adapter}")
             rank = _adapter_lora_rank(adapter)
-            lora = {"enable_lora": True, "max_lora_rank": max(8, rank), "max_loras": 1}
+            # vLLM takes a few rank ceilings only; the smallest that holds the adapter's rank.
+            ceiling = next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
+            lora = {"enable_lora": True, "max_lora_rank": ceiling, "max_loras": 1}
             self.lora_request = LoRARequest("policy", 1, str(adapter))
         self.llm = LLM(
             model=base,
