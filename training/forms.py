@@ -341,6 +341,16 @@ class PolicyRegisterForm(forms.Form):
     adapter = forms.CharField(
         max_length=500, required=False, label=_("Adapter"), help_text=_("Optional: a PEFT adapter folder.")
     )
+    prompt_format = forms.ChoiceField(
+        label=_("Prompt format"),
+        choices=[
+            ("auto", _("Automatic: chat prompts through the model's chat template, others as text")),
+            ("chat", _("Chat: every prompt through the chat template")),
+            ("text", _("Plain text")),
+        ],
+        initial="auto",
+        help_text=_("How the policy reads prompts when it generates."),
+    )
 
 
 class GenerationJobNewForm(forms.Form):

@@ -166,8 +166,11 @@ def _stored(value: str) -> str:
     return value
 
 
+PROMPT_FORMATS = ("auto", "chat", "text")
+
+
 @transaction.atomic
-def policy_register(*, name: str, base_model: str, adapter: str = "") -> Policy:
+def policy_register(*, name: str, base_model: str, adapter: str = "", prompt_format: str = "auto") -> Policy:
     """A model policy, once its base model (and adapter) would load; raises ValidationError by field.
 
     A blank name takes the folder's (or hub id's) last part. Paths under the
@@ -179,6 +182,10 @@ def policy_register(*, name: str, base_model: str, adapter: str = "") -> Policy:
     if problems := policy_adapter_problems(adapter):
         errors["adapter"] = problems
     name = name.strip() or (adapter.strip() or base_model.strip()).rstrip("/").split("/")[-1].split(":")[-1]
+    if prompt_format not in PROMPT_FORMATS:
+        errors["prompt_format"] = [
+            _("The prompt format is one of: %(formats)s.") % {"formats": ", ".join(PROMPT_FORMATS)}
+        ]
     if Policy.objects.filter(name=name).exists():
         errors["name"] = [_("A policy named “%(name)s” already exists.") % {"name": name}]
     if errors:
@@ -190,6 +197,8 @@ def policy_register(*, name: str, base_model: str, adapter: str = "") -> Policy:
                 kind=Policy.Kind.MODEL,
                 base_model=_stored(base_model),
                 adapter=_stored(adapter),
+                # An explicit format wins over "auto" (training.services.policy_prompt_format).
+                generation_settings={} if prompt_format == "auto" else {"prompt_format": prompt_format},
             )
     except IntegrityError:
         raise ValidationError(

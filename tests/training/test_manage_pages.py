@@ -41,12 +41,25 @@ def test_a_folder_with_config_and_tokenizer_is_registered_as_a_model_policy(tmp_
     manager = user_with_roles(Role.MANAGER, username="maria")
     folder = saved_model(tmp_path / "my-sft")
     response = _post(
-        _signed_in(manager), "/policies/", {"name": "", "base_model": str(folder), "adapter": ""}
+        _signed_in(manager),
+        "/policies/",
+        {"name": "", "base_model": str(folder), "adapter": "", "prompt_format": "auto"},
     )
 
     assert response.status_code == 302
     policy = Policy.objects.get(name="my-sft")
     assert policy.kind == Policy.Kind.MODEL and policy.base_model == str(folder.resolve())
+    assert policy.generation_settings == {}
+
+
+def test_a_prompt_format_chosen_at_registration_is_the_policys(tmp_path):
+    from training.services import policy_prompt_format
+
+    manager = user_with_roles(Role.MANAGER, username="maria")
+    folder = saved_model(tmp_path / "chat-sft")
+    data = {"name": "", "base_model": str(folder), "adapter": "", "prompt_format": "chat"}
+    assert _post(_signed_in(manager), "/policies/", data).status_code == 302
+    assert policy_prompt_format(policy=Policy.objects.get(name="chat-sft")) == "chat"
 
 
 @pytest.mark.parametrize(
@@ -62,7 +75,9 @@ def test_a_folder_that_would_not_load_is_refused_saying_what_is_wrong(tmp_path, 
     manager = user_with_roles(Role.MANAGER, username="maria")
     folder = make(tmp_path)
     response = _post(
-        _signed_in(manager), "/policies/", {"name": "x", "base_model": str(folder), "adapter": ""}
+        _signed_in(manager),
+        "/policies/",
+        {"name": "x", "base_model": str(folder), "adapter": "", "prompt_format": "auto"},
     )
 
     assert response.status_code == 400
@@ -75,14 +90,18 @@ def test_a_hub_id_missing_from_the_cache_is_refused_offline(tmp_path, monkeypatc
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     manager = user_with_roles(Role.MANAGER, username="maria")
     response = _post(
-        _signed_in(manager), "/policies/", {"name": "", "base_model": "org/model", "adapter": ""}
+        _signed_in(manager),
+        "/policies/",
+        {"name": "", "base_model": "org/model", "adapter": "", "prompt_format": "auto"},
     )
     assert response.status_code == 400
     assert "is not in this server&#x27;s Hugging Face cache" in response.content.decode()
 
     saved_model(tmp_path / "hub" / "models--org--model" / "snapshots" / "abc123")
     response = _post(
-        _signed_in(manager), "/policies/", {"name": "", "base_model": "org/model", "adapter": ""}
+        _signed_in(manager),
+        "/policies/",
+        {"name": "", "base_model": "org/model", "adapter": "", "prompt_format": "auto"},
     )
     assert response.status_code == 302
     assert Policy.objects.get(name="model").base_model == "org/model"
