@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from datetime import datetime, time, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -22,7 +22,7 @@ from django.utils.translation import gettext_lazy as _
 from annotation.models import Comparison, Judgment, Membership, Project
 from annotation.roles import Role
 from annotation.selectors import projects_for_user
-from training.models import DatasetBuild, GenerationJob, RewardModel, ScoringJob, TrainingRun
+from training.models import DatasetBuild, GenerationJob, Job, RewardModel, ScoringJob, TrainingRun
 
 AnyUser = AbstractBaseUser | AnonymousUser
 
@@ -139,19 +139,6 @@ def dataset_build_files(*, build: DatasetBuild) -> list[dict[str, Any]]:
         if path.is_file():
             files.append({"key": key, "size": path.stat().st_size})
     return files
-
-
-def dataset_build_status(*, build: DatasetBuild) -> dict[str, Any]:
-    """The small JSON the detail page polls."""
-    return {
-        "id": build.pk,
-        "status": build.status,
-        "progress": round(build.progress, 4),
-        "finished": build.is_finished,
-        "counts": build.counts,
-        "content_hash": build.content_hash,
-        "error": build.error,
-    }
 
 
 def dataset_build_options(*, build: DatasetBuild) -> dict[str, Any]:
@@ -396,25 +383,6 @@ def scoring_jobs_for_session(*, project: Project) -> QuerySet[ScoringJob]:
     return ScoringJob.objects.filter(project=project).select_related("reward_model", "created_by")
 
 
-def scoring_job_status(*, job: ScoringJob | None) -> dict[str, Any]:
-    """What the scoring page polls; the keys are the run page's, so its script (static/js/run.js) serves both."""
-    if job is None:
-        return {"status": "", "terminal": True}
-    return {
-        "id": job.pk,
-        "status": job.status,
-        "status_display": job.get_status_display(),
-        "step": job.completions_done,
-        "total_steps": job.completions_total,
-        "progress": round(job.progress, 4),
-        "eta_seconds": None,
-        "attempts": job.attempts,
-        "error": job.error,
-        "log_tail": job.log_tail,
-        "terminal": job.status in ScoringJob.TERMINAL,
-    }
-
-
 def generation_jobs_for_user(*, user: AnyUser) -> QuerySet[GenerationJob]:
     """Generation jobs on the projects the user manages, newest first."""
     managed = projects_for_user(user=user, role=Role.MANAGER)
@@ -429,19 +397,76 @@ def generation_job_get_for_user(*, user: AnyUser, pk: Any) -> GenerationJob:
         raise Http404("No such generation job.") from None
 
 
-def generation_job_status(*, job: GenerationJob) -> dict[str, Any]:
-    """What a generation job's page polls; the keys are the run page's, so static/js/run.js serves both."""
-    return {
-        "id": job.pk,
-        "status": job.status,
-        "status_display": job.get_status_display(),
-        "step": job.prompts_done,
-        "total_steps": job.prompts_total,
-        "progress": round(job.progress, 4),
-        "eta_seconds": None,
-        "attempts": job.attempts,
-        "error": job.error,
-        "log_tail": job.log_tail,
-        "terminal": job.status in GenerationJob.TERMINAL,
-        "completions_written": job.completions_written,
-    }
+class JobStatusPayload(TypedDict):
+    """What every job's status endpoint answers (static/js/job.js polls it on the job's page)."""
+
+    id: int | None
+    kind: str
+    status: str
+    status_display: str
+    terminal: bool
+    progress: float
+    step: int | None
+    total_steps: int | None
+    eta_seconds: float | None
+    attempts: int | None
+    error: str
+    log_tail: str
+    details: dict[str, Any]
+
+
+def job_status_payload(job: Job | None) -> JobStatusPayload:
+    """A job's state in the one shape every kind shares: a dataset build, a training run, a
+    generation or a scoring job.
+
+    `step` and `total_steps` count what the kind counts (training steps, prompts,
+    completions scored; none for a build); `details` holds what only the kind
+    has. None (no job yet) reads as a terminal job without a status: a page has
+    nothing to poll.
+    """
+    payload = JobStatusPayload(
+        id=None,
+        kind="",
+        status="",
+        status_display="",
+        terminal=True,
+        progress=0.0,
+        step=None,
+        total_steps=None,
+        eta_seconds=None,
+        attempts=None,
+        error="",
+        log_tail="",
+        details={},
+    )
+    if job is None:
+        return payload
+    payload.update(
+        id=job.pk,
+        status=job.status,
+        status_display=str(job.get_status_display()),  # type: ignore[attr-defined]
+        terminal=job.is_terminal,
+        progress=round(float(job.progress), 4),  # type: ignore[attr-defined]
+        error=job.error,
+        attempts=getattr(job, "attempts", None),
+        log_tail=getattr(job, "log_tail", ""),
+    )
+    if isinstance(job, DatasetBuild):
+        payload.update(kind="dataset_build", details={"counts": job.counts, "content_hash": job.content_hash})
+    elif isinstance(job, TrainingRun):
+        payload.update(
+            kind="training_run",
+            step=job.step,
+            total_steps=job.total_steps,
+            eta_seconds=training_run_eta_seconds(run=job),
+        )
+    elif isinstance(job, GenerationJob):
+        payload.update(
+            kind="generation_job",
+            step=job.prompts_done,
+            total_steps=job.prompts_total,
+            details={"completions_written": job.completions_written},
+        )
+    elif isinstance(job, ScoringJob):
+        payload.update(kind="scoring_job", step=job.completions_done, total_steps=job.completions_total)
+    return payload

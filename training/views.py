@@ -51,13 +51,11 @@ from training.selectors import (
     dataset_build_file_path,
     dataset_build_files,
     dataset_build_get_for_user,
-    dataset_build_status,
     dataset_builds_for_user,
     generation_job_get_for_user,
-    generation_job_status,
     generation_jobs_for_project,
     generation_jobs_for_user,
-    scoring_job_status,
+    job_status_payload,
     scoring_jobs_for_session,
     training_run_device_settings,
     training_run_eta_seconds,
@@ -132,8 +130,6 @@ def dataset_build_detail(request: HttpRequest, build_id: int) -> HttpResponse:
         "rows_chart": rows_chart,
         "splits": BUILD_SPLITS,
         "files": dataset_build_files(build=build),
-        # For the page script, which shows the status in the person's language.
-        "status_labels": {value: str(label) for value, label in DatasetBuild.Status.choices},
     }
     return render(request, "training/dataset_build_detail.html", context)
 
@@ -160,7 +156,7 @@ def _option_rows(build: DatasetBuild) -> list[tuple[str, str]]:
 def dataset_build_status_view(request: HttpRequest, build_id: int) -> JsonResponse:
     """What the detail page's script polls while the build runs."""
     build = dataset_build_get_for_user(user=request.user, pk=build_id)
-    return JsonResponse(dataset_build_status(build=build))
+    return JsonResponse(job_status_payload(build))
 
 
 @login_required
@@ -393,20 +389,7 @@ def training_run_curves_view(request: HttpRequest, run_id: int) -> JsonResponse:
 @login_required
 def training_run_status_view(request: HttpRequest, run_id: int) -> JsonResponse:
     run = training_run_get_for_user(user=request.user, pk=run_id)
-    return JsonResponse(
-        {
-            "status": run.status,
-            "status_display": run.get_status_display(),
-            "step": run.step,
-            "total_steps": run.total_steps,
-            "progress": run.progress,
-            "eta_seconds": training_run_eta_seconds(run=run),
-            "attempts": run.attempts,
-            "error": run.error,
-            "log_tail": run.log_tail,
-            "terminal": run.status in TrainingRun.TERMINAL,
-        }
-    )
+    return JsonResponse(job_status_payload(run))
 
 
 @require_POST
@@ -621,7 +604,7 @@ def ab_session_scoring(request: HttpRequest, project_id: int) -> HttpResponse:
 def ab_session_scoring_status(request: HttpRequest, project_id: int) -> JsonResponse:
     """The newest scoring job of the project, for the scoring page's script."""
     project = project_get_for_user(user=request.user, pk=project_id, role=Role.MANAGER)
-    return JsonResponse(scoring_job_status(job=scoring_jobs_for_session(project=project).first()))
+    return JsonResponse(job_status_payload(scoring_jobs_for_session(project=project).first()))
 
 
 @require_GET
@@ -709,7 +692,7 @@ def generation_job_list(request: HttpRequest) -> HttpResponse:
 @require_GET
 @role_required(Role.MANAGER)
 def generation_job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
-    """One generation job with live progress (static/js/run.js polls its status)."""
+    """One generation job with live progress (static/js/job.js polls its status)."""
     job = generation_job_get_for_user(user=request.user, pk=job_id)
     return render(request, "training/generation_job_detail.html", {"job": job})
 
@@ -718,7 +701,7 @@ def generation_job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
 @role_required(Role.MANAGER)
 def generation_job_status_view(request: HttpRequest, job_id: int) -> JsonResponse:
     job = generation_job_get_for_user(user=request.user, pk=job_id)
-    return JsonResponse(generation_job_status(job=job))
+    return JsonResponse(job_status_payload(job))
 
 
 @require_POST

@@ -66,7 +66,7 @@ def start_run(page, live_server, build: DatasetBuild, kind: str, model: Path, **
     page.wait_for_url(f"{live_server.url}/training/runs/*/")
     run = TrainingRun.objects.get(kind=kind)
     # the run page polls its status and reloads itself once the run has ended
-    page.wait_for_selector("[data-run-terminal=true]", timeout=JOB_WAIT_MS)
+    page.wait_for_selector("[data-job-terminal=true]", timeout=JOB_WAIT_MS)
     run.refresh_from_db()
     assert run.status == TrainingRun.Status.SUCCEEDED, run.error or run.log_tail
     return run
@@ -120,7 +120,7 @@ def test_the_demo_loop_runs_through_the_pages_and_ends_on_the_results_reached_fr
     page.fill("#id_n", "2")
     page.fill("#id_max_new_tokens", "8")
     page.click("#generation-new button[type=submit]")
-    page.wait_for_selector("#job-status[data-run-terminal=true]", timeout=JOB_WAIT_MS)
+    page.wait_for_selector("#job-status[data-job-terminal=true]", timeout=JOB_WAIT_MS)
     job = GenerationJob.objects.get()
     assert job.status == GenerationJob.Status.SUCCEEDED, job.error or job.log_tail
     tasks = project.tasks.count()
@@ -153,7 +153,7 @@ def test_the_demo_loop_runs_through_the_pages_and_ends_on_the_results_reached_fr
     page.click("main button[type=submit]")
     page.wait_for_url(f"{live_server.url}/datasets/*/")
     # the build page polls its status and reloads itself once the build has ended
-    page.wait_for_selector("[data-build-finished=true]", timeout=JOB_WAIT_MS)
+    page.wait_for_selector("[data-job-terminal=true]", timeout=JOB_WAIT_MS)
     build = DatasetBuild.objects.get()
     assert build.status == DatasetBuild.Status.SUCCEEDED, build.error
 

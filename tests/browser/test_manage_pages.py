@@ -161,16 +161,16 @@ def test_a_generation_jobs_page_shows_its_progress_live_and_ends_on_its_outcome(
     page.goto(f"{live_server.url}/manage/")
     page.click("#manage-links >> text=Generation jobs")
     page.click(f"a[href='/generation/{job.pk}/']")
-    assert page.inner_text("[data-run-steps]") == "0 / 8"
+    assert page.inner_text("[data-job-steps]") == "0 / 8"
 
     # then progress written by the worker shows without a reload
     GenerationJob.objects.filter(pk=job.pk).update(status="running", prompts_done=3)
-    page.locator("[data-run-steps]", has_text="3 / 8").wait_for()
-    assert page.inner_text("[data-run-status]") == "Running"
+    page.locator("[data-job-steps]", has_text="3 / 8").wait_for()
+    assert page.inner_text("[data-job-status]") == "Running"
 
     # and when it succeeds the page shows the outcome
     GenerationJob.objects.filter(pk=job.pk).update(status="succeeded", prompts_done=8, completions_written=16)
-    page.wait_for_selector("#job-status[data-run-terminal=true]")
+    page.wait_for_selector("#job-status[data-job-terminal=true]")
     assert "Succeeded" in page.inner_text("#job-status")
     assert watch.errors == []
 

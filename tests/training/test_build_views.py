@@ -289,10 +289,10 @@ def test_the_list_and_detail_pages_show_the_build_its_progress_and_files(
     detail = client.get(f"/datasets/{build.pk}/").content.decode()
 
     assert "colours v1" in listing and 'href="/datasets/new"' in listing
-    assert f'data-build-status-url="/datasets/{build.pk}/status"' in detail
-    assert 'data-build-finished="true"' in detail and "<progress" in detail
+    assert f'data-job-status-url="/datasets/{build.pk}/status"' in detail
+    assert 'data-job-terminal="true"' in detail and "<progress" in detail
     assert f"/datasets/{build.pk}/files/pairs-train.jsonl" in detail and build.content_hash in detail
-    assert '<script src="/static/js/build.js" defer></script>' in detail
+    assert '<script src="/static/js/job.js" defer></script>' in detail
     assert "<script>" not in detail and "onclick" not in detail
     assert 'href="/datasets/"' in detail  # the Datasets navigation entry
 
@@ -304,12 +304,18 @@ def test_the_status_endpoint_answers_with_the_rows_state(
 
     assert state == {
         "id": build.pk,
+        "kind": "dataset_build",
         "status": "succeeded",
+        "status_display": "Succeeded",
+        "terminal": True,
         "progress": 1.0,
-        "finished": True,
-        "counts": build.counts,
-        "content_hash": build.content_hash,
+        "step": None,
+        "total_steps": None,
+        "eta_seconds": None,
+        "attempts": None,
         "error": "",
+        "log_tail": "",
+        "details": {"counts": build.counts, "content_hash": build.content_hash},
     }
 
 
