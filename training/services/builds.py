@@ -27,8 +27,8 @@ from training.models import DatasetBuild
 from training.selectors import BUILD_OPTION_FIELDS, dataset_build_dir
 from training.services.jobs import (
     DATASET_BUILD_TASK,
-    ERROR_MAX_CHARS,
     broker_check,
+    job_fail,
     task_publish,
     validation_errors,
 )
@@ -156,15 +156,7 @@ def dataset_build_fail(
     *, build_id: int, error: str, from_statuses: tuple[str, ...] = ("running", "queued")
 ) -> bool:
     """Mark a build failed with the error (compare-and-set from the given statuses); False if it was not in one."""
-    for status in from_statuses:
-        with transaction.atomic():
-            changed = DatasetBuild.objects.filter(pk=build_id, status=status).update(
-                status=DatasetBuild.Status.FAILED, error=error[-ERROR_MAX_CHARS:], finished_at=timezone.now()
-            )
-            if changed == 1:
-                job_ended(DatasetBuild, job_id=build_id)
-                return True
-    return False
+    return job_fail(DatasetBuild, job_id=build_id, error=error, from_statuses=from_statuses)
 
 
 def dataset_build_run(*, build_id: int) -> DatasetBuild | None:

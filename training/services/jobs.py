@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from config.celery import app as celery_app
 from training.job_events import job_ended
-from training.models import GpuJob, TrainingRun
+from training.models import GpuJob, Job
 
 ERROR_MAX_CHARS = 10_000
 
@@ -90,7 +90,8 @@ def task_publish(task: JobTask, row_id: int, *, fail: Callable[[str], object]) -
 # SIGTERM: the task's soft time limit, a worker shutting down) is given back
 # in `attempts_given_back`; the cap, TRAINING_MAX_ATTEMPTS, counts the rest.
 
-JobModel = type[GpuJob] | type[TrainingRun]
+# A kind whose attempts run on a GPU worker (TrainingRun, GenerationJob, ScoringJob).
+JobModel = type[GpuJob]
 
 
 def _attempts_left() -> Q:
@@ -98,19 +99,22 @@ def _attempts_left() -> Q:
     return Q(attempts__lt=F("attempts_given_back") + settings.TRAINING_MAX_ATTEMPTS)
 
 
-def job_has_attempts_left(job: GpuJob | TrainingRun) -> bool:
+def job_has_attempts_left(job: GpuJob) -> bool:
     return job.attempts - job.attempts_given_back < settings.TRAINING_MAX_ATTEMPTS
 
 
 def job_fail(
-    model: JobModel,
+    model: type[Job],
     *,
     job_id: int,
     error: str,
     from_statuses: tuple[str, ...] = ("queued", "running"),
     attempt: int | None = None,
 ) -> bool:
-    """Fail the job (compare-and-set from the given statuses, and this attempt if given), keeping the reason."""
+    """Fail the job (compare-and-set from the given statuses, and this attempt if given), keeping the reason.
+
+    Any kind of job, dataset builds included (they have no attempts: give none).
+    """
     rows = model.objects.filter(pk=job_id, status__in=from_statuses)
     if attempt is not None:
         rows = rows.filter(attempts=attempt)
