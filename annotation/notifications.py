@@ -17,7 +17,7 @@ from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_GET, require_POST
 
 from annotation.models import Membership, Notice
 from annotation.roles import Role
@@ -96,6 +96,7 @@ def notice_list(request: HttpRequest) -> HttpResponse:
     return render(request, "annotation/notices.html", {"notices": notices})
 
 
+@require_GET
 @login_required
 def notice_open(request: HttpRequest, notice_id: int) -> HttpResponse:
     """Mark the notice read and go to the job's page (the list when it has none)."""
@@ -107,8 +108,8 @@ def notice_open(request: HttpRequest, notice_id: int) -> HttpResponse:
     return HttpResponseRedirect(target)
 
 
-@login_required
 @require_POST
+@login_required
 def notices_read(request: HttpRequest) -> HttpResponse:
     """Mark every notice of the person as read."""
     notices_mark_read(user=request.user)

@@ -61,8 +61,8 @@ def project_webhooks(request: HttpRequest, project_id: int) -> HttpResponse:
     )
 
 
-@role_required(Role.MANAGER)
 @require_POST
+@role_required(Role.MANAGER)
 def project_webhook_toggle(request: HttpRequest, project_id: int, webhook_id: int) -> HttpResponse:
     """Switch a webhook of the project on or off (404 for another project's)."""
     project = project_get_for_user(user=request.user, pk=project_id, role=Role.MANAGER)
