@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -12,7 +14,15 @@ from annotation.models import Policy
 from annotation.roles import Role
 from config.storage import storage_path_resolve
 from tests.factories import user_with_roles
-from tests.training.test_builds_support import judge, make_manager, project_with_prompts, run_build, tasks_of
+from tests.training.test_builds_support import (
+    build_folder,
+    judge,
+    make_manager,
+    project_with_prompts,
+    read_rows,
+    run_build,
+    tasks_of,
+)
 from tests.training.test_runs import RUN_TIMEOUT_S, TINY, create, wait_for, worker_test
 from training.demo.task import completion_canonical, demo_problems
 from training.demo.truth import prompt_answer, true_scorer
@@ -394,3 +404,66 @@ def test_a_prompts_reference_answer_is_also_an_sft_row():
         for line in (dataset_build_dir(build_id=built.pk) / "sft" / "train.jsonl").read_text().splitlines()
     ]
     assert [row["completion"] for row in rows] == ["Lyon.", "Paris."]
+
+
+@pytest.mark.django_db
+def test_sft_and_preference_rows_share_prompts_unless_the_build_keeps_them_apart():
+    # given 24 distinct prompts, each ranked once
+    problems = demo_problems(count=24, seed=9)
+    answers = [
+        [completion_canonical(p), completion_canonical(p, answer=p.answer + 2), "No idea."] for p in problems
+    ]
+    project = project_with_prompts([p.prompt for p in problems], name="apart", k=3, answers=answers)
+    person = user_with_roles(Role.LABELER, username="apart-judge")
+    for task in tasks_of(project):
+        judge(task, person, [1, 2, 3])
+    manager = user_with_roles(Role.MANAGER, username="apart-manager")
+
+    def prompts_of(built: DatasetBuild, output: str) -> set[str]:
+        return {row["prompt"] for row in read_rows(built, output, "train")}
+
+    # when built with the default, and with SFT and preference prompts kept apart
+    together = run_build(created_by=manager, projects=[project], test_fraction=0.0)
+    apart = run_build(created_by=manager, projects=[project], test_fraction=0.0, sft_in_preferences=False)
+
+    # then by default every prompt gives both kinds of rows
+    assert prompts_of(together, "sft") == prompts_of(together, "pairs") == prompts_of(together, "grouped")
+    assert len(prompts_of(together, "sft")) == 24
+    # and kept apart, each prompt gives one kind only, about half and half
+    sft, pairs = prompts_of(apart, "sft"), prompts_of(apart, "pairs")
+    assert not sft & pairs
+    assert not sft & prompts_of(apart, "grouped")
+    assert sft | pairs == prompts_of(together, "sft")
+    assert 4 <= len(sft) <= 20
+    # and each card says which
+    assert "| sft_in_preferences | true |" in (build_folder(together) / "README.md").read_text().lower()
+    assert "| sft_in_preferences | false |" in (build_folder(apart) / "README.md").read_text().lower()
+
+
+@worker_test
+def test_kill_9_of_an_rl_run_is_retried_and_resumes_from_its_checkpoint(
+    celery_worker, build, tiny_model_dir, reward_model
+):
+    # given an RL run past its first checkpoint (step 2)
+    run = create(
+        build,
+        tiny_model_dir,
+        kind="rl",
+        against_reward_model=reward_model,
+        hyperparameters={**RL_TINY, "max_steps": 12, "rl_watch_steps": 1000},
+    )
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while (run.step < 3 or not run.process_id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        run.refresh_from_db()
+    assert run.status == TrainingRun.Status.RUNNING and run.step < 12, (run.status, run.step)
+
+    # when its whole process group is killed
+    os.killpg(run.process_id, signal.SIGKILL)
+
+    # then the next attempt resumes from the checkpoint and finishes, registering one policy
+    run = wait_for(run, TrainingRun.TERMINAL)
+    assert run.status == TrainingRun.Status.SUCCEEDED, run.error + run.log_tail
+    assert run.attempts == 2
+    assert "resuming from checkpoint checkpoint-" in run.log_tail
+    assert Policy.objects.filter(training_runs=run).count() == 1
