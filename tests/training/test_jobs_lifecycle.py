@@ -239,6 +239,34 @@ def test_a_cancel_asked_for_before_a_requeue_wins(job: Any, django_capture_on_co
     assert row(job).status == "cancelled" and published == []
 
 
+# --- a kind without attempts: dataset builds ---------------------------------------------------
+
+
+def test_a_build_is_started_once_and_succeeds_only_while_it_runs() -> None:
+    build = DatasetBuild.objects.create(name="b")
+
+    # two deliveries start it once
+    assert jobs.job_start(DatasetBuild, job_id=build.pk, progress=0.0)
+    assert not jobs.job_start(DatasetBuild, job_id=build.pk, progress=0.0)
+    assert row(build).status == "running" and row(build).started_at is not None
+
+    # a build failed meanwhile (a reaper, an admin) is not succeeded by its late worker
+    assert services.dataset_build_fail(build_id=build.pk, error="reaped")
+    assert not jobs.job_succeed(DatasetBuild, job_id=build.pk, progress=1.0)
+    assert (row(build).status, row(build).error, row(build).progress) == ("failed", "reaped", 0.0)
+
+
+def test_a_running_build_succeeds_with_its_results() -> None:
+    build = DatasetBuild.objects.create(name="b")
+    jobs.job_start(DatasetBuild, job_id=build.pk, progress=0.0)
+
+    assert jobs.job_succeed(DatasetBuild, job_id=build.pk, progress=1.0, content_hash="abc")
+
+    done = row(build)
+    assert (done.status, done.progress, done.content_hash) == ("succeeded", 1.0, "abc")
+    assert done.finished_at is not None and done.is_terminal
+
+
 # --- the reaper ---------------------------------------------------------------------------------
 
 

@@ -22,13 +22,14 @@ from annotation.models import Project
 from annotation.roles import Role
 from annotation.selectors import projects_for_user
 from annotation.services import labeler_reliability_record
-from training.job_events import job_ended
 from training.models import DatasetBuild
 from training.selectors import BUILD_OPTION_FIELDS, dataset_build_dir
 from training.services.jobs import (
     DATASET_BUILD_TASK,
     broker_check,
     job_fail,
+    job_start,
+    job_succeed,
     task_publish,
     validation_errors,
 )
@@ -169,10 +170,7 @@ def dataset_build_run(*, build_id: int) -> DatasetBuild | None:
        any error, running → failed with the error text. No folder is left by
        a failed build.
     """
-    started = DatasetBuild.objects.filter(pk=build_id, status=DatasetBuild.Status.QUEUED).update(
-        status=DatasetBuild.Status.RUNNING, started_at=timezone.now(), progress=0.0, error=""
-    )
-    if started != 1:
+    if not job_start(DatasetBuild, job_id=build_id, progress=0.0):
         logger.info("dataset build %s is not queued; nothing to do", build_id)
         return None
     build = DatasetBuild.objects.get(pk=build_id)
@@ -189,18 +187,15 @@ def dataset_build_run(*, build_id: int) -> DatasetBuild | None:
         dataset_build_fail(build_id=build_id, error=f"{detail}\n\n{traceback.format_exc()}")
         build.refresh_from_db()
         return build
-    with transaction.atomic():
-        finished = DatasetBuild.objects.filter(pk=build_id, status=DatasetBuild.Status.RUNNING).update(
-            status=DatasetBuild.Status.SUCCEEDED,
-            progress=1.0,
-            counts=result.counts,
-            summary=result.summary,
-            content_hash=result.content_hash,
-            finished_at=timezone.now(),
-        )
-        if finished == 1:
-            job_ended(DatasetBuild, job_id=build_id)
-    if finished != 1:
+    finished = job_succeed(
+        DatasetBuild,
+        job_id=build_id,
+        progress=1.0,
+        counts=result.counts,
+        summary=result.summary,
+        content_hash=result.content_hash,
+    )
+    if not finished:
         # Someone marked it failed meanwhile (a reaper, an admin): the row wins; drop the files.
         shutil.rmtree(dataset_build_dir(build_id=build_id), ignore_errors=True)
     elif (result.summary.get("dawid_skene") or {}).get("labelers"):

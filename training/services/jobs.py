@@ -127,6 +127,32 @@ def job_fail(
     return changed == 1
 
 
+def job_start(model: type[Job], *, job_id: int, **fields: Any) -> bool:
+    """queued → running by compare-and-set, for a kind without attempts (a dataset build), with `fields`.
+
+    False if the job was not queued: a second delivery of its task, or a job
+    started elsewhere, changes nothing.
+    """
+    started = model.objects.filter(pk=job_id, status=model.Status.QUEUED).update(
+        status=model.Status.RUNNING, started_at=timezone.now(), error="", **fields
+    )
+    return started == 1
+
+
+def job_succeed(model: type[Job], *, job_id: int, **fields: Any) -> bool:
+    """running → succeeded by compare-and-set, with the job's results in `fields`; its end is announced.
+
+    False if the job no longer runs (a reaper or an admin failed it meanwhile): the row wins.
+    """
+    with transaction.atomic():
+        finished = model.objects.filter(pk=job_id, status=model.Status.RUNNING).update(
+            status=model.Status.SUCCEEDED, finished_at=timezone.now(), **fields
+        )
+        if finished == 1:
+            job_ended(model, job_id=job_id)
+    return finished == 1
+
+
 def job_claim(model: JobModel, *, job_id: int, now: datetime | None = None) -> Any:
     """Move the job to `running` for this delivery, or return None if another delivery owns it.
 
