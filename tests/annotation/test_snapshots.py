@@ -198,3 +198,15 @@ def test_a_real_worker_computes_the_ab_results_of_a_session(celery_worker: str) 
     ab = StatsSnapshot.objects.get(project=project, kind=StatsSnapshot.Kind.AB)
     assert ab.payload["votes_total"] == 0 and ab.payload["ratings"] == []
     assert ab.payload["rounds"] == snapshots.AB_BOOTSTRAP_ROUNDS
+
+
+def test_tau_b_agrees_with_scipy_on_every_ranking_of_four_with_ties() -> None:
+    import itertools
+
+    from scipy.stats import kendalltau
+
+    from annotation.stats import _tau_b
+
+    rankings = [list(r) for r in itertools.product(range(1, 5), repeat=4) if len(set(r)) > 1]
+    for x, y in itertools.product(rankings[::7], rankings[::5]):
+        assert _tau_b(x, y) == pytest.approx(float(kendalltau(x, y).statistic), abs=1e-12), (x, y)
