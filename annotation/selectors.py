@@ -263,7 +263,7 @@ def ab_votes(*, project: Project) -> list[Any]:
         Judgment.objects.filter(task__project=project)
         .exclude(review=Judgment.Review.REJECTED)
         .select_related("assignment", "task")
-        .prefetch_related("task__items__completion")
+        .prefetch_related("task__items__completion__policy")
         .order_by("id")
     )
     votes = []
