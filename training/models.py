@@ -707,3 +707,52 @@ class Judge(models.Model):
 
     def __str__(self) -> str:
         return f"judge {self.account} on {self.project}"
+
+
+class ContinuousTraining(models.Model):
+    """Continuous mode of a ranking project: every so many new judgments, a fresh reward model orders its queue.
+
+    training.continuous drives it from the beat: when the project has
+    `every_judgments` more human judgments than at the last start, it copies
+    the template run's dataset build (the same options, now with the new
+    judgments), trains a reward run with the template's settings, and has the
+    new reward model score the project, which re-orders an uncertainty queue.
+    One cycle at a time; `state` says where the cycle is.
+    """
+
+    class State(models.TextChoices):
+        IDLE = "idle", _("Waiting for new judgments")
+        BUILDING = "building", _("Building a dataset")
+        TRAINING = "training", _("Training a reward model")
+        SCORING = "scoring", _("Scoring the project")
+
+    project = models.OneToOneField(Project, on_delete=models.CASCADE, related_name="continuous_training")
+    template_run = models.ForeignKey(
+        TrainingRun,
+        on_delete=models.PROTECT,
+        related_name="+",
+        help_text=_("A reward run whose dataset options and settings every new cycle copies."),
+    )
+    every_judgments = models.PositiveIntegerField(
+        validators=[RangeValidator(1, 10**9, _("Start a cycle after at least one new judgment."))],
+        help_text=_("Start a new reward run after this many new human judgments."),
+    )
+    active = models.BooleanField(default=True)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.IDLE)
+    judgments_at_last_start = models.PositiveIntegerField(default=0)
+    cycles = models.PositiveIntegerField(default=0)
+    current_build = models.ForeignKey(
+        DatasetBuild, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    current_run = models.ForeignKey(TrainingRun, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    current_scoring = models.ForeignKey(
+        ScoringJob, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    last_error = models.TextField(blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"continuous training of {self.project}"

@@ -18,6 +18,7 @@ from celery import Task, shared_task
 from celery.signals import worker_shutting_down
 from django.conf import settings
 
+from training.continuous import continuous_training_tick as continuous_training_tick_service
 from training.judges import JUDGE_RUN_QUEUE, JUDGE_RUN_TASK_NAME
 from training.judges import judge_run as judge_run_service
 from training.services import (
@@ -172,6 +173,12 @@ def stalled_scoring_jobs_reap() -> list[int]:
 def judge_run(judge_id: int) -> str:
     """A model judge ranks the tasks it may take, from its reward model's stored scores (training.judges)."""
     return judge_run_service(judge_id=int(judge_id))
+
+
+@shared_task(name="training.tasks.continuous_training_tick", queue="default", ignore_result=True)
+def continuous_training_tick() -> dict[int, str]:
+    """Move every project in continuous mode one step (training.continuous); on the beat, every minute."""
+    return continuous_training_tick_service()
 
 
 @worker_shutting_down.connect

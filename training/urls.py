@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from training import api, judge_views, views
+from training import api, project_views, views
 
 urlpatterns = [
     path("demo-model/", views.demo_model_status, name="demo-model"),
@@ -19,13 +19,14 @@ urlpatterns = [
         views.ab_session_scoring_status,
         name="ab-session-scoring-status",
     ),
-    path("projects/<int:project_id>/judges", judge_views.project_judges, name="project-judges"),
+    path("projects/<int:project_id>/judges", project_views.project_judges, name="project-judges"),
     path(
         "projects/<int:project_id>/judges/<int:judge_id>/<str:action>",
-        judge_views.project_judge_action,
+        project_views.project_judge_action,
         name="project-judge-action",
     ),
-    path("api/projects/<int:project_id>/judges", judge_views.project_judges_api, name="api-project-judges"),
+    path("projects/<int:project_id>/continuous", project_views.project_continuous, name="project-continuous"),
+    path("api/projects/<int:project_id>/judges", project_views.project_judges_api, name="api-project-judges"),
     path("policies/", views.policy_list, name="policy-list"),
     path("generation/", views.generation_job_list, name="generation-job-list"),
     path("generation/<int:job_id>/", views.generation_job_detail, name="generation-job-detail"),

@@ -1,7 +1,10 @@
-"""Model judges on a manager's pages and in the API (training.judges does the work).
+"""A ranking project's models at work, on a manager's pages and in the API.
 
-    /projects/<id>/judges                 the project's judges: attach one, switch one off or on, run again
+    /projects/<id>/judges                 model judges (training.judges): attach one, switch one off or
+                                          on, run it again
     GET/POST /api/projects/<id>/judges    the same for programs
+    /projects/<id>/continuous             continuous mode (training.continuous): a fresh reward model
+                                          every so many judgments
 
 404 for a project the person does not manage, as everywhere else.
 """
@@ -31,9 +34,10 @@ from annotation.models import Comparison, Judgment, Project
 from annotation.roles import Role, role_required
 from annotation.selectors import project_get_for_user
 from annotation.stats import gold_accuracy
+from training.continuous import continuous_training_set, human_judgments
 from training.judges import judge_attach, judge_calibration, judge_request
-from training.models import Judge, RewardModel
-from training.selectors import reward_models_for_user
+from training.models import ContinuousTraining, Judge, RewardModel, TrainingRun
+from training.selectors import reward_models_for_user, training_runs_for_user
 
 
 class JudgeAttachForm(forms.Form):
@@ -127,6 +131,67 @@ def project_judge_action(request: HttpRequest, project_id: int, judge_id: int, a
     else:
         return HttpResponse(status=404)
     return redirect("project-judges", project.pk)
+
+
+# --- continuous mode ------------------------------------------------------------------
+
+
+class ContinuousTrainingForm(forms.Form):
+    template_run = forms.ModelChoiceField(
+        label=gettext_lazy("Template reward run"),
+        queryset=TrainingRun.objects.none(),
+        help_text=gettext_lazy(
+            "Each cycle copies its dataset build's options and its settings (base model, PEFT, trainer, "
+            "hyper-parameters). Reward runs on builds that read this project."
+        ),
+    )
+    every_judgments = forms.IntegerField(
+        label=gettext_lazy("Every this many new judgments"), min_value=1, initial=200
+    )
+    active = forms.BooleanField(label=gettext_lazy("On"), required=False, initial=True)
+
+    def __init__(
+        self, *args: Any, user: AbstractBaseUser | AnonymousUser, project: Project, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["template_run"].queryset = training_runs_for_user(user=user).filter(  # type: ignore[attr-defined]
+            kind=TrainingRun.Kind.REWARD, dataset_build__projects=project
+        )
+
+
+@role_required(Role.MANAGER)
+def project_continuous(request: HttpRequest, project_id: int) -> HttpResponse:
+    """Continuous mode of a ranking project: set it, and see where its cycle is."""
+    project = project_get_for_user(user=request.user, pk=project_id, role=Role.MANAGER)
+    mode = (
+        ContinuousTraining.objects.filter(project=project)
+        .select_related("template_run", "current_build", "current_run", "current_scoring")
+        .first()
+    )
+    initial = (
+        {"template_run": mode.template_run, "every_judgments": mode.every_judgments, "active": mode.active}
+        if mode
+        else None
+    )
+    form = ContinuousTrainingForm(request.POST or None, user=request.user, project=project, initial=initial)
+    status_code = 200
+    if request.method == "POST" and form.is_valid():
+        try:
+            continuous_training_set(project=project, created_by=request.user, **form.cleaned_data)
+        except ValidationError as error:
+            for field, field_messages in error.message_dict.items():
+                form.add_error(field if field in form.fields else None, field_messages)
+            status_code = 400
+        else:
+            messages.success(request, _("Continuous mode was saved."))
+            return redirect("project-continuous", project.pk)
+    context = {
+        "project": project,
+        "form": form,
+        "mode": mode,
+        "judged": human_judgments(project=project),
+    }
+    return render(request, "training/project_continuous.html", context, status=status_code)
 
 
 # --- API -------------------------------------------------------------------------------
