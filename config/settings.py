@@ -319,6 +319,7 @@ CELERY_BEAT_SCHEDULE = {
     "reap-stalled-generation-jobs": {"task": "training.tasks.stalled_generation_jobs_reap", "schedule": 60.0},
     "reap-stalled-scoring-jobs": {"task": "training.tasks.stalled_scoring_jobs_reap", "schedule": 60.0},
     "sweep-webhook-deliveries": {"task": "annotation.tasks.webhook_deliveries_sweep", "schedule": 60.0},
+    "continuous-training": {"task": "training.tasks.continuous_training_tick", "schedule": 60.0},
 }
 # Outgoing webhooks (annotation.webhooks): a delivery's request timeout, its
 # attempts, and the backoff between them (base × 2^(attempt − 1), capped);
