@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import secrets
+import socket
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from django.conf import settings
@@ -133,6 +136,31 @@ def webhook_delivery_publish(*, delivery_id: int, countdown: float = 0) -> bool:
     return True
 
 
+def webhook_address_refused(*, url: str) -> str:
+    """Why the worker must not post to `url` (empty when it may): its host is a private address.
+
+    A manager chooses the address and the worker posts from inside the
+    network, so without this a webhook could reach the database, Redis or a
+    cloud metadata service. Loopback, private, link-local and reserved
+    addresses are refused unless `WEBHOOK_PRIVATE_ADDRESSES` is on (the
+    default with DEBUG, for receivers on one's own machine). The name is
+    resolved here and again by the HTTP client: a DNS server that answers
+    differently the second time is not defended against.
+    """
+    # The same default as config/settings.py, for a settings module that predates the option.
+    if getattr(settings, "WEBHOOK_PRIVATE_ADDRESSES", settings.DEBUG):
+        return ""
+    host = urlsplit(url).hostname or ""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return ""  # the request itself reports a name that does not resolve, and is retried
+    for address in sorted(addresses):
+        if not ipaddress.ip_address(address.split("%")[0]).is_global:
+            return f"{host} is {address}, not a public address (WEBHOOK_PRIVATE_ADDRESSES is off)"
+    return ""
+
+
 def _backoff_s(attempts: int) -> float:
     """Seconds before attempt `attempts + 1`: base × 2^(attempts − 1), capped."""
     return min(
@@ -167,6 +195,13 @@ def webhook_delivery_attempt(*, delivery_id: int, now: datetime | None = None) -
     if not webhook.active:
         WebhookDelivery.objects.filter(pk=delivery_id).update(
             gave_up_at=now, leased_until=None, last_error="The webhook was switched off."
+        )
+        return "gave_up"
+
+    refused = webhook_address_refused(url=webhook.url)
+    if refused:
+        WebhookDelivery.objects.filter(pk=delivery_id).update(
+            gave_up_at=now, leased_until=None, last_error=refused
         )
         return "gave_up"
 

@@ -382,3 +382,44 @@ def test_a_delivery_whose_message_the_broker_lost_is_delivered_by_the_sweep(
     )
     (request,) = receiver.requests
     assert request.headers[DELIVERY_HEADER] == str(lost.uid)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:6379/",
+        "http://localhost/",
+        "http://10.0.0.5/hook",
+        "http://192.168.1.1/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]/",
+    ],
+)
+def test_a_private_address_is_refused_when_private_addresses_are_off(url, settings):
+    settings.WEBHOOK_PRIVATE_ADDRESSES = False
+
+    assert webhooks.webhook_address_refused(url=url)
+
+
+def test_a_public_address_or_private_addresses_allowed_pass(settings):
+    settings.WEBHOOK_PRIVATE_ADDRESSES = False
+    assert webhooks.webhook_address_refused(url="https://93.184.215.14/hook") == ""
+    settings.WEBHOOK_PRIVATE_ADDRESSES = True
+    assert webhooks.webhook_address_refused(url="http://127.0.0.1/") == ""
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_delivery_to_a_private_address_is_given_up_without_a_request(
+    make_project, receiver, settings, monkeypatch
+):
+    settings.WEBHOOK_PRIVATE_ADDRESSES = False
+    monkeypatch.setattr(webhooks, "webhook_delivery_publish", lambda *, delivery_id, countdown=0: True)
+    project = make_project(tasks=1)
+    Webhook.objects.create(project=project, url=receiver.url, secret=SECRET, events=["run.finished"])
+    with transaction.atomic():
+        (delivery_id,) = webhook_event_publish(project_id=project.pk, event="run.finished", data={})
+
+    assert webhooks.webhook_delivery_attempt(delivery_id=delivery_id) == "gave_up"
+
+    assert receiver.requests == []
+    assert "not a public address" in WebhookDelivery.objects.get().last_error
