@@ -330,6 +330,10 @@ WEBHOOK_RETRY_BASE_S = env_int("WEBHOOK_RETRY_BASE_S", 2, minimum=1)
 WEBHOOK_RETRY_MAX_S = env_int("WEBHOOK_RETRY_MAX_S", 3600, minimum=1)
 WEBHOOK_SWEEP_GRACE_S = env_int("WEBHOOK_SWEEP_GRACE_S", 300, minimum=1)
 WEBHOOK_SWEEP_BATCH = env_int("WEBHOOK_SWEEP_BATCH", 500, minimum=1)
+# Deliver webhooks to loopback, private and link-local addresses too: on for
+# local receivers in development, off in production (the worker sits inside
+# the network a manager's address could otherwise reach).
+WEBHOOK_PRIVATE_ADDRESSES = env_bool("WEBHOOK_PRIVATE_ADDRESSES", DEBUG)
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # Hard limit for a GPU job; the soft limit leaves time to save a checkpoint.
 TRAINING_TIME_LIMIT_S = env_int("TRAINING_TIME_LIMIT_S", 6 * 3600, minimum=60)
