@@ -147,8 +147,7 @@ def webhook_address_refused(*, url: str) -> str:
     resolved here and again by the HTTP client: a DNS server that answers
     differently the second time is not defended against.
     """
-    # The same default as config/settings.py, for a settings module that predates the option.
-    if getattr(settings, "WEBHOOK_PRIVATE_ADDRESSES", settings.DEBUG):
+    if settings.WEBHOOK_PRIVATE_ADDRESSES:
         return ""
     host = urlsplit(url).hostname or ""
     try:
