@@ -328,9 +328,10 @@ def test_the_openapi_schema_describes_the_endpoints(client):
 # the lease already held, the locked task with its prompt, its slots, its
 # completions, the insert. A submit: token, assignment, the locked task and its
 # project, the client token, the completions, the lease's compare-and-set, the
-# judgment, its comparisons in one insert, the task's count.
+# judgment, its comparisons in one insert, the task's count, the project's
+# webhooks (an event's deliveries are written in the submit's transaction).
 CLAIM_QUERIES = 7 + 2
-SUBMIT_QUERIES = 9 + 2
+SUBMIT_QUERIES = 10 + 2
 
 
 @pytest.mark.django_db
