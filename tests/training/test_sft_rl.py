@@ -467,3 +467,62 @@ def test_kill_9_of_an_rl_run_is_retried_and_resumes_from_its_checkpoint(
     assert run.attempts == 2
     assert "resuming from checkpoint checkpoint-" in run.log_tail
     assert Policy.objects.filter(training_runs=run).count() == 1
+
+
+def test_sft_and_rl_runs_take_conversational_rows(tmp_path, tiny_model_dir):
+    """The run process alone (no worker): chat prompts and completions, as conversational builds write them."""
+    from training.runner import PrintReporter, run_training
+
+    problems = demo_problems(count=24, seed=11)
+
+    def user(problem):  # type: ignore[no-untyped-def]
+        return [{"role": "user", "content": problem.prompt}]
+
+    def assistant(text: str) -> list[dict[str, str]]:
+        return [{"role": "assistant", "content": text}]
+
+    def write(name: str, rows: list[dict]) -> str:  # type: ignore[type-arg]
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return str(path)
+
+    pairs = [
+        {
+            "prompt": user(p),
+            "chosen": assistant(completion_canonical(p)),
+            "rejected": assistant(completion_canonical(p, answer=p.answer + 1)),
+        }
+        for p in problems
+    ]
+    common = {
+        "run_id": 1,
+        "base_model": str(tiny_model_dir),
+        "train_file": write("pairs-train.jsonl", pairs[:16]),
+        "test_file": write("pairs-test.jsonl", pairs[16:]),
+        "max_steps": 2,
+        "logging_steps": 1,
+        "save_steps": 2,
+        "per_device_train_batch_size": 4,
+        "max_length": 96,
+    }
+    sft_rows = [{"prompt": user(p), "completion": assistant(completion_canonical(p))} for p in problems]
+    sft = RunSpec.with_defaults(
+        kind="sft", output_dir=str(tmp_path / "sft"), sft_train_file=write("sft.jsonl", sft_rows), **common
+    )
+    reward = RunSpec.with_defaults(kind="reward", output_dir=str(tmp_path / "rm"), trainer="trl", **common)
+    assert run_training(sft, PrintReporter()).status == "succeeded"
+    reward_result = run_training(reward, PrintReporter())
+    rl = RunSpec.with_defaults(
+        kind="rl",
+        output_dir=str(tmp_path / "rl"),
+        reward_model_path=reward_result.final_dir,
+        rl_num_generations=2,
+        rl_max_completion_length=8,
+        rl_watch_steps=1,
+        rl_watch_prompts=2,
+        true_scorer="demo_arithmetic",
+        **common,
+    )
+    result = run_training(rl, PrintReporter())
+    assert result.status == "succeeded"
+    assert {"proxy_reward", "kl", "true_score"} <= set(result.metrics)
