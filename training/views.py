@@ -3,9 +3,7 @@ the access helpers (404 for what the person may not see) and calls one service."
 
 from __future__ import annotations
 
-import io
 import json
-import zipfile
 from typing import Any
 
 from django.contrib import messages
@@ -31,6 +29,7 @@ from config.demo_progress import (
     demo_progress_path,
     demo_progress_read,
 )
+from training.archives import run_archive_path
 from training.forms import (
     ABSessionForm,
     DatasetBuildForm,
@@ -401,7 +400,7 @@ def training_run_cancel_view(request: HttpRequest, run_id: int) -> HttpResponse:
 
 
 @login_required
-def training_run_download(request: HttpRequest, run_id: int, key: str) -> HttpResponse:
+def training_run_download(request: HttpRequest, run_id: int, key: str) -> HttpResponse | FileResponse:
     """A run's artifacts by run id and a fixed key, as attachments; never a path from the request."""
     run = training_run_get_for_user(user=request.user, pk=run_id)
     if key not in RUN_FILES:
@@ -417,15 +416,20 @@ def training_run_download(request: HttpRequest, run_id: int, key: str) -> HttpRe
         }
         response = HttpResponse(json.dumps(body, indent=2), content_type="application/json")
     else:
-        final = training_run_final_dir(run=run)
-        if run.status != TrainingRun.Status.SUCCEEDED or not final.is_dir():
+        # Streamed from the archive written once when the run finished; nothing is built here.
+        if run.status != TrainingRun.Status.SUCCEEDED or not training_run_final_dir(run=run).is_dir():
             raise Http404("The run has no model to download.")
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-            for path in sorted(final.rglob("*")):
-                if path.is_file():
-                    archive.write(path, path.relative_to(final))
-        response = HttpResponse(buffer.getvalue(), content_type="application/zip")
+        try:
+            stream = run_archive_path(run=run).open("rb")
+        except FileNotFoundError:
+            return HttpResponse(
+                _("The model's archive has not been written yet; it is written when the run finishes."),
+                status=409,
+                content_type="text/plain; charset=utf-8",
+            )
+        return FileResponse(
+            stream, as_attachment=True, filename=f"run-{run.pk}-{key}", content_type="application/zip"
+        )
     response["Content-Disposition"] = f'attachment; filename="run-{run.pk}-{key}"'
     return response
 

@@ -37,6 +37,7 @@ from tests.security.test_access_matrix import (
     url_of,
     walk,
 )
+from training.archives import run_archive_write
 from training.models import TrainingRun
 from training.selectors import dataset_build_dir
 
@@ -352,6 +353,7 @@ def files(world: World, settings: Settings, tmp_path: Path) -> World:
     final = tmp_path / "run" / "final"
     final.mkdir(parents=True)
     (final / "model.safetensors").write_bytes(b"weights")
+    run_archive_write(final_dir=final, archive=tmp_path / "run" / "model.zip")  # what the run's finish writes
     TrainingRun.objects.filter(pk=world.run.pk).update(
         status=TrainingRun.Status.SUCCEEDED, output_dir=str(tmp_path / "run"), log_tail="step 1"
     )

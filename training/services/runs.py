@@ -7,6 +7,7 @@ jobs' lifecycle (`training.services.jobs`); its process group is watched by
 
 from __future__ import annotations
 
+import logging
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ from django.utils import timezone
 
 from annotation.models import Policy
 from config.storage import storage_path_resolve, storage_path_stored
+from training.archives import run_archive_path, run_archive_publish, run_archive_stage
 from training.job_events import job_ended
 from training.models import DatasetBuild, RewardModel, TrainingRun, TrainingRunMetric
 from training.placement import DeviceLease
@@ -39,6 +41,8 @@ from training.services.jobs import (
     task_publish,
 )
 from training.services.supervisor import gpu_job_devices, gpu_job_process_run
+
+logger = logging.getLogger(__name__)
 
 
 def training_run_files(*, build: DatasetBuild) -> dict[str, str | None]:
@@ -292,17 +296,43 @@ def training_run_requeue_stopped(*, run_id: int, attempt: int, reason: str) -> b
     )
 
 
-@transaction.atomic
 def training_run_finish(*, run_id: int, attempt: int, result: Any) -> bool:
     """Record the attempt's trained result and register what it made (a RewardModel or a Policy).
 
-    False, with nothing registered, if the run is no longer this attempt's:
-    a stale attempt's weights are never the run's result.
+    The final folder is zipped once here, into the run's folder, so that a
+    download streams `model.zip` from disk: staged under a temporary name
+    before the transaction (no row lock held while zipping) and renamed into
+    place only once the attempt is known to still own the run. False, with
+    nothing registered and nothing archived, if the run is no longer this
+    attempt's: a stale attempt's weights are never the run's result.
     """
+    row = job_owned(TrainingRun, job_id=run_id, attempt=attempt).only("id", "output_dir").first()
+    if row is None:
+        return False
+    archive = run_archive_path(run=row)
+    staged: Path | None = None
+    final_dir = Path(result.final_dir) if result.final_dir else None
+    if row.output_dir and final_dir is not None and final_dir.is_dir():
+        try:
+            staged = run_archive_stage(final_dir=final_dir, archive=archive)
+        except OSError:
+            # The weights are registered all the same; the download says the archive is missing.
+            logger.exception("run %s: could not write %s", run_id, archive)
+    try:
+        return _training_run_finish_record(run_id=run_id, attempt=attempt, result=result, staged=staged)
+    finally:
+        if staged is not None:
+            staged.unlink(missing_ok=True)  # renamed away when the run was this attempt's
+
+
+@transaction.atomic
+def _training_run_finish_record(*, run_id: int, attempt: int, result: Any, staged: Path | None) -> bool:
     now = timezone.now()
     run = job_owned(TrainingRun, job_id=run_id, attempt=attempt).select_for_update().first()
     if run is None:
         return False
+    if staged is not None:
+        run_archive_publish(staged=staged, archive=run_archive_path(run=run))
     run.status = TrainingRun.Status.SUCCEEDED
     run.step = run.total_steps = max(run.total_steps, result.steps)
     if run.kind == TrainingRun.Kind.REWARD:
