@@ -112,8 +112,8 @@ def project_judges(request: HttpRequest, project_id: int) -> HttpResponse:
     return render(request, "training/project_judges.html", context, status=status_code)
 
 
-@role_required(Role.MANAGER)
 @require_POST
+@role_required(Role.MANAGER)
 def project_judge_action(request: HttpRequest, project_id: int, judge_id: int, action: str) -> HttpResponse:
     """Switch a judge off or on, or run it again (it takes the tasks left to it)."""
     project = project_get_for_user(user=request.user, pk=project_id, role=Role.MANAGER)

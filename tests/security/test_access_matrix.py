@@ -71,7 +71,7 @@ from annotation.services import assignment_claim_next
 from tests.factories import user_with_roles
 from tests.training.test_builds_support import judge, make_manager, project_with_prompts, tasks_of
 from training import models as training_models
-from training.models import DatasetBuild, RewardModel, ScoringJob, TrainingRun
+from training.models import ContinuousTraining, DatasetBuild, Judge, RewardModel, ScoringJob, TrainingRun
 
 # Being added alongside this test (generation jobs); the matrix covers it once it exists.
 GenerationJob = getattr(training_models, "GenerationJob", None)
@@ -117,6 +117,8 @@ class World:
     actors: dict[str, AbstractUser | None]
     admin_targets: dict[str, Any] = field(default_factory=dict)
     notice_id: int = 0  # a notice of the manager's
+    judge_id: int = 0  # a model judge of the ranking project
+    membership_id: int = 0  # the labeler actor's membership of the ranking project
 
     def client(self, actor: str) -> Client:
         client = Client()  # CSRF is checked in test_hardening; here the access rules are
@@ -134,6 +136,10 @@ class World:
             "judgment_id": self.judgment.pk,
             "notice_id": self.notice_id,
             "webhook_id": self.admin_targets.get("annotation.webhook"),
+            "judge_id": self.judge_id,
+            "membership_id": self.membership_id,
+            "job_id": self.admin_targets.get("training.generationjob"),
+            "action": "off",
         }
 
 
@@ -255,6 +261,13 @@ def build_world() -> World:
     world.notice_id = Notice.objects.create(
         user=manager, project=project, kind="run", object_id=run.pk, outcome="failed", title=SECRET
     ).pk
+    world.membership_id = Membership.objects.get(project=project, user=labeler).pk
+    world.judge_id = Judge.objects.create(
+        project=project,
+        reward_model=reward_model,
+        account=get_user_model().objects.create_user(username="judge-matrix", password=None),
+        created_by=manager,
+    ).pk
     if GenerationJob is not None:
         world.admin_targets["training.generationjob"] = GenerationJob.objects.create(
             policy_id=world.admin_targets["annotation.policy"], project=project, created_by=manager
@@ -290,6 +303,8 @@ def database_state() -> dict[str, Any]:
         "generation_jobs": rows(GenerationJob, "status", "cancel_requested") if GenerationJob else [],
         "reward_models": rows(RewardModel, "name"),
         "scoring_jobs": rows(ScoringJob, "status", "cancel_requested"),
+        "judges": rows(Judge, "active", "reward_model_id"),
+        "continuous_training": rows(ContinuousTraining, "every_judgments", "active", "template_run_id"),
         "completion_scores": CompletionScore.objects.count(),
         "users": rows(User, "username", "password", "is_active", "is_staff", "is_superuser"),
         "groups": rows(Group, "name"),
@@ -382,6 +397,41 @@ DOORS: dict[str, Door] = {
     "manage/projects/<int:project_id>/webhooks": Door("page", ("GET", "POST"), Role.MANAGER),
     "manage/projects/<int:project_id>/webhooks/<int:webhook_id>/toggle": Door(
         "page", ("POST",), Role.MANAGER
+    ),
+    # a project's manager pages
+    "manage/projects/<int:project_id>/settings": Door(
+        "page", ("GET", "POST"), Role.MANAGER, post=lambda world: {"form": {"name": "taken over", "k": 2}}
+    ),
+    "manage/projects/<int:project_id>/members": Door(
+        "page",
+        ("GET", "POST"),
+        Role.MANAGER,
+        post=lambda world: {"form": {"username": "olga", "role": "labeler"}},
+    ),
+    "manage/projects/<int:project_id>/members/<int:membership_id>": Door(
+        "page", ("POST",), Role.MANAGER, post=lambda world: {"form": {"action": "remove"}}
+    ),
+    "manage/projects/<int:project_id>/import": Door("page", ("GET", "POST"), Role.MANAGER, post=_upload),
+    # generation jobs: managers of the job's project
+    "generation/<int:job_id>/": Door("page", ("GET",), Role.MANAGER),
+    "generation/<int:job_id>/status": Door("page", ("GET",), Role.MANAGER),
+    "generation/<int:job_id>/cancel": Door("page", ("POST",), Role.MANAGER),
+    # model judges and continuous mode of a ranking project: its managers only
+    "projects/<int:project_id>/judges": Door(
+        "page",
+        ("GET", "POST"),
+        Role.MANAGER,
+        post=lambda world: {"form": {"reward_model": world.reward_model.pk}},
+    ),
+    "projects/<int:project_id>/judges/<int:judge_id>/<str:action>": Door("page", ("POST",), Role.MANAGER),
+    "projects/<int:project_id>/continuous": Door(
+        "page",
+        ("GET", "POST"),
+        Role.MANAGER,
+        post=lambda world: {"form": {"template_run": world.run.pk, "every_judgments": 1, "active": "on"}},
+    ),
+    "api/projects/<int:project_id>/judges": Door(
+        "api", ("GET", "POST"), post=lambda world: {"json": {"reward_model": world.reward_model.pk}}
     ),
     "training/runs/<int:run_id>/": Door("page"),
     "training/runs/<int:run_id>/status": Door("page"),
