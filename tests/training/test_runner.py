@@ -432,7 +432,7 @@ def test_resume_takes_the_newest_complete_checkpoint_marked_or_written_whole_by_
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("kind", "ppo", "kind must be one of 'reward', 'dpo'; got 'ppo'"),
+        ("kind", "ppo", "kind must be one of 'reward', 'dpo', 'sft', 'rl'; got 'ppo'"),
         ("peft", "qlora", "peft must be one of 'lora', 'ia3', 'full'; got 'qlora'"),
         ("trainer", "magic", "trainer must be one of 'trl', 'grouped'; got 'magic'"),
         ("learning_rate", 0.0, "learning_rate must be positive"),
