@@ -34,6 +34,7 @@ from annotation.models import (
     CompletionScore,
     Judgment,
     Membership,
+    Policy,
     Project,
     Task,
     TaskCompletion,
@@ -259,24 +260,46 @@ def ab_votes(*, project: Project) -> list[Any]:
     """
     from annotation.ab_stats import Vote
 
-    judgments = (
+    # Plain values, not model instances: at 100k votes the instances were most of the time.
+    items = _ab_items(project=project)
+    votes = []
+    for task_id, prompt_id, permutation, ranks, none_acceptable in (
         Judgment.objects.filter(task__project=project)
         .exclude(review=Judgment.Review.REJECTED)
-        .select_related("assignment", "task")
-        .prefetch_related("task__items__completion__policy")
         .order_by("id")
-    )
-    votes = []
-    for judgment in judgments:
-        items = {item.position: item.completion for item in judgment.task.items.all()}
-        left, right = (items[position] for position in judgment.assignment.permutation)
-        if judgment.none_acceptable:
+        .values_list("task_id", "task__prompt_id", "assignment__permutation", "ranks", "none_acceptable")
+        .iterator(chunk_size=5000)
+    ):
+        by_position = items[task_id]
+        (left_uid, left_policy), (right_uid, right_policy) = (
+            by_position[position] for position in permutation
+        )
+        if none_acceptable:
             outcome = "both_bad"
         else:
-            left_rank, right_rank = judgment.ranks[str(left.uid)], judgment.ranks[str(right.uid)]
+            left_rank, right_rank = ranks[left_uid], ranks[right_uid]
             outcome = "tie" if left_rank == right_rank else ("left" if left_rank < right_rank else "right")
-        votes.append(Vote(str(judgment.task.prompt_id), str(left.policy), str(right.policy), outcome))
+        votes.append(Vote(str(prompt_id), left_policy, right_policy, outcome))
     return votes
+
+
+def _policy_label(name: str, kind: str) -> str:
+    """`str(policy)` from its values (Policy.__str__)."""
+    return f"imported:{name}" if kind == Policy.Kind.IMPORTED else name
+
+
+def _ab_items(*, project: Project) -> dict[int, dict[int, tuple[str, str]]]:
+    """Task id -> position -> (completion uid, policy label), for the whole session in one query."""
+    items: dict[int, dict[int, tuple[str, str]]] = {}
+    for task_id, position, uid, name, kind in (
+        TaskCompletion.objects.filter(task__project=project)
+        .values_list(
+            "task_id", "position", "completion__uid", "completion__policy__name", "completion__policy__kind"
+        )
+        .iterator(chunk_size=5000)
+    ):
+        items.setdefault(task_id, {})[position] = (str(uid), _policy_label(name, kind))
+    return items
 
 
 def ab_session_get_for_manager(*, user: AnyUser, pk: Any) -> Project:
@@ -299,32 +322,40 @@ def ab_scored_votes(*, project: Project) -> list[Any]:
 
     votes = [
         ScoredVote(
-            str(comparison.chosen.uid),
-            str(comparison.rejected.uid),
-            str(comparison.chosen.policy),
-            str(comparison.rejected.policy),
-            "tie" if comparison.is_tie else "decisive",
+            str(chosen_uid),
+            str(rejected_uid),
+            _policy_label(chosen_name, chosen_kind),
+            _policy_label(rejected_name, rejected_kind),
+            "tie" if is_tie else "decisive",
         )
-        for comparison in Comparison.objects.filter(project=project)
-        .exclude(judgment__review=Judgment.Review.REJECTED)
-        .select_related("chosen__policy", "rejected__policy")
-        .order_by("judgment_id", "id")
+        for chosen_uid, rejected_uid, chosen_name, chosen_kind, rejected_name, rejected_kind, is_tie in (
+            Comparison.objects.filter(project=project)
+            .exclude(judgment__review=Judgment.Review.REJECTED)
+            .order_by("judgment_id", "id")
+            .values_list(
+                "chosen__uid",
+                "rejected__uid",
+                "chosen__policy__name",
+                "chosen__policy__kind",
+                "rejected__policy__name",
+                "rejected__policy__kind",
+                "is_tie",
+            )
+            .iterator(chunk_size=5000)
+        )
     ]
     both_bad = (
         Judgment.objects.filter(task__project=project, none_acceptable=True)
         .exclude(review=Judgment.Review.REJECTED)
-        .prefetch_related(
-            Prefetch("task__items", queryset=TaskCompletion.objects.select_related("completion__policy"))
-        )
         .order_by("id")
+        .values_list("task_id", flat=True)
     )
-    for judgment in both_bad:
-        first, second = (
-            item.completion for item in sorted(judgment.task.items.all(), key=lambda i: i.position)
+    items = _ab_items(project=project) if both_bad.exists() else {}
+    for task_id in both_bad:
+        (first_uid, first_policy), (second_uid, second_policy) = (
+            items[task_id][position] for position in sorted(items[task_id])
         )
-        votes.append(
-            ScoredVote(str(first.uid), str(second.uid), str(first.policy), str(second.policy), "both_bad")
-        )
+        votes.append(ScoredVote(first_uid, second_uid, first_policy, second_policy, "both_bad"))
     return votes
 
 
