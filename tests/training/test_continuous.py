@@ -42,7 +42,12 @@ def template_run(project: Project, manager, base_model: str) -> TrainingRun:  # 
         base_model=base_model,
         status=TrainingRun.Status.SUCCEEDED,
         peft="full",
-        hyperparameters={"max_steps": 4, "logging_steps": 1, "per_device_train_batch_size": 2, "max_length": 96},
+        hyperparameters={
+            "max_steps": 4,
+            "logging_steps": 1,
+            "per_device_train_batch_size": 2,
+            "max_length": 96,
+        },
         created_by=manager,
     )
 
@@ -105,6 +110,8 @@ def test_the_tick_waits_for_enough_new_human_judgments_and_another_managers_page
 
 def test_the_tick_runs_on_the_default_queue_every_minute() -> None:
     from django.conf import settings
+
+    import training.tasks  # noqa: F401  (registers the tasks)
 
     entry = settings.CELERY_BEAT_SCHEDULE["continuous-training"]
     assert entry["task"] == "training.tasks.continuous_training_tick"
