@@ -74,10 +74,12 @@ def task_publish(task: JobTask, row_id: int, *, fail: Callable[[str], object]) -
     return True
 
 
-# --- GPU jobs: the lifecycle training runs, generation and scoring jobs share ---
+# --- the lifecycle ------------------------------------------------------------
 #
-# A GPU job's row (TrainingRun, GenerationJob, ScoringJob) is the source of
-# truth. The Celery task claims the row (compare-and-set; each claim is one
+# `job_start`, `job_succeed` and `job_fail` take any kind of job (training.models.Job);
+# a dataset build, which has no attempts, uses only those. The rest is the GPU
+# jobs' (training.models.GpuJob). A GPU job's row (TrainingRun, GenerationJob,
+# ScoringJob) is the source of truth. The Celery task claims the row (compare-and-set; each claim is one
 # attempt more), starts the job's own process group and waits for it; the
 # process heartbeats, writes its progress and records its outcome on the row
 # through the job's own services. Every write after the claim is fenced by
