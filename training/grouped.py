@@ -12,7 +12,7 @@ callbacks, checkpoints and evaluation are TRL's own; only data preparation,
 collation and the loss change.
 
 1. Preparation, once per dataset. A group's completions are tokenized exactly
-   as TRL tokenizes one side of a pair (rewards: `training.scoring.reward_input_ids`,
+   as TRL tokenizes one side of a pair (rewards: `training.prompts.reward_input_ids`,
    prompt + completion + EOS; DPO: TRL's prompt / prompt+completion split
    with the completion starting where the two token lists diverge). TRL's
    length rules are applied per expanded pair: the reward trainer drops a pair
@@ -69,7 +69,7 @@ from trl.data_utils import _tokenize, common_prefix_length
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from training.scoring import reward_input_ids
+from training.prompts import reward_input_ids
 
 logger = logging.getLogger(__name__)
 

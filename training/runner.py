@@ -760,7 +760,8 @@ def _reward_evaluation(
     training and of its own evaluation.
     """
     from training.metrics import mean_kendall_tau_per_prompt, reward_model_metrics
-    from training.scoring import reward_input_ids, reward_scores, reward_scores_from_ids
+    from training.prompts import reward_input_ids
+    from training.scoring import reward_scores, reward_scores_from_ids
 
     tokenizer = trainer.processing_class
     model = trainer.model
