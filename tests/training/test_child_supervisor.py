@@ -1,6 +1,7 @@
 """A generation job's supervisor with a fake child program (no torch, no worker): the child's batches
 are written fenced by its attempt; a child whose job was taken over is killed and nothing it reports
-is written; a child that reports nothing before it dies sends its job back to the queue."""
+is written; a child that reports nothing before it dies sends its job back to the queue; a cancel
+reaches the child through its supervisor; SIGTERM sends the job back with its attempt given back."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from training.services import generation_job_execute
 WAIT_S = 60
 
 # A generation child that reports what a real one would, without a model: started, then (once the
-# test creates `release`) one completion for every listed prompt, then its result.
+# test creates `release`) one completion for every listed prompt, then its result; or, first,
+# `stopped` when the stop file (a cancel) or SIGTERM asks it to.
 FAKE_CHILD = """
 import json, sys, time
 from pathlib import Path
@@ -32,10 +34,15 @@ from training.gpu_job_process import ChildChannel
 spec, work, release = sys.argv[1], json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3])
 assert "django" not in sys.modules
 channel = ChildChannel()
+channel.on_sigterm()
 channel.start()
 channel.emit("started", prompts_total=work["total"], prompts_done=work["total"] - len(work["prompts"]))
 channel.log("loading the model")
 while not release.exists():
+    if channel.cancel_asked() or channel.signalled.is_set():
+        channel.emit("stopped", cause="cancel" if channel.cancel_asked() else "signal")
+        channel.stop()
+        sys.exit(0)
     time.sleep(0.05)
 completions = {p["prompt_id"]: [[f"answer to {p['prompt_id']}", {"sample_index": 0}]] for p in work["prompts"]}
 channel.emit("batch", completions=completions)
@@ -148,4 +155,52 @@ def test_a_child_that_dies_before_reporting_an_outcome_sends_its_job_back_to_the
     job.refresh_from_db()
     assert (job.status, job.attempts) == ("queued", 1)
     assert "killed by signal 9" in job.error
+    assert requeued == [job.pk]
+
+
+def child_of(tmp_path: Path) -> Any:
+    import psutil
+
+    (child,) = [
+        process
+        for process in psutil.process_iter(["cmdline"])
+        if str(tmp_path / "release") in (process.info["cmdline"] or [])
+    ]
+    return child
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_cancel_reaches_the_child_through_its_supervisor_and_the_job_is_cancelled(
+    job: GenerationJob, tmp_path: Path
+) -> None:
+    from training.services import generation_job_cancel
+
+    supervisor = supervise_in_thread(job)
+    wait_until(lambda: GenerationJob.objects.get(pk=job.pk).prompts_total == 3, "the started event")
+
+    generation_job_cancel(job=GenerationJob.objects.get(pk=job.pk))
+    supervisor.join(WAIT_S)
+
+    job.refresh_from_db()
+    assert (job.status, job.attempts) == ("cancelled", 1)
+    assert not Completion.objects.filter(policy=job.policy).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sigterm_to_the_child_sends_the_job_back_with_its_attempt_given_back_never_cancelled(
+    job: GenerationJob, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    requeued: list[int] = []
+    monkeypatch.setattr(
+        "training.services.generation.generation_job_enqueue", lambda *, job_id: requeued.append(job_id)
+    )
+    supervisor = supervise_in_thread(job)
+    wait_until(lambda: GenerationJob.objects.get(pk=job.pk).prompts_total == 3, "the started event")
+
+    child_of(tmp_path).terminate()
+    supervisor.join(WAIT_S)
+
+    job.refresh_from_db()
+    assert (job.status, job.attempts, job.attempts_given_back) == ("queued", 1, 1)
+    assert "stopped by SIGTERM" in job.error
     assert requeued == [job.pk]
