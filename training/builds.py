@@ -143,11 +143,10 @@ import json
 import math
 import os
 import shutil
-import sys
 import unicodedata
 import uuid
 import warnings
-from collections import Counter
+from collections import Counter, namedtuple
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,10 +155,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from django.db import connections
 from django.db.models import QuerySet
 from django.db.models.functions import Greatest, Least
 
-from annotation.models import Comparison, Judgment, Prompt, TaskCompletion
+from annotation.models import Comparison, Completion, Judgment, Prompt, TaskCompletion
 from annotation.rendering import completion_text_key
 from training.judges import dataset_build_judges
 from training.models import DatasetBuild
@@ -192,6 +192,64 @@ def _comparisons_read(**selection: Any) -> QuerySet[Comparison]:
 def _judgments_read(**selection: Any) -> QuerySet[Judgment]:
     """The judgments behind those comparisons, less those rejected in review."""
     return dataset_build_judgments(**selection).exclude(review=Judgment.Review.REJECTED)
+
+
+# Columns read as JSON text and decoded here (once per distinct value: a judgment's six comparisons share them).
+_JSON_COLUMN_SUFFIXES = ("ranks", "likert", "flags", "messages", "metadata__reference")
+_JSON_CACHE_ENTRIES = 20_000
+
+
+def _json_loads(text: str) -> Any:
+    """What Django's JSONField gives for a value read from the database."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _rows_fast(queryset: QuerySet[Any], *, small: bool = False) -> Iterator[Any]:
+    """The rows of a `values_list(..., named=True)` queryset, read straight off a server-side cursor.
+
+    The same values Django's iterator gives (uuids as text, JSON decoded) at a
+    fraction of its cost per row: no converter calls, uuids loaded as text by
+    the driver, and each distinct JSON text decoded once (the comparisons of
+    one judgment repeat its ranks and flags). Decoded values are shared
+    between rows: read them, never change them. `small`: a result read at
+    once with a plain cursor (a server-side cursor costs round trips).
+    """
+    query = queryset.query
+    names = [*query.extra_select, *query.values_select, *query.annotation_select]
+    fields = getattr(queryset, "_fields", None) or names
+    connection = connections[queryset.db]
+    if connection.vendor != "postgresql" or list(fields) != names:
+        yield from queryset.iterator(chunk_size=CHUNK_SIZE)
+        return
+    import psycopg.types.string
+
+    row_class = namedtuple("Row", names)  # type: ignore[misc]
+    json_columns = [i for i, name in enumerate(names) if name.endswith(_JSON_COLUMN_SUFFIXES)]
+    decoded: dict[str, Any] = {}
+    sql, params = query.get_compiler(using=queryset.db).as_sql()
+    with connection.cursor() if small else connection.chunked_cursor() as cursor:
+        cursor.cursor.adapters.register_loader("uuid", psycopg.types.string.TextLoader)
+        cursor.execute(sql, params)
+        make = row_class._make
+        while chunk := cursor.fetchmany(CHUNK_SIZE):
+            if len(decoded) > _JSON_CACHE_ENTRIES:
+                decoded.clear()
+            for raw in chunk:
+                if json_columns:
+                    values = list(raw)
+                    for column in json_columns:
+                        text = values[column]
+                        if text is not None:
+                            value = decoded.get(text)
+                            if value is None:
+                                value = decoded[text] = _json_loads(text)
+                            values[column] = value
+                    yield make(values)
+                else:
+                    yield make(raw)
 
 
 PARQUET_BATCH_ROWS = 5000  # rows per Parquet row group (fixed: part of the bytes)
@@ -276,13 +334,23 @@ class BuildResult:
 # --- prompts: normalisation (rendering is training.prompts') ----------------------------
 
 
+class _PunctuationToSpace(dict[int, str]):
+    """A `str.translate` table that maps punctuation to a space, filled in per code point as it is met.
+
+    Building it over every code point up front took longer than normalising a
+    build's prompts; other code points map to themselves.
+    """
+
+    def __missing__(self, codepoint: int) -> str:
+        character = chr(codepoint)
+        value = " " if unicodedata.category(character).startswith("P") else character
+        self[codepoint] = value
+        return value
+
+
 @functools.cache
-def _punctuation_to_space() -> dict[int, str]:
-    return {
-        codepoint: " "
-        for codepoint in range(sys.maxunicode + 1)
-        if unicodedata.category(chr(codepoint)).startswith("P")
-    }
+def _punctuation_to_space() -> _PunctuationToSpace:
+    return _PunctuationToSpace()
 
 
 def prompt_normalise(*, text: str, messages: list[dict[str, Any]] | None) -> str:
@@ -473,30 +541,37 @@ class SplitWriter:
         self.rows = 0
         self.prompts = 0
         self._last_prompt: int | None = None
-        self._batch: list[dict[str, Any]] = []
+        # The batch column by column: Arrow converts whole columns far faster than a list of dicts.
+        self._columns: list[tuple[str, list[Any]]] = [(name, []) for name in schema.names]
+        self._batched = 0
         self._jsonl = (directory / f"{split}.jsonl").open("w", encoding="utf-8", newline="\n")
         self._parquet = pq.ParquetWriter(directory / f"{split}.parquet", schema)
         self._arrow_sink = pa.OSFile(str(arrow), "wb") if arrow is not None else None
         self._arrow = pa.ipc.new_stream(self._arrow_sink, schema) if self._arrow_sink is not None else None
 
-    def write(self, row: dict[str, Any], *, prompt_id: int) -> None:
-        self._jsonl.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._batch.append(row)
+    def write(self, row: dict[str, Any], *, prompt_id: int, line: str | None = None) -> None:
+        """Add a row; `line`, when given, is its JSON text already (the same as `json.dumps` of the row)."""
+        self._jsonl.write((json.dumps(row, ensure_ascii=False) if line is None else line) + "\n")
+        for name, column in self._columns:
+            column.append(row.get(name))
+        self._batched += 1
         self.rows += 1
         if prompt_id != self._last_prompt:
             self.prompts += 1
             self._last_prompt = prompt_id
-        if len(self._batch) >= PARQUET_BATCH_ROWS:
+        if self._batched >= PARQUET_BATCH_ROWS:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._batch:
+        if not self._batched:
             return
-        table = pa.Table.from_pylist(self._batch, schema=self.schema)
+        table = pa.Table.from_pydict(dict(self._columns), schema=self.schema)
         self._parquet.write_table(table)
         if self._arrow is not None:
             self._arrow.write_table(table)
-        self._batch.clear()
+        for _name, column in self._columns:
+            column.clear()
+        self._batched = 0
 
     def close(self) -> None:
         self._flush()
@@ -540,10 +615,12 @@ class Outputs:
             self.writers[output] = writers
         return writers
 
-    def write(self, output: str, split: str, row: dict[str, Any], *, prompt_id: int) -> None:
+    def write(
+        self, output: str, split: str, row: dict[str, Any], *, prompt_id: int, line: str | None = None
+    ) -> None:
         if self.split is not None and not self.split.keeps(output, prompt_id):
             return
-        self._open(output)[split].write(row, prompt_id=prompt_id)
+        self._open(output)[split].write(row, prompt_id=prompt_id, line=line)
 
     def close(self) -> None:
         for writers in self.writers.values():
@@ -657,29 +734,73 @@ class PairWriter:
         self.split = split
         self.labels = labels
         self.stats = PairStats()
+        self._json_prompt_id: int | None = None
+        self._json_prompt = ""
+        self._json_texts: dict[int, str] = {}
+        self._json_numbers: dict[float, tuple[str, str]] = {}  # a margin's JSON and its `_number` text
+        self._has_margin = options.has_margin
+        self._conversational = options.conversational
 
     def _row(self, prompt: Rendered, chosen: str, rejected: str, margin: float | None) -> dict[str, Any]:
-        conversational = self.options.conversational
+        conversational = self._conversational
         row: dict[str, Any] = {
             "prompt": prompt,
-            "chosen": completion_render(chosen, conversational=conversational),
-            "rejected": completion_render(rejected, conversational=conversational),
+            "chosen": completion_render(chosen, conversational=conversational) if conversational else chosen,
+            "rejected": completion_render(rejected, conversational=conversational)
+            if conversational
+            else rejected,
         }
-        if self.options.has_margin:
+        if self._has_margin:
             row["margin"] = float(margin if margin is not None else 0.0)
         return row
+
+    def _json_of(self, *, prompt_id: int, prompt: Rendered, completion_id: int, text: str) -> tuple[str, str]:
+        """The JSON texts of the prompt and of one completion, each encoded once per prompt."""
+        if prompt_id != self._json_prompt_id:
+            self._json_prompt_id = prompt_id
+            self._json_prompt = json.dumps(prompt, ensure_ascii=False)
+            self._json_texts = {}
+        encoded = self._json_texts.get(completion_id)
+        if encoded is None:
+            rendered = completion_render(text, conversational=self.options.conversational)
+            encoded = self._json_texts[completion_id] = json.dumps(rendered, ensure_ascii=False)
+        return self._json_prompt, encoded
 
     def _emit(self, *, prompt_id: int, prompt: Rendered, texts: dict[int, str], vote: Vote) -> None:
         split = self.split.split_of(prompt_id)
         row = self._row(
             prompt, texts[vote.chosen_id], texts[vote.rejected_id], 0.0 if vote.tie else vote.margin
         )
+        # The row's JSON line from its parts' JSON, each encoded once: the same text as json.dumps(row).
+        prompt_json, chosen_json = self._json_of(
+            prompt_id=prompt_id, prompt=prompt, completion_id=vote.chosen_id, text=texts[vote.chosen_id]
+        )
+        _prompt, rejected_json = self._json_of(
+            prompt_id=prompt_id, prompt=prompt, completion_id=vote.rejected_id, text=texts[vote.rejected_id]
+        )
+        line = f'{{"prompt": {prompt_json}, "chosen": {chosen_json}, "rejected": {rejected_json}'
+        has_margin = self._has_margin
+        if has_margin:
+            margin = row["margin"]
+            # Cached by value, but for zero: 0.0 and -0.0 are one key and two texts.
+            known = self._json_numbers.get(margin) if margin else None
+            if known is None:
+                known = (json.dumps(margin), _number(margin))
+                if margin:
+                    self._json_numbers[margin] = known
+            line += f', "margin": {known[0]}'
         if not vote.tie:
-            self.outputs.write("pairs", split, row, prompt_id=prompt_id)
-            if self.options.has_margin:
-                self.stats.margins[_number(row["margin"])] += 1
+            self.outputs.write("pairs", split, row, prompt_id=prompt_id, line=line + "}")
+            if has_margin:
+                self.stats.margins[known[1]] += 1
         if self.options.keep_ties:
-            self.outputs.write("pairs_with_ties", split, {**row, "tie": vote.tie}, prompt_id=prompt_id)
+            self.outputs.write(
+                "pairs_with_ties",
+                split,
+                {**row, "tie": vote.tie},
+                prompt_id=prompt_id,
+                line=line + (', "tie": true}' if vote.tie else ', "tie": false}'),
+            )
         elif vote.tie:
             self.stats.tie_rows_dropped += 1
 
@@ -836,7 +957,7 @@ def pair_labels_dawid_skene(
     labeler_column: list[int] = []
     outcome_column: list[str] = []
     scratch = PairStats()
-    for row in comparisons.iterator(chunk_size=CHUNK_SIZE):
+    for row in _rows_fast(comparisons):
         vote = _vote_from(row, options, scratch, repeated)
         if vote is None or (vote.tie and not options.keep_ties):
             continue
@@ -878,6 +999,36 @@ def pair_labels_dawid_skene(
     return PairLabels(outcomes=outcomes, labelers=labelers)
 
 
+def _comparisons_with_texts(
+    comparisons: QuerySet[Any],
+) -> Iterator[tuple[Any, dict[int, tuple[str, Any]], dict[int, str]]]:
+    """Each comparison row with its chunk's prompts (id → text, messages) and completions (id → text)."""
+    batch: list[Any] = []
+
+    def with_texts() -> Iterator[tuple[Any, dict[int, tuple[str, Any]], dict[int, str]]]:
+        prompt_ids = {row.prompt_id for row in batch}
+        completion_ids = {row.chosen_id for row in batch} | {row.rejected_id for row in batch}
+        prompts = {
+            pk: (text, messages)
+            for pk, text, messages in _rows_fast(
+                Prompt.objects.filter(pk__in=prompt_ids).values_list("pk", "text", "messages"), small=True
+            )
+        }
+        completions = dict(
+            _rows_fast(Completion.objects.filter(pk__in=completion_ids).values_list("pk", "text"), small=True)
+        )
+        for row in batch:
+            yield row, prompts, completions
+        batch.clear()
+
+    for row in _rows_fast(comparisons):
+        batch.append(row)
+        if len(batch) >= CHUNK_SIZE:
+            yield from with_texts()
+    if batch:
+        yield from with_texts()
+
+
 def pairs_write(
     *,
     build: DatasetBuild,
@@ -901,7 +1052,8 @@ def pairs_write(
         "rejected__uid",
         "labeler_id",
     ]
-    fields += ["chosen__text", "rejected__text", "prompt__text", "prompt__messages"]
+    # The texts are read per chunk by id (_comparisons_with_texts), not joined into every row:
+    # a completion is in a dozen comparisons, and narrow rows sort and travel far faster.
     if options.exclude_flagged:
         fields.append("judgment__flags")
     if options.margin == DatasetBuild.Margin.RANK_GAP:
@@ -927,7 +1079,7 @@ def pairs_write(
     texts: dict[int, str] = {}
     prompt: Rendered = ""
     prompt_id = 0
-    for row in comparisons.iterator(chunk_size=CHUNK_SIZE):
+    for row, prompts, completions in _comparisons_with_texts(comparisons):
         tick()
         stats.comparisons_read += 1
         row_key = (row.prompt_id, row.pair_low, row.pair_high)
@@ -936,13 +1088,12 @@ def pairs_write(
                 writer.group(prompt_id=prompt_id, prompt=prompt, texts=texts, votes=votes)
             if key is None or row.prompt_id != prompt_id:
                 prompt_id = row.prompt_id
+                prompt_text, prompt_messages = prompts[prompt_id]
                 prompt = prompt_render(
-                    text=row.prompt__text,
-                    messages=row.prompt__messages,
-                    conversational=options.conversational,
+                    text=prompt_text, messages=prompt_messages, conversational=options.conversational
                 )
             key, votes = row_key, []
-            texts = {row.chosen_id: row.chosen__text, row.rejected_id: row.rejected__text}
+            texts = {row.chosen_id: completions[row.chosen_id], row.rejected_id: completions[row.rejected_id]}
         vote = _vote_from(row, options, stats, repeated)
         if vote is None:
             continue
@@ -988,17 +1139,18 @@ def _judgments_with_items(judgments: Any) -> Iterator[tuple[Any, list[tuple[int,
     def with_items() -> Iterator[tuple[Any, list[tuple[int, str, str]]]]:
         items: dict[int, list[tuple[int, str, str]]] = {}
         task_ids = {judgment.task_id for judgment in batch}
-        for task_id, completion_id, uid, text in (
+        for task_id, completion_id, uid, text in _rows_fast(
             TaskCompletion.objects.filter(task_id__in=task_ids)
             .order_by("task_id", "position")
-            .values_list("task_id", "completion_id", "completion__uid", "completion__text")
+            .values_list("task_id", "completion_id", "completion__uid", "completion__text"),
+            small=True,
         ):
             items.setdefault(task_id, []).append((completion_id, str(uid), text))
         for judgment in batch:
             yield judgment, items.get(judgment.task_id, [])
         batch.clear()
 
-    for judgment in judgments.iterator(chunk_size=CHUNK_SIZE):
+    for judgment in _rows_fast(judgments):
         batch.append(judgment)
         if len(batch) >= CHUNK_SIZE:
             yield from with_items()
@@ -1018,6 +1170,22 @@ class JudgmentWriter:
         # The texts of the current prompt's SFT rows, so that its reference answer is not written twice.
         self._sft_prompt_id: int | None = None
         self._sft_texts: set[str] = set()
+        # JSON of the current prompt and of its completions' texts, each encoded once.
+        self._json_prompt_id: int | None = None
+        self._json_prompt = ""
+        self._json_texts: dict[str, str] = {}
+
+    def _json_of(self, current: PromptJudgments, text: str) -> tuple[str, str]:
+        """The JSON texts of the prompt and of one rendered completion (the same as json.dumps of each)."""
+        if current.prompt_id != self._json_prompt_id:
+            self._json_prompt_id = current.prompt_id
+            self._json_prompt = json.dumps(current.prompt, ensure_ascii=False)
+            self._json_texts = {}
+        encoded = self._json_texts.get(text)
+        if encoded is None:
+            rendered = completion_render(text, conversational=self.options.conversational)
+            encoded = self._json_texts[text] = json.dumps(rendered, ensure_ascii=False)
+        return self._json_prompt, encoded
 
     def judgment(self, current: PromptJudgments, judgment: Any, items: list[tuple[int, str, str]]) -> None:
         options = self.options
@@ -1057,7 +1225,15 @@ class JudgmentWriter:
                     if all(uid in likert for _c, uid, _t in kept)
                     else None
                 )
-            self.outputs.write("grouped", split, row, prompt_id=current.prompt_id)
+            encoded = [self._json_of(current, text)[1] for *_, text in kept]
+            line = (
+                f'{{"prompt": {self._json_prompt}, "completions": [{", ".join(encoded)}], '
+                f'"ranks": [{", ".join(map(str, ranks))}]'
+            )
+            if "likert" in row:
+                likert_json = "null" if row["likert"] is None else f"[{', '.join(map(str, row['likert']))}]"
+                line += f', "likert": {likert_json}'
+            self.outputs.write("grouped", split, row, prompt_id=current.prompt_id, line=line + "}")
         else:
             stats.grouped_dropped += 1
 
@@ -1085,7 +1261,14 @@ class JudgmentWriter:
             "prompt": current.prompt,
             "completion": completion_render(text, conversational=self.options.conversational),
         }
-        self.outputs.write("sft", self.split.split_of(current.prompt_id), row, prompt_id=current.prompt_id)
+        prompt_json, completion_json = self._json_of(current, text)
+        self.outputs.write(
+            "sft",
+            self.split.split_of(current.prompt_id),
+            row,
+            prompt_id=current.prompt_id,
+            line=f'{{"prompt": {prompt_json}, "completion": {completion_json}}}',
+        )
 
     def prompt_done(self, current: PromptJudgments) -> None:
         if self.options.majority and current.top_voters:
