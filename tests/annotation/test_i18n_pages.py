@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pkgutil
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +23,9 @@ from django.template.base import Lexer, TokenType
 from django.utils import translation
 
 TEMPLATES = Path(settings.BASE_DIR) / "templates"
-# Modules whose forms people fill in on the manager pages or in the admin.
-FORM_MODULES = ["annotation.forms", "annotation.admin", "training.forms", "training.admin"]
+# Modules whose forms people fill in on the manager pages or in the admin: every
+# `forms`, `admin` and `*views` module of both apps (a new one is covered at once).
+FORM_MODULE_SUFFIXES = ("forms", "admin", "views")
 # Forms Django ships with their own translations, and forms no person fills in.
 FORMS_NOT_OURS = {"PasswordResetForOneAccount"}
 
@@ -137,9 +139,21 @@ def test_the_template_check_catches_a_literal_word_and_spares_translated_ones():
 # --- forms -------------------------------------------------------------------------
 
 
+def form_modules() -> list[str]:
+    names = []
+    for package_name in ("annotation", "training"):
+        package = importlib.import_module(package_name)
+        names += [
+            f"{package_name}.{module.name}"
+            for module in pkgutil.iter_modules(package.__path__)
+            if module.name.endswith(FORM_MODULE_SUFFIXES)
+        ]
+    return sorted(names)
+
+
 def form_classes() -> list[type[forms.BaseForm]]:
     found: dict[str, type[forms.BaseForm]] = {}
-    for module_name in FORM_MODULES:
+    for module_name in form_modules():
         module = importlib.import_module(module_name)
         for name, value in vars(module).items():
             if (
