@@ -1001,32 +1001,39 @@ def pair_labels_dawid_skene(
 
 def _comparisons_with_texts(
     comparisons: QuerySet[Any],
-) -> Iterator[tuple[Any, dict[int, tuple[str, Any]], dict[int, str]]]:
-    """Each comparison row with its chunk's prompts (id → text, messages) and completions (id → text)."""
-    batch: list[Any] = []
+) -> Iterator[tuple[Any, tuple[str, Any], dict[int, str]]]:
+    """Each comparison row (in prompt order) with its prompt's (text, messages) and completions (id → text).
 
-    def with_texts() -> Iterator[tuple[Any, dict[int, tuple[str, Any]], dict[int, str]]]:
-        prompt_ids = {row.prompt_id for row in batch}
-        completion_ids = {row.chosen_id for row in batch} | {row.rejected_id for row in batch}
-        prompts = {
-            pk: (text, messages)
-            for pk, text, messages in _rows_fast(
-                Prompt.objects.filter(pk__in=prompt_ids).values_list("pk", "text", "messages"), small=True
-            )
-        }
-        completions = dict(
-            _rows_fast(Completion.objects.filter(pk__in=completion_ids).values_list("pk", "text"), small=True)
-        )
-        for row in batch:
-            yield row, prompts, completions
-        batch.clear()
-
+    Texts come from two more streams in prompt order, walked beside the
+    comparisons (a merge join): each text crosses the wire once, not once per
+    comparison, and the comparisons' rows stay narrow for the sort.
+    """
+    prompt_ids = comparisons.order_by().values("prompt_id")
+    prompts = _rows_fast(
+        Prompt.objects.filter(pk__in=prompt_ids).order_by("pk").values_list("pk", "text", "messages")
+    )
+    completions = _rows_fast(
+        Completion.objects.filter(prompt_id__in=prompt_ids)
+        .order_by("prompt_id", "pk")
+        .values_list("prompt_id", "pk", "text")
+    )
+    pending = next(completions, None)
+    current: int | None = None
+    prompt: tuple[str, Any] = ("", None)
+    texts: dict[int, str] = {}
     for row in _rows_fast(comparisons):
-        batch.append(row)
-        if len(batch) >= CHUNK_SIZE:
-            yield from with_texts()
-    if batch:
-        yield from with_texts()
+        if row.prompt_id != current:
+            current = row.prompt_id
+            for pk, text, messages in prompts:
+                if pk == current:
+                    prompt = (text, messages)
+                    break
+            texts = {}
+            while pending is not None and pending[0] <= current:
+                if pending[0] == current:
+                    texts[pending[1]] = pending[2]
+                pending = next(completions, None)
+        yield row, prompt, texts
 
 
 def pairs_write(
@@ -1079,7 +1086,7 @@ def pairs_write(
     texts: dict[int, str] = {}
     prompt: Rendered = ""
     prompt_id = 0
-    for row, prompts, completions in _comparisons_with_texts(comparisons):
+    for row, prompt_row, completions in _comparisons_with_texts(comparisons):
         tick()
         stats.comparisons_read += 1
         row_key = (row.prompt_id, row.pair_low, row.pair_high)
@@ -1088,7 +1095,7 @@ def pairs_write(
                 writer.group(prompt_id=prompt_id, prompt=prompt, texts=texts, votes=votes)
             if key is None or row.prompt_id != prompt_id:
                 prompt_id = row.prompt_id
-                prompt_text, prompt_messages = prompts[prompt_id]
+                prompt_text, prompt_messages = prompt_row
                 prompt = prompt_render(
                     text=prompt_text, messages=prompt_messages, conversational=options.conversational
                 )
