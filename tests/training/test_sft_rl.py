@@ -526,3 +526,66 @@ def test_sft_and_rl_runs_take_conversational_rows(tmp_path, tiny_model_dir):
     result = run_training(rl, PrintReporter())
     assert result.status == "succeeded"
     assert {"proxy_reward", "kl", "true_score"} <= set(result.metrics)
+
+
+def test_the_loop_report_gives_rl_accuracy_and_the_over_optimisation_table():
+    from training.demo.loop import report_markdown
+
+    measure = {"value": 0.5, "successes": 50, "trials": 100, "low": 0.4, "high": 0.6}
+    report = {
+        "settings": {
+            "train_prompts": 10,
+            "k": 4,
+            "temperature": 1.0,
+            "heldout_prompts": 5,
+            "eval_prompts": 100,
+            "base_model": "m",
+            "seed": 0,
+        },
+        "goals": [
+            {
+                "goal": "RL accuracy minus SFT accuracy (held-out)",
+                "target": "≥ +10 points",
+                "reached": 12.0,
+                "met": True,
+            }
+        ],
+        "reward_model": {
+            "accuracy_right_vs_wrong": measure,
+            "accuracy_nearer_vs_farther": measure,
+            "accuracy_train_right_vs_wrong": measure,
+            "run_metrics": {},
+        },
+        "policies": {
+            "sft": measure,
+            "dpo": measure,
+            "gain_points": 0.0,
+            "rl": {**measure, "value": 0.62, "successes": 62},
+            "rl_gain_points": 12.0,
+        },
+        "rl_watch": [
+            {"step": 10, "kl": 0.5, "proxy_reward": 0.25, "true_score": 0.55},
+            {"step": 20, "kl": 1.25, "proxy_reward": 0.75, "true_score": 0.6},
+        ],
+        "ab": {
+            "votes": 0,
+            "dpo_wins": 0,
+            "sft_wins": 0,
+            "ties": 0,
+            "both_bad": 0,
+            "dpo_win_rate": {"value": None},
+            "position_bias": {"left_share": None, "low": None, "high": None},
+            "ratings": [],
+            "names": {},
+            "evaluators": [],
+        },
+        "labeling": {"labelers": []},
+        "stages": [],
+        "total_seconds": 60.0,
+    }
+
+    text = report_markdown(report)
+
+    assert "| RL accuracy minus SFT accuracy (held-out) | ≥ +10 points | +12.0 points | yes |" in text
+    assert "- RL gain over SFT: +12.0 points" in text
+    assert "| 20 | 1.250 | 0.750 | 60.0% |" in text

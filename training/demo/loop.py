@@ -87,6 +87,9 @@ class LoopSettings:
     max_new_tokens: int = 32
     reward_hyperparameters: dict[str, Any] = field(default_factory=dict)
     dpo_hyperparameters: dict[str, Any] = field(default_factory=dict)
+    # An RL run against the reward model (RLOO, KL to SFT), with the demo's truth watching for
+    # reward hacking; empty: no RL stage.
+    rl_hyperparameters: dict[str, Any] = field(default_factory=dict)
     peft: str = "full"
     stage_timeout_s: float = 3600.0
     poll_s: float = 1.0
@@ -212,6 +215,8 @@ class LoopReport:
     dataset_build: dict[str, Any] = field(default_factory=dict)
     reward_model: dict[str, Any] = field(default_factory=dict)
     policies: dict[str, Any] = field(default_factory=dict)
+    # The RL run's over-optimisation watch: (step, KL, proxy reward, true score) on held-out prompts.
+    rl_watch: list[dict[str, Any]] = field(default_factory=list)
     ab: dict[str, Any] = field(default_factory=dict)
     goals: list[dict[str, Any]] = field(default_factory=list)
     total_seconds: float = 0.0
@@ -358,11 +363,26 @@ class Loop:
         with self.stage("train DPO policy"):
             dpo_run = self._train(manager_api, build=build, kind="dpo")
         self.dpo = Policy.objects.get(pk=dpo_run["policy"])
+        self.rl: Policy | None = None
+        if settings.rl_hyperparameters:
+            with self.stage("train RL policy"):
+                rl_run = self._train(
+                    manager_api,
+                    build=build,
+                    kind="rl",
+                    hyperparameters=settings.rl_hyperparameters,
+                    extra={
+                        "against_reward_model": reward_run["reward_model"],
+                        "true_scorer": "demo_arithmetic",
+                    },
+                )
+            self.rl = Policy.objects.get(pk=rl_run["policy"])
+            self._rl_watch(rl_run["id"])
         with self.stage("generate held-out answers"):
             self._generate(
                 policy=self.sft, project=self.heldout_project, n=settings.k, temperature=settings.temperature
             )
-            for policy in (self.sft, self.dpo):
+            for policy in (self.sft, self.dpo, *([self.rl] if self.rl else [])):
                 self._generate(policy=policy, project=self.eval_project, n=1, temperature=EVAL_TEMPERATURE)
         with self.stage("score reward model against truth"):
             self._reward_accuracy(reward_run)
@@ -467,6 +487,7 @@ class Loop:
         kind: str,
         hyperparameters: dict[str, Any] | None = None,
         name: str = "",
+        extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         if hyperparameters is None:
             hyperparameters = (
@@ -485,6 +506,7 @@ class Loop:
                 "peft": self.settings.peft,
                 "trainer": TrainingRun.Trainer.GROUPED,
                 "hyperparameters": hyperparameters,
+                **(extra or {}),
             },
         )
 
@@ -557,8 +579,28 @@ class Loop:
                         right_vs_wrong[1] += 1
         return _interval_dict(*right_vs_wrong), _interval_dict(*nearer)
 
+    def _rl_watch(self, run_id: int) -> None:
+        """The RL run's over-optimisation points, as its run page plots them."""
+        from training.models import TrainingRunMetric
+
+        for step, values in (
+            TrainingRunMetric.objects.filter(run_id=run_id)
+            .order_by("step", "id")
+            .values_list("step", "values")
+        ):
+            if "watch/kl" in values:
+                self.report.rl_watch.append(
+                    {
+                        "step": step,
+                        "kl": values["watch/kl"],
+                        "proxy_reward": values.get("watch/proxy_reward"),
+                        "true_score": values.get("watch/true_score"),
+                    }
+                )
+
     def _policy_accuracy(self) -> None:
-        for key, policy in (("sft", self.sft), ("dpo", self.dpo)):
+        policies = [("sft", self.sft), ("dpo", self.dpo), *([("rl", self.rl)] if self.rl else [])]
+        for key, policy in policies:
             completions = Completion.objects.filter(prompt__project=self.eval_project, policy=policy)
             right = sum(
                 answer_is_correct(self.truth[c.prompt.messages[0]["content"]], c.text)
@@ -569,6 +611,11 @@ class Loop:
         self.report.policies["gain_points"] = (
             None if sft is None or dpo is None else round(100 * (dpo - sft), 1)
         )
+        if self.rl:
+            rl = self.report.policies["rl"]["value"]
+            self.report.policies["rl_gain_points"] = (
+                None if sft is None or rl is None else round(100 * (rl - sft), 1)
+            )
 
     def _ab(self) -> Project:
         session = ab_session_create(
@@ -681,6 +728,18 @@ class Loop:
                 "reached": gain,
                 "met": gain is not None and gain >= 10,
             },
+            *(
+                [
+                    {
+                        "goal": "RL accuracy minus SFT accuracy (held-out)",
+                        "target": "≥ +10 points",
+                        "reached": self.report.policies.get("rl_gain_points"),
+                        "met": (self.report.policies.get("rl_gain_points") or 0) >= 10,
+                    }
+                ]
+                if "rl" in self.report.policies
+                else []
+            ),
             {
                 "goal": "A/B win rate of DPO over SFT, 95% interval",
                 "target": "lower bound > 50%",
@@ -745,7 +804,7 @@ def report_markdown(report: dict[str, Any]) -> str:
             reached = _percent(reached)
         elif goal["goal"].startswith("whole loop"):
             reached = f"{reached / 60:.1f} min"
-        elif goal["goal"].startswith("DPO accuracy"):
+        elif goal["goal"].startswith(("DPO accuracy", "RL accuracy")):
             reached = "n/a" if reached is None else f"{reached:+.1f} points"
         lines.append(
             f"| {goal['goal']} | {goal['target']} | {reached} | {'yes' if goal['met'] else '**no**'} |"
@@ -774,6 +833,29 @@ def report_markdown(report: dict[str, Any]) -> str:
         if policies["gain_points"] is not None
         else "- gain: n/a",
         "",
+    ]
+    if "rl" in policies:
+        gain = policies.get("rl_gain_points")
+        lines += [
+            f"- RL (RLOO against the reward model): {_interval_text(policies['rl'])}",
+            f"- RL gain over SFT: {gain:+.1f} points" if gain is not None else "- RL gain over SFT: n/a",
+            "",
+        ]
+    if report.get("rl_watch"):
+        lines += [
+            "## RL against the reward model: proxy reward and truth against KL (held-out prompts)",
+            "",
+            "| step | KL to SFT | proxy reward (reward model) | true score (share right) |",
+            "| --- | --- | --- | --- |",
+        ]
+        for point in report["rl_watch"]:
+            true = point.get("true_score")
+            lines.append(
+                f"| {point['step']} | {point['kl']:.3f} | {point['proxy_reward']:.3f} | "
+                f"{'n/a' if true is None else _percent(true)} |"
+            )
+        lines.append("")
+    lines += [
         "## Blind A/B: DPO vs SFT",
         "",
         f"{ab['votes']} votes: DPO won {ab['dpo_wins']}, SFT won {ab['sft_wins']}, "
