@@ -891,8 +891,9 @@ def _number(value: float) -> str:
 
 
 def _vote_from(row: Any, options: BuildOptions, stats: PairStats, repeated: RepeatedTexts) -> Vote | None:
-    if repeated.is_copy(task_id=row.task_id, completion_id=row.chosen_id) or repeated.is_copy(
-        task_id=row.task_id, completion_id=row.rejected_id
+    if repeated.copies and (
+        repeated.is_copy(task_id=row.task_id, completion_id=row.chosen_id)
+        or repeated.is_copy(task_id=row.task_id, completion_id=row.rejected_id)
     ):
         stats.dropped_repeated_text += 1
         return None
