@@ -7,6 +7,7 @@ from typing import Any
 
 from celery import shared_task
 from celery.signals import worker_ready
+from django.db import connections
 
 from annotation.services import assignments_expire_stale
 from annotation.snapshots import STATS_REFRESH_QUEUE, STATS_REFRESH_TASK, stats_snapshot_refresh
@@ -49,3 +50,6 @@ def _webhook_deliveries_sweep_on_start(sender: Any = None, **kwargs: Any) -> Non
         webhook_deliveries_sweep()
     except Exception:  # a worker must start even when the database is not there yet
         logging.getLogger(__name__).exception("webhook sweep at worker start failed")
+    finally:
+        # The worker's main process runs no tasks: it keeps no connection open for this one query.
+        connections.close_all()

@@ -189,7 +189,9 @@ def webhook_delivery_attempt(*, delivery_id: int, now: datetime | None = None) -
     )
     if claimed != 1:
         return "skipped"
-    delivery = WebhookDelivery.objects.select_related("webhook").get(pk=delivery_id)
+    delivery = WebhookDelivery.objects.select_related("webhook").filter(pk=delivery_id).first()
+    if delivery is None:  # its webhook was deleted meanwhile
+        return "skipped"
     webhook = delivery.webhook
     if not webhook.active:
         WebhookDelivery.objects.filter(pk=delivery_id).update(
