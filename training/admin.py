@@ -25,7 +25,8 @@ from annotation.roles import Role
 from annotation.selectors import projects_for_user
 from training.models import DatasetBuild, GenerationJob, RewardModel, ScoringJob, TrainingRun
 from training.selectors import (
-    BUILD_OPTION_FIELDS,
+    BUILD_OPTIONAL_FIELDS,
+    build_options_from,
     dataset_builds_for_user,
     labeler_choices_for_builds,
     project_choices_for_builds,
@@ -125,6 +126,12 @@ class DatasetBuildAdmin(admin.ModelAdmin):
         # A build is a frozen export: its page is read-only; rebuild makes a new one.
         return obj is None and super().has_change_permission(request, obj)
 
+    def formfield_for_dbfield(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        field = super().formfield_for_dbfield(db_field, request, **kwargs)
+        if field is not None and db_field.name in BUILD_OPTIONAL_FIELDS:
+            field.required = False  # left out, the model's default stands
+        return field
+
     def formfield_for_manytomany(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
         if db_field.name == "projects":
             kwargs["queryset"] = project_choices_for_builds(user=request.user)
@@ -151,7 +158,7 @@ class DatasetBuildAdmin(admin.ModelAdmin):
             name=data["name"],
             projects=data["projects"],
             labelers=data["labelers"],
-            **{field: data[field] for field in BUILD_OPTION_FIELDS},
+            **build_options_from(data),
         )
         # The admin goes on with `obj` (messages, log entry, redirect): make it the saved row.
         obj.pk = build.pk

@@ -18,6 +18,8 @@ from training.rl import TRUE_SCORERS
 from training.selectors import (
     BUILD_LABELS,
     BUILD_OPTION_FIELDS,
+    BUILD_OPTIONAL_FIELDS,
+    build_options_from,
     dataset_builds_for_user,
     labeler_choices_for_builds,
     project_choices_for_builds,
@@ -47,6 +49,8 @@ class DatasetBuildForm(forms.ModelForm):
         assert isinstance(labelers, forms.ModelMultipleChoiceField)
         projects.queryset = project_choices_for_builds(user=user)
         labelers.queryset = labeler_choices_for_builds(user=user)
+        for name in BUILD_OPTIONAL_FIELDS:
+            self.fields[name].required = False
 
     def service_arguments(self) -> dict[str, Any]:
         """The cleaned values as `dataset_build_create` takes them."""
@@ -55,7 +59,7 @@ class DatasetBuildForm(forms.ModelForm):
             "name": data["name"],
             "projects": list(data["projects"]),
             "labelers": list(data["labelers"]),
-            **{field: data[field] for field in BUILD_OPTION_FIELDS},
+            **build_options_from(data),
         }
 
 

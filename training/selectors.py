@@ -44,6 +44,19 @@ BUILD_OPTION_FIELDS = (
     "sources",
     "judge_agreement_min",
 )
+# Options a form or script may leave out: the model's default stands (they came after the first forms).
+BUILD_OPTIONAL_FIELDS = ("sft_in_preferences", "sources", "judge_agreement_min")
+
+
+def build_options_from(data: dict[str, Any]) -> dict[str, Any]:
+    """A form's cleaned options as `dataset_build_create` takes them, leaving out optional ones not given."""
+    return {
+        field: data[field]
+        for field in BUILD_OPTION_FIELDS
+        if field not in BUILD_OPTIONAL_FIELDS or data.get(field) not in (None, "")
+    }
+
+
 # What people read for a build's fields, on its form and its page.
 BUILD_LABELS = {
     "name": _("Name"),
