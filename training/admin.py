@@ -105,6 +105,7 @@ class DatasetBuildAdmin(admin.ModelAdmin):
                     "test_fraction",
                     "seed",
                     "near_duplicate_threshold",
+                    "sft_in_preferences",
                 )
             },
         ),
