@@ -204,3 +204,22 @@ def test_sigterm_to_the_child_sends_the_job_back_with_its_attempt_given_back_nev
     assert (job.status, job.attempts, job.attempts_given_back) == ("queued", 1, 1)
     assert "stopped by SIGTERM" in job.error
     assert requeued == [job.pk]
+
+
+def test_a_jobs_process_key_names_its_database_so_another_deployment_on_the_host_is_never_taken_for_leftovers(
+    settings: Any,
+) -> None:
+    from django.db import connections
+
+    from training.services.supervisor import _job_key
+
+    here = _job_key(GenerationJob, 1)
+    assert here.endswith(":training.generationjob:1")
+    original = connections["default"].settings_dict["NAME"]
+    connections["default"].settings_dict["NAME"] = f"{original}-another-deployment"
+    try:
+        elsewhere = _job_key(GenerationJob, 1)
+    finally:
+        connections["default"].settings_dict["NAME"] = original
+    assert elsewhere != here and elsewhere.endswith(":training.generationjob:1")
+    assert _job_key(GenerationJob, 1) == here

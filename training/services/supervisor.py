@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db import connection
+from django.db import connection, connections
 
 from training.events import (
     EVENTS_FILE_ENV,
@@ -220,8 +221,15 @@ def _job_stop(process: subprocess.Popen[bytes], mark: str, pump: Callable[[], ob
 
 
 def _job_key(model: JobModel, job_id: int) -> str:
-    """What every process of every attempt of one job carries in its environment (JOB_KEY_ENV)."""
-    return f"{model._meta.label_lower}:{job_id}"
+    """What every process of every attempt of one job carries in its environment (JOB_KEY_ENV).
+
+    It names the database too: two deployments (or test runs) on one host each
+    have a "generation job 1", and one must never take the other's processes
+    for its own leftovers.
+    """
+    database = connections[model.objects.db].settings_dict
+    where = f"{database.get('HOST') or ''}:{database.get('PORT') or ''}/{database['NAME']}"
+    return f"{hashlib.sha256(where.encode()).hexdigest()[:16]}:{model._meta.label_lower}:{job_id}"
 
 
 def _job_leftovers_kill(model: JobModel, job_id: int) -> list[int]:
