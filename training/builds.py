@@ -890,14 +890,24 @@ def _number(value: float) -> str:
     return f"{value:.4f}".rstrip("0").rstrip(".") if value == value else "nan"
 
 
-def _vote_from(row: Any, options: BuildOptions, stats: PairStats, repeated: RepeatedTexts) -> Vote | None:
+def _vote_from(
+    row: Any,
+    options: BuildOptions,
+    stats: PairStats,
+    repeated: RepeatedTexts,
+    *,
+    chosen_uid: str | None = None,
+    rejected_uid: str | None = None,
+) -> Vote | None:
+    """The row's vote under the build's filters (None when one drops it); uids from the row unless given."""
     if repeated.copies and (
         repeated.is_copy(task_id=row.task_id, completion_id=row.chosen_id)
         or repeated.is_copy(task_id=row.task_id, completion_id=row.rejected_id)
     ):
         stats.dropped_repeated_text += 1
         return None
-    chosen_uid, rejected_uid = str(row.chosen__uid), str(row.rejected__uid)
+    if chosen_uid is None or rejected_uid is None:
+        chosen_uid, rejected_uid = str(row.chosen__uid), str(row.rejected__uid)
     if options.exclude_flagged:
         flags = row.judgment__flags or {}
         if flags.get(chosen_uid) or flags.get(rejected_uid):
@@ -1002,8 +1012,8 @@ def pair_labels_dawid_skene(
 
 def _comparisons_with_texts(
     comparisons: QuerySet[Any],
-) -> Iterator[tuple[Any, tuple[str, Any], dict[int, str]]]:
-    """Each comparison row (in prompt order) with its prompt's (text, messages) and completions (id → text).
+) -> Iterator[tuple[Any, tuple[str, Any], dict[int, str], dict[int, str]]]:
+    """Each comparison row (in prompt order) with its prompt's (text, messages), and its completions' texts and uids.
 
     Texts come from two more streams in prompt order, walked beside the
     comparisons (a merge join): each text crosses the wire once, not once per
@@ -1016,12 +1026,13 @@ def _comparisons_with_texts(
     completions = _rows_fast(
         Completion.objects.filter(prompt_id__in=prompt_ids)
         .order_by("prompt_id", "pk")
-        .values_list("prompt_id", "pk", "text")
+        .values_list("prompt_id", "pk", "text", "uid")
     )
     pending = next(completions, None)
     current: int | None = None
     prompt: tuple[str, Any] = ("", None)
     texts: dict[int, str] = {}
+    uids: dict[int, str] = {}
     for row in _rows_fast(comparisons):
         if row.prompt_id != current:
             current = row.prompt_id
@@ -1029,12 +1040,13 @@ def _comparisons_with_texts(
                 if pk == current:
                     prompt = (text, messages)
                     break
-            texts = {}
+            texts, uids = {}, {}
             while pending is not None and pending[0] <= current:
                 if pending[0] == current:
                     texts[pending[1]] = pending[2]
+                    uids[pending[1]] = str(pending[3])
                 pending = next(completions, None)
-        yield row, prompt, texts
+        yield row, prompt, texts, uids
 
 
 def pairs_write(
@@ -1056,26 +1068,31 @@ def pairs_write(
         "chosen_id",
         "rejected_id",
         "is_tie",
-        "chosen__uid",
-        "rejected__uid",
         "labeler_id",
     ]
-    # The texts are read per chunk by id (_comparisons_with_texts), not joined into every row:
-    # a completion is in a dozen comparisons, and narrow rows sort and travel far faster.
+    # The texts and uids come from a stream of the prompts' completions (_comparisons_with_texts),
+    # not joined into every row: a completion is in a dozen comparisons, and narrow rows sort and
+    # travel far faster.
     if options.exclude_flagged:
         fields.append("judgment__flags")
     if options.margin == DatasetBuild.Margin.RANK_GAP:
         fields.append("judgment__ranks")
     if options.margin == DatasetBuild.Margin.LIKERT_GAP:
         fields.append("judgment__likert")
-    comparisons = (
+    ordered = (
         _comparisons_read(build=build, excluded=excluded, judgment_id_max=judgment_id_max)
         .annotate(pair_low=Least("chosen_id", "rejected_id"), pair_high=Greatest("chosen_id", "rejected_id"))
         .order_by("prompt_id", "pair_low", "pair_high", "id")
-        .values_list(*fields, "pair_low", "pair_high", named=True)
     )
+    comparisons = ordered.values_list(*fields, "pair_low", "pair_high", named=True)
     labels = (
-        pair_labels_dawid_skene(comparisons=comparisons, options=options, repeated=repeated)
+        pair_labels_dawid_skene(
+            comparisons=ordered.values_list(
+                *fields, "chosen__uid", "rejected__uid", "pair_low", "pair_high", named=True
+            ),
+            options=options,
+            repeated=repeated,
+        )
         if options.dawid_skene
         else None
     )
@@ -1087,7 +1104,7 @@ def pairs_write(
     texts: dict[int, str] = {}
     prompt: Rendered = ""
     prompt_id = 0
-    for row, prompt_row, completions in _comparisons_with_texts(comparisons):
+    for row, prompt_row, completions, uids in _comparisons_with_texts(comparisons):
         tick()
         stats.comparisons_read += 1
         row_key = (row.prompt_id, row.pair_low, row.pair_high)
@@ -1102,7 +1119,9 @@ def pairs_write(
                 )
             key, votes = row_key, []
             texts = {row.chosen_id: completions[row.chosen_id], row.rejected_id: completions[row.rejected_id]}
-        vote = _vote_from(row, options, stats, repeated)
+        vote = _vote_from(
+            row, options, stats, repeated, chosen_uid=uids[row.chosen_id], rejected_uid=uids[row.rejected_id]
+        )
         if vote is None:
             continue
         stats.votes += 1
