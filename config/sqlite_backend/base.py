@@ -16,6 +16,9 @@ one thread of this process asks SQLite for the write lock at a time, so it
 waits in the busy handler only for another process (a Celery worker), whose
 writes are short.
 
+A write outside a transaction (autocommit: a flag set after a commit) takes
+its turn for that one statement in the same queue.
+
 The guarantees of a claim are SQLite's own and unchanged: the transaction
 still begins IMMEDIATE and holds the database's write lock until it ends.
 `SQLITE_FAIR_WRITES=0` turns the queue off (the benchmark measures the plain
@@ -24,11 +27,15 @@ backend beside it).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
 from django.conf import settings
 from django.db.backends.sqlite3 import base
+from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 
 
 class WriterQueue:
@@ -73,24 +80,85 @@ class WriterQueue:
 WRITERS = WriterQueue()
 
 
+# A statement that writes (SQLite takes the write lock for it when it runs outside a transaction).
+_WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+
+
+class _FairWrites:
+    """Mixed into the cursor wrappers: a write outside a transaction takes its turn in the queue too.
+
+    (Inside `atomic` the turn was taken at BEGIN IMMEDIATE.) Without this, the
+    autocommit writes a request makes after its transaction (a flag set on
+    commit, a last-login stamp) would wait in SQLite's busy handler, in no order.
+    """
+
+    db: DatabaseWrapper
+
+    def execute(self, sql: str, params: Any = None) -> Any:
+        with self.db.writer_turn_for(sql):
+            return super().execute(sql, params)  # type: ignore[misc]
+
+    def executemany(self, sql: str, param_list: Any) -> Any:
+        with self.db.writer_turn_for(sql):
+            return super().executemany(sql, param_list)  # type: ignore[misc]
+
+
+class FairCursorWrapper(_FairWrites, CursorWrapper):
+    pass
+
+
+class FairCursorDebugWrapper(_FairWrites, CursorDebugWrapper):
+    pass
+
+
 class DatabaseWrapper(base.DatabaseWrapper):
     holds_writer_turn = False
 
-    def _writer_turn_release(self) -> None:
-        if self.holds_writer_turn:
-            self.holds_writer_turn = False
-            WRITERS.release()
+    @property
+    def fair_writes(self) -> bool:
+        return bool(getattr(settings, "SQLITE_FAIR_WRITES", True))
 
-    def _start_transaction_under_autocommit(self) -> None:
-        if not getattr(settings, "SQLITE_FAIR_WRITES", True) or self.holds_writer_turn:
-            super()._start_transaction_under_autocommit()
-            return
+    def _writer_turn_take(self) -> None:
         # As long as SQLite itself would wait for the lock, then the error it would give.
         if not WRITERS.acquire(timeout=float(self.settings_dict.get("OPTIONS", {}).get("timeout", 5))):
             raise base.Database.OperationalError(
                 "database is locked (waited for this process's earlier writers)"
             )
         self.holds_writer_turn = True
+
+    def _writer_turn_release(self) -> None:
+        if self.holds_writer_turn:
+            self.holds_writer_turn = False
+            WRITERS.release()
+
+    @contextlib.contextmanager
+    def writer_turn_for(self, sql: str) -> Iterator[None]:
+        """Around one statement: its turn, when it writes outside a transaction."""
+        if (
+            not self.fair_writes
+            or self.holds_writer_turn
+            or self.in_atomic_block
+            or not sql.lstrip().upper().startswith(_WRITES)
+        ):
+            yield
+            return
+        self._writer_turn_take()
+        try:
+            yield
+        finally:
+            self._writer_turn_release()
+
+    def make_cursor(self, cursor: Any) -> CursorWrapper:
+        return FairCursorWrapper(cursor, self)
+
+    def make_debug_cursor(self, cursor: Any) -> CursorDebugWrapper:
+        return FairCursorDebugWrapper(cursor, self)
+
+    def _start_transaction_under_autocommit(self) -> None:
+        if not self.fair_writes or self.holds_writer_turn:
+            super()._start_transaction_under_autocommit()
+            return
+        self._writer_turn_take()
         try:
             super()._start_transaction_under_autocommit()
         except BaseException:

@@ -109,6 +109,35 @@ def test_24_labelers_claiming_at_once_on_the_sqlite_default_all_get_distinct_tas
     assert active.count() == active.values("task").distinct().count()
 
 
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="runs in the SQLite child run")
+@pytest.mark.django_db(transaction=True)
+def test_a_write_outside_a_transaction_waits_for_its_turn_too(make_project) -> None:
+    from annotation.models import Project
+    from config.sqlite_backend.base import WRITERS
+
+    project = make_project(tasks=1, k=2)
+    assert WRITERS.acquire(timeout=5)  # an earlier writer of this process holds the turn
+    done: list[bool] = []
+
+    def rename() -> None:
+        try:
+            Project.objects.filter(pk=project.pk).update(name="renamed")  # autocommit: no atomic block
+            done.append(True)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=rename)
+    try:
+        thread.start()
+        wait_until(lambda: WRITERS.waiting == 2, "the write is queued behind the holder")
+        assert not done
+    finally:
+        WRITERS.release()
+    thread.join(timeout=60)
+    assert done == [True]
+    assert Project.objects.get(pk=project.pk).name == "renamed"
+
+
 @pytest.mark.skipif(connection.vendor == "sqlite", reason="this is the SQLite run")
 def test_the_sqlite_default_runs_this_file(tmp_path: Path) -> None:
     (tmp_path / "var").mkdir()
@@ -136,4 +165,4 @@ def test_the_sqlite_default_runs_this_file(tmp_path: Path) -> None:
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert "3 passed" in result.stdout, result.stdout[-2000:]
+    assert "4 passed" in result.stdout, result.stdout[-2000:]
