@@ -159,8 +159,14 @@ def csrf_token(client: Client) -> str:
 
 @pytest.mark.django_db(transaction=True)
 def test_with_redis_down_labeling_goes_on_and_health_and_training_say_the_queue_is_unreachable(
-    private_redis: Any, labeling: dict[str, Any], succeeded_build: DatasetBuild
+    private_redis: Any, labeling: dict[str, Any], succeeded_build: DatasetBuild, tmp_path: Path
 ) -> None:
+    # A base model folder that passes the submission check (config, tokenizer, safetensors): only the queue is down.
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "gpt2"}')
+    (model / "tokenizer.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
     project: Project = labeling["project"]
     manager: AbstractUser = succeeded_build.created_by
     labeler = Client(enforce_csrf_checks=True)
@@ -206,7 +212,7 @@ def test_with_redis_down_labeling_goes_on_and_health_and_training_say_the_queue_
         {
             "kind": "reward",
             "dataset_build": succeeded_build.pk,
-            "base_model": "any/model",
+            "base_model": str(model),
             "peft": "lora",
             "gpus": 1,
             "num_train_epochs": 1,
@@ -228,7 +234,7 @@ def test_with_redis_down_labeling_goes_on_and_health_and_training_say_the_queue_
     assert "The job queue (Redis) cannot be reached" in page.content.decode()
     api = boss.post(
         "/api/training-runs/",
-        json.dumps({"dataset_build": succeeded_build.pk, "kind": "dpo", "base_model": "any/model"}),
+        json.dumps({"dataset_build": succeeded_build.pk, "kind": "dpo", "base_model": str(model)}),
         content_type="application/json",
         HTTP_X_CSRFTOKEN=token,
     )
