@@ -151,9 +151,13 @@ class ImportErrorSerializer(serializers.Serializer):
 
 
 class ImportFailureSerializer(ProblemSerializer):
-    """A refused import: `errors` by field, and `lines` with every bad line's number (nothing was written)."""
+    """A refused import: `errors` by field, and `lines` with every bad line's number (nothing was written).
 
-    lines = ImportErrorSerializer(many=True)
+    `lines` is there when the file was read and some lines were refused; a
+    request refused before that (no file, a wrong format) has only `errors`.
+    """
+
+    lines = ImportErrorSerializer(many=True, required=False)
 
 
 class ImportReportSerializer(serializers.Serializer):
