@@ -217,8 +217,8 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "ProjectKindEnum": "annotation.models.Project.Kind",
         "TrainingRunKindEnum": "training.models.TrainingRun.Kind",
-        "TrainingRunStatusEnum": "training.models.TrainingRun.Status",
-        "DatasetBuildStatusEnum": "training.models.DatasetBuild.Status",
+        # Every job kind shares one set of states (training.models.Job).
+        "JobStatusEnum": "training.models.Job.Status",
     },
 }
 
