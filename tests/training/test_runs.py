@@ -356,8 +356,9 @@ def test_kill_9_of_the_launcher_kills_its_trainers_and_the_retry_resumes_with_ne
 def test_sigterm_to_the_run_process_saves_a_checkpoint_and_requeues_the_run_with_its_attempt_given_back(
     celery_worker, build, tiny_model_dir
 ):
-    # given a run training mid-way that saves no checkpoint of its own
-    run = create(build, tiny_model_dir, hyperparameters={**TINY, "max_steps": 40, "save_steps": 1000})
+    # given a run training mid-way that saves no checkpoint of its own (enough steps that it is still
+    # training when the test, which learns its step from the supervisor, sends the signal)
+    run = create(build, tiny_model_dir, hyperparameters={**TINY, "max_steps": 200, "save_steps": 1000})
     with trainers_sampled(run) as samples:
         run = wait_for_step(run, 2)
 
