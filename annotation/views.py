@@ -46,7 +46,7 @@ from annotation.selectors import (
     projects_for_user,
     projects_fraction_done,
 )
-from annotation.services import JudgmentInput, JudgmentInvalid, MemberInvalid, assignment_claim_next
+from annotation.services import JudgmentInput, JudgmentInvalid, assignment_claim_next
 from annotation.snapshots import snapshot_meta, stats_refresh_now, stats_snapshot_get
 
 

@@ -744,7 +744,9 @@ class ContinuousTraining(models.Model):
     current_build = models.ForeignKey(
         DatasetBuild, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
-    current_run = models.ForeignKey(TrainingRun, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    current_run = models.ForeignKey(
+        TrainingRun, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     current_scoring = models.ForeignKey(
         ScoringJob, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
