@@ -30,10 +30,10 @@ from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from annotation.models import Comparison, Judgment, Project
+from annotation.models import Comparison, Judgment, Project, StatsSnapshot
 from annotation.roles import Role, role_required
 from annotation.selectors import project_get_for_user
-from annotation.stats import gold_accuracy
+from annotation.snapshots import stats_snapshot_get
 from training.continuous import continuous_training_set, human_judgments
 from training.judges import judge_attach, judge_calibration, judge_request
 from training.models import ContinuousTraining, Judge, RewardModel, TrainingRun
@@ -67,7 +67,13 @@ def judges_table(*, project: Project) -> list[dict[str, Any]]:
         return []
     live = Comparison.objects.filter(project=project).exclude(judgment__review=Judgment.Review.REJECTED)
     calibration = {row.user_id: row for row in judge_calibration(comparisons=live)}
-    gold = gold_accuracy(project=project)
+    # Gold accuracy as the per-labeler table has it: read from the statistics snapshot, not recomputed here.
+    labelers = stats_snapshot_get(project=project, kind=StatsSnapshot.Kind.PROJECT).payload.get(
+        "labelers", []
+    )
+    gold = {
+        row["user_id"]: {"judged": row["gold_judged"], "accuracy": row["gold_accuracy"]} for row in labelers
+    }
     rows = []
     for judge in judges:
         measured = calibration.get(judge.account_id)
