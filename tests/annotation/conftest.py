@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -56,3 +60,26 @@ def make_project() -> ProjectMaker:
         return project
 
     return build
+
+
+def run_on_sqlite(test_file: str, tmp_path: Path, *, deselect: str) -> str:
+    """Run `test_file` again on the SQLite default in a child pytest (less the tests matching `deselect`).
+
+    Returns pytest's output; fails the calling test when the child run fails.
+    """
+    (tmp_path / "var").mkdir(exist_ok=True)  # where the SQLite test database goes
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        "VAR_DIR": str(tmp_path / "var"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", f"not {deselect}"],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result.stdout

@@ -7,9 +7,6 @@ SQLite in a child process, so ``make test`` covers both.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -18,7 +15,7 @@ from django.db import connection, connections
 
 from annotation.models import Assignment
 from annotation.services import assignment_claim_next
-from tests.annotation.conftest import add_member, make_people
+from tests.annotation.conftest import add_member, make_people, run_on_sqlite
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,29 +100,5 @@ def test_a_person_whose_lease_ran_out_gets_a_new_one_and_the_old_slot_is_freed(m
 
 @pytest.mark.skipif(connection.vendor == "sqlite", reason="this is the SQLite run")
 def test_the_same_races_hold_on_the_sqlite_default(tmp_path: Path) -> None:
-    (tmp_path / "var").mkdir()  # where the SQLite test database goes
-    env = {
-        **os.environ,
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
-        "VAR_DIR": str(tmp_path / "var"),
-    }
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            __file__,
-            "-k",
-            "not sqlite_default",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert "4 passed" in result.stdout, result.stdout[-2000:]
+    output = run_on_sqlite(__file__, tmp_path, deselect="sqlite_default")
+    assert "4 passed" in output, output[-2000:]

@@ -6,9 +6,6 @@ child process, so ``make test`` on PostgreSQL covers the SQLite run too.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +17,7 @@ from django.db import connection, connections
 from annotation.models import Assignment
 from annotation.services import assignment_claim_next
 from config.sqlite_backend.base import WriterQueue
-from tests.annotation.conftest import add_member, make_people
+from tests.annotation.conftest import add_member, make_people, run_on_sqlite
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -140,29 +137,5 @@ def test_a_write_outside_a_transaction_waits_for_its_turn_too(make_project) -> N
 
 @pytest.mark.skipif(connection.vendor == "sqlite", reason="this is the SQLite run")
 def test_the_sqlite_default_runs_this_file(tmp_path: Path) -> None:
-    (tmp_path / "var").mkdir()
-    env = {
-        **os.environ,
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
-        "VAR_DIR": str(tmp_path / "var"),
-    }
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            __file__,
-            "-k",
-            "not sqlite_default_runs",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert "4 passed" in result.stdout, result.stdout[-2000:]
+    output = run_on_sqlite(__file__, tmp_path, deselect="sqlite_default_runs")
+    assert "4 passed" in output, output[-2000:]
