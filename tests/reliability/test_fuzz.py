@@ -138,7 +138,8 @@ def test_the_judgment_service_takes_any_answer_and_only_ever_refuses_it_cleanly(
     uids = [str(item.completion.uid) for item in assignment_items_in_display_order(assignment=assignment)]
     outcomes: dict[str, int] = {}
 
-    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    # derandomize: the same examples on every run, so "both sides reached" never depends on luck
+    @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
     @given(answer=answers(uids, list(project.flags)))
     def submit(answer: JudgmentInput) -> None:
         before = stored_rows()
