@@ -124,6 +124,16 @@ class Policy(models.Model):
     base_model = models.CharField(max_length=500, blank=True, help_text=_("Local path or hub id."))
     adapter = models.CharField(max_length=500, blank=True, help_text=_("PEFT adapter path, if any."))
     generation_settings = models.JSONField(default=dict, blank=True)
+    # The projects the policy belongs to: registered for, used in (imports, generation jobs,
+    # A/B sessions), or whose build trained it. A manager sees and uses only policies of a
+    # project they manage (training.policies.policies_for_user); one with none, a superuser only.
+    projects = models.ManyToManyField(
+        "Project",
+        blank=True,
+        related_name="policies",
+        verbose_name=_("projects"),
+        help_text=_("The projects whose managers may see and use this policy."),
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
