@@ -675,21 +675,39 @@ class Judge(models.Model):
     the project, so it claims and submits through the same services as people;
     its judgments carry `source = model`. A reward-model judge ranks a task's
     completions by the reward model's scores (a scoring job over the project
-    writes them first).
+    writes them first). A language-model judge is a causal LM (a policy) shown
+    the task through `prompt_template`; a judge job on the gpu queue reads its
+    verdict on each task (JudgeVerdict) first.
     """
 
     class Kind(models.TextChoices):
         REWARD_MODEL = "reward_model", _("Reward model")
+        LANGUAGE_MODEL = "language_model", _("Language model prompted to rank")
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="judges")
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.REWARD_MODEL)
-    reward_model = models.ForeignKey(RewardModel, on_delete=models.PROTECT, related_name="judges")
+    reward_model = models.ForeignKey(
+        RewardModel, null=True, blank=True, on_delete=models.PROTECT, related_name="judges"
+    )
+    policy = models.ForeignKey(
+        Policy,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="judges",
+        help_text=_("The causal language model of a language-model judge."),
+    )
+    prompt_template = models.TextField(
+        blank=True, help_text=_("What a language-model judge is shown: {prompt} and {candidates} at least.")
+    )
     account = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="judge")
     active = models.BooleanField(default=True)
     max_judgments = models.PositiveIntegerField(
         null=True, blank=True, help_text=_("Stop after this many judgments (empty: every task it may take).")
     )
     judgments_made = models.PositiveIntegerField(default=0)
+    # Tasks a language-model judge gave no readable answer for: left to people, never guessed.
+    answers_unreadable = models.PositiveIntegerField(default=0)
     last_run_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True)
     created_by = models.ForeignKey(
@@ -702,11 +720,98 @@ class Judge(models.Model):
         constraints = [
             models.UniqueConstraint(
                 fields=["project", "reward_model"], name="judge_one_per_project_and_model"
-            )
+            ),
+            models.UniqueConstraint(
+                fields=["project", "policy"],
+                condition=Q(policy__isnull=False),
+                name="judge_one_per_project_and_policy",
+            ),
+            models.CheckConstraint(
+                condition=(Q(kind="reward_model", reward_model__isnull=False, policy__isnull=True))
+                | (Q(kind="language_model", policy__isnull=False, reward_model__isnull=True)),
+                name="judge_model_matches_kind",
+            ),
         ]
 
     def __str__(self) -> str:
         return f"judge {self.account} on {self.project}"
+
+    @property
+    def model_name(self) -> str:
+        """The reward model's or the policy's name, as pages show it."""
+        if self.kind == self.Kind.LANGUAGE_MODEL and self.policy is not None:
+            return self.policy.name
+        return self.reward_model.name if self.reward_model is not None else ""
+
+
+class JudgeVerdict(models.Model):
+    """A language-model judge's reading of one task, written by its judge job before the judge claims it.
+
+    `scores`: completion id (as text) → the judge's preference for it (the
+    mean probability, over the candidates' rotations, that the judge names
+    it best; higher is better). None when the answer could not be read
+    (`note` says why): such a task is skipped, never turned into a ranking.
+    """
+
+    judge = models.ForeignKey(Judge, on_delete=models.CASCADE, related_name="verdicts")
+    task = models.ForeignKey("annotation.Task", on_delete=models.CASCADE, related_name="+")
+    scores = models.JSONField(null=True, blank=True)
+    note = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [models.UniqueConstraint(fields=["judge", "task"], name="judgeverdict_one_per_task")]
+
+    def __str__(self) -> str:
+        return f"verdict of {self.judge_id} on task {self.task_id}"
+
+
+class JudgeJob(GpuJob):
+    """A language-model judge reading the project's open tasks on the gpu queue. This row is the source of truth.
+
+    The lifecycle of the other GPU jobs (training.services.jobs): queued →
+    running → succeeded | failed | cancelled, compare-and-set claims, an
+    attempt cap, a heartbeat and a reaper. Its process is
+    `python -m training.judge_process`; each batch's verdicts are written
+    with the progress in one transaction, and a retried attempt reads only
+    the tasks still lacking a verdict.
+    """
+
+    judge = models.ForeignKey(Judge, on_delete=models.CASCADE, related_name="jobs")
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="judge_jobs")
+    created_at = models.DateTimeField(auto_now_add=True)
+    tasks_done = models.PositiveIntegerField(default=0)
+    tasks_total = models.PositiveIntegerField(default=0)
+    process_id = models.PositiveIntegerField(
+        null=True, blank=True, help_text=_("Judge process of the current attempt.")
+    )
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["status", "heartbeat_at"])]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(tasks_done__lte=F("tasks_total")), name="judgejob_done_within_total"
+            ),
+            models.CheckConstraint(
+                condition=Q(attempts_given_back__lte=F("attempts")),
+                name="judgejob_given_back_within_attempts",
+            ),
+            # One live job per judge: a second would read the same tasks.
+            models.UniqueConstraint(
+                fields=["judge"],
+                condition=Q(status__in=["queued", "running"]),
+                name="judgejob_one_live_per_judge",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"judge job {self.pk}: {self.judge}"
+
+    @property
+    def progress(self) -> float:
+        return self.tasks_done / self.tasks_total if self.tasks_total else 0.0
 
 
 class ContinuousTraining(models.Model):
