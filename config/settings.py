@@ -318,6 +318,7 @@ CELERY_BEAT_SCHEDULE = {
     "reap-stuck-dataset-builds": {"task": "training.tasks.dataset_builds_reap", "schedule": 300.0},
     "reap-stalled-generation-jobs": {"task": "training.tasks.stalled_generation_jobs_reap", "schedule": 60.0},
     "reap-stalled-scoring-jobs": {"task": "training.tasks.stalled_scoring_jobs_reap", "schedule": 60.0},
+    "reap-stalled-judge-jobs": {"task": "training.tasks.stalled_judge_jobs_reap", "schedule": 60.0},
     "sweep-webhook-deliveries": {"task": "annotation.tasks.webhook_deliveries_sweep", "schedule": 60.0},
     "continuous-training": {"task": "training.tasks.continuous_training_tick", "schedule": 60.0},
 }

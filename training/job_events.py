@@ -1,7 +1,7 @@
 """What the rest of the product hears when a job ends: in-app notices and outgoing webhooks.
 
 `job_ended` is called once per terminal transition (succeeded, failed,
-cancelled) of a dataset build, training run, generation or scoring job, right
+cancelled) of a dataset build, training run, generation, scoring or judge job, right
 after the compare-and-set that made it, inside the same transaction: the
 notices and webhook deliveries commit with the new status or not at all, and
 a transition that lost its race (a redelivery, a reaper) calls nothing.
@@ -16,7 +16,7 @@ from django.urls import reverse
 from annotation.models import Notice, Webhook
 from annotation.notifications import notice_job_ended
 from annotation.webhooks import webhook_event_publish
-from training.models import DatasetBuild, GenerationJob, ScoringJob, TrainingRun
+from training.models import DatasetBuild, GenerationJob, JudgeJob, ScoringJob, TrainingRun
 
 
 def _describe(job: Any) -> tuple[str, str, str, list[int]]:
@@ -41,6 +41,13 @@ def _describe(job: Any) -> tuple[str, str, str, list[int]]:
             Notice.Kind.SCORING,
             title,
             reverse("ab-session-scoring", args=[job.project_id]),
+            [job.project_id],
+        )
+    if isinstance(job, JudgeJob):
+        return (
+            Notice.Kind.SCORING,
+            f"#{job.pk} {job.judge.account.username}",
+            reverse("project-judges", args=[job.project_id]),
             [job.project_id],
         )
     raise TypeError(f"not a job: {job!r}")

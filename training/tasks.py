@@ -19,7 +19,14 @@ from celery.signals import worker_shutting_down
 from django.conf import settings
 
 from training.continuous import continuous_training_tick as continuous_training_tick_service
-from training.judges import JUDGE_RUN_QUEUE, JUDGE_RUN_TASK_NAME
+from training.judges import (
+    JUDGE_JOB_TASK,
+    JUDGE_RUN_QUEUE,
+    JUDGE_RUN_TASK_NAME,
+    judge_job_fail,
+    judge_jobs_reap,
+)
+from training.judges import judge_job_execute as judge_job_execute_service
 from training.judges import judge_run as judge_run_service
 from training.services import (
     DATASET_BUILD_TASK,
@@ -122,6 +129,10 @@ class ScoringJobTask(GpuJobTask):
     job_fail = staticmethod(scoring_job_fail)
 
 
+class JudgeJobTask(GpuJobTask):
+    job_fail = staticmethod(judge_job_fail)
+
+
 # As for training runs: acknowledged once the job is over; a lost worker puts
 # the message back, and the redelivery takes over only if the job's heartbeat
 # stopped (`training.services.jobs.job_claim`). The attempt cap lives on the row.
@@ -156,6 +167,17 @@ def scoring_job_execute(job_id: int) -> None:
     scoring_job_execute_service(job_id=int(job_id))
 
 
+@shared_task(
+    name=JUDGE_JOB_TASK.name,
+    queue=JUDGE_JOB_TASK.queue,
+    base=JudgeJobTask,
+    **GPU_JOB_TASK_OPTIONS,
+)
+def judge_job_execute(job_id: int) -> None:
+    """Launch the job's own process (`python -m training.judge_process`) and wait. No torch here."""
+    judge_job_execute_service(job_id=int(job_id))
+
+
 # On the default queue: on `gpu` they would wait behind the jobs they are meant to watch.
 @shared_task(name="training.tasks.stalled_generation_jobs_reap", queue="default", ignore_result=True)
 def stalled_generation_jobs_reap() -> list[int]:
@@ -169,9 +191,15 @@ def stalled_scoring_jobs_reap() -> list[int]:
     return scoring_jobs_reap()
 
 
+@shared_task(name="training.tasks.stalled_judge_jobs_reap", queue="default", ignore_result=True)
+def stalled_judge_jobs_reap() -> list[int]:
+    """Language-model judges' jobs whose heartbeat stopped go back to the queue (attempts left) or fail."""
+    return judge_jobs_reap()
+
+
 @shared_task(name=JUDGE_RUN_TASK_NAME, queue=JUDGE_RUN_QUEUE, ignore_result=True)
 def judge_run(judge_id: int) -> str:
-    """A model judge ranks the tasks it may take, from its reward model's stored scores (training.judges)."""
+    """A model judge ranks the tasks it may take, from its stored scores or verdicts (training.judges)."""
     return judge_run_service(judge_id=int(judge_id))
 
 
