@@ -331,6 +331,33 @@ class Assignment(models.Model):
         super().save(*args, **kwargs)
 
 
+class QueueCounter(models.Model):
+    """How many tasks of a project a person has been shown, and how many of those were gold.
+
+    What the claim needs to keep a person's gold share at the project's rate,
+    without counting their past assignments on every claim. Skipped
+    assignments do not count. The database keeps the numbers: triggers on the
+    assignment table (annotation.counters) update this row in the same
+    transaction as the claim, the skip or the deletion that changes them, so
+    no writer can forget it. Read-only from Python.
+    """
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="+")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    # Plain integers: a check constraint here could only turn a miscount into a failed skip.
+    shown = models.IntegerField(default=0)
+    shown_gold = models.IntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            # The triggers' upsert conflicts on this.
+            models.UniqueConstraint(fields=["project", "user"], name="queuecounter_one_per_person"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} in project {self.project_id}: {self.shown_gold}/{self.shown} gold"
+
+
 class Source(models.TextChoices):
     """Who gave a judgment (and its comparisons): a person, or a model judge working as a labeler account."""
 

@@ -42,6 +42,7 @@ from annotation.models import (
     Policy,
     Project,
     Prompt,
+    QueueCounter,
     Source,
     Task,
     TaskCompletion,
@@ -330,12 +331,12 @@ def _wants_gold(*, project: Project, user: AbstractBaseUser) -> bool:
     """Whether the next task should be gold, so the person's gold share tracks the project's rate."""
     if project.gold_rate <= 0:
         return False
-    shown = (
-        Assignment.objects.filter(project=project, user=user)
-        .exclude(status=Assignment.Status.SKIPPED)
-        .aggregate(total=Count("pk"), gold=Count("pk", filter=Q(task__is_gold=True)))
-    )
-    return shown["gold"] < project.gold_rate * (shown["total"] + 1)
+    # One row kept by the database as assignments come and go (annotation.counters),
+    # not the person's history counted again on every claim.
+    shown, gold = QueueCounter.objects.filter(project=project, user=user).values_list(
+        "shown", "shown_gold"
+    ).first() or (0, 0)
+    return gold < project.gold_rate * (shown + 1)
 
 
 def _claim_candidates(
@@ -949,6 +950,7 @@ def ab_session_create(
     )
     Membership.objects.create(project=project, user=created_by, role=Role.MANAGER)
     project.ab_policies.set(policies)
+    project.policies.add(*policies)  # a policy belongs to every project it is used in
     chosen: dict[tuple[int, int], Completion] = {}
     for completion in Completion.objects.filter(prompt__in=prompts, policy__in=policies).order_by("id"):
         chosen.setdefault((completion.policy_id, completion.prompt_id), completion)
