@@ -9,7 +9,7 @@ from django.contrib.auth.admin import UserAdmin
 from django.contrib.auth.forms import AdminUserCreationForm, PasswordResetForm
 from django.contrib.auth.models import Group
 from django.core.exceptions import PermissionDenied
-from django.db.models import Count, QuerySet
+from django.db.models import Count, Prefetch, QuerySet
 from django.forms import ModelForm
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect
@@ -33,7 +33,13 @@ from annotation.models import (
     WebhookDelivery,
 )
 from annotation.roles import Role
-from annotation.selectors import accounts_addable_to_projects, accounts_administered_by, projects_for_user
+from annotation.selectors import (
+    accounts_addable_to_projects,
+    accounts_administered_by,
+    policies_for_user,
+    policy_outside_reach,
+    projects_for_user,
+)
 from annotation.services import user_set_roles, user_sync_staff
 from annotation.webhooks import webhook_deliveries_retry, webhook_secret_new
 
@@ -346,28 +352,68 @@ def _rows_outside_managed_projects(request: HttpRequest, admin_site: Any, obj: A
 
 @admin.register(Policy)
 class PolicyAdmin(admin.ModelAdmin):
-    """Policies are shared between projects; what uses them in someone else's project stays out of sight.
+    """A manager sees the policies of the projects they manage, and of each only those projects.
 
-    A manager may delete a policy only when everything that refers to it
-    lies in their own projects: the delete page lists those rows, and the
-    deletion would change them.
+    A policy shared with a project someone else manages (or with no project)
+    is theirs to use, not to change: its change page is read-only. Deleting
+    one also needs everything that refers to it to lie in their own
+    projects: the delete page lists those rows, and the deletion would change them.
     """
 
-    list_display = ("__str__", "kind", "base_model", "adapter", "created_at")
-    list_filter = ("kind",)
+    list_display = ("__str__", "kind", "base_model", "adapter", "projects_shown", "created_at")
+    list_filter = ("kind", ("projects", ManagedProjectFilter))
     search_fields = ("name", "base_model")
+    filter_horizontal = ("projects",)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Policy]:
+        managed = Project.objects.all() if _is_superuser(request) else _managed_projects(request)
+        projects = Prefetch("projects", queryset=managed.order_by("name"), to_attr="projects_managed")
+        return policies_for_user(user=request.user).prefetch_related(projects)
+
+    @admin.display(description=_("projects"))
+    def projects_shown(self, obj: Policy) -> str:
+        # Only the person's own projects: another project sharing the policy stays out of sight.
+        return ", ".join(project.name for project in getattr(obj, "projects_managed", []))
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        fields = list(super().get_fields(request, obj))
+        if obj is not None and not self.has_change_permission(request, obj):
+            # Read-only: the projects field would list every project sharing the policy.
+            fields = [("projects_shown" if name == "projects" else name) for name in fields]
+        return fields
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        readonly = tuple(super().get_readonly_fields(request, obj))
+        if obj is not None and not self.has_change_permission(request, obj):
+            readonly += ("projects_shown",)
+        return readonly
+
+    def formfield_for_manytomany(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        if db_field.name == "projects" and not _is_superuser(request):
+            kwargs["queryset"] = _managed_projects(request)
+            kwargs["required"] = True
+        return super().formfield_for_manytomany(db_field, request, **kwargs)
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        if not super().has_change_permission(request, obj):
+            return False
+        return obj is None or not policy_outside_reach(user=request.user, policy=obj)
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         if not super().has_delete_permission(request, obj):
             return False
         if obj is None or _is_superuser(request):
             return True
-        return not _rows_outside_managed_projects(request, self.admin_site, obj)
+        return not policy_outside_reach(user=request.user, policy=obj) and not _rows_outside_managed_projects(
+            request, self.admin_site, obj
+        )
 
     def get_deleted_objects(self, objs: Any, request: HttpRequest) -> Any:
         # The bulk "delete selected" action lists the rows too, without asking has_delete_permission per row.
         if not _is_superuser(request) and any(
-            _rows_outside_managed_projects(request, self.admin_site, obj) for obj in objs
+            policy_outside_reach(user=request.user, policy=obj)
+            or _rows_outside_managed_projects(request, self.admin_site, obj)
+            for obj in objs
         ):
             raise PermissionDenied
         return super().get_deleted_objects(objs, request)

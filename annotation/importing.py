@@ -669,19 +669,40 @@ def _rows_new_to_project(project: Project, validation: _Validation) -> list[_Pro
     return new_rows
 
 
-def _policies_for(names: set[str]) -> tuple[dict[str, Policy], int]:
+def _policies_for(project: Project, names: set[str]) -> tuple[dict[str, Policy], int]:
     """Policies by name, creating the missing ones as imported; and how many were created.
 
-    A policy of another kind with the same name is used as it is: an import may
-    bring more outputs of a model the project already knows.
+    A policy of another kind with the same name is used as it is when it is
+    already one of the project's: an import may bring more outputs of a model
+    the project already knows. One that is not would reach into another
+    project's models (its paths, and generating with it): the import is refused.
+    Every policy named becomes one of the project's (Policy.projects).
     """
     policies = {policy.name: policy for policy in Policy.objects.filter(name__in=names)}
+    foreign = sorted(
+        name
+        for name, policy in policies.items()
+        if policy.kind != Policy.Kind.IMPORTED and not policy.projects.filter(pk=project.pk).exists()
+    )
+    if foreign:
+        raise ImportValidationError(
+            [
+                ImportError_(
+                    None,
+                    "completions",
+                    f"policy {name!r} is a model policy this project does not have; "
+                    "name the outputs' source differently",
+                )
+                for name in foreign
+            ]
+        )
     created = 0
     for name in sorted(names - policies.keys()):
         policies[name], was_created = Policy.objects.get_or_create(
             name=name, defaults={"kind": Policy.Kind.IMPORTED}
         )
         created += was_created
+    project.policies.add(*policies.values())
     return policies, created
 
 
@@ -689,7 +710,7 @@ def _write(project: Project, rows: list[_PromptRow], report: ImportReport) -> di
     """Write the rows; returns each new prompt's line, by prompt id."""
     lines: dict[int, int] = {}
     policies, report.policies_created = _policies_for(
-        {completion.policy for row in rows for completion in row.completions}
+        project, {completion.policy for row in rows for completion in row.completions}
     )
     for batch in _batches(rows, DB_BATCH_SIZE):
         prompts = Prompt.objects.bulk_create(

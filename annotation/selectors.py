@@ -58,6 +58,34 @@ def projects_for_user(*, user: AnyUser, role: str | None = None) -> QuerySet[Pro
     return Project.objects.filter(pk__in=memberships.values("project_id"))
 
 
+def policies_for_user(*, user: AnyUser) -> QuerySet[Policy]:
+    """The policies a person may see and use: those of a project they manage (all, for a superuser).
+
+    A policy belongs to the projects it was registered for or used in
+    (Policy.projects); one that belongs to none is a superuser's alone.
+    """
+    if not user.is_authenticated:
+        return Policy.objects.none()
+    if user.is_superuser:  # type: ignore[union-attr]
+        return Policy.objects.all()
+    managed = projects_for_user(user=user, role=Role.MANAGER)
+    links = Policy.projects.through.objects.filter(project__in=managed)
+    return Policy.objects.filter(pk__in=links.values("policy_id"))
+
+
+def policy_outside_reach(*, user: AnyUser, policy: Policy) -> bool:
+    """Whether the policy belongs to a project the person does not manage (or to no project at all).
+
+    Such a policy is shared with someone else: the person may use it where
+    they see it, but changing or deleting it would reach into another project.
+    """
+    if user.is_authenticated and user.is_superuser:  # type: ignore[union-attr]
+        return False
+    managed = projects_for_user(user=user, role=Role.MANAGER)
+    projects = policy.projects.all()
+    return not projects.exists() or projects.exclude(pk__in=managed.values("pk")).exists()
+
+
 def accounts_administered_by(*, user: AnyUser) -> QuerySet[Any]:
     """The accounts a manager may administer (SECURITY.md, "Accounts").
 

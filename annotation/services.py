@@ -951,6 +951,7 @@ def ab_session_create(
     Membership.objects.create(project=project, user=created_by, role=Role.MANAGER)
     project.ab_policies.set(policies)
     project.policies.add(*policies)  # a policy belongs to every project it is used in
+    project.policies.add(*policies)  # a policy belongs to every project it is used in
     chosen: dict[tuple[int, int], Completion] = {}
     for completion in Completion.objects.filter(prompt__in=prompts, policy__in=policies).order_by("id"):
         chosen.setdefault((completion.policy_id, completion.prompt_id), completion)

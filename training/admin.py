@@ -22,7 +22,7 @@ from django.utils.translation import gettext_lazy as _
 
 from annotation.models import Policy
 from annotation.roles import Role
-from annotation.selectors import projects_for_user
+from annotation.selectors import policies_for_user, projects_for_user
 from training.models import DatasetBuild, GenerationJob, RewardModel, ScoringJob, TrainingRun
 from training.selectors import (
     BUILD_OPTIONAL_FIELDS,
@@ -386,7 +386,7 @@ class GenerationJobAdmin(admin.ModelAdmin):
         if db_field.name == "project":
             kwargs["queryset"] = projects_for_user(user=request.user, role=Role.MANAGER)
         elif db_field.name == "policy":
-            kwargs["queryset"] = Policy.objects.exclude(kind=Policy.Kind.IMPORTED)
+            kwargs["queryset"] = policies_for_user(user=request.user).exclude(kind=Policy.Kind.IMPORTED)
         return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
     def save_model(self, request: HttpRequest, obj: GenerationJob, form: ModelForm, change: bool) -> None:

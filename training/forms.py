@@ -12,7 +12,7 @@ from django.utils.translation import gettext_lazy as _
 
 from annotation.models import Policy, Project
 from annotation.roles import Role
-from annotation.selectors import projects_for_user
+from annotation.selectors import policies_for_user, projects_for_user
 from training.models import DatasetBuild, RewardModel, TrainingRun
 from training.rl import TRUE_SCORERS
 from training.selectors import (
@@ -273,7 +273,7 @@ class ABSessionForm(forms.Form):
     )
     policies = forms.ModelMultipleChoiceField(
         label=_("Policies"),
-        queryset=Policy.objects.all(),
+        queryset=Policy.objects.none(),
         widget=forms.CheckboxSelectMultiple,
         help_text=_("Two or more."),
     )
@@ -306,6 +306,7 @@ class ABSessionForm(forms.Form):
         super().__init__(*args, **kwargs)
         self.fields["source_project"].queryset = projects_for_user(user=user, role=Role.MANAGER)  # type: ignore[attr-defined]
         self.fields["reward_model"].queryset = reward_models_for_user(user=user)  # type: ignore[attr-defined]
+        self.fields["policies"].queryset = policies_for_user(user=user).order_by("name")  # type: ignore[attr-defined]
 
     def clean_policies(self) -> Any:
         policies = self.cleaned_data["policies"]
@@ -355,6 +356,19 @@ class PolicyRegisterForm(forms.Form):
         initial="auto",
         help_text=_("How the policy reads prompts when it generates."),
     )
+    projects = forms.ModelMultipleChoiceField(
+        label=_("Projects"),
+        queryset=Project.objects.none(),
+        widget=forms.CheckboxSelectMultiple,
+        help_text=_("The projects the policy is for: their managers see it and may use it."),
+    )
+
+    def __init__(self, *args: Any, user: AbstractBaseUser | AnonymousUser, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        managed = projects_for_user(user=user, role=Role.MANAGER).order_by("name")
+        self.fields["projects"].queryset = managed  # type: ignore[attr-defined]
+        if "projects" not in self.initial and len(managed[:2]) == 1:
+            self.initial["projects"] = list(managed)
 
 
 class GenerationJobNewForm(forms.Form):
@@ -378,5 +392,7 @@ class GenerationJobNewForm(forms.Form):
 
     def __init__(self, *args: Any, user: AbstractBaseUser | AnonymousUser, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["policy"].queryset = Policy.objects.exclude(kind=Policy.Kind.IMPORTED).order_by("name")  # type: ignore[attr-defined]
+        self.fields["policy"].queryset = (  # type: ignore[attr-defined]
+            policies_for_user(user=user).exclude(kind=Policy.Kind.IMPORTED).order_by("name")
+        )
         self.fields["project"].queryset = projects_for_user(user=user, role=Role.MANAGER).order_by("name")  # type: ignore[attr-defined]

@@ -10,6 +10,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.db.models import Prefetch
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.utils.translation import gettext as _
@@ -20,7 +21,7 @@ from annotation.forms import MemberAddForm
 from annotation.models import Policy, Project, Prompt
 from annotation.pagination import page_of, page_query
 from annotation.roles import Role, role_required
-from annotation.selectors import ab_session_get_for_manager, project_get_for_user
+from annotation.selectors import ab_session_get_for_manager, project_get_for_user, projects_for_user
 from annotation.services import MemberInvalid, ab_outputs_missing, ab_session_create, project_member_add
 from config.demo_progress import (
     demo_model_dir,
@@ -641,8 +642,12 @@ def demo_model_status(request: HttpRequest) -> HttpResponse:
 
 @role_required(Role.MANAGER)
 def policy_list(request: HttpRequest) -> HttpResponse:
-    """The policies a manager may use, and registering one from a folder or hub id, checked at once."""
-    form = PolicyRegisterForm(request.POST or None)
+    """The policies of the manager's projects, and registering one from a folder or hub id, checked at once.
+
+    Each policy shows only those of its projects the manager runs: another
+    project that shares it stays out of sight.
+    """
+    form = PolicyRegisterForm(request.POST or None, user=request.user)
     if request.method == "POST" and form.is_valid():
         try:
             policy = policy_register(**form.cleaned_data)
@@ -652,11 +657,14 @@ def policy_list(request: HttpRequest) -> HttpResponse:
         else:
             messages.success(
                 request,
-                _("Policy “%(name)s” is registered: its config and tokenizer are in place.")
-                % {"name": policy.name},
+                _("Policy “%(name)s” is registered: its config and tokenizer load.") % {"name": policy.name},
             )
             return redirect("policy-list")
-    page = page_of(request, policies_for_user(user=request.user))
+    managed = projects_for_user(user=request.user, role=Role.MANAGER).order_by("name")
+    policies = policies_for_user(user=request.user).prefetch_related(
+        Prefetch("projects", queryset=managed, to_attr="projects_shown")
+    )
+    page = page_of(request, policies)
     context = {"form": form, "policies": page, "page_obj": page}
     return render(request, "training/policy_list.html", context, status=400 if form.errors else 200)
 

@@ -38,6 +38,7 @@ def source_prompts(
                     prompt=prompt, policy=policy, text=f"Answer {index} to question {number}."
                 )
         prompts.append(prompt)
+    project.policies.add(*policies)  # as an import does: the policies belong to the project
     return prompts
 
 

@@ -130,6 +130,7 @@ def test_gold_ranks_are_stored_on_the_prompt_in_completion_order(project: Projec
 
 def test_a_policy_of_another_kind_with_the_same_name_is_used_as_it_is(project: Project) -> None:
     model_policy = Policy.objects.create(name="sft-v1", kind=Policy.Kind.MODEL, base_model="demo/tiny")
+    model_policy.projects.add(project)
 
     report = prompts_import(
         project=project, data=jsonl({"prompt": "a", "completions": [{"text": "x", "policy": "sft-v1"}]})
@@ -138,6 +139,30 @@ def test_a_policy_of_another_kind_with_the_same_name_is_used_as_it_is(project: P
     assert report.policies_created == 0
     assert Completion.objects.get().policy == model_policy
     assert Policy.objects.get().kind == Policy.Kind.MODEL
+
+
+def test_imported_sources_join_the_project_and_another_projects_model_is_not_taken_over(
+    project: Project,
+) -> None:
+    # given a model policy of another project
+    elsewhere = Project.objects.create(name="elsewhere")
+    theirs = Policy.objects.create(name="their-sft", kind=Policy.Kind.MODEL, base_model="/models/theirs")
+    theirs.projects.add(elsewhere)
+
+    # when an import names it, nothing is written and the error says why
+    with pytest.raises(ImportValidationError) as refused:
+        prompts_import(
+            project=project,
+            data=jsonl({"prompt": "a", "completions": [{"text": "x", "policy": "their-sft"}]}),
+        )
+    assert "a model policy this project does not have" in str(refused.value.errors[0])
+    assert not Prompt.objects.exists() and list(theirs.projects.all()) == [elsewhere]
+
+    # and an imported source named in the file becomes one of the project's policies
+    prompts_import(
+        project=project, data=jsonl({"prompt": "a", "completions": [{"text": "x", "policy": "gpt"}]})
+    )
+    assert list(Policy.objects.get(name="gpt").projects.all()) == [project]
 
 
 def test_it_reads_a_binary_stream_and_reports_progress_in_lines(project: Project) -> None:

@@ -24,9 +24,11 @@ assignment — are not among them):
 - ``outsider``: signed in, no role;
 - ``anonymous``.
 
-The admin has two kinds of shared rows on purpose, listed in SECURITY.md:
-policies (a model writes completions for many projects) and the role groups
-(managers may read them); another project's manager may open those pages.
+The admin has one kind of shared row on purpose, listed in SECURITY.md: the
+role groups (managers may read them); another project's manager may open
+those pages. Policies belong to projects (Policy.projects) and are no longer
+shared: another project's manager neither sees nor uses this project's
+(``test_another_projects_manager_neither_sees_nor_uses_this_projects_policy``).
 """
 
 from __future__ import annotations
@@ -456,9 +458,9 @@ ADMIN_BODIES: dict[str, dict[str, Any]] = {
     "delete/": {"post": "yes"},
 }
 # Rows every manager may open in the admin, whatever their project (see the module docstring),
-# and the methods tried on them: a manager may edit policies, so their POSTs are not sent;
-# the role groups are read-only for managers, so a POST must still be refused.
-ADMIN_SHARED = {"annotation.policy": ("GET",), "auth.group": ("GET", "POST")}
+# and the methods tried on them: the role groups are read-only for managers, so a POST must
+# still be refused.
+ADMIN_SHARED = {"auth.group": ("GET", "POST")}
 
 
 def walk(patterns: list[Any], prefix: str = "", parameters: frozenset[str] = frozenset()) -> Iterator[Any]:
@@ -587,7 +589,7 @@ def test_no_actor_reaches_an_object_that_is_not_theirs_by_any_door(world: World,
         for method in METHODS:
             shared = actor == "other_manager" and label in ADMIN_SHARED
             if shared and method not in ADMIN_SHARED[label]:
-                continue  # any manager may edit the shared policy catalogue (SECURITY.md)
+                continue  # a method a shared row's page is not tried with (ADMIN_SHARED)
             before = database_state()
 
             # when
@@ -651,6 +653,43 @@ def test_the_owners_do_get_through_so_the_refusals_above_are_about_who_asks(worl
     )
     assert stored.status_code == 201
     assert manager.post(f"/api/training-runs/{world.run.pk}/cancel").json()["status"] == "cancelled"
+
+
+@pytest.mark.django_db
+def test_another_projects_manager_neither_sees_nor_uses_this_projects_policy(world: World) -> None:
+    # given a model policy registered for this world's project
+    policy = Policy.objects.create(name=f"{SECRET} sft", kind=Policy.Kind.MODEL, base_model="/models/sft")
+    policy.projects.add(world.project)
+    client = world.client("other_manager")
+    before = database_state()
+
+    # then no page, form or admin list of the other manager names it
+    for url in ("/policies/", "/generation/", "/ab-sessions/new", "/admin/annotation/policy/"):
+        response = client.get(url)
+        assert response.status_code == 200, url
+        assert SECRET not in body_of(response), url
+    assert client.get("/admin/training/generationjob/add/").status_code == 200
+    assert SECRET not in body_of(client.get("/admin/training/generationjob/add/"))
+
+    # and using it by its id is refused everywhere: a generation job (page and admin), an A/B session
+    other_project = world.other_project
+    job = {"policy": policy.pk, "project": other_project.pk, "n": 1, "temperature": 1, "top_p": 1}
+    job |= {"max_new_tokens": 8, "seed": 0}
+    page = client.post("/generation/", job)
+    assert page.status_code == 400 and "policy" in page.context["form"].errors
+    admin_add = client.post("/admin/training/generationjob/add/", job)
+    assert admin_add.status_code == 200 and "policy" in admin_add.context["adminform"].form.errors
+    session = {"name": "taken", "source_project": other_project.pk, "policies": [policy.pk, policy.pk]}
+    session |= {"votes_per_pair": 1, "max_new_tokens": 8, "seed": 0}
+    refused = client.post("/ab-sessions/new", session)
+    assert refused.status_code == 200 and "policies" in refused.context["form"].errors
+    assert database_state() == before
+
+    # while this project's manager sees and may use it
+    owner = Client()
+    owner.force_login(world.manager)
+    assert policy.name in body_of(owner.get("/policies/"))
+    assert f'value="{policy.pk}"' in body_of(owner.get("/generation/"))
 
 
 def admin_changelists() -> list[str]:

@@ -40,18 +40,45 @@ def test_the_filters_still_offer_a_managers_own_projects(two_managers) -> None: 
 
 
 @pytest.mark.django_db
-def test_a_shared_policys_delete_page_shows_nothing_of_another_project(two_managers) -> None:  # type: ignore[no-untyped-def]
+def test_another_projects_policy_does_not_exist_for_a_manager_in_the_admin(two_managers) -> None:  # type: ignore[no-untyped-def]
     policy: Policy = two_managers["policy"]
     client = Client()
     client.force_login(two_managers["manager_b"])
 
+    listing = client.get("/admin/annotation/policy/")
+    assert listing.status_code == 200 and policy.name not in listing.content.decode()
+    for page in ("change/", "delete/", "history/"):
+        response = client.get(f"/admin/annotation/policy/{policy.pk}/{page}")
+        assert response.status_code == 302 and response["Location"] == "/admin/", page  # "doesn't exist"
+    posted = client.post(f"/admin/annotation/policy/{policy.pk}/delete/", {"post": "yes"})
+    assert posted.status_code == 302
+    assert Policy.objects.filter(pk=policy.pk).exists()
+
+
+@pytest.mark.django_db
+def test_a_policy_shared_with_another_project_is_read_only_there_and_names_only_ones_own_project(
+    two_managers,
+) -> None:  # type: ignore[no-untyped-def]
+    # given a policy of A's project that B's project uses too
+    policy: Policy = two_managers["policy"]
+    policy.projects.add(Project.objects.get(name="Elsewhere"))
+    client = Client()
+    client.force_login(two_managers["manager_b"])
+
+    # then B sees it, with B's project only, and may neither change nor delete it
+    listing = client.get("/admin/annotation/policy/").content.decode()
+    assert policy.name in listing and "Elsewhere" in listing and SECRET not in listing
+    change = client.get(f"/admin/annotation/policy/{policy.pk}/change/")
+    assert change.status_code == 200 and SECRET not in change.content.decode()
+    assert 'name="name"' not in change.content.decode()  # the view page of a read-only row
+    renamed = client.post(f"/admin/annotation/policy/{policy.pk}/change/", {"name": "taken over"})
+    assert renamed.status_code == 403
     page = client.get(f"/admin/annotation/policy/{policy.pk}/delete/")
     posted = client.post(f"/admin/annotation/policy/{policy.pk}/delete/", {"post": "yes"})
-
-    assert page.status_code == 403
-    assert SECRET not in page.content.decode()
+    assert page.status_code == 403 and SECRET not in page.content.decode()
     assert posted.status_code == 403
-    assert Policy.objects.filter(pk=policy.pk).exists()
+    policy.refresh_from_db()
+    assert policy.name != "taken over"
 
 
 @pytest.mark.django_db

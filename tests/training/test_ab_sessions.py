@@ -26,6 +26,7 @@ def manager(db):  # type: ignore[no-untyped-def]
 
 def _post(client, manager, source, policies):  # type: ignore[no-untyped-def]
     make_manager(source, manager)
+    source.policies.add(*policies)  # the policies are the source project's (registered for it)
     client.force_login(manager)
     return client.post(
         "/ab-sessions/new",

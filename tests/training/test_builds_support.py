@@ -52,6 +52,7 @@ def project_with_prompts(
         Policy.objects.get_or_create(name=f"policy-{index}", defaults={"kind": Policy.Kind.IMPORTED})[0]
         for index in range(k)
     ]
+    project.policies.add(*policies)  # as an import does: the policies belong to the project
     for number, spec in enumerate(prompts):
         metadata: dict[str, Any] = {}
         if isinstance(spec, dict):

@@ -347,6 +347,8 @@ class Loop:
             self.train_project = self._project("train", problems=self.train, k=settings.k)
             self.heldout_project = self._project("held-out", problems=self.heldout, k=settings.k)
             self.eval_project = self._project("evaluation prompts", problems=self.evaluation, k=2)
+            # The SFT policy is registered for the loop's projects, so their manager may use it.
+            self.sft.projects.add(self.train_project, self.heldout_project, self.eval_project)
         manager_api = ApiClient(settings.base_url, self.manager_token)
 
         with self.stage("generate"):

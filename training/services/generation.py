@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from annotation.models import Completion, Policy, Project, Prompt
 from annotation.roles import Role
-from annotation.selectors import projects_for_user
+from annotation.selectors import policies_for_user, projects_for_user
 from annotation.services import ab_session_open, tasks_create_for_project
 from config.storage import storage_path_resolve
 from training.job_events import job_ended
@@ -100,6 +100,8 @@ def generation_job_validate(*, job: GenerationJob, created_by: AbstractBaseUser 
         managed = projects_for_user(user=created_by, role=Role.MANAGER).filter(pk=job.project_id)
         if not managed.exists():
             errors["project"] = "you can generate only for projects you manage"
+        if not policies_for_user(user=created_by).filter(pk=job.policy_id).exists():
+            errors.setdefault("policy", "you can generate only with policies of projects you manage")
     try:
         job.full_clean(exclude=["created_by"])
     except ValidationError as error:
@@ -150,6 +152,8 @@ def generation_job_create(
         ) from None
     with transaction.atomic():
         job.save()
+        # What the policy writes into the project makes it one of the project's policies.
+        policy.projects.add(project)
         transaction.on_commit(lambda: generation_job_enqueue(job_id=job.pk))
     return job
 
@@ -425,4 +429,6 @@ def best_of_n_policy_create(
         },
     )
     BestOfN.objects.create(policy=policy, base_policy=base_policy, reward_model=reward_model, n=int(n))
+    # It stands on the reward model: it belongs where the reward model's training data came from.
+    policy.projects.add(*reward_model.run.dataset_build.projects.all())
     return policy

@@ -354,6 +354,8 @@ def _training_run_finish_record(*, run_id: int, attempt: int, result: Any, stage
         if run.peft == TrainingRun.Peft.FULL:
             run.policy.base_model = storage_path_stored(result.final_dir)
             run.policy.save(update_fields=["base_model"])
+        # The policy belongs to the projects whose judgments trained it.
+        run.policy.projects.add(*run.dataset_build.projects.all())
     run.metrics = result.metrics
     run.heartbeat_at = run.finished_at = now
     run.save()

@@ -148,4 +148,6 @@ class Command(BaseCommand):
                     report = prompts_import(project=project, data=lines)
                 self.stdout.write(f"{name}: {report.prompts_created} prompts (answered by {policy.name}).")
             projects.append(project)
+        # The demo model is registered for the arithmetic projects: their managers see and use it.
+        policy.projects.add(*projects)
         return projects[0], projects[1]
