@@ -5,8 +5,11 @@ One JSON object per line (blank lines are ignored):
     {"id": "ext-1", "prompt": "text" | [{"role": "user", "content": "…"}],
      "completions": [{"text": "…", "policy": "name", "gold_rank": 1}], "metadata": {…}}
 
-A null `id`, `completions` or `metadata` counts as absent. Every problem is
-reported as `line N: field: message`.
+The shape of a line, and the words for its problems, are defined once in
+annotation.import_format (pydantic models); this module reads the bytes, checks
+what is beneath a line's shape (size, UTF-8, JSON, nesting, storable strings)
+and what is across lines (repeated ids and prompts). Every problem is reported
+as `line N: field: message`.
 
 `prompts_import` works in two steps:
 
@@ -37,7 +40,9 @@ from typing import IO, Any, TypeVar
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Count
+from pydantic import TypeAdapter, ValidationError
 
+from annotation.import_format import GOLD_RANKS_KEY, ExternalId, brief, field_path, line_validate
 from annotation.models import Completion, Policy, Project, Prompt
 from annotation.rendering import completion_text_key
 from annotation.services import tasks_create_for_project
@@ -53,12 +58,6 @@ DEFAULT_LIMITS = {
     "IMPORT_MAX_COMPLETIONS_PER_PROMPT": 64,
 }
 
-TOP_LEVEL_FIELDS = ("id", "prompt", "completions", "metadata")
-MESSAGE_FIELDS = ("role", "content")
-MESSAGE_ROLES = ("system", "user", "assistant")
-COMPLETION_FIELDS = ("text", "policy", "gold_rank")
-MAX_NAME_LENGTH = 200  # Prompt.external_id and Policy.name
-GOLD_RANKS_KEY = "gold_ranks"
 # A line with a pathological value (thousands of bad strings) reports this many and a count.
 MAX_STRING_ERRORS_PER_LINE = 10
 PROGRESS_EVERY_LINES = 1000
@@ -181,29 +180,6 @@ def _json_loads(text: str) -> Any:
     )
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
-def _child_path(path: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    name = key if key.isidentifier() else json.dumps(key)[:80]
-    return f"{path}.{name}" if path else name
-
-
 def _string_problem(text: str) -> str | None:
     if "\x00" in text:
         return "contains a NUL character (\\u0000), which cannot be stored"
@@ -222,34 +198,36 @@ def _structure_errors(line: int, document: dict[str, Any], max_depth: int) -> tu
     """
     errors: list[ImportError_] = []
     string_errors = 0
-    stack: list[tuple[Any, str, int]] = [(document, "", 1)]
+    # (value, its parent's path, its key there, depth): a path is spelt out only where it is needed.
+    stack: list[tuple[Any, str, str | int | None, int]] = [(document, "", None, 1)]
     while stack:
-        value, path, depth = stack.pop()
+        value, parent, key, depth = stack.pop()
         if isinstance(value, str):
             problem = _string_problem(value)
             if problem:
                 string_errors += 1
                 if string_errors <= MAX_STRING_ERRORS_PER_LINE:
+                    path = parent if key is None else field_path(parent, key)
                     errors.append(ImportError_(line, path or "(key)", problem))
             continue
         if not isinstance(value, dict | list):
             continue
+        path = parent if key is None else field_path(parent, key)
         if depth > max_depth:
             message = (
                 f"nested too deeply: more than {max_depth} levels of arrays and objects (IMPORT_MAX_DEPTH)"
             )
             return [ImportError_(line, path, message)], True
         if isinstance(value, dict):
-            for key, child in value.items():
-                child_path = _child_path(path, key)
-                problem = _string_problem(key)
+            for child_key, child in value.items():
+                problem = _string_problem(child_key)
                 if problem:
                     string_errors += 1
                     if string_errors <= MAX_STRING_ERRORS_PER_LINE:
-                        errors.append(ImportError_(line, child_path, f"the key {problem}"))
-                stack.append((child, child_path, depth + 1))
+                        errors.append(ImportError_(line, field_path(path, child_key), f"the key {problem}"))
+                stack.append((child, path, child_key, depth + 1))
         else:
-            stack.extend((child, _child_path(path, index), depth + 1) for index, child in enumerate(value))
+            stack.extend((child, path, index, depth + 1) for index, child in enumerate(value))
     if string_errors > MAX_STRING_ERRORS_PER_LINE:
         more = string_errors - MAX_STRING_ERRORS_PER_LINE
         errors.append(ImportError_(line, "", f"and {more} more strings with the same problems"))
@@ -259,216 +237,48 @@ def _structure_errors(line: int, document: dict[str, Any], max_depth: int) -> tu
 # -- validating one line ----------------------------------------------------
 
 
-def _is_non_blank_string(value: Any) -> bool:
-    return isinstance(value, str) and bool(value.strip())
-
-
-def _validate_prompt(line: int, value: Any, errors: list[ImportError_]) -> None:
-    if isinstance(value, str):
-        if not value.strip():
-            errors.append(ImportError_(line, "prompt", "must not be empty"))
-        return
-    if not isinstance(value, list):
-        errors.append(
-            ImportError_(
-                line,
-                "prompt",
-                "must be a non-empty string or a list of {role, content} messages, "
-                f"not {_json_type(value)}",
-            )
-        )
-        return
-    if not value:
-        errors.append(ImportError_(line, "prompt", "must have at least one message"))
-        return
-    for index, message in enumerate(value):
-        path = f"prompt[{index}]"
-        if not isinstance(message, dict):
-            errors.append(
-                ImportError_(line, path, f"must be an object {{role, content}}, not {_json_type(message)}")
-            )
-            continue
-        for key in message:
-            if key not in MESSAGE_FIELDS:
-                errors.append(
-                    ImportError_(
-                        line, _child_path(path, key), "unknown field; a message has role and content"
-                    )
-                )
-        role = message.get("role")
-        if "role" not in message:
-            errors.append(ImportError_(line, f"{path}.role", "is required"))
-        elif role not in MESSAGE_ROLES:
-            errors.append(
-                ImportError_(
-                    line, f"{path}.role", f"must be one of {', '.join(MESSAGE_ROLES)}, not {_brief(role)}"
-                )
-            )
-        if "content" not in message:
-            errors.append(ImportError_(line, f"{path}.content", "is required"))
-        elif not _is_non_blank_string(message["content"]):
-            errors.append(ImportError_(line, f"{path}.content", "must be a non-empty string"))
-    last = value[-1]
-    if isinstance(last, dict) and last.get("role") in MESSAGE_ROLES and last["role"] != "user":
-        errors.append(
-            ImportError_(
-                line,
-                f"prompt[{len(value) - 1}].role",
-                f"the last turn must be from the user, not {last['role']}",
-            )
-        )
-
-
-def _brief(value: Any) -> str:
-    """A value quoted for an error message, cut short."""
-    if isinstance(value, str):
-        text = json.dumps(value, ensure_ascii=False)
-        return text if len(text) <= 60 else text[:57] + '…"'
-    return _json_type(value)
-
-
-def _validate_completions(line: int, value: Any, errors: list[ImportError_]) -> None:
-    if not isinstance(value, list):
-        errors.append(ImportError_(line, "completions", f"must be an array, not {_json_type(value)}"))
-        return
-    limit = import_limit("IMPORT_MAX_COMPLETIONS_PER_PROMPT")
-    if len(value) > limit:
-        errors.append(
-            ImportError_(
-                line,
-                "completions",
-                f"has {len(value)} completions; the limit is {limit} (IMPORT_MAX_COMPLETIONS_PER_PROMPT)",
-            )
-        )
-        return
-    ranked = [isinstance(c, dict) and "gold_rank" in c for c in value]
-    for index, completion in enumerate(value):
-        path = f"completions[{index}]"
-        if not isinstance(completion, dict):
-            errors.append(
-                ImportError_(line, path, f"must be an object {{text, policy}}, not {_json_type(completion)}")
-            )
-            continue
-        for key in completion:
-            if key not in COMPLETION_FIELDS:
-                errors.append(
-                    ImportError_(
-                        line,
-                        _child_path(path, key),
-                        f"unknown field; a completion has {', '.join(COMPLETION_FIELDS)}",
-                    )
-                )
-        if not _is_non_blank_string(completion.get("text")):
-            errors.append(ImportError_(line, f"{path}.text", "must be a non-empty string"))
-        policy = completion.get("policy")
-        if "policy" not in completion:
-            errors.append(
-                ImportError_(
-                    line,
-                    f"{path}.policy",
-                    'missing: name the policy that wrote this completion, e.g. "sft-v3"',
-                )
-            )
-        elif not _is_non_blank_string(policy):
-            errors.append(ImportError_(line, f"{path}.policy", "must be a non-empty string"))
-        elif len(policy) > MAX_NAME_LENGTH:
-            errors.append(
-                ImportError_(line, f"{path}.policy", f"must be at most {MAX_NAME_LENGTH} characters")
-            )
-        if any(ranked):
-            _validate_gold_rank(line, path, completion, len(value), errors)
-    if any(ranked) and len(value) < 2:
-        errors.append(ImportError_(line, "completions", "a gold ranking needs at least 2 completions"))
-
-
-def _validate_gold_rank(
-    line: int, path: str, completion: dict[str, Any], count: int, errors: list[ImportError_]
-) -> None:
-    if "gold_rank" not in completion:
-        errors.append(
-            ImportError_(
-                line, f"{path}.gold_rank", "is required: other completions of this line have a gold_rank"
-            )
-        )
-        return
-    rank = completion["gold_rank"]
-    if not isinstance(rank, int) or isinstance(rank, bool):
-        errors.append(ImportError_(line, f"{path}.gold_rank", f"must be an integer, not {_json_type(rank)}"))
-    elif not 1 <= rank <= count:
-        errors.append(
-            ImportError_(line, f"{path}.gold_rank", f"must be between 1 and {count} (1 = best), not {rank}")
-        )
-
-
-def _validate_id(line: int, value: Any, errors: list[ImportError_]) -> str:
-    """The external id as stored ('' for none)."""
-    if value is None:
-        return ""
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        errors.append(ImportError_(line, "id", f"must be a string or an integer, not {_json_type(value)}"))
-        return ""
-    external_id = str(value)
-    if not external_id.strip():
-        errors.append(ImportError_(line, "id", "must not be empty (leave it out for no id)"))
-        return ""
-    if len(external_id) > MAX_NAME_LENGTH:
-        errors.append(ImportError_(line, "id", f"must be at most {MAX_NAME_LENGTH} characters"))
-        return ""
-    return external_id
-
-
-def _validate_document(
-    line: int, document: dict[str, Any]
-) -> tuple[_PromptRow | None, str, list[ImportError_]]:
+def _validate_document(line: int, document: Any) -> tuple[_PromptRow | None, str, list[ImportError_]]:
     """The row to write (None if the line has problems), the line's valid id or '', and its problems."""
-    errors, too_deep = _structure_errors(line, document, import_limit("IMPORT_MAX_DEPTH"))
-    if too_deep:
-        return None, "", errors
-    for key in document:
-        if key not in TOP_LEVEL_FIELDS:
-            errors.append(
-                ImportError_(
-                    line, _child_path("", key), f"unknown field; a line has {', '.join(TOP_LEVEL_FIELDS)}"
-                )
-            )
-    external_id = _validate_id(line, document.get("id"), errors)
-    if "prompt" not in document:
-        errors.append(ImportError_(line, "prompt", "is required"))
-    else:
-        _validate_prompt(line, document["prompt"], errors)
-    completions = document.get("completions")
-    if completions is not None:
-        _validate_completions(line, completions, errors)
-    metadata = document.get("metadata")
-    if metadata is not None:
-        if not isinstance(metadata, dict):
-            errors.append(ImportError_(line, "metadata", f"must be an object, not {_json_type(metadata)}"))
-        elif GOLD_RANKS_KEY in metadata:
-            errors.append(
-                ImportError_(
-                    line,
-                    f"metadata.{GOLD_RANKS_KEY}",
-                    "is reserved for the import; put gold_rank on each completion instead",
-                )
-            )
+    errors: list[ImportError_] = []
+    if isinstance(document, dict):
+        errors, too_deep = _structure_errors(line, document, import_limit("IMPORT_MAX_DEPTH"))
+        if too_deep:
+            return None, "", errors
+    parsed, problems = line_validate(
+        document, max_completions=import_limit("IMPORT_MAX_COMPLETIONS_PER_PROMPT")
+    )
+    errors.extend(ImportError_(line, path, message) for path, message in problems)
+    if parsed is None:
+        return None, _valid_id(document), errors
     if errors:
-        return None, external_id, errors
-
-    prompt = document["prompt"]
-    metadata = dict(metadata or {})
-    completions = completions or []
-    if completions and "gold_rank" in completions[0]:
-        metadata[GOLD_RANKS_KEY] = [completion["gold_rank"] for completion in completions]
+        return None, parsed.id, errors
+    metadata = dict(parsed.metadata)
+    if parsed.gold_ranks is not None:
+        metadata[GOLD_RANKS_KEY] = parsed.gold_ranks
+    messages = parsed.messages
     row = _PromptRow(
         line=line,
-        external_id=external_id,
-        text=prompt if isinstance(prompt, str) else "",
-        messages=None if isinstance(prompt, str) else prompt,
+        external_id=parsed.id,
+        text=parsed.prompt if isinstance(parsed.prompt, str) else "",
+        messages=messages,
         metadata=metadata,
-        completions=tuple(_CompletionRow(text=c["text"], policy=c["policy"]) for c in completions),
-        content_hash=prompt_content_hash(prompt),
+        completions=tuple(_CompletionRow(text=c.text, policy=c.policy) for c in parsed.completions),
+        content_hash=prompt_content_hash(parsed.prompt if messages is None else messages),
     )
-    return row, external_id, []
+    return row, parsed.id, []
+
+
+_EXTERNAL_ID = TypeAdapter(ExternalId)
+
+
+def _valid_id(document: Any) -> str:
+    """The id of a line with problems, if the id itself is good ('' if not): later lines may not reuse it."""
+    if not isinstance(document, dict) or document.get("id") is None:
+        return ""
+    try:
+        return _EXTERNAL_ID.validate_python(document["id"])
+    except ValidationError:
+        return ""
 
 
 # -- reading the stream -----------------------------------------------------
@@ -588,11 +398,6 @@ def _validate_stream(stream: IO[bytes], progress: Callable[[int], None] | None) 
         except ValueError as error:  # e.g. an integer with more digits than Python converts
             errors.append(ImportError_(number, "", f"is not valid JSON: {error}"))
             continue
-        if not isinstance(document, dict):
-            errors.append(
-                ImportError_(number, "", f'must be a JSON object {{"prompt": …}}, not {_json_type(document)}')
-            )
-            continue
         row, external_id, line_errors = _validate_document(number, document)
         errors.extend(line_errors)
         if row is None:
@@ -609,7 +414,7 @@ def _validate_stream(stream: IO[bytes], progress: Callable[[int], None] | None) 
                 ImportError_(
                     number,
                     "id",
-                    f"{_brief(external_id)} is already used on line {first_line_of_id[external_id]}",
+                    f"{brief(external_id)} is already used on line {first_line_of_id[external_id]}",
                 )
             )
             continue
@@ -651,7 +456,7 @@ def _rows_new_to_project(project: Project, validation: _Validation) -> list[_Pro
     for row in validation.rows:
         if row.content_hash in existing_by_hash:
             pk, external_id = existing_by_hash[row.content_hash]
-            named = f" (id {_brief(external_id)})" if external_id else ""
+            named = f" (id {brief(external_id)})" if external_id else ""
             validation.duplicates.append(
                 (row.line, f"same prompt as prompt {pk}{named} in the project; skipped")
             )
@@ -660,7 +465,7 @@ def _rows_new_to_project(project: Project, validation: _Validation) -> list[_Pro
                 ImportError_(
                     row.line,
                     "id",
-                    f"{_brief(row.external_id)} is already used in this project "
+                    f"{brief(row.external_id)} is already used in this project "
                     f"by prompt {existing_by_id[row.external_id]}",
                 )
             )
