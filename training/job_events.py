@@ -1,7 +1,7 @@
 """What the rest of the product hears when a job ends: in-app notices and outgoing webhooks.
 
 `job_ended` is called once per terminal transition (succeeded, failed,
-cancelled) of a dataset build, training run, generation, scoring or judge job, right
+cancelled) of a dataset build, training run, generation or scoring job, right
 after the compare-and-set that made it, inside the same transaction: the
 notices and webhook deliveries commit with the new status or not at all, and
 a transition that lost its race (a redelivery, a reaper) calls nothing.
@@ -43,13 +43,6 @@ def _describe(job: Any) -> tuple[str, str, str, list[int]]:
             reverse("ab-session-scoring", args=[job.project_id]),
             [job.project_id],
         )
-    if isinstance(job, JudgeJob):
-        return (
-            Notice.Kind.SCORING,
-            f"#{job.pk} {job.judge.account.username}",
-            reverse("project-judges", args=[job.project_id]),
-            [job.project_id],
-        )
     raise TypeError(f"not a job: {job!r}")
 
 
@@ -77,8 +70,12 @@ def _webhook_data(job: Any, outcome: str, url: str) -> tuple[str, dict[str, Any]
 def job_ended(model: type[Any], *, job_id: int) -> None:
     """Tell the job's starter and its projects' managers, and publish the webhook event, for a job that just ended.
 
-    Call it inside the transaction of the transition, after the compare-and-set succeeded.
+    Call it inside the transaction of the transition, after the compare-and-set succeeded. A model
+    judge's job tells nobody: the judge starts it by itself, and its outcome shows on the judges page
+    (a failure as the judge's last error).
     """
+    if model is JudgeJob:
+        return
     job = model.objects.get(pk=job_id)
     outcome = str(job.status)
     if outcome not in (Notice.Outcome.SUCCEEDED, Notice.Outcome.FAILED, Notice.Outcome.CANCELLED):

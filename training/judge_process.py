@@ -17,7 +17,8 @@ and asked which is best. Instead of letting it write an answer and parsing
 the text, the program reads the model's next-token distribution right where
 the answer starts and takes, per label, the probability of that label's
 token (with and without a leading space, whichever the tokenizer uses),
-renormalised over the K labels. Why:
+renormalised over the K labels (numbers 1, 2, 3… instead of letters for a
+tokenizer that cannot tell capital letters apart). Why:
 
 - tiny and base models rarely follow an output format: free text such as
   "I think the first one, because…" or an endless repetition would leave
@@ -66,6 +67,8 @@ if TYPE_CHECKING:
 # --- the prompt template --------------------------------------------------------------
 
 LABELS = string.ascii_uppercase
+# Labels for a tokenizer that cannot tell capital letters apart (a tiny one trained without them).
+NUMBER_LABELS = "123456789"
 # Placeholders a template must hold, and those it may.
 TEMPLATE_REQUIRED = ("prompt", "candidates")
 TEMPLATE_OPTIONAL = ("labels", "count")
@@ -120,12 +123,17 @@ def prompt_as_text(*, text: str, messages: list[dict[str, Any]] | None) -> str:
 
 
 def judge_prompt_render(
-    template: str, *, prompt: str, candidates: list[str], max_chars: int = CANDIDATE_MAX_CHARS
+    template: str,
+    *,
+    prompt: str,
+    candidates: list[str],
+    max_chars: int = CANDIDATE_MAX_CHARS,
+    alphabet: str = LABELS,
 ) -> str:
     """The template filled in for one ordering of the candidates (labelled A, B, C… in this order)."""
-    if len(candidates) > len(LABELS):
-        raise ValueError(f"a judge labels at most {len(LABELS)} responses, got {len(candidates)}")
-    labels = LABELS[: len(candidates)]
+    if len(candidates) > len(alphabet):
+        raise ValueError(f"a judge labels at most {len(alphabet)} responses, got {len(candidates)}")
+    labels = alphabet[: len(candidates)]
     shown = []
     for label, text in zip(labels, candidates, strict=True):
         body = text.strip()
@@ -226,20 +234,25 @@ def tasks_from_work(work: dict[str, Any]) -> tuple[int, list[TaskWork]]:
     ]
 
 
-def label_token_ids(tokenizer: PreTrainedTokenizerBase, count: int) -> list[list[int]]:
-    """Per label, the first token of "X" and of " X" (one or two ids); raises when two labels share one."""
+def label_token_ids(
+    tokenizer: PreTrainedTokenizerBase, count: int, alphabet: str = LABELS
+) -> list[list[int]]:
+    """Per label, the token of "X" and of " X" (one or two ids: a form that takes more than one token,
+    such as a space and then the letter, starts with something else); raises when a label has no token
+    of its own or two labels share one."""
+    unknown = getattr(tokenizer, "unk_token_id", None)
     ids: list[list[int]] = []
-    for label in LABELS[:count]:
-        variants = []
+    for label in alphabet[:count]:
+        variants: list[int] = []
         for text in (label, " " + label):
             encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if encoded and encoded[0] not in variants:
+            if len(encoded) == 1 and encoded[0] != unknown and encoded[0] not in variants:
                 variants.append(int(encoded[0]))
         if not variants:
-            raise ValueError(f"the tokenizer gives no token for the label {label!r}")
+            raise ValueError(f"the tokenizer has no token for the label {label!r}")
         ids.append(variants)
     seen: dict[int, str] = {}
-    for label, variants in zip(LABELS, ids, strict=False):
+    for label, variants in zip(alphabet, ids, strict=False):
         for token in variants:
             if token in seen:
                 raise ValueError(
@@ -248,6 +261,21 @@ def label_token_ids(tokenizer: PreTrainedTokenizerBase, count: int) -> list[list
                 )
             seen[token] = label
     return ids
+
+
+def labels_pick(tokenizer: PreTrainedTokenizerBase, count: int) -> tuple[str, list[list[int]]]:
+    """The label alphabet for `count` responses: capital letters, else numbers when the tokenizer cannot
+    tell the letters apart; raises, saying why, when it can tell neither apart."""
+    problems = []
+    for alphabet in (LABELS, NUMBER_LABELS):
+        if count > len(alphabet):
+            problems.append(f"{alphabet[:3]}…: only {len(alphabet)} labels")
+            continue
+        try:
+            return alphabet, label_token_ids(tokenizer, count, alphabet)
+        except ValueError as error:
+            problems.append(str(error))
+    raise ValueError("no labels the judge's answer can be read by: " + "; ".join(problems))
 
 
 def judge_input_ids(tokenizer: PreTrainedTokenizerBase, rendered: str, *, prompt_format: str) -> list[int]:
@@ -317,7 +345,7 @@ def label_probabilities(
 
 
 def task_sequences(
-    spec: JudgeSpec, tokenizer: PreTrainedTokenizerBase, task: TaskWork, *, limit: int | None
+    spec: JudgeSpec, tokenizer: PreTrainedTokenizerBase, task: TaskWork, *, limit: int | None, alphabet: str
 ) -> tuple[list[list[int]], list[list[int]], bool]:
     """(token ids per rotation, the rotations, whether any was cut to the model's context)."""
     orders = rotations(len(task.completions))
@@ -330,6 +358,7 @@ def task_sequences(
             prompt=prompt,
             candidates=[task.completions[index][1] for index in order],
             max_chars=spec.candidate_max_chars,
+            alphabet=alphabet,
         )
         ids = judge_input_ids(tokenizer, rendered, prompt_format=spec.policy.prompt_format)
         if limit is not None and len(ids) > limit:
@@ -359,7 +388,7 @@ def judge_job_run(spec: JudgeSpec, work: dict[str, Any], channel: ChildChannel) 
     total, items = tasks_from_work(work)
     channel.emit("started", tasks_total=total, tasks_done=total - len(items))
     log(f"{len(items)} of {total} open tasks lack a verdict")
-    label_ids_by_count: dict[int, list[list[int]]] = {}
+    labels_by_count: dict[int, tuple[str, list[list[int]]]] = {}
     done = unreadable = 0
     for start in range(0, len(items), spec.tasks_per_batch):
         if channel.cancel_asked():
@@ -379,9 +408,12 @@ def judge_job_run(spec: JudgeSpec, work: dict[str, Any], channel: ChildChannel) 
             if count < 2:
                 verdicts[task.task_id] = {"note": "a task with fewer than two responses has nothing to rank"}
                 continue
-            if count not in label_ids_by_count:
-                label_ids_by_count[count] = label_token_ids(tokenizer, count)
-            ids, orders, cut = task_sequences(spec, tokenizer, task, limit=limit)
+            if count not in labels_by_count:
+                labels_by_count[count] = labels_pick(tokenizer, count)
+                log(f"{count} responses are labelled {', '.join(labels_by_count[count][0][:count])}")
+            ids, orders, cut = task_sequences(
+                spec, tokenizer, task, limit=limit, alphabet=labels_by_count[count][0]
+            )
             if cut:
                 log(f"task {task.task_id}: the judge prompt was cut to the model's {limit} tokens")
             plan.append((task, orders, len(sequences), count))
@@ -395,7 +427,7 @@ def judge_job_run(spec: JudgeSpec, work: dict[str, Any], channel: ChildChannel) 
                 sequences[plan[p][2] + r] for p in positions for r in range(count)
             ]  # every rotation of every task with this many labels
             probabilities = label_probabilities(
-                tokenizer, model, rows, label_ids_by_count[count], batch_size=spec.sequences_per_forward
+                tokenizer, model, rows, labels_by_count[count][1], batch_size=spec.sequences_per_forward
             )
             for index, p in enumerate(positions):
                 readings[p] = probabilities[index * count : (index + 1) * count]

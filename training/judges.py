@@ -71,7 +71,7 @@ from annotation.models import (
     TaskCompletion,
 )
 from annotation.roles import Role
-from annotation.selectors import policies_for_user, projects_for_user
+from annotation.selectors import projects_for_user
 from annotation.services import JudgmentInput, assignment_claim_next, assignment_skip, judgment_submit
 from training.judge_process import DEFAULT_TEMPLATE, JudgePolicySpec, JudgeSpec, template_problems
 from training.models import Judge, JudgeJob, JudgeVerdict, RewardModel, ScoringJob
@@ -128,7 +128,7 @@ def judge_attach(
             and not reward_models_for_user(user=created_by).filter(pk=reward_model.pk).exists()
         ):
             errors["reward_model"] = "you can use only reward models trained on projects you manage"
-        if policy is not None and not policies_for_user(user=created_by).filter(pk=policy.pk).exists():
+        if policy is not None and not judge_policies_for_user(user=created_by).filter(pk=policy.pk).exists():
             errors["policy"] = "you can use only policies of projects you manage"
     if policy is not None:
         if policy.kind != Policy.Kind.MODEL or not policy.base_model:
@@ -179,6 +179,54 @@ def judge_attach(
     except IntegrityError:
         raise ValidationError({field: "this model already judges this project"}) from None
     return judge
+
+
+def judge_policies_for_user(*, user: AbstractBaseUser) -> QuerySet[Policy]:
+    """The model policies a manager may attach as judges: those of projects they manage (all, for a superuser)."""
+    models = Policy.objects.filter(kind=Policy.Kind.MODEL)
+    if getattr(user, "is_superuser", False):
+        return models
+    managed = projects_for_user(user=user, role=Role.MANAGER)
+    return models.filter(
+        pk__in=Policy.projects.through.objects.filter(project__in=managed).values("policy_id")
+    ).order_by("name")
+
+
+def judge_policy_for_base_model(
+    *, base_model: str, project: Project, created_by: AbstractBaseUser | None
+) -> Policy:
+    """The model policy a language-model judge given as a base model (local path or hub id) runs as.
+
+    A model policy the creator may use with this base model and no adapter
+    is reused; otherwise one is made, named after the model, once the
+    model's config and tokenizer would load (`training.policies`), as a
+    policy of `project`. Raises ValidationError (field `base_model`) when
+    they would not.
+    """
+    from config.storage import storage_path_stored
+    from training.policies import policy_base_model_problems
+
+    base_model = base_model.strip()
+    if not base_model:
+        raise ValidationError({"base_model": "give a local path or a hub id"})
+    usable = Policy.objects.filter(kind=Policy.Kind.MODEL)
+    if created_by is not None:
+        usable = judge_policies_for_user(user=created_by)
+    stored = storage_path_stored(base_model)
+    existing = usable.filter(adapter="", base_model__in={base_model, stored}).order_by("pk").first()
+    if existing is not None:
+        return existing
+    if problems := policy_base_model_problems(base_model):
+        raise ValidationError({"base_model": " ".join(str(problem) for problem in problems)})
+    stem = base_model.rstrip("/").split("/")[-1].split(":")[-1] or "model"
+    name = f"judge {stem}"[:190]
+    taken = set(Policy.objects.filter(name__startswith=name).values_list("name", flat=True))
+    number = 1
+    while (candidate := name if number == 1 else f"{name} {number}") in taken:
+        number += 1
+    policy = Policy.objects.create(name=candidate, kind=Policy.Kind.MODEL, base_model=stored)
+    policy.projects.add(project)
+    return policy
 
 
 def judge_request(*, judge_id: int) -> bool:

@@ -18,6 +18,7 @@ from django.contrib import messages
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AnonymousUser
 from django.core.exceptions import ValidationError
+from django.db import transaction
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.translation import gettext as _
@@ -30,13 +31,20 @@ from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from annotation.models import Comparison, Judgment, Project, StatsSnapshot
+from annotation.models import Comparison, Judgment, Policy, Project, StatsSnapshot
 from annotation.roles import Role, role_required
 from annotation.selectors import project_get_for_user
 from annotation.snapshots import stats_snapshot_get
 from training.continuous import continuous_training_set, human_judgments
-from training.judges import judge_attach, judge_calibration, judge_request
-from training.models import ContinuousTraining, Judge, RewardModel, TrainingRun
+from training.judge_process import DEFAULT_TEMPLATE
+from training.judges import (
+    judge_attach,
+    judge_calibration,
+    judge_policies_for_user,
+    judge_policy_for_base_model,
+    judge_request,
+)
+from training.models import ContinuousTraining, Judge, JudgeJob, RewardModel, TrainingRun
 from training.selectors import reward_models_for_user, training_runs_for_user
 
 
@@ -44,8 +52,34 @@ class JudgeAttachForm(forms.Form):
     reward_model = forms.ModelChoiceField(
         label=gettext_lazy("Reward model"),
         queryset=RewardModel.objects.none(),
+        required=False,
         help_text=gettext_lazy(
             "It ranks each task's responses by its scores (a scoring job writes them first)."
+        ),
+    )
+    policy = forms.ModelChoiceField(
+        label=gettext_lazy("Or a language model (policy)"),
+        queryset=Policy.objects.none(),
+        required=False,
+        help_text=gettext_lazy(
+            "A causal language model prompted to rank: a judge job on the GPU queue shows it each task "
+            "through the template below and reads which response it names best."
+        ),
+    )
+    base_model = forms.CharField(
+        label=gettext_lazy("Or a language model's base model"),
+        required=False,
+        max_length=500,
+        help_text=gettext_lazy("Local path or hub id; it is registered as a policy."),
+    )
+    prompt_template = forms.CharField(
+        label=gettext_lazy("Judge prompt template"),
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 10}),
+        initial=DEFAULT_TEMPLATE,
+        help_text=gettext_lazy(
+            "For a language model only. {prompt} and {candidates} are required; {labels} and {count} "
+            "may be used; write literal braces doubled."
         ),
     )
     max_judgments = forms.IntegerField(
@@ -58,11 +92,21 @@ class JudgeAttachForm(forms.Form):
     def __init__(self, *args: Any, user: AbstractBaseUser | AnonymousUser, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fields["reward_model"].queryset = reward_models_for_user(user=user)  # type: ignore[attr-defined]
+        self.fields["policy"].queryset = judge_policies_for_user(user=user)  # type: ignore[attr-defined]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        given = [name for name in ("reward_model", "policy", "base_model") if data.get(name)]
+        if len(given) != 1:
+            raise ValidationError(
+                _("Choose one: a reward model, a language model (policy), or a base model to register.")
+            )
+        return data
 
 
 def judges_table(*, project: Project) -> list[dict[str, Any]]:
     """Each judge of the project with its judgments, agreement with the humans' majority and gold accuracy."""
-    judges = list(Judge.objects.filter(project=project).select_related("reward_model", "account"))
+    judges = list(Judge.objects.filter(project=project).select_related("reward_model", "policy", "account"))
     if not judges:
         return []
     live = Comparison.objects.filter(project=project).exclude(judgment__review=Judgment.Review.REJECTED)
@@ -74,6 +118,9 @@ def judges_table(*, project: Project) -> list[dict[str, Any]]:
     gold = {
         row["user_id"]: {"judged": row["gold_judged"], "accuracy": row["gold_accuracy"]} for row in labelers
     }
+    latest_jobs: dict[int, JudgeJob] = {}
+    for job in JudgeJob.objects.filter(judge__in=judges).order_by("-created_at", "-id"):
+        latest_jobs.setdefault(job.judge_id, job)
     rows = []
     for judge in judges:
         measured = calibration.get(judge.account_id)
@@ -85,9 +132,29 @@ def judges_table(*, project: Project) -> list[dict[str, Any]]:
                 "agreement": measured.agreement if measured else None,
                 "gold_judged": judged_gold["judged"] if judged_gold else 0,
                 "gold_accuracy": judged_gold["accuracy"] if judged_gold else None,
+                "job": latest_jobs.get(judge.pk),
             }
         )
     return rows
+
+
+def _judge_attach_from(*, project: Project, user: Any, data: dict[str, Any]) -> Judge:
+    """`judge_attach` from a form's or a request's fields; a base model is registered as a policy first
+    (and not at all when the judge is refused)."""
+    with transaction.atomic():
+        policy = data.get("policy")
+        if data.get("base_model"):
+            policy = judge_policy_for_base_model(
+                base_model=data["base_model"], project=project, created_by=user
+            )
+        return judge_attach(
+            project=project,
+            reward_model=data.get("reward_model"),
+            policy=policy,
+            prompt_template=data.get("prompt_template") or "",
+            created_by=user,
+            max_judgments=data.get("max_judgments"),
+        )
 
 
 @role_required(Role.MANAGER)
@@ -97,12 +164,7 @@ def project_judges(request: HttpRequest, project_id: int) -> HttpResponse:
     status_code = 200
     if request.method == "POST" and form.is_valid():
         try:
-            judge = judge_attach(
-                project=project,
-                reward_model=form.cleaned_data["reward_model"],
-                created_by=request.user,
-                max_judgments=form.cleaned_data["max_judgments"],
-            )
+            judge = _judge_attach_from(project=project, user=request.user, data=form.cleaned_data)
         except ValidationError as error:
             for field, field_messages in error.message_dict.items():
                 form.add_error(field if field in form.fields else None, field_messages)
@@ -111,7 +173,7 @@ def project_judges(request: HttpRequest, project_id: int) -> HttpResponse:
             messages.success(
                 request,
                 _("%(model)s now judges this project as %(account)s.")
-                % {"model": judge.reward_model.name, "account": judge.account.username},
+                % {"model": judge.model_name, "account": judge.account.username},
             )
             return redirect("project-judges", project.pk)
     context = {"project": project, "form": form, "rows": judges_table(project=project)}
@@ -204,14 +266,53 @@ def project_continuous(request: HttpRequest, project_id: int) -> HttpResponse:
 
 
 class JudgeRequestSerializer(serializers.Serializer):
-    reward_model = serializers.IntegerField(help_text="Id of a reward model trained on projects you manage.")
+    reward_model = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="Id of a reward model trained on projects you manage.",
+    )
+    policy = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="Or the id of a model policy (a causal LM) of a project you manage, prompted to rank.",
+    )
+    base_model = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        default="",
+        max_length=500,
+        help_text="Or a causal LM's local path or hub id (registered as a policy), prompted to rank.",
+    )
+    prompt_template = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        default="",
+        help_text="A language-model judge's prompt: {prompt} and {candidates} required, {labels} and {count} "
+        "optional (empty: the default template).",
+    )
     max_judgments = serializers.IntegerField(required=False, allow_null=True, default=None, min_value=1)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        given = [name for name in ("reward_model", "policy", "base_model") if attrs.get(name)]
+        if len(given) != 1:
+            raise serializers.ValidationError("give exactly one of reward_model, policy and base_model")
+        return attrs
 
 
 class JudgeSerializer(serializers.Serializer):
     id = serializers.IntegerField()
     kind = serializers.CharField()
-    reward_model = serializers.IntegerField()
+    reward_model = serializers.IntegerField(allow_null=True)
+    policy = serializers.IntegerField(allow_null=True, help_text="A language-model judge's policy.")
+    prompt_template = serializers.CharField(help_text="A language-model judge's prompt template.")
+    answers_unreadable = serializers.IntegerField(
+        help_text="Tasks whose answer from a language-model judge could not be read: skipped, left to people."
+    )
+    job_status = serializers.CharField(
+        allow_null=True, help_text="A language-model judge's latest judge job (reading the open tasks)."
+    )
     account = serializers.CharField(help_text="The judge's labeler account (marked as a model).")
     active = serializers.BooleanField()
     max_judgments = serializers.IntegerField(allow_null=True)
@@ -229,6 +330,10 @@ def _judge_payload(row: dict[str, Any]) -> dict[str, Any]:
         "id": judge.pk,
         "kind": judge.kind,
         "reward_model": judge.reward_model_id,
+        "policy": judge.policy_id,
+        "prompt_template": judge.prompt_template,
+        "answers_unreadable": judge.answers_unreadable,
+        "job_status": row["job"].status if row["job"] is not None else None,
         "account": judge.account.username,
         "active": judge.active,
         "max_judgments": judge.max_judgments,
@@ -246,24 +351,28 @@ def _judge_payload(row: dict[str, Any]) -> dict[str, Any]:
 @api_view(["GET", "POST"])
 @permission_classes([IsAuthenticated])
 def project_judges_api(request: Request, project_id: int) -> Response:
-    """A project's model judges (GET), or attach a reward model as a judge (POST); managers of the project only."""
+    """A project's model judges (GET), or attach one (POST): a reward model, or a causal LM prompted to rank
+    (a policy, or a base model registered as one); managers of the project only."""
     project = project_get_for_user(user=request.user, pk=project_id, role=Role.MANAGER)
     if request.method == "POST":
         given = JudgeRequestSerializer(data=request.data)
         given.is_valid(raise_exception=True)
-        reward_model = (
-            reward_models_for_user(user=request.user).filter(pk=given.validated_data["reward_model"]).first()
-        )
-        if reward_model is None:
-            raise serializers.ValidationError(
-                {"reward_model": ["no such reward model among those trained on projects you manage"]}
+        data = dict(given.validated_data)
+        if data["reward_model"] is not None:
+            data["reward_model"] = (
+                reward_models_for_user(user=request.user).filter(pk=data["reward_model"]).first()
             )
-        judge = judge_attach(
-            project=project,
-            reward_model=reward_model,
-            created_by=request.user,
-            max_judgments=given.validated_data["max_judgments"],
-        )
+            if data["reward_model"] is None:
+                raise serializers.ValidationError(
+                    {"reward_model": ["no such reward model among those trained on projects you manage"]}
+                )
+        if data["policy"] is not None:
+            data["policy"] = judge_policies_for_user(user=request.user).filter(pk=data["policy"]).first()
+            if data["policy"] is None:
+                raise serializers.ValidationError(
+                    {"policy": ["no such model policy among those of projects you manage"]}
+                )
+        judge = _judge_attach_from(project=project, user=request.user, data=data)
         row = next(row for row in judges_table(project=project) if row["judge"].pk == judge.pk)
         return Response(JudgeSerializer(_judge_payload(row)).data, status=status.HTTP_201_CREATED)
     return Response([JudgeSerializer(_judge_payload(row)).data for row in judges_table(project=project)])
