@@ -36,6 +36,7 @@ class Project(models.Model):
         FILL = "fill", _("Fill: nearest to done first")
         RANDOM = "random", _("Random")
         UNCERTAINTY = "uncertainty", _("Uncertainty: where the latest reward model is least sure")
+        DISAGREEMENT = "disagreement", _("Disagreement: where the newest reward models disagree most")
 
     name = models.CharField(max_length=200, unique=True)
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.RANKING)
@@ -220,6 +221,10 @@ class Task(models.Model):
     # task: the smallest score gap between two of its completions (lower is
     # less sure); None until a scoring job has scored all of them.
     uncertainty = models.FloatField(null=True, blank=True)
+    # The task's place in the disagreement order (lower first), stored with `uncertainty` by the
+    # same refresh: minus how far the newest reward models disagree on its ranking (0 to 1), then
+    # the newest model's gap; only the newest model's gap while no other scored it; None as above.
+    disagreement = models.FloatField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -234,6 +239,9 @@ class Task(models.Model):
             models.Index(fields=["project", "is_gold", "random_rank"], name="task_claim_random"),
             models.Index(
                 fields=["project", "is_gold", "uncertainty", "random_rank"], name="task_claim_uncertainty"
+            ),
+            models.Index(
+                fields=["project", "is_gold", "disagreement", "random_rank"], name="task_claim_disagreement"
             ),
         ]
         constraints = [
