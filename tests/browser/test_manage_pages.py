@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from annotation.models import Membership, Policy, Project
@@ -120,31 +118,6 @@ def test_a_manager_adds_re_roles_and_removes_a_member_and_never_sees_another_pro
     assert "Given by a superuser" in page.inner_text("tr[data-member=host]")
     response = page.goto(f"{live_server.url}/manage/projects/{other.pk}/members")
     assert response.status == 404
-    assert watch.errors == []
-
-
-def test_a_policy_is_registered_from_a_folder_only_when_it_would_load(open_page, live_server, tmp_path):
-    manager = user_with_roles(Role.MANAGER, username="host")
-    folder = tmp_path / "demo-sft"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    page, watch = open_page(manager)
-    page.goto(f"{live_server.url}/manage/")
-    page.click("#manage-links >> text=Policies")
-
-    # a folder without a tokenizer is refused, saying so
-    page.fill("#id_base_model", str(folder))
-    page.click("#policy-register button[type=submit]")
-    page.wait_for_selector("[data-field-error=base_model]")
-    assert "has no tokenizer" in page.inner_text("[data-field-error=base_model]")
-    assert not Policy.objects.exists()
-
-    # with its tokenizer it is registered and listed
-    (folder / "tokenizer.json").write_text("{}")
-    page.fill("#id_name", "demo SFT")
-    page.click("#policy-register button[type=submit]")
-    page.wait_for_selector("tr[data-policy='demo SFT']")
-    assert Policy.objects.get(name="demo SFT").kind == Policy.Kind.MODEL
     assert watch.errors == []
 
 
