@@ -25,6 +25,7 @@ import math
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import krippendorff
@@ -78,6 +79,38 @@ class _ProjectData:
         for judgment in self.judgments:
             by_task[judgment.task_id].append(judgment)
         return by_task
+
+    @cached_property
+    def rank_matrix(self) -> tuple[np.ndarray, np.ndarray]:
+        """The judgments' ranks as an (n, widest task) int array, and where a rank was given (bool)."""
+        width = max((len(judgment.ranks) for judgment in self.judgments), default=0)
+        ranks = np.zeros((len(self.judgments), width), dtype=np.int64)
+        given = np.zeros((len(self.judgments), width), dtype=bool)
+        for row, judgment in enumerate(self.judgments):
+            for column, rank in enumerate(judgment.ranks):
+                if rank is not None:
+                    ranks[row, column] = rank
+                    given[row, column] = True
+        return ranks, given
+
+    @cached_property
+    def judgment_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Row indexes (first, second) of every two judgments of the same task, first < second in id order."""
+        task_ids = np.fromiter((judgment.task_id for judgment in self.judgments), dtype=np.int64)
+        order = np.argsort(task_ids, kind="stable")
+        by_task = task_ids[order]
+        starts = np.flatnonzero(np.r_[True, by_task[1:] != by_task[:-1]]) if len(by_task) else by_task
+        sizes = np.diff(np.r_[starts, len(by_task)])
+        firsts, seconds = [np.empty(0, dtype=np.int64)], [np.empty(0, dtype=np.int64)]
+        # Tasks with the same number of judgments share one index pattern.
+        for size in np.unique(sizes):
+            if size < 2:
+                continue
+            group_starts = starts[sizes == size]
+            i, j = np.triu_indices(int(size), k=1)
+            firsts.append((group_starts[:, None] + i).ravel())
+            seconds.append((group_starts[:, None] + j).ravel())
+        return order[np.concatenate(firsts)], order[np.concatenate(seconds)]
 
 
 def _submitted_judgments(*, project: Project) -> QuerySet[Judgment]:
@@ -228,37 +261,36 @@ def project_median_active_seconds(*, project: Project) -> float | None:
 
 
 def _pairwise_agreement_from(data: _ProjectData) -> dict[str, Any]:
-    shared = 0
-    agreed = 0
-    shared_by_user: dict[int, int] = defaultdict(int)
-    agreed_by_user: dict[int, int] = defaultdict(int)
-    for judgments in data.judgments_by_task().values():
-        for first, second in itertools.combinations(judgments, 2):
-            if first.user_id == second.user_id:
-                continue
-            for a, b in itertools.combinations(range(len(first.ranks)), 2):
-                ranks = (first.ranks[a], first.ranks[b], second.ranks[a], second.ranks[b])
-                if None in ranks:
-                    continue
-                same = _outcome(ranks[0], ranks[1]) == _outcome(ranks[2], ranks[3])
-                shared += 1
-                agreed += same
-                for user_id in (first.user_id, second.user_id):
-                    shared_by_user[user_id] += 1
-                    agreed_by_user[user_id] += same
-    return {
-        "rate": _rate(agreed, shared),
-        "shared": shared,
-        "agreed": agreed,
-        "per_labeler": {
-            user_id: {
-                "shared": shared_by_user[user_id],
-                "agreed": agreed_by_user[user_id],
-                "rate": _rate(agreed_by_user[user_id], shared_by_user[user_id]),
-            }
-            for user_id in sorted(shared_by_user)
-        },
+    # Counted with arrays over every two judgments of a task (by different people) at once.
+    ranks, given = data.rank_matrix
+    first, second = data.judgment_pairs
+    user_ids = np.fromiter((judgment.user_id for judgment in data.judgments), dtype=np.int64)
+    people, user_index = np.unique(user_ids, return_inverse=True)
+    others = user_ids[first] != user_ids[second]
+    first, second = first[others], second[others]
+    shared_by = np.zeros(len(people), dtype=np.int64)
+    agreed_by = np.zeros(len(people), dtype=np.int64)
+    shared = agreed = 0
+    for a, b in itertools.combinations(range(ranks.shape[1]), 2):
+        both = given[first, a] & given[first, b] & given[second, a] & given[second, b]
+        same = both & (
+            np.sign(ranks[first, a] - ranks[first, b]) == np.sign(ranks[second, a] - ranks[second, b])
+        )
+        shared += int(both.sum())
+        agreed += int(same.sum())
+        for rows in (first, second):
+            shared_by += np.bincount(user_index[rows], weights=both, minlength=len(people)).astype(np.int64)
+            agreed_by += np.bincount(user_index[rows], weights=same, minlength=len(people)).astype(np.int64)
+    per_labeler = {
+        int(user_id): {
+            "shared": int(shared_by[index]),
+            "agreed": int(agreed_by[index]),
+            "rate": _rate(int(agreed_by[index]), int(shared_by[index])),
+        }
+        for index, user_id in enumerate(people)
+        if shared_by[index]
     }
+    return {"rate": _rate(agreed, shared), "shared": shared, "agreed": agreed, "per_labeler": per_labeler}
 
 
 def pairwise_agreement(*, project: Project) -> dict[str, Any]:
@@ -302,22 +334,41 @@ def _tau_b(x: list[int], y: list[int]) -> float:
 
 
 def _kendall_tau_from(data: _ProjectData) -> dict[str, Any]:
-    taus: list[float] = []
-    skipped = 0
-    for judgments in data.judgments_by_task().values():
-        for first, second in itertools.combinations(judgments, 2):
-            if first.none_acceptable or second.none_acceptable:
-                skipped += 1
-                continue
-            both = [(x, y) for x, y in zip(first.ranks, second.ranks, strict=True) if None not in (x, y)]
-            x = [pair[0] for pair in both]
-            y = [pair[1] for pair in both]
-            # tau-b divides by the ties in each vector: undefined for a constant one.
-            if len(set(x)) < 2 or len(set(y)) < 2:
-                skipped += 1
-                continue
-            taus.append(_tau_b(x, y))
-    return {"mean": statistics.fmean(taus) if taus else None, "pairs": len(taus), "skipped": skipped}
+    # tau-b of every two judgments of a task at once, counted as `_tau_b` counts: the same
+    # integers, then the same float operations, so each tau is the value `_tau_b` returns
+    # (and fmean, an exactly rounded sum, does not depend on the order).
+    ranks, given = data.rank_matrix
+    first, second = data.judgment_pairs
+    none_acceptable = np.fromiter((judgment.none_acceptable for judgment in data.judgments), dtype=bool)
+    counted = ~(none_acceptable[first] | none_acceptable[second])
+    first, second = first[counted], second[counted]
+    both = given[first] & given[second]
+    concordant = np.zeros(len(first), dtype=np.int64)
+    discordant = np.zeros(len(first), dtype=np.int64)
+    ties_x = np.zeros(len(first), dtype=np.int64)
+    ties_y = np.zeros(len(first), dtype=np.int64)
+    for i, j in itertools.combinations(range(ranks.shape[1]), 2):
+        pair = both[:, i] & both[:, j]
+        dx = ranks[first, i] - ranks[first, j]
+        dy = ranks[second, i] - ranks[second, j]
+        tied = (dx == 0) | (dy == 0)
+        ties_x += pair & (dx == 0)
+        ties_y += pair & (dy == 0)
+        concordant += pair & ~tied & ((dx > 0) == (dy > 0))
+        discordant += pair & ~tied & ((dx > 0) != (dy > 0))
+    size = both.sum(axis=1)
+    pairs = size * (size - 1) // 2
+    # tau-b divides by the ties in each vector: undefined for a constant one (or fewer than two ranks).
+    defined = (size >= 2) & (ties_x < pairs) & (ties_y < pairs)
+    taus = (concordant - discordant)[defined].astype(np.float64) / np.sqrt(
+        ((pairs - ties_x) * (pairs - ties_y))[defined].astype(np.float64)
+    )
+    skipped = int((~counted).sum()) + int((~defined).sum())
+    return {
+        "mean": statistics.fmean(taus.tolist()) if len(taus) else None,
+        "pairs": len(taus),
+        "skipped": skipped,
+    }
 
 
 def kendall_tau_between_labelers(*, project: Project) -> dict[str, Any]:
