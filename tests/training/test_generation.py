@@ -63,8 +63,12 @@ def project_of(prompts: list[str | list[dict[str, str]]], *, name: str = "gen", 
     return project
 
 
-def policy_of(model_dir: Path, name: str = "sft") -> Policy:
-    return Policy.objects.create(name=name, kind=Policy.Kind.MODEL, base_model=str(model_dir))
+def policy_of(model_dir: Path, name: str = "sft", *, project: Project | None = None) -> Policy:
+    """A model policy, registered for `project` when given (a manager generates only with their projects')."""
+    policy = Policy.objects.create(name=name, kind=Policy.Kind.MODEL, base_model=str(model_dir))
+    if project is not None:
+        policy.projects.add(project)
+    return policy
 
 
 def counts(policy: Policy, project: Project) -> dict[int, int]:
@@ -158,7 +162,7 @@ def test_a_job_fills_a_ranking_project_with_n_seeded_samples_per_prompt_and_make
     # given a ranking project with K=2, a text and a chat prompt, and one policy
     project = project_of(["What is 2 plus 3?", "What is 7 minus 4?", CHAT_PROMPT], k=2)
     manager = make_manager(project, user_with_roles(Role.MANAGER, username="gen-manager"))
-    policy = policy_of(tiny_model_dir)
+    policy = policy_of(tiny_model_dir, project=project)
 
     # when a manager asks for two samples per prompt
     job = generation_job_create(policy=policy, project=project, n=2, seed=7, created_by=manager, **SAMPLING)
@@ -420,7 +424,7 @@ def test_a_policy_that_cannot_generate_or_a_project_not_managed_is_refused(
         generation_job_create(
             policy=policy_of(tiny_model_dir), project=project, n=0, temperature=9, created_by=stranger
         )
-    assert {"project", "n", "temperature"} <= set(refused.value.message_dict)
+    assert {"project", "policy", "n", "temperature"} <= set(refused.value.message_dict)
     assert not GenerationJob.objects.exists()
     assert no_publish == []
 
@@ -475,7 +479,7 @@ def test_a_manager_starts_a_job_from_the_admin_form_and_a_bad_setting_is_named(
 ) -> None:
     project = project_of(["What is 2 plus 3?"])
     manager = make_manager(project, user_with_roles(Role.MANAGER, username="admin-manager"))
-    policy = policy_of(tiny_model_dir)
+    policy = policy_of(tiny_model_dir, project=project)
     client.force_login(manager)
     values = {
         "policy": policy.pk,

@@ -143,7 +143,12 @@ def test_a_job_records_the_backend_its_worker_generated_with(
     project = project_of(["What is 2 plus 3?", [{"role": "user", "content": "And 4 plus 4?"}]], k=2)
     manager = make_manager(project, user_with_roles(Role.MANAGER, username="backend-manager"))
     job = generation_job_create(
-        policy=policy_of(tiny_model_dir), project=project, n=2, seed=1, created_by=manager, **JOB_SAMPLING
+        policy=policy_of(tiny_model_dir, project=project),
+        project=project,
+        n=2,
+        seed=1,
+        created_by=manager,
+        **JOB_SAMPLING,
     )
     job = wait_for(job, GenerationJob.TERMINAL)
 
