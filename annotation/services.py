@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -246,23 +247,62 @@ def tasks_create_for_project(*, project: Project, batch_size: int = 1000) -> int
     return created
 
 
-@transaction.atomic
-def tasks_uncertainty_refresh(*, project: Project, scorer: str, batch_size: int = 2000) -> int:
-    """Store, on each task of the project, how unsure the scorer is about it: the uncertainty order.
+# Below any disagreement step (half a pair: 1 / (2 × C(K, 2) × scorer pairs) ≥ 1/216 for K ≤ 9 and
+# three scorers):
+# within one disagreement, the newest model's gap orders the tasks without crossing into another.
+DISAGREEMENT_GAP_WEIGHT = 1e-3
 
-    A task's uncertainty is the smallest gap between the scores (under
-    `scorer`, annotation.CompletionScore) of two of its completions: a small
-    gap means the reward model can hardly tell them apart, so a person's
-    ranking there teaches it most. A task with a completion the scorer has
-    not scored gets None (served after the scored ones). Replaces what an
-    earlier scorer stored, so the newest reward model orders the queue.
-    Returns how many tasks got a value.
+
+def _discordance(first: list[float], second: list[float]) -> float:
+    """How differently two scorers order the same completions: the share of pairs they order the
+    opposite way (a pair one ties and the other does not counts half); 0 agree, 1 reversed."""
+    pairs = list(itertools.combinations(range(len(first)), 2))
+    discordant = 0.0
+    for i, j in pairs:
+        a = (first[i] > first[j]) - (first[i] < first[j])
+        b = (second[i] > second[j]) - (second[i] < second[j])
+        if a * b < 0:
+            discordant += 1
+        elif a != b:
+            discordant += 0.5
+    return discordant / len(pairs)
+
+
+@transaction.atomic
+def tasks_uncertainty_refresh(
+    *, project: Project, scorer: str, other_scorers: Sequence[str] = (), batch_size: int = 2000
+) -> int:
+    """Store, on each task of the project, how unsure the reward models are about it: the uncertainty
+    and disagreement orders.
+
+    `scorer` is the newest reward model's label (annotation.CompletionScore);
+    `other_scorers` the labels of earlier reward models that scored the
+    project, newest first (the training side chooses them).
+
+    1. Uncertainty: the smallest gap between the newest scorer's scores of
+       two of the task's completions. A small gap means the reward model can
+       hardly tell them apart, so a person's ranking there teaches it most.
+    2. Disagreement, when at least one other scorer scored every completion
+       of the task: D, the mean over pairs of those scorers (the newest
+       included) of the share of the task's completion pairs they order the
+       opposite way (0: they agree; 1: one reverses the other). Stored as
+       −D + DISAGREEMENT_GAP_WEIGHT × g / (1 + g), g the newest gap: the
+       largest disagreement first, the newest model's small gaps first among
+       equal ones. A task no other scorer covers stores the newest gap, as
+       under uncertainty (so those come after every task the models disagree on).
+    3. A task with a completion the newest scorer has not scored gets None
+       in both (served after the scored ones).
+
+    Replaces what an earlier refresh stored, so the newest reward models
+    order the queue. Returns how many tasks got a value.
     """
-    scores = dict(
-        CompletionScore.objects.filter(completion__prompt__project=project, scorer=scorer).values_list(
-            "completion_id", "score"
-        )
-    )
+    labels = [scorer, *[label for label in other_scorers if label != scorer]]
+    scores: dict[str, dict[int, float]] = {label: {} for label in labels}
+    for label, completion_id, score in CompletionScore.objects.filter(
+        completion__prompt__project=project, scorer__in=labels
+    ).values_list("scorer", "completion_id", "score"):
+        scores[label][completion_id] = score
+    newest = scores[scorer]
     items: dict[int, list[int]] = {}
     for task_id, completion_id in TaskCompletion.objects.filter(task__project=project).values_list(
         "task_id", "completion_id"
@@ -271,13 +311,24 @@ def tasks_uncertainty_refresh(*, project: Project, scorer: str, batch_size: int 
     updates = []
     scored = 0
     for task_id, completion_ids in items.items():
-        values = sorted(scores[pk] for pk in completion_ids if pk in scores)
-        gap = None
-        if len(values) == len(completion_ids) and len(values) >= 2:
+        gap = disagreement = None
+        if len(completion_ids) >= 2 and all(pk in newest for pk in completion_ids):
+            values = sorted(newest[pk] for pk in completion_ids)
             gap = min(high - low for low, high in itertools.pairwise(values))
+            covering = [
+                [scores[label][pk] for pk in completion_ids]
+                for label in labels
+                if all(pk in scores[label] for pk in completion_ids)
+            ]
+            if len(covering) >= 2:
+                pairs = list(itertools.combinations(covering, 2))
+                mean = sum(_discordance(a, b) for a, b in pairs) / len(pairs)
+                disagreement = -mean + DISAGREEMENT_GAP_WEIGHT * gap / (1 + gap)
+            else:
+                disagreement = gap
             scored += 1
-        updates.append(Task(pk=task_id, uncertainty=gap))
-    Task.objects.bulk_update(updates, ["uncertainty"], batch_size=batch_size)
+        updates.append(Task(pk=task_id, uncertainty=gap, disagreement=disagreement))
+    Task.objects.bulk_update(updates, ["uncertainty", "disagreement"], batch_size=batch_size)
     return scored
 
 
@@ -369,6 +420,9 @@ def _claim_order(project: Project) -> tuple[Any, ...]:
     if project.task_order == Project.TaskOrder.UNCERTAINTY:
         # Least sure first; tasks the reward model has not scored after them, at random.
         return (F("uncertainty").asc(nulls_last=True), "random_rank", "id")
+    if project.task_order == Project.TaskOrder.DISAGREEMENT:
+        # Where the newest reward models disagree most first (tasks_uncertainty_refresh).
+        return (F("disagreement").asc(nulls_last=True), "random_rank", "id")
     # Closest to done first, so finished tasks (and datasets) arrive early.
     return ("-judgment_count", "id")
 
@@ -950,7 +1004,6 @@ def ab_session_create(
     )
     Membership.objects.create(project=project, user=created_by, role=Role.MANAGER)
     project.ab_policies.set(policies)
-    project.policies.add(*policies)  # a policy belongs to every project it is used in
     project.policies.add(*policies)  # a policy belongs to every project it is used in
     chosen: dict[tuple[int, int], Completion] = {}
     for completion in Completion.objects.filter(prompt__in=prompts, policy__in=policies).order_by("id"):

@@ -1,4 +1,5 @@
-"""Which task a person gets next: the project's task order (fill, random, uncertainty), read from stored values."""
+"""Which task a person gets next: the project's task order (fill, random, uncertainty, disagreement), read
+from stored values."""
 
 from __future__ import annotations
 
@@ -85,6 +86,73 @@ def test_a_newer_reward_models_scores_reorder_the_queue(make_project) -> None:
 
     assert first.task_id == tasks[0]
     assert second.task_id == tasks[3]
+
+
+def scores_in_order(task: Task, scorer: str, values: list[float]) -> None:
+    """Give the task's completions, in position order, these scores under `scorer`."""
+    items = list(TaskCompletion.objects.filter(task=task).order_by("position"))
+    for item, value in zip(items, values, strict=True):
+        CompletionScore.objects.update_or_create(
+            completion_id=item.completion_id, scorer=scorer, defaults={"score": value}
+        )
+
+
+@pytest.mark.django_db
+def test_the_disagreement_order_serves_the_tasks_the_reward_models_disagree_on_most_first(
+    make_project,
+) -> None:
+    # given five tasks of three completions scored by the newest reward model and an earlier one
+    project = make_project(tasks=5, k=3, task_order=Project.TaskOrder.DISAGREEMENT)
+    reversed_, one_swap, agree_close, agree_far, unscored = project.tasks.order_by("id")
+    newest = {
+        reversed_: [3.0, 2.0, 1.0],  # the earlier model reverses it: every pair disagrees
+        one_swap: [3.0, 2.0, 1.0],  # the earlier model swaps one pair of three
+        agree_close: [1.0, 1.01, 1.02],  # both agree; the newest model's gaps are the smallest
+        agree_far: [1.0, 2.0, 3.0],  # both agree, with wide gaps
+        unscored: [1.0, 2.0, 3.0],
+    }
+    earlier = {
+        reversed_: [1.0, 2.0, 3.0],
+        one_swap: [2.0, 3.0, 1.0],
+        agree_close: [0.0, 5.0, 9.0],
+        agree_far: [0.0, 5.0, 9.0],
+    }
+    for task, values in newest.items():
+        scores_in_order(task, "rm-new", values)
+    for task, values in earlier.items():
+        scores_in_order(task, "rm-old", values)
+    CompletionScore.objects.filter(
+        scorer="rm-new", completion=TaskCompletion.objects.filter(task=unscored, position=0).get().completion
+    ).delete()
+
+    # when the newest model's job refreshes the stored orders, with the earlier model beside it
+    assert tasks_uncertainty_refresh(project=project, scorer="rm-new", other_scorers=["rm-old"]) == 4
+
+    # then the stored disagreement is minus the share of pairs ordered the other way (then the gap)
+    stored = {task.pk: task.disagreement for task in project.tasks.all()}
+    assert stored[reversed_.pk] == pytest.approx(-1.0, abs=1e-3)
+    assert stored[one_swap.pk] == pytest.approx(-1 / 3, abs=1e-3)
+    assert stored[agree_close.pk] < stored[agree_far.pk] < 1e-3
+    assert stored[unscored.pk] is None
+    # and the uncertainty order still reads the newest model's gaps alone
+    gaps = dict(project.tasks.filter(uncertainty__isnull=False).values_list("pk", "uncertainty"))
+    assert min(gaps, key=lambda pk: gaps[pk]) == agree_close.pk
+    # and the queue serves them in the disagreement order, unscored last
+    assert claim_order(project, 5) == [reversed_.pk, one_swap.pk, agree_close.pk, agree_far.pk, unscored.pk]
+
+
+@pytest.mark.django_db
+def test_with_one_reward_model_the_disagreement_order_follows_its_gaps(make_project) -> None:
+    project = make_project(tasks=3, k=2, task_order=Project.TaskOrder.DISAGREEMENT)
+    tasks = list(project.tasks.order_by("id").values_list("pk", flat=True))
+    scores_for(project, "rm-only", dict(zip(tasks, [0.5, 0.1, 0.3], strict=True)))
+
+    tasks_uncertainty_refresh(project=project, scorer="rm-only", other_scorers=["rm-never-scored-it"])
+
+    assert dict(project.tasks.values_list("pk", "disagreement")) == dict(
+        project.tasks.values_list("pk", "uncertainty")
+    )
+    assert claim_order(project, 3) == [tasks[1], tasks[2], tasks[0]]
 
 
 @pytest.mark.django_db

@@ -479,3 +479,54 @@ def test_a_reward_model_attached_to_a_ranking_project_orders_its_queue_by_uncert
     labeler = add_member(project, make_people(1, prefix="unsure")[0])
     assignment = assignment_claim_next(project=project, user=labeler)
     assert assignment.task_id == min(expected, key=lambda pk: (expected[pk], pk))
+
+
+@pytest.mark.django_db
+def test_a_finished_scoring_job_orders_the_disagreement_queue_by_the_newest_reward_models() -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from annotation.models import Task, TaskCompletion
+    from training.services.scoring import DISAGREEMENT_MODELS, scoring_job_finish, uncertainty_scorers
+
+    # given a ranking project that four reward models scored one after the other
+    project = project_with_prompts(["One?", "Two?"], name="disagreed", k=2, task_order="disagreement")
+    now = timezone.now()
+    jobs = []
+    for number in range(4):
+        model = reward_model_of(project, "/nowhere", name=f"rm-{number}")
+        jobs.append(
+            ScoringJob.objects.create(
+                project=project,
+                reward_model=model,
+                scorer=reward_model_scorer_label(reward_model=model),
+                status=ScoringJob.Status.SUCCEEDED if number < 3 else ScoringJob.Status.RUNNING,
+                attempts=1,
+                finished_at=now + timedelta(minutes=number) if number < 3 else None,
+            )
+        )
+    first, second = Task.objects.filter(project=project).order_by("id")
+    for job_index, job in enumerate(jobs):
+        for task, flips in ((first, job_index % 2 == 1), (second, False)):
+            low, high = TaskCompletion.objects.filter(task=task).order_by("position")
+            for item, score in ((low, 1.0 if flips else 0.0), (high, 0.0 if flips else 1.0)):
+                CompletionScore.objects.update_or_create(
+                    completion_id=item.completion_id, scorer=job.scorer, defaults={"score": score}
+                )
+
+    # when the newest job's scorers are chosen: its own, then the newest others, at most three
+    newest = jobs[-1]
+    scorers = uncertainty_scorers(job=newest)
+
+    # then the oldest model is left out
+    assert scorers == [jobs[3].scorer, jobs[2].scorer, jobs[1].scorer] and DISAGREEMENT_MODELS == 3
+
+    # and when the newest job finishes, the task the newest three split on comes first
+    assert scoring_job_finish(job_id=newest.pk, attempt=1)
+    first.refresh_from_db()
+    second.refresh_from_db()
+    # rm-3 and rm-1 flip the first task, rm-2 does not: two of three pairs of models disagree
+    assert first.disagreement == pytest.approx(-2 / 3, abs=1e-2) and second.disagreement > 0
+    labeler = add_member(project, user_with_roles(Role.LABELER, username="disagreement-labeler"))
+    assert assignment_claim_next(project=project, user=labeler).task_id == first.pk

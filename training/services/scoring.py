@@ -56,6 +56,9 @@ from training.services.supervisor import child_work_write, gpu_job_devices, gpu_
 # same reward model rewrites the same numbers, never a second row.
 
 SCORER_MAX_CHARS = 300
+# Reward models whose disagreement orders a `disagreement` queue: the newest and at most two before
+# it (an old model trained on few labels mostly disagrees by being wrong).
+DISAGREEMENT_MODELS = 3
 SCORE_NOT_CREATED = (
     "The job queue (Redis) cannot be reached, so the scoring job was not created. "
     "Check that Redis is running and REDIS_URL points at it, then try again."
@@ -65,6 +68,25 @@ SCORE_NOT_CREATED = (
 def reward_model_scorer_label(*, reward_model: RewardModel) -> str:
     """The label a reward model's scores carry on the annotation side (and on the results page)."""
     return f"reward model: {reward_model.name}"[:SCORER_MAX_CHARS]
+
+
+def uncertainty_scorers(*, job: ScoringJob) -> list[str]:
+    """The scorer labels a ranking project's queue is ordered by once `job` succeeds: its own first,
+    then those of the other reward models whose scoring of the project succeeded, newest first
+    (at most DISAGREEMENT_MODELS in all)."""
+    labels = [job.scorer]
+    earlier = (
+        ScoringJob.objects.filter(project_id=job.project_id, status=ScoringJob.Status.SUCCEEDED)
+        .exclude(pk=job.pk)
+        .order_by(F("finished_at").desc(nulls_last=True), "-pk")
+        .values_list("scorer", flat=True)
+    )
+    for label in earlier:
+        if len(labels) >= DISAGREEMENT_MODELS:
+            break
+        if label not in labels:
+            labels.append(label)
+    return labels
 
 
 def scoring_job_dir(*, job_id: int) -> Path:
@@ -251,9 +273,11 @@ def scoring_job_write_batch(*, job_id: int, attempt: int, scores: dict[int, floa
 def scoring_job_finish(*, job_id: int, attempt: int) -> bool:
     """Mark the attempt's job succeeded; False (and nothing changed) if the job is no longer this attempt's.
 
-    On a ranking project the new scores become the tasks' uncertainty in the
-    same transaction, so the queue's uncertainty order follows the newest
-    reward model from the moment the job reads as succeeded.
+    On a ranking project the new scores become the tasks' uncertainty (and,
+    with the earlier reward models' scores, their disagreement: see
+    `uncertainty_scorers`) in the same transaction, so the queue's
+    uncertainty and disagreement orders follow the newest reward model from
+    the moment the job reads as succeeded.
     """
     now = timezone.now()
     rows = job_owned(ScoringJob, job_id=job_id, attempt=attempt)
@@ -270,7 +294,8 @@ def scoring_job_finish(*, job_id: int, attempt: int) -> bool:
         job_ended(ScoringJob, job_id=job_id)
         job = ScoringJob.objects.select_related("project").get(pk=job_id)
         if job.project.kind == Project.Kind.RANKING:
-            tasks_uncertainty_refresh(project=job.project, scorer=job.scorer)
+            newest, *others = uncertainty_scorers(job=job)
+            tasks_uncertainty_refresh(project=job.project, scorer=newest, other_scorers=others)
             # The model judges waiting for these scores run once this commits.
             from training.judges import judges_after_scoring
 
