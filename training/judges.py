@@ -360,11 +360,15 @@ def _reward_model_judge_run(judge: Judge) -> str:
 
 
 def _open_tasks(judge: Judge) -> QuerySet[Task]:
-    """Tasks of the judge's project it may still be given: never assigned to it, gold or not yet full."""
+    """Tasks of the judge's project it may still be given: gold or not yet full, and never assigned to
+    it, or leased to it now (a lease taken before the task had a verdict)."""
     project = judge.project
+    done_with = Assignment.objects.filter(user_id=judge.account_id, project=project).exclude(
+        status=Assignment.Status.ACTIVE
+    )
     return (
         Task.objects.filter(project=project)
-        .exclude(assignments__user=judge.account_id)
+        .exclude(pk__in=done_with.values("task_id"))
         .filter(Q(is_gold=True) | Q(judgment_count__lt=project.overlap))
     )
 
