@@ -32,6 +32,7 @@ from annotation.models import (
     TaskCompletion,
 )
 from annotation.roles import Role
+from annotation.services import assignment_claim_next
 from tests.annotation.conftest import add_member, make_people
 from tests.factories import user_with_roles
 from tests.training.child_here import run_child_here
@@ -593,3 +594,22 @@ def test_a_language_model_judge_reads_ranks_and_is_filtered_by_builds_through_th
 
     assert pair_rows(DatasetBuild.Sources.HUMANS) == human_pairs
     assert pair_rows(DatasetBuild.Sources.HUMANS_AND_MODELS) == human_pairs + model_pairs
+
+
+@pytest.mark.django_db
+def test_a_task_leased_to_the_judge_before_it_had_a_verdict_is_read_by_the_next_job(
+    no_publish: list[int], tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("training.judges.judge_job_enqueue", lambda *, job_id: True)
+    project = _lm_project("lm-leased", prompts=1, k=2)
+    policy = Policy.objects.create(name="lm-leased", kind=Policy.Kind.MODEL, base_model=str(tiny_model_dir))
+    judge_row = judge_attach(project=project, policy=policy, created_by=None)
+    (task,) = tasks_of(project)
+    lease = assignment_claim_next(project=project, user=judge_row.account)
+    assert lease is not None and lease.task_id == task.pk
+
+    assert judge_run(judge_id=judge_row.pk) == "reading tasks"
+    job = JudgeJob.objects.get(judge=judge_row)
+    assert [item["task_id"] for item in judge_work(judge=judge_row)["tasks"]] == [task.pk]
+    assert judge_run(judge_id=judge_row.pk) == "waiting for verdicts"
+    JudgeJob.objects.filter(pk=job.pk).update(status=JudgeJob.Status.CANCELLED)
