@@ -20,10 +20,12 @@ from django.utils.html import format_html
 from django.utils.http import urlencode
 from django.utils.translation import gettext_lazy as _
 
+from annotation.admin import PolicyAdmin as ScopedPolicyAdmin
 from annotation.models import Policy
 from annotation.roles import Role
 from annotation.selectors import policies_for_user, projects_for_user
 from training.models import DatasetBuild, GenerationJob, RewardModel, ScoringJob, TrainingRun
+from training.policies import policy_adapter_problems, policy_base_model_problems
 from training.selectors import (
     BUILD_OPTIONAL_FIELDS,
     build_options_from,
@@ -452,3 +454,41 @@ class ScoringJobAdmin(admin.ModelAdmin):
         for job in queryset:
             scoring_job_cancel(job=job)
         self.message_user(request, _("Cancel requested."), messages.SUCCESS)
+
+
+# --- policies: the admin's add and change pages check a model as the policy page does ---
+
+
+class PolicyCheckedForm(forms.ModelForm):
+    """A model policy's base model (and adapter) must load, as `training.policies.policy_register` checks.
+
+    The check runs when the policy is added or its base model, adapter or
+    settings change; it loads the config and tokenizer in a child process.
+    """
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        watched = {"kind", "base_model", "adapter", "generation_settings"}
+        if data.get("kind") != Policy.Kind.MODEL or (
+            self.instance.pk and not watched & set(self.changed_data)
+        ):
+            return data
+        settings = data.get("generation_settings") or {}
+        chat = isinstance(settings, dict) and settings.get("prompt_format") == "chat"
+        for field, problems in (
+            ("adapter", policy_adapter_problems(data.get("adapter") or "")),
+            ("base_model", policy_base_model_problems(data.get("base_model") or "", chat=chat)),
+        ):
+            for problem in problems:
+                self.add_error(field, problem)
+        return data
+
+
+class CheckedPolicyAdmin(ScopedPolicyAdmin):
+    """The project-scoped policy admin (annotation.admin), with the policy page's loading check."""
+
+    form = PolicyCheckedForm
+
+
+admin.site.unregister(Policy)
+admin.site.register(Policy, CheckedPolicyAdmin)

@@ -229,3 +229,35 @@ def test_a_manager_lists_and_uses_only_the_policies_of_their_projects(manager_of
     job = {"policy": hidden.pk, "project": project.pk, "n": 1, "temperature": 1, "top_p": 1}
     refused = client.post("/generation/", {**job, "max_new_tokens": 8, "seed": 0})
     assert refused.status_code == 400 and "policy" in refused.context["form"].errors
+
+
+def test_the_admin_adds_a_policy_with_the_same_check_and_for_the_managers_projects_only(models, manager_of):
+    manager, project = manager_of()
+    _other_manager, theirs = manager_of("otis", "theirs")
+    client = Client()
+    client.force_login(manager)
+    form = {"kind": "model", "adapter": "", "generation_settings": "{}"}
+
+    add = client.get("/admin/annotation/policy/add/")
+    assert add.status_code == 200
+    assert set(add.context["adminform"].form.fields["projects"].queryset) == {project}
+
+    refused = client.post(
+        "/admin/annotation/policy/add/",
+        {**form, "name": "t5", "base_model": str(models["not_causal"]), "projects": [project.pk]},
+    )
+    assert refused.status_code == 200
+    assert "not a causal language model" in str(refused.context["adminform"].form.errors["base_model"])
+    elsewhere = client.post(
+        "/admin/annotation/policy/add/",
+        {**form, "name": "x", "base_model": str(models["llama"]), "projects": [theirs.pk]},
+    )
+    assert elsewhere.status_code == 200 and "projects" in elsewhere.context["adminform"].form.errors
+    assert not Policy.objects.exists()
+
+    added = client.post(
+        "/admin/annotation/policy/add/",
+        {**form, "name": "sft", "base_model": str(models["llama"]), "projects": [project.pk]},
+    )
+    assert added.status_code == 302
+    assert list(Policy.objects.get(name="sft").projects.all()) == [project]
