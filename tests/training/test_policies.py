@@ -261,3 +261,43 @@ def test_the_admin_adds_a_policy_with_the_same_check_and_for_the_managers_projec
     )
     assert added.status_code == 302
     assert list(Policy.objects.get(name="sft").projects.all()) == [project]
+
+
+def test_the_data_migrations_attach_each_existing_policy_to_the_projects_that_use_it():
+    import importlib
+
+    from django.apps import apps
+
+    from tests.training.test_builds_support import project_with_prompts
+    from training.models import DatasetBuild, GenerationJob, TrainingRun
+
+    annotation_step = importlib.import_module("annotation.migrations.0016_policy_projects")
+    training_step = importlib.import_module("training.migrations.0016_policy_projects")
+    # given policies from before projects were recorded: outputs, an A/B session, a job, a run
+    ranking = project_with_prompts(["One?"], name="ranking", k=2)
+    session = Project.objects.create(name="session", kind=Project.Kind.AB, k=2)
+    jobs = Project.objects.create(name="jobs")
+    imported = Policy.objects.get(name="policy-0")
+    compared = Policy.objects.create(name="compared")
+    session.ab_policies.add(compared)
+    writer = Policy.objects.create(name="writer", base_model="/models/w")
+    GenerationJob.objects.create(policy=writer, project=jobs)
+    trained = Policy.objects.create(name="dpo-1", base_model="/models/d")
+    build = DatasetBuild.objects.create(name="b", status=DatasetBuild.Status.SUCCEEDED)
+    build.projects.add(ranking)
+    TrainingRun.objects.create(
+        name="r", kind=TrainingRun.Kind.DPO, dataset_build=build, base_model="m", policy=trained
+    )
+    Policy.projects.through.objects.all().delete()
+
+    # when the migrations' data steps run
+    annotation_step.policies_join_projects_of_their_outputs(apps, None)
+    training_step.policies_join_projects_of_their_jobs_and_builds(apps, None)
+    training_step.policies_join_projects_of_their_jobs_and_builds(apps, None)  # twice: no duplicates
+
+    # then each belongs to the projects that used it
+    assert list(imported.projects.all()) == [ranking]
+    assert list(compared.projects.all()) == [session]
+    assert list(writer.projects.all()) == [jobs]
+    assert list(trained.projects.all()) == [ranking]
+    assert Policy.objects.filter(projects__isnull=True).count() == 0
