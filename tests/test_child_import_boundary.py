@@ -18,6 +18,7 @@ CHILD_MODULES = {
     "training.run_process": ["training.runner", "training.grouped", "training.metrics"],
     "training.generation_process": ["training.generation", "training.loading", "training.scoring"],
     "training.scoring_process": ["training.scoring", "training.generation"],
+    "training.judge_process": ["training.generation", "training.loading"],
 }
 SHARED = ["training.events", "training.gpu_job_process", "training.prompts"]
 
