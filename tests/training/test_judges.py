@@ -470,7 +470,13 @@ def test_a_language_model_reads_every_open_task_with_or_without_a_chat_template(
         k=3,
         ties_allowed=False,
     )
-    policy = Policy.objects.create(name=f"lm-{family}", kind=Policy.Kind.MODEL, base_model=str(model_dir))
+    # the plain model reads plain text (its tokenizer has a chat template, which it is told not to use)
+    policy = Policy.objects.create(
+        name=f"lm-{family}",
+        kind=Policy.Kind.MODEL,
+        base_model=str(model_dir),
+        generation_settings={"prompt_format": "text"} if family == "plain" else {},
+    )
     judge_row = judge_attach(project=project, policy=policy, created_by=None)
 
     # when its job reads the tasks and the judge runs
@@ -613,3 +619,19 @@ def test_a_task_leased_to_the_judge_before_it_had_a_verdict_is_read_by_the_next_
     assert [item["task_id"] for item in judge_work(judge=judge_row)["tasks"]] == [task.pk]
     assert judge_run(judge_id=judge_row.pk) == "waiting for verdicts"
     JudgeJob.objects.filter(pk=job.pk).update(status=JudgeJob.Status.CANCELLED)
+
+
+def test_the_judge_prompt_goes_through_the_chat_template_unless_the_policy_reads_plain_text(
+    modern_model_dirs: dict[str, Path],  # noqa: F811
+) -> None:
+    from transformers import AutoTokenizer
+
+    from training.judge_process import judge_input_ids, labels_pick
+
+    tokenizer = AutoTokenizer.from_pretrained(modern_model_dirs["qwen2"])
+    chat = tokenizer.decode(judge_input_ids(tokenizer, "Which is best?", prompt_format="auto"))
+    plain = tokenizer.decode(judge_input_ids(tokenizer, "Which is best?", prompt_format="text"))
+    assert chat.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nWhich is best?" in chat
+    assert plain == "Which is best?"
+    alphabet, ids = labels_pick(tokenizer, 4)
+    assert alphabet.startswith("ABCD") and len({token for variants in ids for token in variants}) >= 4
