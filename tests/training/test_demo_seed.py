@@ -37,6 +37,7 @@ def test_the_demo_seeds_arithmetic_prompts_the_demo_model_answers_and_registers_
         assert prompts and all(prompt.is_chat for prompt in prompts)
         assert {problem_split(prompt.messages[0]["content"]) for prompt in prompts} == {split}
     assert arithmetic.k == 4 and arithmetic.tasks.count() == 0  # demo-sft's samples make the tasks
+    assert set(policy.projects.all()) == {arithmetic, heldout}  # so the demo's manager sees and uses it
     roles = set(Membership.objects.filter(project=arithmetic).values_list("user__username", "role"))
     assert {("manager", "manager"), ("labeler", "labeler")} <= roles
     assert set(Membership.objects.filter(project=heldout).values_list("user__username", "role")) == {
