@@ -10,6 +10,7 @@ from training.demo.label_efficiency import (
     pair_label_agreement,
     report_markdown,
     report_write,
+    results_merge,
 )
 from training.demo.task import DemoProblem
 
@@ -73,6 +74,44 @@ def test_the_summary_finds_the_budget_where_uncertainty_reaches_randoms_best() -
     assert summary["target"] == 0.8
     assert summary["uncertainty_budget_needed"] == 200
     assert summary["label_share"] == 0.5 and summary["met"]
+    # read between the points: 0.65 at 100, 0.81 at 200 cross 0.8 at 100 + 100 × 0.15 / 0.16
+    assert round(summary["crossing"], 2) == 193.75
+    assert summary["per_seed"][0]["uncertainty_budget_needed"] == 200
+
+
+def test_each_seed_is_judged_alone_too() -> None:
+    points = curves([0.65, 0.81, 0.85])
+    for p in points:  # seed 1's uncertainty only gets there at the largest budget
+        if p["seed"] == 1 and p["order"] == "uncertainty" and p["budget"] == 200:
+            p["value"] = 0.75
+    summary = curve_summary(points, plan())
+    assert summary["uncertainty_budget_needed"] == 400 and not summary["met"]  # mean at 200: 0.78
+    assert summary["per_seed"][0]["met"] and not summary["per_seed"][1]["met"]
+
+
+def test_a_budget_not_measured_for_every_seed_yet_has_no_mean() -> None:
+    points = [p for p in curves([0.65, 0.81, 0.85]) if not (p["seed"] == 1 and p["budget"] == 400)]
+    summary = curve_summary(points, plan())
+    assert 400 not in summary["means"]["random"] and "target" not in summary
+
+
+def test_runs_of_one_seed_each_merge_into_one_report() -> None:
+    points = curves([0.65, 0.81, 0.85])
+    runs = [
+        {
+            "settings": {**plan().__dict__, "seeds": [seed]},
+            "k": 4,
+            "curves": [p for p in points if p["seed"] == seed],
+            "stages": [{"name": "generate", "seconds": 1.0}],
+        }
+        for seed in (1, 0)
+    ]
+    runs[0]["aggregation"] = [{"overlap": 2}]
+    merged = results_merge(runs)
+    assert merged["settings"]["seeds"] == [0, 1] and len(merged["curves"]) == 12
+    assert merged["curves"][0]["seed"] == 0 and merged["aggregation"] == [{"overlap": 2}]
+    assert merged["curve_summary"] == curve_summary(points, plan())
+    assert [stage["name"] for stage in merged["stages"]] == ["run 1: generate", "run 2: generate"]
 
 
 def test_the_summary_says_so_when_uncertainty_never_gets_there() -> None:
@@ -91,7 +130,8 @@ def test_the_report_has_the_tables_the_goal_and_a_picture(tmp_path: Path) -> Non
     markdown = report_write(result, tmp_path)
     text = markdown.read_text()
     assert "| 200 | 70.0% | 81.0% |" in text
-    assert "reached at 200 rankings (50%) — **met**" in text
+    assert "reached at 200 rankings (50%); the line between the budgets crosses it at about 194 (48%" in text
+    assert "**met**" in text and "Seed 1 alone" in text
     svg = (tmp_path / "label-efficiency.svg").read_text()
     assert svg.startswith("<?xml") and "held-out accuracy" in svg
     assert "label-efficiency.svg" in report_markdown(result)

@@ -14,10 +14,16 @@ Learning curve (per seed, per order)
        (right answer scored above a wrong one), as in the whole loop.
     3. With the uncertainty order, that reward model is then attached to the project (a scoring job),
        so the next rankings go to the tasks it is least sure about. The first budget is served in
-       random order under both orders (nothing has scored the tasks yet).
+       random order under both orders (nothing has scored the tasks yet): the same tasks, ranked
+       the same way by the same seeded labelers, so one reward run serves both orders there (the
+       rankings are compared first; a run is trained for each order when they differ).
     Epochs scale with the budget so that every run takes about as many optimizer steps.
+    Each point also says what its rankings held, measured with the truth after they were made (never
+    used to choose tasks): how many of the ranked tasks show a right and a wrong answer, and how many
+    of their pairs differ in grade (a pair of one grade is a tie to the labelers, dropped by the build).
     Goal: uncertainty reaches random's accuracy at the largest budget with at most 60% of its labels
-    (mean over seeds).
+    (mean over seeds; each seed is reported too). Put 60% of the largest budget among the budgets
+    (e.g. 100,200,480,800) to measure the goal itself rather than a budget either side of it.
 
 Aggregation check
     The simulated labelers plus one who answers at random half of the time rank the first problems
@@ -42,7 +48,7 @@ from typing import Any
 from django.db import transaction
 
 from annotation.ab_stats import wilson_interval
-from annotation.models import Completion, Membership, Project, Prompt, Task
+from annotation.models import Completion, Judgment, Membership, Project, Prompt, Task, TaskCompletion
 from annotation.roles import Role
 from annotation.services import prompt_copy, tasks_create_for_project
 from config.storage import storage_path_resolve
@@ -108,50 +114,90 @@ class LabelEfficiency(Loop):
                     policy=self.sft, project=project, n=settings.k, temperature=settings.temperature
                 )
         result: dict[str, Any] = {"settings": {**plan.__dict__}, "k": settings.k}
-        if plan.budgets:
-            result["curves"] = self._learning_curves(plan)
-            result["curve_summary"] = curve_summary(result["curves"], plan)
+        self.result = result
+        # The aggregation check first: it trains nothing, so its tables are there early. The report is
+        # written again after each step, so a run stopped early still leaves what it measured.
         if plan.aggregation_check:
             with self.stage("aggregation check"):
-                result["aggregation"] = [
-                    self._aggregation_check(overlap, plan.aggregation_prompts)
-                    for overlap in AGGREGATION_OVERLAPS
-                ]
+                result["aggregation"] = []
+                for overlap in AGGREGATION_OVERLAPS:
+                    result["aggregation"].append(self._aggregation_check(overlap, plan.aggregation_prompts))
+                    self._checkpoint()
+        if plan.budgets:
+            result["curves"] = []
+            self._learning_curves(plan, result["curves"])
+            result["curve_summary"] = curve_summary(result["curves"], plan)
         result["stages"] = [stage.__dict__ for stage in self.report.stages]
         return result
 
+    def _checkpoint(self) -> None:
+        """The report so far, written where the finished one goes (overwritten at the end)."""
+        result = self.result
+        if result.get("curves"):
+            result["curve_summary"] = curve_summary(
+                result["curves"], LabelEfficiencySettings(**result["settings"])
+            )
+        result["stages"] = [stage.__dict__ for stage in self.report.stages]
+        report_write(result, self.settings.out_dir)
+
     # -- learning curves --
 
-    def _learning_curves(self, plan: LabelEfficiencySettings) -> list[dict[str, Any]]:
-        points = []
-        for seed, order in itertools.product(plan.seeds, plan.orders):
-            project = self._copy_pool(f"{order} seed {seed}", order=order, seed=seed, overlap=1)
-            rngs = {name: random.Random(f"{seed}:labeler:{name}") for name, _ in LABELERS}  # noqa: S311
-            for budget in plan.budgets:
-                with self.stage(f"{order}, seed {seed}: label to {budget}"):
-                    self._label_until(project, budget=budget, people=list(LABELERS), rngs=rngs)
-                with self.stage(f"{order}, seed {seed}: reward model on {budget}"):
-                    build = self._build(
-                        self.api,
-                        project=project,
-                        name=f"{project.name} {budget}",
-                        test_fraction=0.0,
-                        seed=seed,
+    def _learning_curves(self, plan: LabelEfficiencySettings, points: list[dict[str, Any]]) -> None:
+        for seed in plan.seeds:
+            # The first budget's rankings, reward run and accuracy, by their content (see the module's text).
+            first: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Any]]] = {}
+            for order in plan.orders:
+                project = self._copy_pool(f"{order} seed {seed}", order=order, seed=seed, overlap=1)
+                rngs = {name: random.Random(f"{seed}:labeler:{name}") for name, _ in LABELERS}  # noqa: S311
+                for budget in plan.budgets:
+                    with self.stage(f"{order}, seed {seed}: label to {budget}"):
+                        self._label_until(project, budget=budget, people=list(LABELERS), rngs=rngs)
+                    held = rankings_held(project, self.truth)
+                    signature = rankings_signature(project) if budget == plan.budgets[0] else None
+                    shared = first.get(signature) if signature is not None else None
+                    if shared is not None:
+                        run, accuracy = shared
+                        self.say(
+                            f"  {order}, seed {seed}, {budget}: the same rankings as before; run {run['id']}"
+                        )
+                    else:
+                        with self.stage(f"{order}, seed {seed}: reward model on {budget}"):
+                            build = self._build(
+                                self.api,
+                                project=project,
+                                name=f"{project.name} {budget}",
+                                test_fraction=0.0,
+                                seed=seed,
+                            )
+                            run = self._train(
+                                self.api,
+                                build=build,
+                                kind="reward",
+                                hyperparameters=self._scaled(budget),
+                                name=f"{project.name} {budget}",
+                            )
+                            accuracy = self._heldout_accuracy(run)
+                            held["build_counts"] = build["counts"]
+                        if signature is not None:
+                            first[signature] = (run, accuracy)
+                    points.append(
+                        {
+                            "seed": seed,
+                            "order": order,
+                            "budget": budget,
+                            "run": run["id"],
+                            "steps": run.get("total_steps"),
+                            **accuracy,
+                            "held": held,
+                        }
                     )
-                    run = self._train(
-                        self.api,
-                        build=build,
-                        kind="reward",
-                        hyperparameters=self._scaled(budget),
-                        name=f"{project.name} {budget}",
-                    )
-                    accuracy = self._heldout_accuracy(run)
-                points.append({"seed": seed, "order": order, "budget": budget, "run": run["id"], **accuracy})
-                self.say(f"  {order}, seed {seed}, {budget} rankings: {_percent(accuracy['value'])}")
-                if order == Project.TaskOrder.UNCERTAINTY and budget != plan.budgets[-1]:
-                    with self.stage(f"{order}, seed {seed}: score the queue after {budget}"):
-                        self._score(project, reward_model_id=run["reward_model"], what="scoring the queue")
-        return points
+                    self.say(f"  {order}, seed {seed}, {budget} rankings: {_percent(accuracy['value'])}")
+                    self._checkpoint()
+                    if order == Project.TaskOrder.UNCERTAINTY and budget != plan.budgets[-1]:
+                        with self.stage(f"{order}, seed {seed}: score the queue after {budget}"):
+                            self._score(
+                                project, reward_model_id=run["reward_model"], what="scoring the queue"
+                            )
 
     def _scaled(self, rankings: int) -> dict[str, Any]:
         hyperparameters = dict(self.settings.reward_hyperparameters)
@@ -205,9 +251,10 @@ class LabelEfficiency(Loop):
                     text=completion.text,
                     generation_settings=completion.generation_settings,
                 )
-                for completion in Completion.objects.filter(prompt__in=sources, policy=self.sft).order_by(
-                    "id"
-                )
+                # The sources are the pool's first prompts by id: a range, not a long IN list (SQLite).
+                for completion in Completion.objects.filter(
+                    prompt__project=self.pool, prompt_id__lte=sources[-1].pk, policy=self.sft
+                ).order_by("id")
             )
             tasks_create_for_project(project=project)
             draw = random.Random(f"{seed}:order")  # noqa: S311 (simulation, not secrets)
@@ -243,7 +290,12 @@ class LabelEfficiency(Loop):
             if status != 200:
                 raise LoopFailed(f"labeler {name}: claim answered {status}: {assignment}")
             problem = self.truth[assignment["prompt"]["messages"][0]["content"]]
-            completions = {c["id"]: c["text"] for c in assignment["completions"]}
+            # In text order, not in the order shown (a per-person permutation): the same seeded labeler
+            # then gives the same task the same ranks in every project, so the orders differ only in
+            # which tasks they serve.
+            completions = {
+                c["id"]: c["text"] for c in sorted(assignment["completions"], key=lambda c: c["text"])
+            }
             ranks = labeler_ranks(problem, completions, noise=noise, rng=rngs[name])
             api.expect(
                 "POST",
@@ -289,24 +341,73 @@ class LabelEfficiency(Loop):
 # --- measures (pure) ------------------------------------------------------------------------
 
 
+def _task_texts(items: Any) -> list[tuple[str, list[str]]]:
+    """(prompt text, completion texts in position order) per task, from TaskCompletion rows.
+
+    One joined query: a prefetch would send every id in one IN list, deeper than SQLite allows.
+    """
+    by_task: dict[int, tuple[str, list[str]]] = {}
+    for item in items.select_related("task__prompt", "completion").order_by("task_id", "position"):
+        prompt = item.task.prompt
+        text = prompt.messages[0]["content"] if prompt.messages else prompt.text
+        by_task.setdefault(item.task_id, (text, []))[1].append(item.completion.text)
+    return list(by_task.values())
+
+
 def truth_ordered_pairs(project: Project, truth: dict[str, DemoProblem]) -> dict[tuple[str, str, str], int]:
     """Every pair of a task's completions whose grades differ: (prompt, text a, text b) -> the better text's index 0/1.
 
     Texts rather than ids, because build rows carry texts; a and b in the task's position order.
     """
     pairs = {}
-    for task in (
-        Task.objects.filter(project=project).select_related("prompt").prefetch_related("items__completion")
-    ):
-        prompt = task.prompt.messages[0]["content"] if task.prompt.messages else task.prompt.text
+    for prompt, texts in _task_texts(TaskCompletion.objects.filter(task__project=project)):
         problem = truth[prompt]
-        items = sorted(task.items.all(), key=lambda item: item.position)
-        for first, second in itertools.combinations(items, 2):
-            a, b = first.completion.text, second.completion.text
+        for a, b in itertools.combinations(texts, 2):
             grade_a, grade_b = answer_grade(problem, a), answer_grade(problem, b)
             if grade_a != grade_b:
                 pairs[(prompt, a, b)] = 0 if grade_a < grade_b else 1
     return pairs
+
+
+def rankings_signature(project: Project) -> tuple[Any, ...]:
+    """What a project's rankings say, independent of ids: (labeler, prompt, ((text, rank), …)) sorted."""
+    rows = []
+    for judgment in Judgment.objects.filter(task__project=project).select_related("user", "task__prompt"):
+        # Ranks are keyed by the completions' uids.
+        texts = {
+            str(uid): text
+            for uid, text in Completion.objects.filter(uid__in=list(judgment.ranks)).values_list(
+                "uid", "text"
+            )
+        }
+        prompt = judgment.task.prompt
+        rows.append(
+            (
+                judgment.user.username,
+                prompt.messages[0]["content"] if prompt.messages else prompt.text,
+                tuple(sorted((texts[uid], rank) for uid, rank in judgment.ranks.items())),
+            )
+        )
+    return tuple(sorted(rows))
+
+
+def rankings_held(project: Project, truth: dict[str, DemoProblem]) -> dict[str, Any]:
+    """What the ranked tasks of a project held, by the truth (measured after the fact, never to choose).
+
+    tasks: ranked tasks; right_and_wrong: of those, tasks showing a right and a wrong answer (what the
+    accuracy measures); graded_pairs: pairs whose answers differ in grade (a labeler who checks orders
+    them; the other pairs are ties to them, dropped by the build); pairs: all pairs of the ranked tasks.
+    """
+    items = TaskCompletion.objects.filter(task__project=project, task__judgment_count__gt=0)
+    tasks = right_and_wrong = graded = pairs = 0
+    for prompt, texts in _task_texts(items):
+        grades = [answer_grade(truth[prompt], text) for text in texts]
+        tasks += 1
+        right_and_wrong += 1 in grades and 2 in grades
+        for a, b in itertools.combinations(grades, 2):
+            pairs += 1
+            graded += a != b
+    return {"tasks": tasks, "right_and_wrong": right_and_wrong, "graded_pairs": graded, "pairs": pairs}
 
 
 def build_pair_rows(build_id: int) -> list[dict[str, Any]]:
@@ -349,32 +450,109 @@ def pair_label_agreement(
     return measure
 
 
+def _reach(means: dict[int, float], target: float) -> tuple[int | None, float | None]:
+    """The first budget whose accuracy reaches `target`, and where the line between that budget and the
+    one before it crosses `target` (a read of the curve between measured points; None when not reached)."""
+    previous: tuple[int, float] | None = None
+    for budget, value in sorted(means.items()):
+        if value >= target:
+            if previous is None or previous[1] >= target:
+                return budget, float(budget)
+            (b0, v0) = previous
+            return budget, b0 + (target - v0) * (budget - b0) / (value - v0)
+        previous = (budget, value)
+    return None, None
+
+
 def curve_summary(points: list[dict[str, Any]], plan: LabelEfficiencySettings) -> dict[str, Any]:
-    """Mean accuracy per (order, budget) over seeds, and the labels each order needs to reach random's best."""
-    means: dict[str, dict[int, float]] = {}
-    for order in plan.orders:
+    """Mean accuracy per (order, budget) over seeds, and the labels each order needs to reach random's best.
+
+    The goal is judged on the means at the measured budgets; each seed is judged alone too, and the
+    crossing between two budgets (linear) is given as a read of the curve, not as a measurement.
+    """
+
+    def by_budget(order: str, seeds: list[int]) -> dict[int, float]:
+        out = {}
         for budget in plan.budgets:
             values = [
                 p["value"]
                 for p in points
-                if p["order"] == order and p["budget"] == budget and p["value"] is not None
+                if p["order"] == order
+                and p["budget"] == budget
+                and p["seed"] in seeds
+                and p["value"] is not None
             ]
-            if values:
-                means.setdefault(order, {})[budget] = sum(values) / len(values)
+            if len(values) == len(seeds):
+                out[budget] = sum(values) / len(values)
+        return out
+
+    means: dict[str, dict[int, float]] = {}
+    for order in plan.orders:
+        values = by_budget(order, plan.seeds)
+        if values:
+            means[order] = values
     summary: dict[str, Any] = {"means": {order: dict(by) for order, by in means.items()}}
-    if "random" in means and "uncertainty" in means and plan.budgets[-1] in means["random"]:
-        target = means["random"][plan.budgets[-1]]
-        reached = [budget for budget, value in sorted(means["uncertainty"].items()) if value >= target]
-        needed = reached[0] if reached else None
-        summary.update(
-            {
-                "target": target,
-                "uncertainty_budget_needed": needed,
-                "label_share": needed / plan.budgets[-1] if needed else None,
-                "met": bool(needed and needed / plan.budgets[-1] <= LABEL_SHARE_GOAL),
-            }
-        )
+    largest = plan.budgets[-1]
+
+    def judge(random_curve: dict[int, float], uncertainty_curve: dict[int, float]) -> dict[str, Any] | None:
+        if largest not in random_curve or not uncertainty_curve:
+            return None
+        target = random_curve[largest]
+        needed, crossing = _reach(uncertainty_curve, target)
+        return {
+            "target": target,
+            "uncertainty_budget_needed": needed,
+            "label_share": needed / largest if needed else None,
+            "crossing": crossing,
+            "crossing_share": crossing / largest if crossing else None,
+            "met": bool(needed and needed / largest <= LABEL_SHARE_GOAL),
+            "complete": max(uncertainty_curve) == largest,
+        }
+
+    if "random" in means and "uncertainty" in means:
+        verdict = judge(means["random"], means["uncertainty"])
+        if verdict:
+            summary.update(verdict)
+        per_seed = {}
+        for seed in plan.seeds:
+            verdict = judge(by_budget("random", [seed]), by_budget("uncertainty", [seed]))
+            if verdict:
+                per_seed[seed] = verdict
+        summary["per_seed"] = per_seed
     return summary
+
+
+def results_merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from several runs of the experiments (e.g. one process per seed against one server).
+
+    Curves and aggregation checks are put together, the seeds are the union, the summary is computed
+    again; the runs must share budgets and orders (the first run's other settings stand).
+    """
+    if not results:
+        raise ValueError("nothing to merge")
+    settings = dict(results[0]["settings"])
+    for other in results[1:]:
+        for key in ("budgets", "orders"):
+            if other["settings"].get(key) and settings.get(key) and other["settings"][key] != settings[key]:
+                raise ValueError(f"the runs differ in {key}: {settings[key]} and {other['settings'][key]}")
+            settings[key] = settings.get(key) or other["settings"].get(key)
+    settings["seeds"] = sorted({seed for result in results for seed in result["settings"].get("seeds", [])})
+    merged: dict[str, Any] = {"settings": settings, "k": results[0]["k"]}
+    curves = [point for result in results for point in result.get("curves", [])]
+    if curves:
+        merged["curves"] = sorted(
+            curves, key=lambda p: (p["seed"], settings["orders"].index(p["order"]), p["budget"])
+        )
+        merged["curve_summary"] = curve_summary(merged["curves"], LabelEfficiencySettings(**settings))
+    checks = [check for result in results for check in result.get("aggregation", [])]
+    if checks:
+        merged["aggregation"] = checks
+    merged["stages"] = [
+        {**stage, "name": f"run {number}: {stage['name']}"}
+        for number, result in enumerate(results, start=1)
+        for stage in result.get("stages", [])
+    ]
+    return merged
 
 
 # --- the report -----------------------------------------------------------------------------
@@ -382,41 +560,48 @@ def curve_summary(points: list[dict[str, Any]], plan: LabelEfficiencySettings) -
 
 def report_markdown(result: dict[str, Any]) -> str:
     lines = ["# Label efficiency on the demo task", ""]
-    if "curves" in result:
+    if result.get("curves"):
         plan = result["settings"]
         summary = result["curve_summary"]
         lines += [
             "## Reward-model accuracy against the number of human rankings",
             "",
-            "Held-out accuracy: the right answer scored above a wrong one (95% Wilson interval).",
-            f"Orders: {', '.join(plan['orders'])}; seeds: {', '.join(map(str, plan['seeds']))}; K = {result['k']}.",
+            "Held-out accuracy: the right answer scored above a wrong one (95% Wilson interval). "
+            "What the ranked tasks held, by the truth, measured after the fact: the share of ranked tasks "
+            "showing a right and a wrong answer, and the pairs per ranking whose answers differ in grade "
+            "(the others are ties to a checking labeler and are dropped from the build).",
+            f"Orders: {', '.join(plan['orders'])}; seeds: {', '.join(map(str, plan['seeds']))}; K = {result['k']}; "
+            f"Optimizer steps per reward run: {_steps_text(result['curves'])}.",
             "",
-            "| order | seed | rankings | accuracy | 95% CI |",
-            "| --- | --- | --- | --- | --- |",
+            "| order | seed | rankings | accuracy | 95% CI | tasks with right & wrong | graded pairs per ranking | run |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for point in result["curves"]:
+            held = point.get("held") or {}
+            tasks = held.get("tasks") or 0
+            share = _percent(held["right_and_wrong"] / tasks) if tasks else "—"
+            per_ranking = f"{held['graded_pairs'] / tasks:.2f}" if tasks else "—"
             lines.append(
                 f"| {point['order']} | {point['seed']} | {point['budget']} | {_percent(point['value'])} | "
-                f"{_percent(point['low'])}–{_percent(point['high'])} |"
+                f"{_percent(point['low'])}–{_percent(point['high'])} | {share} | {per_ranking} | {point['run']} |"
             )
         lines += ["", "Mean over seeds:", "", "| rankings | " + " | ".join(plan["orders"]) + " |"]
         lines.append("| --- |" + " --- |" * len(plan["orders"]))
         for budget in plan["budgets"]:
             cells = [_percent(summary["means"].get(order, {}).get(budget)) for order in plan["orders"]]
             lines.append(f"| {budget} | " + " | ".join(cells) + " |")
+        largest = plan["budgets"][-1]
         if "target" in summary:
-            needed = summary["uncertainty_budget_needed"]
             lines += [
                 "",
-                f"Goal: uncertainty reaches random's accuracy at {plan['budgets'][-1]} rankings "
-                f"({_percent(summary['target'])}) with at most {LABEL_SHARE_GOAL:.0%} of the labels: "
-                + (
-                    f"reached at {needed} rankings ({summary['label_share']:.0%}) — "
-                    + ("**met**" if summary["met"] else "**not met**")
-                    if needed
-                    else "never reached within the budgets — **not met**"
+                _goal_line(
+                    f"Goal (mean of seeds): uncertainty reaches random's accuracy at {largest}", summary
                 ),
             ]
+        for seed, verdict in summary.get("per_seed", {}).items():
+            lines.append(
+                _goal_line(f"Seed {seed} alone: uncertainty reaches random's accuracy at {largest}", verdict)
+            )
         lines += ["", "![learning curves](label-efficiency.svg)", ""]
     for check in result.get("aggregation", []):
         lines += [
@@ -454,6 +639,30 @@ def report_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _steps_text(points: list[dict[str, Any]]) -> str:
+    steps = sorted({p["steps"] for p in points if p.get("steps")})
+    if not steps:
+        return "not recorded"
+    return str(steps[0]) if len(steps) == 1 else f"{steps[0]}–{steps[-1]}"
+
+
+def _goal_line(head: str, verdict: dict[str, Any]) -> str:
+    """One sentence: where uncertainty reached random's top accuracy, and whether within the goal's share."""
+    needed = verdict["uncertainty_budget_needed"]
+    text = f"- {head} ({_percent(verdict['target'])}) with at most {LABEL_SHARE_GOAL:.0%} of the labels: "
+    if needed:
+        text += f"reached at {needed} rankings ({verdict['label_share']:.0%})"
+        if verdict.get("crossing") and verdict["crossing"] < needed:
+            text += (
+                f"; the line between the budgets crosses it at about {verdict['crossing']:.0f} "
+                f"({verdict['crossing_share']:.0%}, read between points, not measured)"
+            )
+        return text + (" — **met**" if verdict["met"] else " — **not met**")
+    if not verdict.get("complete", True):
+        return text + "not reached at the budgets measured so far (the run stopped early)"
+    return text + "never reached within the budgets — **not met**"
+
+
 def curves_picture(result: dict[str, Any], path: Path) -> None:
     """The learning curves as an SVG: accuracy against rankings, one line per order and seed, means bold."""
     import matplotlib
@@ -484,6 +693,16 @@ def curves_picture(result: dict[str, Any], path: Path) -> None:
             marker="o",
             label=f"{order} (mean)",
         )
+    summary = result["curve_summary"]
+    if "target" in summary:
+        axes.axhline(summary["target"], color="tab:grey", linestyle=":", linewidth=1)
+        axes.axvline(
+            LABEL_SHARE_GOAL * plan["budgets"][-1],
+            color="tab:red",
+            linestyle=":",
+            linewidth=1,
+            label=f"{LABEL_SHARE_GOAL:.0%} of {plan['budgets'][-1]}",
+        )
     axes.set_xscale("log", base=2)
     axes.set_xticks(plan["budgets"], [str(b) for b in plan["budgets"]])
     axes.set_xlabel("human rankings")
@@ -501,6 +720,6 @@ def report_write(result: dict[str, Any], out_dir: Path) -> Path:
     (out_dir / "label-efficiency.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     markdown = out_dir / "label-efficiency.md"
     markdown.write_text(report_markdown(result), encoding="utf-8")
-    if "curves" in result:
+    if result.get("curves"):
         curves_picture(result, out_dir / "label-efficiency.svg")
     return markdown
