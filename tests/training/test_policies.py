@@ -301,3 +301,11 @@ def test_the_data_migrations_attach_each_existing_policy_to_the_projects_that_us
     assert list(writer.projects.all()) == [jobs]
     assert list(trained.projects.all()) == [ranking]
     assert Policy.objects.filter(projects__isnull=True).count() == 0
+
+
+def test_a_manager_of_no_project_is_told_to_create_one_first():
+    manager = user_with_roles(Role.MANAGER, username="new")
+    client = Client()
+    client.force_login(manager)
+    page = client.get("/policies/").content.decode()
+    assert 'id="policy-no-project"' in page and 'href="/manage/projects/new"' in page
