@@ -1,11 +1,12 @@
 """The whole loop through the pages only, small, in real Chromium with a real Celery worker.
 
-A manager registers the SFT model as a policy, makes a ranking project, imports
-arithmetic prompts, generates samples, adds a labeler who ranks them, builds a
-dataset, trains a reward model and a DPO policy from the build's page, opens a
-blind A/B session of DPO against SFT, adds an evaluator who votes, and reads the
-results reached from Manage. The model is a tiny untrained one: this checks the
-pages and the jobs behind them, not that DPO wins (`make loop` measures that).
+A manager makes a ranking project, imports arithmetic prompts, registers the
+SFT model as a policy of the project, generates samples, adds a labeler who
+ranks them, builds a dataset, trains a reward model and a DPO policy from the
+build's page, opens a blind A/B session of DPO against SFT, adds an evaluator
+who votes, and reads the results reached from Manage. The model is a tiny
+untrained one: this checks the pages and the jobs behind them, not that DPO
+wins (`make loop` measures that).
 """
 
 from __future__ import annotations
@@ -85,14 +86,6 @@ def test_the_demo_loop_runs_through_the_pages_and_ends_on_the_results_reached_fr
     user_with_roles(username="eve")
     context, page, errors = sign_in(browser, live_server, "host")
 
-    # the SFT model becomes a policy, checked as it is registered
-    page.goto(f"{live_server.url}/manage/")
-    page.click("#manage-links >> text=Policies")
-    page.fill("#id_name", "sft")
-    page.fill("#id_base_model", str(tiny_model_dir))
-    page.click("#policy-register button[type=submit]")
-    page.wait_for_selector("tr[data-policy=sft]")
-
     # a ranking project of pairs, and its prompts imported
     page.goto(f"{live_server.url}/manage/")
     page.click("#manage-links >> text=New project")
@@ -113,8 +106,18 @@ def test_the_demo_loop_runs_through_the_pages_and_ends_on_the_results_reached_fr
     page.click("#import-form button[type=submit]")
     page.wait_for_selector(f"text=Imported {PROMPTS} prompts")
 
+    # the SFT model becomes a policy of the project, checked (config and tokenizer load) as it is registered
+    page.goto(f"{live_server.url}/manage/")
+    page.click("#manage-links >> text=Policies")
+    page.fill("#id_name", "sft")
+    page.fill("#id_base_model", str(tiny_model_dir))
+    assert page.is_checked(f"#policy-register input[name=projects][value='{project.pk}']")
+    page.click("#policy-register button[type=submit]")
+    page.wait_for_selector("tr[data-policy=sft]")
+
     # the policy writes two samples per prompt; its page follows the job to the end
-    page.click("nav.subnav >> text=Generation jobs")
+    page.click("tr[data-policy=sft] >> text=Generate")
+    page.wait_for_selector("#generation-new")
     page.select_option("#id_policy", label="sft")
     page.select_option("#id_project", str(project.pk))
     page.fill("#id_n", "2")
