@@ -38,8 +38,9 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # A tokenizer is there when one of these is: the fast tokenizer's file, or a slow one's vocabulary.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 PROBE = Path(__file__).with_name("policy_probe.py")
-# Loading a config and a tokenizer takes seconds; a busy host may take many more.
-PROBE_TIMEOUT_S = 120
+# Loading a config and a tokenizer takes about 3 s on a quiet host (11-14 s on two cores under a load
+# of 15). The page answers "try again" before gunicorn's default 30 s worker timeout would cut it off.
+PROBE_TIMEOUT_S = 25
 
 
 def policies_for_user(*, user: Any) -> QuerySet[Policy]:

@@ -18,6 +18,12 @@ from tests.training.test_policies import tiny_policy_model
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+@pytest.fixture(autouse=True)
+def _patient_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The test machine may be far busier than a server: the check gets the time it needs here.
+    monkeypatch.setattr("training.policies.PROBE_TIMEOUT_S", 300)
+
+
 @pytest.fixture(scope="module")
 def chat_less_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama whose tokenizer has no chat template: fine for plain text, refused for chat."""

@@ -26,6 +26,12 @@ from training.policies import PROBE, policy_base_model_problems
 pytestmark = pytest.mark.django_db
 
 
+@pytest.fixture(autouse=True)
+def _patient_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The test machine may be far busier than a server: the check gets the time it needs here.
+    monkeypatch.setattr("training.policies.PROBE_TIMEOUT_S", 300)
+
+
 def tiny_policy_model(folder: Path, family: str = "llama") -> Path:
     """A saved model without weights worth loading: config, tokenizer (with a chat template), an empty safetensors."""
     from tests.training.modern_models import model_config, tokenizer_build
@@ -309,3 +315,11 @@ def test_a_manager_of_no_project_is_told_to_create_one_first():
     client.force_login(manager)
     page = client.get("/policies/").content.decode()
     assert 'id="policy-no-project"' in page and 'href="/manage/projects/new"' in page
+
+
+def test_a_check_that_takes_too_long_says_so_instead_of_holding_the_request(models, monkeypatch):
+    monkeypatch.setattr("training.policies.PROBE_TIMEOUT_S", 0.01)
+    problems = policy_base_model_problems(str(models["llama"]))
+    assert problems == [
+        f"Loading the config and tokenizer of {models['llama']} took more than 0 s; try again."
+    ]
