@@ -24,6 +24,7 @@ from annotation.serializers import ProblemSerializer
 from config import health
 from config.problems import PROBLEM_CONTENT_TYPE as PROBLEM
 from training.models import DatasetBuild, TrainingRun
+from training.run_settings import RL, RUN_SETTINGS, RUN_SETTINGS_BY_NAME, RunSetting
 from training.selectors import (
     dataset_build_files,
     dataset_build_get_for_user,
@@ -189,6 +190,55 @@ def dataset_build_detail(request: Request, build_id: int) -> Response:
 # --- training runs ------------------------------------------------------------------
 
 
+def _setting_field(setting: RunSetting) -> serializers.Field:
+    """The API field of a run setting: type, bounds and words from RUN_SETTINGS; optional, as the spec defaults."""
+    rule = f"{setting.name} must be {setting.rule()}."
+    common: dict[str, Any] = {
+        "required": False,
+        "allow_null": setting.nullable,
+        "help_text": " ".join(part for part in (setting.help or setting.label, rule) if part),
+    }
+    if setting.choices:
+        return serializers.ChoiceField(choices=setting.choices, allow_blank="" in setting.choices, **common)
+    if setting.type is bool:
+        return serializers.BooleanField(**common)
+    if setting.type is list:
+        return serializers.ListField(child=serializers.CharField(), **common)
+
+    def check(value: Any) -> None:
+        problem = setting.problem(value)
+        if problem:
+            raise serializers.ValidationError(problem)
+
+    # Inclusive bounds are the field's own, so the schema shows them; a setting with a strict bound or an
+    # extra allowed value is checked by its own rule, which then words every bound (one message, not two).
+    field_class = serializers.IntegerField if setting.type is int else serializers.FloatField
+    if setting.strict:
+        return field_class(validators=[check], **common)
+    return field_class(min_value=setting.minimum, max_value=setting.maximum, **common)
+
+
+class RunHyperparametersSerializer(serializers.Serializer):
+    """Every run setting (training.run_settings), each optional; a name that is not one is refused."""
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        return {setting.name: _setting_field(setting) for setting in RUN_SETTINGS}
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - RUN_SETTINGS_BY_NAME.keys())
+            if unknown:
+                # A misspelt setting that is silently ignored trains the wrong model.
+                raise serializers.ValidationError(
+                    {name: [f"{name} is not a run setting"] for name in unknown}
+                )
+        return super().to_internal_value(data)
+
+
+# The RL settings the API also names at the top level; they join the hyper-parameters.
+RL_SETTINGS = tuple(setting.name for setting in RUN_SETTINGS if setting.kinds == (RL,))
+
+
 class TrainingRunRequestSerializer(serializers.Serializer):
     dataset_build = serializers.IntegerField()
     kind = serializers.ChoiceField(choices=TrainingRun.Kind.choices)
@@ -206,32 +256,21 @@ class TrainingRunRequestSerializer(serializers.Serializer):
         choices=TrainingRun.Trainer.choices, default=TrainingRun.Trainer.GROUPED
     )
     name = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
-    hyperparameters = serializers.DictField(
+    hyperparameters = RunHyperparametersSerializer(
         required=False,
         default=dict,
-        help_text="Fields of the run spec (learning_rate, max_steps, beta, …); unknown names are refused.",
+        help_text="The run's settings, each as the run spec names it; unknown names are refused.",
     )
-    # RL runs: the reward model, and the named settings (merged into the run spec's hyper-parameters;
-    # validated as the run process will, so a bad value is answered here, naming it).
     against_reward_model = serializers.IntegerField(
         required=False, allow_null=True, default=None, help_text="RL only: id of the trained reward model."
     )
-    rl_num_generations = serializers.IntegerField(
-        required=False, help_text="RL only: completions sampled per prompt (at least 2)."
-    )
-    rl_temperature = serializers.FloatField(required=False, help_text="RL only: sampling temperature (0–10].")
-    rl_max_completion_length = serializers.IntegerField(
-        required=False, help_text="RL only: tokens per sampled completion."
-    )
-    true_scorer = serializers.CharField(
-        required=False,
-        allow_blank=True,
-        help_text="RL only, optional: a registered true scorer (e.g. demo_arithmetic) for the watch.",
-    )
 
-
-# The RL settings the API names at the top level; the run spec reads them from the hyper-parameters.
-RL_SETTINGS = ("rl_num_generations", "rl_temperature", "rl_max_completion_length", "true_scorer")
+    def get_fields(self) -> dict[str, serializers.Field]:
+        # RL runs: the named settings beside the reward model, merged into the hyper-parameters.
+        return {
+            **super().get_fields(),
+            **{name: _setting_field(RUN_SETTINGS_BY_NAME[name]) for name in RL_SETTINGS},
+        }
 
 
 class TrainingRunSerializer(serializers.Serializer):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from annotation.models import Policy, Project
 from annotation.roles import Role
 from annotation.selectors import policies_for_user, projects_for_user
 from training.models import DatasetBuild, RewardModel, TrainingRun
-from training.rl import TRUE_SCORERS
+from training.run_settings import FORM_SETTINGS, RL, RunSetting, run_settings_for_kind
 from training.selectors import (
     BUILD_LABELS,
     BUILD_OPTION_FIELDS,
@@ -63,42 +64,56 @@ class DatasetBuildForm(forms.ModelForm):
         }
 
 
-# Settings only an RL run reads (training.runner.RunSpec); other kinds do not send them.
-RL_SETTINGS = (
-    "rl_num_generations",
-    "rl_temperature",
-    "rl_max_completion_length",
-    "rl_watch_steps",
-    "rl_watch_prompts",
-    "true_scorer",
+def _setting_validator(setting: RunSetting) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        problem = setting.problem(value)
+        if problem:
+            raise forms.ValidationError(problem)
+
+    return check
+
+
+def _setting_field(setting: RunSetting) -> forms.Field:
+    """The form field of a run setting: its type, bounds, default and words, all from RUN_SETTINGS.
+
+    Inclusive bounds are the field's own (Django's translated messages); a
+    setting with a strict bound or an extra allowed value (max_steps' -1) is
+    checked by its own rule, which then words every bound.
+    A setting that not every kind reads, or without a default, may be left
+    blank: the run spec's default for the kind then holds.
+    """
+    # The words are marked for the catalog in training.run_settings; here they are translated when shown.
+    common: dict[str, Any] = {
+        "label": _(setting.label),
+        "help_text": _(setting.help) if setting.help else "",
+        "required": setting.every_kind and setting.default is not None and not setting.nullable,
+        "initial": setting.default,
+    }
+    if setting.choices:
+        choices = [(value, value) if value else ("", _("None")) for value in setting.choices]
+        return forms.ChoiceField(choices=choices, **common)
+    field_class = forms.IntegerField if setting.type is int else forms.FloatField
+    if setting.strict:
+        return field_class(validators=[_setting_validator(setting)], **common)
+    return field_class(min_value=setting.minimum, max_value=setting.maximum, **common)
+
+
+# The run settings' fields, derived; TrainingRunForm adds the run's own fields and orders them all.
+_RunSettingsForm = type(
+    "_RunSettingsForm", (forms.Form,), {setting.name: _setting_field(setting) for setting in FORM_SETTINGS}
 )
 
 
-class TrainingRunForm(forms.Form):
+class TrainingRunForm(_RunSettingsForm):  # type: ignore[valid-type,misc]
     """A run's settings with sane defaults: named, typed fields, never a raw JSON box.
 
+    The settings' fields come from `training.run_settings.FORM_SETTINGS`.
     Blank optional fields fall back to the defaults of `training.runner.RunSpec`
-    for the chosen kind and PEFT method; `clean()` validates the whole spec as
-    the run process will, so a bad combination is refused here, not mid-run.
+    for the chosen kind and PEFT method; the service validates the whole spec
+    as the run process will, so a bad combination is refused here, not mid-run.
     """
 
-    HYPERPARAMETERS = (
-        "learning_rate",
-        "num_train_epochs",
-        "max_steps",
-        "per_device_train_batch_size",
-        "gradient_accumulation_steps",
-        "max_length",
-        "beta",
-        "center_rewards_coefficient",
-        "lora_r",
-        "lora_alpha",
-        "lora_dropout",
-        "seed",
-        "logging_steps",
-        "save_steps",
-        *RL_SETTINGS,
-    )
+    HYPERPARAMETERS = tuple(setting.name for setting in FORM_SETTINGS)
 
     name = forms.CharField(
         label=_("Name"), max_length=200, required=False, help_text=_("Leave blank for an automatic name.")
@@ -135,100 +150,26 @@ class TrainingRunForm(forms.Form):
         required=False,
         help_text=_("How several GPUs share the run. DeepSpeed needs requirements-gpu.txt on the workers."),
     )
-    learning_rate = forms.FloatField(
-        label=_("Learning rate"),
-        required=False,
-        min_value=0,
-        help_text=_("Blank: the default for the kind and PEFT method."),
-    )
-    num_train_epochs = forms.FloatField(label=_("Epochs"), min_value=0.01, initial=1.0)
-    max_steps = forms.IntegerField(
-        label=_("Steps at most"), initial=-1, help_text=_("-1: as many as the epochs take.")
-    )
-    per_device_train_batch_size = forms.IntegerField(label=_("Batch size per GPU"), min_value=1, initial=8)
-    gradient_accumulation_steps = forms.IntegerField(
-        label=_("Gradient accumulation steps"), min_value=1, initial=1
-    )
-    max_length = forms.IntegerField(
-        label=_("Length at most (tokens)"),
-        min_value=8,
-        initial=512,
-        help_text=_("Tokens per prompt and completion."),
-    )
-    beta = forms.FloatField(
-        label=_("Beta"),
-        min_value=0,
-        initial=0.1,
-        help_text=_(
-            "DPO and RL: how far the policy may move from where it starts (RL: the KL penalty, e.g. 0.05)."
-        ),
-    )
-    center_rewards_coefficient = forms.FloatField(
-        label=_("Reward centring"),
-        required=False,
-        min_value=0,
-        help_text=_("Reward only: pulls rewards towards zero mean (e.g. 0.01)."),
-    )
-    lora_r = forms.IntegerField(label=_("LoRA rank"), min_value=1, initial=16)
-    lora_alpha = forms.IntegerField(label=_("LoRA alpha"), min_value=1, initial=32)
-    lora_dropout = forms.FloatField(label=_("LoRA dropout"), min_value=0, max_value=1, initial=0.05)
-    seed = forms.IntegerField(label=_("Seed"), min_value=0, initial=0)
-    logging_steps = forms.IntegerField(label=_("Log every (steps)"), min_value=1, initial=10)
-    save_steps = forms.IntegerField(label=_("Checkpoint every (steps)"), min_value=1, initial=100)
-    # --- RL runs -------------------------------------------------------------
     against_reward_model = forms.ModelChoiceField(
         label=_("Reward model"),
         queryset=RewardModel.objects.none(),
         required=False,
         help_text=_("RL only: the trained reward model the policy is optimised against."),
     )
-    rl_num_generations = forms.IntegerField(
-        label=_("Samples per prompt"),
-        min_value=2,
-        max_value=64,
-        initial=4,
-        required=False,
-        help_text=_("RL only: completions sampled per prompt; each is compared with the mean of the others."),
-    )
-    rl_temperature = forms.FloatField(
-        label=_("Sampling temperature"),
-        min_value=0.01,
-        max_value=10,
-        initial=1.0,
-        required=False,
-        help_text=_("RL only: temperature of the sampled completions."),
-    )
-    rl_max_completion_length = forms.IntegerField(
-        label=_("Max completion length"),
-        min_value=1,
-        max_value=8192,
-        initial=64,
-        required=False,
-        help_text=_("RL only: tokens per sampled completion."),
-    )
-    rl_watch_steps = forms.IntegerField(
-        label=_("Watch every (steps)"),
-        min_value=1,
-        initial=10,
-        required=False,
-        help_text=_("RL only: how often held-out prompts are scored for proxy reward against KL."),
-    )
-    rl_watch_prompts = forms.IntegerField(
-        label=_("Watched prompts"),
-        min_value=1,
-        max_value=1000,
-        initial=16,
-        required=False,
-        help_text=_("RL only: held-out prompts in the watch's fixed sample."),
-    )
-    true_scorer = forms.ChoiceField(
-        label=_("True scorer"),
-        choices=[("", _("None"))] + [(name, name) for name in sorted(TRUE_SCORERS)],
-        required=False,
-        help_text=_(
-            "RL only, optional: a known truth that scores the watched samples too (the demo's answers)."
-        ),
-    )
+
+    # The run's own fields, the settings every kind reads or some do, then the RL ones after their reward model.
+    field_order = [
+        "name",
+        "kind",
+        "dataset_build",
+        "base_model",
+        "peft",
+        "trainer",
+        "gpus",
+        "distributed",
+        *(setting.name for setting in FORM_SETTINGS if setting.kinds != (RL,)),
+        "against_reward_model",
+    ]
 
     def __init__(self, *args: Any, user: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -240,18 +181,10 @@ class TrainingRunForm(forms.Form):
         self.fields["base_model"].initial = str(demo) if demo.exists() else ""
 
     def hyperparameters(self) -> dict[str, Any]:
+        """The settings given, for the chosen kind only: each kind has its own knobs; the others are not sent."""
         data = self.cleaned_data
         values = {name: data[name] for name in self.HYPERPARAMETERS if data.get(name) not in (None, "")}
-        kind = data.get("kind")
-        # Each kind has its own knobs; the others are not sent.
-        if kind != TrainingRun.Kind.REWARD:
-            values.pop("center_rewards_coefficient", None)
-        if kind not in (TrainingRun.Kind.DPO, TrainingRun.Kind.RL):
-            values.pop("beta", None)
-        if kind != TrainingRun.Kind.RL:
-            for name in RL_SETTINGS:
-                values.pop(name, None)
-        return values
+        return run_settings_for_kind(values, data.get("kind") or "")
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}

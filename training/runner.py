@@ -46,6 +46,9 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 # What the run trained with on its device, written into output_dir when training starts.
 from training.model_settings import DEVICE_SETTINGS_FILENAME as DEVICE_SETTINGS_FILENAME
 
+# The kinds, PEFT methods, trainers and each user-facing setting (type, bounds, default) are defined there.
+from training.run_settings import KINDS, PEFT_METHODS, RUN_SETTINGS, TRAINERS, setting_defaults
+
 if TYPE_CHECKING:
     from datasets import Dataset
     from peft import PeftConfig
@@ -53,10 +56,6 @@ if TYPE_CHECKING:
 
     from training.model_settings import DeviceSettings
 
-KINDS = ("reward", "dpo", "sft", "rl")
-QUANTIZATIONS = ("none", "4bit")
-PEFT_METHODS = ("lora", "ia3", "full")
-TRAINERS = ("trl", "grouped")
 # Named in the design but not built yet; asking for one is an error that says so.
 PLANNED_TRAINERS: tuple[str, ...] = ()
 # How a grouped reward run takes a pair's margin from grouped rows (training.grouped.MARGINS):
@@ -125,8 +124,18 @@ def _require(name: str, ok: bool, rule: str, value: Any) -> None:
         raise ValueError(f"{name} must be {rule}; got {value!r}")
 
 
+_DEFAULT = setting_defaults()
+
+
 @dataclass
 class RunSpec:
+    """Everything a run process needs: the run's identity and files, and its settings.
+
+    The user-facing settings (training.run_settings.RUN_SETTINGS) take their
+    defaults and rules from there; the rest (files, paths, the attempt) are
+    written by the service that makes the spec.
+    """
+
     run_id: int
     kind: str  # "reward" | "dpo" | "sft" | "rl"
     base_model: str  # local path or hub id: the SFT policy for DPO and RL, the base of SFT and reward models
@@ -134,51 +143,51 @@ class RunSpec:
     test_file: str | None
     output_dir: str
     peft: str = "lora"  # "lora" | "ia3" | "full"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    learning_rate: float = 5e-5
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    per_device_train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_length: int = 512
-    beta: float = 0.1  # DPO; RL: the KL penalty to the reference policy
+    lora_r: int = _DEFAULT["lora_r"]
+    lora_alpha: int = _DEFAULT["lora_alpha"]
+    lora_dropout: float = _DEFAULT["lora_dropout"]
+    learning_rate: float = 5e-5  # no default of its own: LEARNING_RATES per kind and PEFT (with_defaults)
+    num_train_epochs: float = _DEFAULT["num_train_epochs"]
+    max_steps: int = _DEFAULT["max_steps"]
+    per_device_train_batch_size: int = _DEFAULT["per_device_train_batch_size"]
+    gradient_accumulation_steps: int = _DEFAULT["gradient_accumulation_steps"]
+    max_length: int = _DEFAULT["max_length"]
+    beta: float = _DEFAULT["beta"]  # DPO; RL: the KL penalty to the reference policy
     # DPO: weight of a negative log-likelihood term on the chosen completions
     # (TRL's loss_type "sft", the RPO paper's alpha); it keeps the policy near
     # what people preferred while the DPO term moves it. 0: plain DPO.
-    sft_weight: float = 0.0
-    center_rewards_coefficient: float | None = None  # reward
-    use_margin: bool = True  # reward: use the margin column when present
-    seed: int = 0
-    logging_steps: int = 10
-    save_steps: int = 100
+    sft_weight: float = _DEFAULT["sft_weight"]
+    center_rewards_coefficient: float | None = _DEFAULT["center_rewards_coefficient"]  # reward
+    use_margin: bool = _DEFAULT["use_margin"]  # reward: use the margin column when present
+    seed: int = _DEFAULT["seed"]
+    logging_steps: int = _DEFAULT["logging_steps"]
+    save_steps: int = _DEFAULT["save_steps"]
     trainer: str = "trl"  # "trl" | "grouped"
     grouped_test_file: str | None = None  # rows: prompt, completions, ranks → per-prompt Kendall tau
     # trainer "grouped": its training rows (prompt, completions, ranks[, likert]);
     # per_device_train_batch_size then counts groups, not pairs.
     grouped_train_file: str | None = None
     grouped_margin: str = "none"  # reward runs with use_margin: "none" | "rank_gap" | "likert_gap"
-    grouped_tie_loss: bool = False  # tied completions pull together instead of giving no pair
-    grouped_packing: bool = True  # one packed row per group, its shared prefix forwarded once
+    grouped_tie_loss: bool = _DEFAULT["grouped_tie_loss"]  # tied completions pull together, not no pair
+    grouped_packing: bool = _DEFAULT["grouped_packing"]  # one packed row per group, shared prefix once
     # Optional additions.
-    per_device_eval_batch_size: int = 8
-    gradient_checkpointing: bool = True  # TRL's default: less memory for ~20% more compute
-    disable_dropout: bool = True  # TRL's default: dropout makes the two sides of a pair disagree
-    lora_target_modules: list[str] | None = None  # None: the architecture's linear layers (model_settings)
+    per_device_eval_batch_size: int = _DEFAULT["per_device_eval_batch_size"]
+    gradient_checkpointing: bool = _DEFAULT["gradient_checkpointing"]  # TRL's default: less memory
+    disable_dropout: bool = _DEFAULT["disable_dropout"]  # TRL's default: pairs' sides agree
+    lora_target_modules: list[str] | None = _DEFAULT["lora_target_modules"]  # None: all linear layers
     # "4bit": QLoRA, the base weights in 4-bit NF4 (bitsandbytes; GPU workers and LoRA only).
-    quantization: str = "none"
+    quantization: str = _DEFAULT["quantization"]
     # SFT: the build's prompt-completion rows (sft/train.jsonl, sft/test.jsonl).
     sft_train_file: str | None = None
     sft_test_file: str | None = None
     # RL: the trained reward model (its final folder) the policy is optimised against.
     reward_model_path: str | None = None
-    rl_num_generations: int = 4  # completions sampled per prompt (the leave-one-out group)
-    rl_temperature: float = 1.0  # sampling temperature of those completions
-    rl_max_completion_length: int = 64  # tokens per sampled completion
-    rl_watch_steps: int = 10  # the over-optimisation watch measures every this many steps
-    rl_watch_prompts: int = 16  # held-out prompts in its fixed sample
-    true_scorer: str = ""  # a registered true scorer (training.rl.TRUE_SCORERS), or "" for none
+    rl_num_generations: int = _DEFAULT["rl_num_generations"]  # the leave-one-out group per prompt
+    rl_temperature: float = _DEFAULT["rl_temperature"]
+    rl_max_completion_length: int = _DEFAULT["rl_max_completion_length"]
+    rl_watch_steps: int = _DEFAULT["rl_watch_steps"]  # the over-optimisation watch's period
+    rl_watch_prompts: int = _DEFAULT["rl_watch_prompts"]  # held-out prompts in its fixed sample
+    true_scorer: str = _DEFAULT["true_scorer"]  # training.rl.TRUE_SCORERS, or "" for none
     # Which claim of the run this process serves; every write it makes is fenced by it.
     attempt: int = 0
 
@@ -200,13 +209,6 @@ class RunSpec:
                 self.grouped_train_file,
             )
         _require_choice("grouped_margin", self.grouped_margin, GROUPED_MARGINS)
-        _require_choice("quantization", self.quantization, QUANTIZATIONS)
-        _require(
-            "quantization",
-            self.quantization == "none" or self.peft == "lora",
-            "'none' unless peft is 'lora' (QLoRA trains a LoRA adapter)",
-            self.quantization,
-        )
         for name in ("base_model", "train_file", "output_dir"):
             _require(
                 name,
@@ -214,27 +216,17 @@ class RunSpec:
                 "a non-empty string",
                 getattr(self, name),
             )
-        _require("learning_rate", self.learning_rate > 0, "positive", self.learning_rate)
-        _require("lora_r", self.lora_r >= 1, "at least 1", self.lora_r)
-        _require("lora_alpha", self.lora_alpha > 0, "positive", self.lora_alpha)
-        _require("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)", self.lora_dropout)
-        _require("max_steps", self.max_steps == -1 or self.max_steps >= 1, "-1 or at least 1", self.max_steps)
+        for setting in RUN_SETTINGS:
+            problem = setting.problem(getattr(self, setting.name))
+            if problem:
+                raise ValueError(problem)
+        # What lies between settings, and the files a kind needs.
         _require(
-            "num_train_epochs",
-            self.max_steps >= 1 or self.num_train_epochs > 0,
-            "positive when max_steps is -1",
-            self.num_train_epochs,
+            "quantization",
+            self.quantization == "none" or self.peft == "lora",
+            "'none' unless peft is 'lora' (QLoRA trains a LoRA adapter)",
+            self.quantization,
         )
-        for name in (
-            "per_device_train_batch_size",
-            "per_device_eval_batch_size",
-            "gradient_accumulation_steps",
-            "max_length",
-            "logging_steps",
-            "save_steps",
-        ):
-            _require(name, getattr(self, name) >= 1, "at least 1", getattr(self, name))
-        _require("beta", self.beta > 0, "positive", self.beta)
         if self.kind == "sft":
             _require(
                 "sft_train_file",
@@ -249,13 +241,6 @@ class RunSpec:
                 "the folder of a trained reward model for an RL run",
                 self.reward_model_path,
             )
-        _require("rl_num_generations", self.rl_num_generations >= 2, "at least 2", self.rl_num_generations)
-        _require(
-            "rl_temperature", 0 < self.rl_temperature <= 10, "above 0 and at most 10", self.rl_temperature
-        )
-        for name in ("rl_max_completion_length", "rl_watch_steps", "rl_watch_prompts"):
-            _require(name, getattr(self, name) >= 1, "at least 1", getattr(self, name))
-        if self.kind == "rl":
             # Every generation batch holds whole groups of one prompt's completions.
             completions = self.per_device_train_batch_size * self.gradient_accumulation_steps
             _require(
@@ -265,16 +250,6 @@ class RunSpec:
                 f"rl_num_generations ({self.rl_num_generations}) for an RL run",
                 self.per_device_train_batch_size,
             )
-        from training.rl import true_scorer_check
-
-        true_scorer_check(self.true_scorer)
-        _require("sft_weight", self.sft_weight >= 0, "0 or more", self.sft_weight)
-        _require(
-            "center_rewards_coefficient",
-            self.center_rewards_coefficient is None or self.center_rewards_coefficient >= 0,
-            "null or at least 0",
-            self.center_rewards_coefficient,
-        )
 
     @classmethod
     def defaults(cls, kind: str, peft: str = "lora") -> dict[str, Any]:

@@ -25,6 +25,7 @@ from training.archives import run_archive_path, run_archive_publish, run_archive
 from training.job_events import job_ended
 from training.models import DatasetBuild, RewardModel, TrainingRun, TrainingRunMetric
 from training.placement import DeviceLease
+from training.run_settings import run_settings_problems
 from training.selectors import dataset_build_dir
 from training.services.child_events import RunEvents
 from training.services.jobs import (
@@ -136,6 +137,11 @@ def training_run_create(
         against_reward_model=against_reward_model,
     )
     run.full_clean(exclude=["created_by"])
+    # Each bad setting is named on its own field (the form shows it there); only run settings may be given,
+    # so no caller reaches the spec's files and paths through the hyper-parameters.
+    problems = run_settings_problems(run.hyperparameters)
+    if problems:
+        raise ValidationError(problems)
     try:
         training_run_spec(run=run)
     except (TypeError, ValueError) as error:
