@@ -196,7 +196,7 @@ def _setting_field(setting: RunSetting) -> serializers.Field:
     common: dict[str, Any] = {
         "required": False,
         "allow_null": setting.nullable,
-        "help_text": " ".join(part for part in (setting.help or setting.label, rule) if part),
+        "help_text": f"{setting.help or setting.label + '.'} {rule}",
     }
     if setting.choices:
         return serializers.ChoiceField(choices=setting.choices, allow_blank="" in setting.choices, **common)
