@@ -19,6 +19,12 @@
    not traced). The two builds of each kind must have the same content hash.
 3. Prints the table and drops the database (unless --keep).
 
+With `--before DIR` (a checkout of earlier code, e.g. a git worktree, with
+the same migrations), the two builds are also measured with that code's
+`dataset_build_run`, in the same run over the same database, as
+"every_vote (before)" and "majority (before)"; their content hashes must
+equal this code's.
+
 Speed is measured here, never asserted in tests.
 """
 
@@ -295,13 +301,18 @@ def measure(step: str, build_id: int | None, trace: bool, out_dir: str) -> dict[
     }
 
 
-def run_child(step: str, build_id: int | None, trace: bool, out_dir: str) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--measure", step, "--out", out_dir]
+def run_child(
+    step: str, build_id: int | None, trace: bool, out_dir: str, *, code: Path = REPO_ROOT
+) -> dict[str, Any]:
+    """One step in a child process running the code of the checkout `code`."""
+    command = [sys.executable, str(code / "bench" / "dataset_build.py"), "--measure", step, "--out", out_dir]
     if build_id is not None:
         command += ["--build-id", str(build_id)]
     if trace:
         command.append("--trace")
-    completed = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), check=False)
+    completed = subprocess.run(
+        command, capture_output=True, text=True, env=os.environ.copy(), check=False, cwd=code
+    )
     if completed.returncode != 0:
         raise SystemExit(f"step {step} failed:\n{completed.stdout}\n{completed.stderr}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
@@ -324,7 +335,7 @@ def new_build(aggregation: str) -> int:
     return build.pk
 
 
-def print_table(results: dict[str, dict[str, Any]]) -> None:
+def print_table(results: dict[str, dict[str, Any]], steps: list[str]) -> None:
     naive_rss = results["naive"]["plain"]["max_rss_mib"] - results["naive"]["plain"]["rss_start_mib"]
     naive_traced = results["naive"]["traced"]["tracemalloc_peak_mib"]
     naive_anonymous = results["naive"]["plain"]["anonymous_growth_mib"]
@@ -334,6 +345,7 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
         "rows written",
         "wall s",
         "rows/s",
+        "rows/s vs naive",
         "ru_maxrss MiB",
         "RSS growth MiB",
         "anon RSS growth MiB",
@@ -344,15 +356,18 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
     )
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|")
-    for step in STEPS:
+    naive_speed = results["naive"]["plain"]["rows_read"] / results["naive"]["plain"]["wall_s"]
+    for step in steps:
         plain, traced = results[step]["plain"], results[step]["traced"]
+        speed = plain["rows_read"] / plain["wall_s"]
         growth = plain["max_rss_mib"] - plain["rss_start_mib"]
         cells = (
             step,
             f"{plain['rows_read']:,}",
             f"{plain['rows_written']:,}",
             f"{plain['wall_s']:.1f}",
-            f"{plain['rows_read'] / plain['wall_s']:,.0f}",
+            f"{speed:,.0f}",
+            f"{speed / naive_speed:.2f}×",
             f"{plain['max_rss_mib']:,.0f}",
             f"{growth:,.0f}",
             f"{plain['anonymous_growth_mib']:,.0f}",
@@ -369,6 +384,9 @@ def main() -> None:
     parser.add_argument("--judgments", type=int, default=100_000)
     parser.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL", DEFAULT_DATABASE_URL))
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    parser.add_argument(
+        "--before", type=Path, help="a checkout of earlier code: measure its builds too, in the same run"
+    )
     parser.add_argument("--measure", choices=STEPS, help=argparse.SUPPRESS)
     parser.add_argument("--build-id", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
@@ -395,22 +413,38 @@ def main() -> None:
                 f"{made['comparisons']:,} comparisons in {time.perf_counter() - began:.0f} s",
                 flush=True,
             )
+            print(
+                f"load average (1, 5, 15 min) before measuring: {', '.join(f'{x:.1f}' for x in os.getloadavg())}"
+            )
             from django.db import connections
 
             connections.close_all()
             results: dict[str, dict[str, Any]] = {}
-            for step in STEPS:
-                results[step] = {}
+            # (label, step, code): the earlier code's build just before this code's, back to back.
+            plan = [("naive", "naive", REPO_ROOT)]
+            for step in STEPS[1:]:
+                if args.before is not None:
+                    plan.append((f"{step} (before)", step, args.before.resolve()))
+                plan.append((step, step, REPO_ROOT))
+            for label, step, code in plan:
+                results[label] = {}
                 for mode in ("plain", "traced"):
                     build_id = None if step == "naive" else new_build(step)
-                    print(f"measuring {step} ({mode}) …", flush=True)
-                    results[step][mode] = run_child(step, build_id, mode == "traced", scratch)
+                    print(f"measuring {label} ({mode}) …", flush=True)
+                    results[label][mode] = run_child(step, build_id, mode == "traced", scratch, code=code)
                 if step != "naive":
-                    hashes = {results[step][mode]["content_hash"] for mode in ("plain", "traced")}
-                    assert len(hashes) == 1, f"{step}: two builds of the same data differ: {hashes}"
-                    print(f"  {step}: both builds have content hash {hashes.pop()[:16]}…", flush=True)
+                    hashes = {results[label][mode]["content_hash"] for mode in ("plain", "traced")}
+                    assert len(hashes) == 1, f"{label}: two builds of the same data differ: {hashes}"
+                    print(f"  {label}: both builds have content hash {hashes.pop()[:16]}…", flush=True)
+            if args.before is not None:
+                for step in STEPS[1:]:
+                    before, after = (
+                        results[label]["plain"]["content_hash"] for label in (f"{step} (before)", step)
+                    )
+                    assert before == after, f"{step}: the earlier code's build differs: {before} != {after}"
             print()
-            print_table(results)
+            print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+            print_table(results, [label for label, _step, _code in plan])
         finally:
             from django.db import connections
 

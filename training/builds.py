@@ -113,10 +113,18 @@ Formats
     then completion). conversational: prompt = list of {role, content};
     chosen/rejected/completion = [{"role": "assistant", "content": …}].
 
+One pass
+    Comparisons, judgments and the prompts' texts stream in prompt order and
+    are walked side by side (rows_write): each prompt's pair rows, then its
+    grouped, SFT and reference rows, every output written once from that
+    pass. A writer holds a batch of rows as values and JSON lines; each
+    batch becomes one Arrow table built column by column (a repeated text
+    converted once) for Parquet and hf/, and one block of JSON Lines.
+
 Memory
     Comparisons and judgments stream from server-side cursors. What is held
-    is one (prompt, pair) group of votes, one prompt's judgments, a Parquet
-    batch (PARQUET_BATCH_ROWS) per open file, and, per prompt of the
+    is one (prompt, pair) group of votes, one prompt's judgments and texts, a
+    Parquet batch (PARQUET_BATCH_ROWS) per open file, and, per prompt of the
     projects, a MinHash signature (512 bytes) for the split: memory grows
     with the number of prompts, not with the number of comparisons. The
     later copies of repeated texts are found in one streamed pass over the
@@ -253,7 +261,8 @@ def _rows_fast(queryset: QuerySet[Any], *, small: bool = False) -> Iterator[Any]
 
 
 PARQUET_BATCH_ROWS = 5000  # rows per Parquet row group (fixed: part of the bytes)
-PROGRESS_EVERY_ROWS = 5000
+JSONL_BLOCK_LINES = 500  # JSON lines written at once: few writes, and a batch's text is not held twice
+PROGRESS_EVERY_JUDGMENTS = 2000
 
 SHINGLE_WORDS = 2
 MINHASH_PERMUTATIONS = 128
@@ -306,7 +315,7 @@ class BuildOptions:
     def conversational(self) -> bool:
         return self.format == DatasetBuild.Format.CONVERSATIONAL
 
-    @property
+    @functools.cached_property
     def majority(self) -> bool:
         """One row per (prompt, pair) and one SFT row per prompt: majority, or Dawid–Skene for the pairs."""
         return self.aggregation in (DatasetBuild.Aggregation.MAJORITY, DatasetBuild.Aggregation.DAWID_SKENE)
@@ -529,8 +538,42 @@ def output_schemas(options: BuildOptions) -> dict[str, pa.Schema]:
     }
 
 
+# Columns whose values repeat row after row (a prompt in each of its rows, a completion in each of
+# its pairs): a batch converts each distinct value once and gathers the column with `take`.
+_SHARED_COLUMNS = frozenset({"prompt", "chosen", "rejected", "completion"})
+
+
+def _column_array(column: tuple[Any, ...], *, type_: pa.DataType, shared: bool) -> pa.Array:
+    """One batch's column as an Arrow array of `type_`, the same as `pa.array(column, type_)`.
+
+    Shared columns convert each distinct object once and gather the rows with
+    `take` (distinct objects, not values: the writers hand the same object
+    for a repeated text). A list column without nulls (grouped completions)
+    is converted flat and cut by offsets: pyarrow converts nested Python
+    lists many times slower than flat ones.
+    """
+    if shared:
+        first = {id(value): value for value in column}
+        position = {key: index for index, key in enumerate(first)}
+        distinct = pa.array(list(first.values()), type=type_)
+        return distinct.take(pa.array([position[id(value)] for value in column], pa.int32()))
+    if pa.types.is_list(type_) and not pa.types.is_primitive(type_.value_type) and None not in column:
+        offsets = np.zeros(len(column) + 1, dtype=np.int32)
+        np.cumsum([len(value) for value in column], out=offsets[1:])
+        flat = [item for value in column for item in value]
+        return pa.ListArray.from_arrays(
+            pa.array(offsets), _column_array(tuple(flat), type_=type_.value_type, shared=True)
+        )
+    return pa.array(column, type=type_)
+
+
 class SplitWriter:
-    """One output's rows for one split: JSON Lines, Parquet, and optionally an Arrow stream."""
+    """One output's rows for one split: JSON Lines, Parquet, and optionally an Arrow stream.
+
+    Rows are held a batch (PARQUET_BATCH_ROWS) at a time as value tuples in
+    schema order with their JSON lines; each batch is written as one block of
+    lines and one Arrow table built column by column.
+    """
 
     def __init__(
         self, *, folder: Path, output: str, split: str, schema: pa.Schema, arrow: Path | None
@@ -541,9 +584,10 @@ class SplitWriter:
         self.rows = 0
         self.prompts = 0
         self._last_prompt: int | None = None
-        # The batch column by column: Arrow converts whole columns far faster than a list of dicts.
-        self._columns: list[tuple[str, list[Any]]] = [(name, []) for name in schema.names]
-        self._batched = 0
+        self._names = schema.names
+        self._shared = [name in _SHARED_COLUMNS for name in schema.names]
+        self._values: list[tuple[Any, ...]] = []
+        self._lines: list[str] = []
         self._jsonl = (directory / f"{split}.jsonl").open("w", encoding="utf-8", newline="\n")
         self._parquet = pq.ParquetWriter(directory / f"{split}.parquet", schema)
         self._arrow_sink = pa.OSFile(str(arrow), "wb") if arrow is not None else None
@@ -551,27 +595,46 @@ class SplitWriter:
 
     def write(self, row: dict[str, Any], *, prompt_id: int, line: str | None = None) -> None:
         """Add a row; `line`, when given, is its JSON text already (the same as `json.dumps` of the row)."""
-        self._jsonl.write((json.dumps(row, ensure_ascii=False) if line is None else line) + "\n")
-        for name, column in self._columns:
-            column.append(row.get(name))
-        self._batched += 1
+        self.add(
+            tuple(row.get(name) for name in self._names),
+            json.dumps(row, ensure_ascii=False) if line is None else line,
+            prompt_id,
+        )
+
+    def add(self, values: tuple[Any, ...], line: str, prompt_id: int) -> None:
+        """Add a row as its values in schema order and its JSON line (without the newline)."""
+        self._values.append(values)
+        self._lines.append(line)
+        if len(self._lines) >= JSONL_BLOCK_LINES:
+            self._write_lines()
         self.rows += 1
         if prompt_id != self._last_prompt:
             self.prompts += 1
             self._last_prompt = prompt_id
-        if self._batched >= PARQUET_BATCH_ROWS:
+        if len(self._values) >= PARQUET_BATCH_ROWS:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._batched:
+        if not self._values:
             return
-        table = pa.Table.from_pydict(dict(self._columns), schema=self.schema)
+        self._write_lines()
+        arrays = [
+            _column_array(column, type_=field_.type, shared=shared)
+            for field_, column, shared in zip(
+                self.schema, zip(*self._values, strict=True), self._shared, strict=True
+            )
+        ]
+        table = pa.Table.from_arrays(arrays, schema=self.schema)
         self._parquet.write_table(table)
         if self._arrow is not None:
             self._arrow.write_table(table)
-        for _name, column in self._columns:
-            column.clear()
-        self._batched = 0
+        self._values.clear()
+
+    def _write_lines(self) -> None:
+        if self._lines:
+            self._lines.append("")  # the last line's newline
+            self._jsonl.write("\n".join(self._lines))
+            self._lines.clear()
 
     def close(self) -> None:
         self._flush()
@@ -621,6 +684,14 @@ class Outputs:
         if self.split is not None and not self.split.keeps(output, prompt_id):
             return
         self._open(output)[split].write(row, prompt_id=prompt_id, line=line)
+
+    def writer(self, output: str, prompt_id: int) -> SplitWriter | None:
+        """The writer of an open output that takes the prompt's rows (None when its rows go elsewhere)."""
+        if self.split is None:
+            raise ValueError("writer() needs the split")
+        if not self.split.keeps(output, prompt_id):
+            return None
+        return self.writers[output][self.split.split_of(prompt_id)]
 
     def close(self) -> None:
         for writers in self.writers.values():
@@ -719,7 +790,11 @@ def _pairs_of(count: int) -> int:
 
 
 class PairWriter:
-    """Turns one (prompt, pair) group of votes at a time into rows (rules above)."""
+    """Turns one (prompt, pair) group of votes at a time into rows (rules above).
+
+    `prompt_start` comes before the prompt's groups: each row is then the
+    prompt's and its completions' values and JSON, each made once per prompt.
+    """
 
     def __init__(
         self,
@@ -734,54 +809,46 @@ class PairWriter:
         self.split = split
         self.labels = labels
         self.stats = PairStats()
-        self._json_prompt_id: int | None = None
-        self._json_prompt = ""
-        self._json_texts: dict[int, str] = {}
         self._json_numbers: dict[float, tuple[str, str]] = {}  # a margin's JSON and its `_number` text
         self._has_margin = options.has_margin
+        self._keep_ties = options.keep_ties
         self._conversational = options.conversational
+        self._prompt_id = 0
+        self._prompt: Rendered = ""
+        self._texts: dict[int, str] = {}
+        # Per completion of the prompt: its value in a row and its JSON.
+        self._encoded: dict[int, tuple[Any, str]] = {}
+        self._line_start = ""
+        self._pairs: SplitWriter | None = None
+        self._with_ties: SplitWriter | None = None
 
-    def _row(self, prompt: Rendered, chosen: str, rejected: str, margin: float | None) -> dict[str, Any]:
-        conversational = self._conversational
-        row: dict[str, Any] = {
-            "prompt": prompt,
-            "chosen": completion_render(chosen, conversational=conversational) if conversational else chosen,
-            "rejected": completion_render(rejected, conversational=conversational)
-            if conversational
-            else rejected,
-        }
-        if self._has_margin:
-            row["margin"] = float(margin if margin is not None else 0.0)
-        return row
+    def prompt_start(self, *, prompt_id: int, prompt: Rendered, texts: dict[int, str]) -> None:
+        """The prompt whose groups come next, with its completions' texts by id."""
+        self._prompt_id = prompt_id
+        self._prompt = prompt
+        self._texts = texts
+        self._encoded = {}
+        self._line_start = f'{{"prompt": {json.dumps(prompt, ensure_ascii=False)}, "chosen": '
+        self._pairs = self.outputs.writer("pairs", prompt_id)
+        self._with_ties = (
+            self.outputs.writer("pairs_with_ties", prompt_id) if self.options.keep_ties else None
+        )
 
-    def _json_of(self, *, prompt_id: int, prompt: Rendered, completion_id: int, text: str) -> tuple[str, str]:
-        """The JSON texts of the prompt and of one completion, each encoded once per prompt."""
-        if prompt_id != self._json_prompt_id:
-            self._json_prompt_id = prompt_id
-            self._json_prompt = json.dumps(prompt, ensure_ascii=False)
-            self._json_texts = {}
-        encoded = self._json_texts.get(completion_id)
+    def _completion(self, completion_id: int) -> tuple[Any, str]:
+        encoded = self._encoded.get(completion_id)
         if encoded is None:
-            rendered = completion_render(text, conversational=self.options.conversational)
-            encoded = self._json_texts[completion_id] = json.dumps(rendered, ensure_ascii=False)
-        return self._json_prompt, encoded
+            text = self._texts[completion_id]
+            rendered = completion_render(text, conversational=self._conversational)
+            encoded = self._encoded[completion_id] = (rendered, json.dumps(rendered, ensure_ascii=False))
+        return encoded
 
-    def _emit(self, *, prompt_id: int, prompt: Rendered, texts: dict[int, str], vote: Vote) -> None:
-        split = self.split.split_of(prompt_id)
-        row = self._row(
-            prompt, texts[vote.chosen_id], texts[vote.rejected_id], 0.0 if vote.tie else vote.margin
-        )
-        # The row's JSON line from its parts' JSON, each encoded once: the same text as json.dumps(row).
-        prompt_json, chosen_json = self._json_of(
-            prompt_id=prompt_id, prompt=prompt, completion_id=vote.chosen_id, text=texts[vote.chosen_id]
-        )
-        _prompt, rejected_json = self._json_of(
-            prompt_id=prompt_id, prompt=prompt, completion_id=vote.rejected_id, text=texts[vote.rejected_id]
-        )
-        line = f'{{"prompt": {prompt_json}, "chosen": {chosen_json}, "rejected": {rejected_json}'
-        has_margin = self._has_margin
-        if has_margin:
-            margin = row["margin"]
+    def _emit(self, vote: Vote) -> None:
+        """The vote's row: its JSON line from its parts' JSON, the same text as json.dumps of the row."""
+        chosen, chosen_json = self._completion(vote.chosen_id)
+        rejected, rejected_json = self._completion(vote.rejected_id)
+        line = f'{self._line_start}{chosen_json}, "rejected": {rejected_json}'
+        if self._has_margin:
+            margin = float(0.0 if vote.tie or vote.margin is None else vote.margin)
             # Cached by value, but for zero: 0.0 and -0.0 are one key and two texts.
             known = self._json_numbers.get(margin) if margin else None
             if known is None:
@@ -789,25 +856,28 @@ class PairWriter:
                 if margin:
                     self._json_numbers[margin] = known
             line += f', "margin": {known[0]}'
+            values: tuple[Any, ...] = (self._prompt, chosen, rejected, margin)
+        else:
+            values = (self._prompt, chosen, rejected)
         if not vote.tie:
-            self.outputs.write("pairs", split, row, prompt_id=prompt_id, line=line + "}")
-            if has_margin:
+            if self._pairs is not None:
+                self._pairs.add(values, line + "}", self._prompt_id)
+            if self._has_margin:
                 self.stats.margins[known[1]] += 1
-        if self.options.keep_ties:
-            self.outputs.write(
-                "pairs_with_ties",
-                split,
-                {**row, "tie": vote.tie},
-                prompt_id=prompt_id,
-                line=line + (', "tie": true}' if vote.tie else ', "tie": false}'),
-            )
+        if self._keep_ties:
+            if self._with_ties is not None:
+                self._with_ties.add(
+                    (*values, vote.tie),
+                    line + (', "tie": true}' if vote.tie else ', "tie": false}'),
+                    self._prompt_id,
+                )
         elif vote.tie:
             self.stats.tie_rows_dropped += 1
 
-    def group(self, *, prompt_id: int, prompt: Rendered, texts: dict[int, str], votes: list[Vote]) -> None:
+    def group(self, *, low: int, high: int, votes: list[Vote]) -> None:
+        """One (prompt, pair) group's votes, the pair's completion ids `low` < `high`."""
         stats = self.stats
         stats.groups += 1
-        low, high = min(texts), max(texts)
         low_wins = sum(1 for v in votes if not v.tie and v.chosen_id == low)
         high_wins = sum(1 for v in votes if not v.tie and v.chosen_id == high)
         ties = len(votes) - low_wins - high_wins
@@ -817,10 +887,10 @@ class PairWriter:
             stats.vote_pairs_agreeing += _pairs_of(low_wins) + _pairs_of(high_wins) + _pairs_of(ties)
         if not self.options.majority:
             for vote in votes:
-                self._emit(prompt_id=prompt_id, prompt=prompt, texts=texts, vote=vote)
+                self._emit(vote)
             return
         if self.labels is not None:
-            winner = self._labelled(prompt_id=prompt_id, low=low, high=high)
+            winner = self._labelled(prompt_id=self._prompt_id, low=low, high=high)
         else:
             winner = self._majority(low_wins=low_wins, high_wins=high_wins, ties=ties, total=len(votes))
         if winner is None:
@@ -834,7 +904,7 @@ class PairWriter:
             margins = [v.margin for v in winning if v.margin is not None]
             vote = Vote(chosen, rejected, False, sum(margins) / len(margins) if margins else None)
         stats.winning_shares[_share_bucket(len(winning) / len(votes))] += 1
-        self._emit(prompt_id=prompt_id, prompt=prompt, texts=texts, vote=vote)
+        self._emit(vote)
 
     def _labelled(self, *, prompt_id: int, low: int, high: int) -> str | None:
         """The outcome Dawid–Skene gave the pair, when its posterior reaches the agreement threshold."""
@@ -1010,128 +1080,6 @@ def pair_labels_dawid_skene(
     return PairLabels(outcomes=outcomes, labelers=labelers)
 
 
-def _comparisons_with_texts(
-    comparisons: QuerySet[Any],
-) -> Iterator[tuple[Any, tuple[str, Any], dict[int, str], dict[int, str]]]:
-    """Each comparison row (in prompt order) with its prompt's (text, messages), and its completions' texts and uids.
-
-    Texts come from two more streams in prompt order, walked beside the
-    comparisons (a merge join): each text crosses the wire once, not once per
-    comparison, and the comparisons' rows stay narrow for the sort.
-    """
-    prompt_ids = comparisons.order_by().values("prompt_id")
-    prompts = _rows_fast(
-        Prompt.objects.filter(pk__in=prompt_ids).order_by("pk").values_list("pk", "text", "messages")
-    )
-    completions = _rows_fast(
-        Completion.objects.filter(prompt_id__in=prompt_ids)
-        .order_by("prompt_id", "pk")
-        .values_list("prompt_id", "pk", "text", "uid")
-    )
-    pending = next(completions, None)
-    current: int | None = None
-    prompt: tuple[str, Any] = ("", None)
-    texts: dict[int, str] = {}
-    uids: dict[int, str] = {}
-    for row in _rows_fast(comparisons):
-        if row.prompt_id != current:
-            current = row.prompt_id
-            for pk, text, messages in prompts:
-                if pk == current:
-                    prompt = (text, messages)
-                    break
-            texts, uids = {}, {}
-            while pending is not None and pending[0] <= current:
-                if pending[0] == current:
-                    texts[pending[1]] = pending[2]
-                    uids[pending[1]] = str(pending[3])
-                pending = next(completions, None)
-        yield row, prompt, texts, uids
-
-
-def pairs_write(
-    *,
-    build: DatasetBuild,
-    options: BuildOptions,
-    split: PromptSplit,
-    outputs: Outputs,
-    excluded: dict[int, list[int]],
-    judgment_id_max: int,
-    repeated: RepeatedTexts,
-    tick: Callable[[], None],
-) -> PairStats:
-    """Stream the selected comparisons group by group into pair rows."""
-    fields = [
-        "id",
-        "prompt_id",
-        "task_id",
-        "chosen_id",
-        "rejected_id",
-        "is_tie",
-        "labeler_id",
-    ]
-    # The texts and uids come from a stream of the prompts' completions (_comparisons_with_texts),
-    # not joined into every row: a completion is in a dozen comparisons, and narrow rows sort and
-    # travel far faster.
-    if options.exclude_flagged:
-        fields.append("judgment__flags")
-    if options.margin == DatasetBuild.Margin.RANK_GAP:
-        fields.append("judgment__ranks")
-    if options.margin == DatasetBuild.Margin.LIKERT_GAP:
-        fields.append("judgment__likert")
-    ordered = (
-        _comparisons_read(build=build, excluded=excluded, judgment_id_max=judgment_id_max)
-        .annotate(pair_low=Least("chosen_id", "rejected_id"), pair_high=Greatest("chosen_id", "rejected_id"))
-        .order_by("prompt_id", "pair_low", "pair_high", "id")
-    )
-    comparisons = ordered.values_list(*fields, "pair_low", "pair_high", named=True)
-    labels = (
-        pair_labels_dawid_skene(
-            comparisons=ordered.values_list(
-                *fields, "chosen__uid", "rejected__uid", "pair_low", "pair_high", named=True
-            ),
-            options=options,
-            repeated=repeated,
-        )
-        if options.dawid_skene
-        else None
-    )
-    writer = PairWriter(outputs=outputs, options=options, split=split, labels=labels)
-    writer.stats.labelers = labels.labelers if labels is not None else []
-    stats = writer.stats
-    key: tuple[int, int, int] | None = None
-    votes: list[Vote] = []
-    texts: dict[int, str] = {}
-    prompt: Rendered = ""
-    prompt_id = 0
-    for row, prompt_row, completions, uids in _comparisons_with_texts(comparisons):
-        tick()
-        stats.comparisons_read += 1
-        row_key = (row.prompt_id, row.pair_low, row.pair_high)
-        if row_key != key:
-            if votes:
-                writer.group(prompt_id=prompt_id, prompt=prompt, texts=texts, votes=votes)
-            if key is None or row.prompt_id != prompt_id:
-                prompt_id = row.prompt_id
-                prompt_text, prompt_messages = prompt_row
-                prompt = prompt_render(
-                    text=prompt_text, messages=prompt_messages, conversational=options.conversational
-                )
-            key, votes = row_key, []
-            texts = {row.chosen_id: completions[row.chosen_id], row.rejected_id: completions[row.rejected_id]}
-        vote = _vote_from(
-            row, options, stats, repeated, chosen_uid=uids[row.chosen_id], rejected_uid=uids[row.rejected_id]
-        )
-        if vote is None:
-            continue
-        stats.votes += 1
-        stats.tie_votes += vote.tie
-        votes.append(vote)
-    if votes:
-        writer.group(prompt_id=prompt_id, prompt=prompt, texts=texts, votes=votes)
-    return stats
-
-
 # --- judgments: grouped, SFT and reference rows ---------------------------------
 
 
@@ -1159,32 +1107,6 @@ class PromptJudgments:
     completions: dict[int, str] = field(default_factory=dict)
 
 
-def _judgments_with_items(judgments: Any) -> Iterator[tuple[Any, list[tuple[int, str, str]]]]:
-    """Each judgment with its task's completions (id, uid, text) in task order, loaded per chunk."""
-    batch: list[Any] = []
-
-    def with_items() -> Iterator[tuple[Any, list[tuple[int, str, str]]]]:
-        items: dict[int, list[tuple[int, str, str]]] = {}
-        task_ids = {judgment.task_id for judgment in batch}
-        for task_id, completion_id, uid, text in _rows_fast(
-            TaskCompletion.objects.filter(task_id__in=task_ids)
-            .order_by("task_id", "position")
-            .values_list("task_id", "completion_id", "completion__uid", "completion__text"),
-            small=True,
-        ):
-            items.setdefault(task_id, []).append((completion_id, str(uid), text))
-        for judgment in batch:
-            yield judgment, items.get(judgment.task_id, [])
-        batch.clear()
-
-    for judgment in _rows_fast(judgments):
-        batch.append(judgment)
-        if len(batch) >= CHUNK_SIZE:
-            yield from with_items()
-    if batch:
-        yield from with_items()
-
-
 class JudgmentWriter:
     def __init__(
         self, *, outputs: Outputs, options: BuildOptions, split: PromptSplit, repeated: RepeatedTexts
@@ -1194,87 +1116,86 @@ class JudgmentWriter:
         self.split = split
         self.repeated = repeated
         self.stats = JudgmentStats()
+        self._copies = repeated.copies
+        self._likert = options.margin == DatasetBuild.Margin.LIKERT_GAP
         # The texts of the current prompt's SFT rows, so that its reference answer is not written twice.
         self._sft_prompt_id: int | None = None
-        self._sft_texts: set[str] = set()
-        # JSON of the current prompt and of its completions' texts, each encoded once.
-        self._json_prompt_id: int | None = None
-        self._json_prompt = ""
-        self._json_texts: dict[str, str] = {}
+        self._sft_texts: list[str] = []
+        # The current prompt's JSON, and each of its completions' texts as a row holds it and as JSON.
+        self._encoded_prompt_id: int | None = None
+        self._prompt_json = ""
+        self._encoded: dict[str, tuple[Any, str]] = {}
 
-    def _json_of(self, current: PromptJudgments, text: str) -> tuple[str, str]:
-        """The JSON texts of the prompt and of one rendered completion (the same as json.dumps of each)."""
-        if current.prompt_id != self._json_prompt_id:
-            self._json_prompt_id = current.prompt_id
-            self._json_prompt = json.dumps(current.prompt, ensure_ascii=False)
-            self._json_texts = {}
-        encoded = self._json_texts.get(text)
+    def _encode(self, current: PromptJudgments, text: str) -> tuple[Any, str]:
+        """A completion's text as rows hold it and its JSON (the same as json.dumps of it), made once per prompt."""
+        if current.prompt_id != self._encoded_prompt_id:
+            self._encoded_prompt_id = current.prompt_id
+            self._prompt_json = json.dumps(current.prompt, ensure_ascii=False)
+            self._encoded = {}
+        encoded = self._encoded.get(text)
         if encoded is None:
             rendered = completion_render(text, conversational=self.options.conversational)
-            encoded = self._json_texts[text] = json.dumps(rendered, ensure_ascii=False)
-        return self._json_prompt, encoded
+            encoded = self._encoded[text] = (rendered, json.dumps(rendered, ensure_ascii=False))
+        return encoded
 
     def judgment(self, current: PromptJudgments, judgment: Any, items: list[tuple[int, str, str]]) -> None:
-        options = self.options
         stats = self.stats
         stats.judgments_read += 1
-        shown = len(items)
-        items = [
-            item
-            for item in items
-            if not self.repeated.is_copy(task_id=judgment.task_id, completion_id=item[0])
-        ]
-        stats.repeated_text_items += shown - len(items)
+        if self._copies:
+            shown = len(items)
+            task_id = judgment.task_id
+            items = [item for item in items if (task_id, item[0]) not in self._copies]
+            stats.repeated_text_items += shown - len(items)
         ranks_by_uid = judgment.ranks or {}
         if not items or any(uid not in ranks_by_uid for _id, uid, _text in items):
             stats.grouped_dropped += 1
             return
-        flags = judgment.flags or {}
-        flagged = {uid for uid, names in flags.items() if names} if options.exclude_flagged else set()
-        split = self.split.split_of(current.prompt_id)
+        flagged: set[str] = set()
+        if self.options.exclude_flagged:
+            flagged = {uid for uid, names in (judgment.flags or {}).items() if names}
+        completions = current.completions
         for completion_id, _uid, text in items:
-            current.completions.setdefault(completion_id, text)
+            completions.setdefault(completion_id, text)
 
-        kept = [(cid, uid, text) for cid, uid, text in items if uid not in flagged]
-        ranks = [int(ranks_by_uid[uid]) for _cid, uid, _text in kept]
+        item_ranks = [int(ranks_by_uid[uid]) for _cid, uid, _text in items]
+        if flagged:
+            kept = [item for item in items if item[1] not in flagged]
+            ranks = [int(ranks_by_uid[uid]) for _cid, uid, _text in kept]
+        else:
+            kept, ranks = items, item_ranks
         if len(kept) >= 2 and len(set(ranks)) > 1:
-            row: dict[str, Any] = {
-                "prompt": current.prompt,
-                "completions": [
-                    completion_render(text, conversational=options.conversational) for *_, text in kept
-                ],
-                "ranks": ranks,
-            }
-            if options.margin == DatasetBuild.Margin.LIKERT_GAP:
-                likert = judgment.likert or {}
-                row["likert"] = (
-                    [int(likert[uid]) for _cid, uid, _text in kept]
-                    if all(uid in likert for _c, uid, _t in kept)
-                    else None
+            writer = self.outputs.writer("grouped", current.prompt_id)
+            if writer is not None:
+                encoded = [self._encode(current, text) for *_, text in kept]
+                line = (
+                    f'{{"prompt": {self._prompt_json}, "completions": [{", ".join(e[1] for e in encoded)}], '
+                    f'"ranks": [{", ".join(map(str, ranks))}]'
                 )
-            encoded = [self._json_of(current, text)[1] for *_, text in kept]
-            line = (
-                f'{{"prompt": {self._json_prompt}, "completions": [{", ".join(encoded)}], '
-                f'"ranks": [{", ".join(map(str, ranks))}]'
-            )
-            if "likert" in row:
-                likert_json = "null" if row["likert"] is None else f"[{', '.join(map(str, row['likert']))}]"
-                line += f', "likert": {likert_json}'
-            self.outputs.write("grouped", split, row, prompt_id=current.prompt_id, line=line + "}")
+                values: tuple[Any, ...] = (current.prompt, [e[0] for e in encoded], ranks)
+                if self._likert:
+                    likert_by_uid = judgment.likert or {}
+                    likert = (
+                        [int(likert_by_uid[uid]) for _cid, uid, _text in kept]
+                        if all(uid in likert_by_uid for _c, uid, _t in kept)
+                        else None
+                    )
+                    likert_json = "null" if likert is None else "[" + ", ".join(map(str, likert)) + "]"
+                    line += f', "likert": {likert_json}'
+                    values += (likert,)
+                writer.add(values, line + "}", current.prompt_id)
         else:
             stats.grouped_dropped += 1
 
-        best = min(int(ranks_by_uid[uid]) for _cid, uid, _text in items)
-        tops = [(cid, uid, text) for cid, uid, text in items if int(ranks_by_uid[uid]) == best]
-        if len(tops) > 1:
+        best = min(item_ranks)
+        if item_ranks.count(best) > 1:
             stats.sft_tied_top += 1
             current.top_voters += 1  # a vote for none
             return
-        top_id, top_uid, top_text = tops[0]
+        top_id, top_uid, top_text = items[item_ranks.index(best)]
         if top_uid in flagged:
             stats.sft_flagged_top += 1
             return
-        if options.majority:
+        if self.options.majority:
             current.top_voters += 1
             current.top_votes[top_id] += 1
         else:
@@ -1282,20 +1203,16 @@ class JudgmentWriter:
 
     def _sft(self, current: PromptJudgments, text: str) -> None:
         if self._sft_prompt_id != current.prompt_id:
-            self._sft_prompt_id, self._sft_texts = current.prompt_id, set()
-        self._sft_texts.add(completion_text_key(text))
-        row = {
-            "prompt": current.prompt,
-            "completion": completion_render(text, conversational=self.options.conversational),
-        }
-        prompt_json, completion_json = self._json_of(current, text)
-        self.outputs.write(
-            "sft",
-            self.split.split_of(current.prompt_id),
-            row,
-            prompt_id=current.prompt_id,
-            line=f'{{"prompt": {prompt_json}, "completion": {completion_json}}}',
-        )
+            self._sft_prompt_id, self._sft_texts = current.prompt_id, []
+        self._sft_texts.append(text)
+        writer = self.outputs.writer("sft", current.prompt_id)
+        if writer is not None:
+            rendered, completion_json = self._encode(current, text)
+            writer.add(
+                (current.prompt, rendered),
+                f'{{"prompt": {self._prompt_json}, "completion": {completion_json}}}',
+                current.prompt_id,
+            )
 
     def prompt_done(self, current: PromptJudgments) -> None:
         if self.options.majority and current.top_voters:
@@ -1315,8 +1232,8 @@ class JudgmentWriter:
             split = self.split.split_of(current.prompt_id)
             # A reference answer is a demonstration as much as a preference: SFT learns from it too
             # (once: not again when people ranked the same text top).
-            written = self._sft_texts if self._sft_prompt_id == current.prompt_id else set()
-            if completion_text_key(reference) not in written:
+            written = self._sft_texts if self._sft_prompt_id == current.prompt_id else []
+            if completion_text_key(reference) not in {completion_text_key(text) for text in written}:
                 self._sft(current, reference)
             # The reference faces each text once, never itself (the same text by completion_text_key).
             texts = {completion_text_key(reference)}
@@ -1332,7 +1249,87 @@ class JudgmentWriter:
                 self.outputs.write("reference", split, row, prompt_id=current.prompt_id)
 
 
-def judgments_write(
+# --- the one pass over prompts: pair rows, then grouped, SFT and reference rows ----------
+
+
+@dataclass
+class PromptTexts:
+    """One prompt's texts as the rows need them."""
+
+    text: str
+    messages: Any
+    reference: Any
+    completions: dict[int, str]  # completion id -> text
+    uids: dict[int, str]  # completion id -> uid
+    items: dict[int, list[tuple[int, str, str]]]  # task id -> (completion id, uid, text) in task order
+
+
+class PromptTextsReader:
+    """The texts of prompts asked for in increasing id order, from three streams in prompt order.
+
+    The prompts, their completions and their tasks' items are walked beside
+    the comparisons and judgments (a merge join): each text crosses the wire
+    once, not once per row that shows it, and the rows' own queries stay
+    narrow. The streams cover every prompt of the build's projects that has
+    a judgment, a superset of the prompts the rows name.
+    """
+
+    def __init__(self, *, build: DatasetBuild) -> None:
+        judged = Judgment.objects.filter(task__project__in=build.projects.values("pk")).values(
+            "task__prompt_id"
+        )
+        self._prompts = _rows_fast(
+            Prompt.objects.filter(pk__in=judged)
+            .order_by("pk")
+            .values_list("pk", "text", "messages", "metadata__reference")
+        )
+        self._completions = _rows_fast(
+            Completion.objects.filter(prompt_id__in=judged)
+            .order_by("prompt_id", "pk")
+            .values_list("prompt_id", "pk", "text", "uid")
+        )
+        self._items = _rows_fast(
+            TaskCompletion.objects.filter(task__prompt_id__in=judged)
+            .order_by("task__prompt_id", "task_id", "position")
+            .values_list("task__prompt_id", "task_id", "completion_id")
+        )
+        self._completion = next(self._completions, None)
+        self._item = next(self._items, None)
+
+    def get(self, prompt_id: int) -> PromptTexts:
+        for row in self._prompts:
+            if row[0] == prompt_id:
+                _pk, text, messages, reference = row
+                break
+        else:
+            raise LookupError(f"prompt {prompt_id} is not among the judged prompts of the build's projects")
+        completions: dict[int, str] = {}
+        uids: dict[int, str] = {}
+        while self._completion is not None and self._completion[0] <= prompt_id:
+            if self._completion[0] == prompt_id:
+                completions[self._completion[1]] = self._completion[2]
+                uids[self._completion[1]] = str(self._completion[3])
+            self._completion = next(self._completions, None)
+        shown: list[tuple[int, int]] = []
+        while self._item is not None and self._item[0] <= prompt_id:
+            if self._item[0] == prompt_id:
+                shown.append((self._item[1], self._item[2]))
+            self._item = next(self._items, None)
+        # A task shows its prompt's completions; one that shows another's is read on its own.
+        others = {completion_id for _task_id, completion_id in shown if completion_id not in completions}
+        if others:
+            for pk, text_of, uid in Completion.objects.filter(pk__in=others).values_list("pk", "text", "uid"):
+                completions[pk] = text_of
+                uids[pk] = str(uid)
+        items: dict[int, list[tuple[int, str, str]]] = {}
+        for task_id, completion_id in shown:
+            items.setdefault(task_id, []).append(
+                (completion_id, uids[completion_id], completions[completion_id])
+            )
+        return PromptTexts(text, messages, reference, completions, uids, items)
+
+
+def rows_write(
     *,
     build: DatasetBuild,
     options: BuildOptions,
@@ -1342,44 +1339,100 @@ def judgments_write(
     judgment_id_max: int,
     repeated: RepeatedTexts,
     tick: Callable[[], None],
-) -> JudgmentStats:
-    """Stream the selected judgments, prompt by prompt, into grouped, SFT and reference rows."""
-    judgments = (
-        _judgments_read(build=build, excluded=excluded, judgment_id_max=judgment_id_max)
-        .order_by("task__prompt_id", "id")
-        .values_list(
-            "id",
-            "task_id",
-            "task__prompt_id",
-            "task__prompt__text",
-            "task__prompt__messages",
-            "task__prompt__metadata__reference",
-            "ranks",
-            "likert",
-            "flags",
-            named=True,
-        )
+) -> tuple[PairStats, JudgmentStats]:
+    """Every row of the build in one pass over the prompts that have some (rules above).
+
+    1. Comparisons stream ordered by (prompt, unordered pair, id) and
+       judgments by (prompt, id); the prompts' texts come beside them
+       (PromptTextsReader).
+    2. For each prompt in id order: its comparisons, group by group, become
+       pair rows (PairWriter); then its judgments become grouped, SFT and
+       reference rows (JudgmentWriter). Each output's rows come in the same
+       order as if each were written on its own.
+    `tick` is called once per judgment.
+    """
+    selection = {"build": build, "excluded": excluded, "judgment_id_max": judgment_id_max}
+    fields = ["id", "prompt_id", "task_id", "chosen_id", "rejected_id", "is_tie", "labeler_id"]
+    # The texts and uids come from a stream of the prompts' completions, not joined into every row:
+    # a completion is in a dozen comparisons, and narrow rows sort and travel far faster.
+    if options.exclude_flagged:
+        fields.append("judgment__flags")
+    if options.margin == DatasetBuild.Margin.RANK_GAP:
+        fields.append("judgment__ranks")
+    if options.margin == DatasetBuild.Margin.LIKERT_GAP:
+        fields.append("judgment__likert")
+    ordered = (
+        _comparisons_read(**selection)
+        .annotate(pair_low=Least("chosen_id", "rejected_id"), pair_high=Greatest("chosen_id", "rejected_id"))
+        .order_by("prompt_id", "pair_low", "pair_high", "id")
     )
-    writer = JudgmentWriter(outputs=outputs, options=options, split=split, repeated=repeated)
-    current: PromptJudgments | None = None
-    for judgment, items in _judgments_with_items(judgments):
-        tick()
-        if current is None or judgment.task__prompt_id != current.prompt_id:
-            if current is not None:
-                writer.prompt_done(current)
-            current = PromptJudgments(
-                prompt_id=judgment.task__prompt_id,
-                prompt=prompt_render(
-                    text=judgment.task__prompt__text,
-                    messages=judgment.task__prompt__messages,
-                    conversational=options.conversational,
-                ),
-                reference=judgment.task__prompt__metadata__reference,
-            )
-        writer.judgment(current, judgment, items)
-    if current is not None:
-        writer.prompt_done(current)
-    return writer.stats
+    labels = (
+        pair_labels_dawid_skene(
+            comparisons=ordered.values_list(
+                *fields, "chosen__uid", "rejected__uid", "pair_low", "pair_high", named=True
+            ),
+            options=options,
+            repeated=repeated,
+        )
+        if options.dawid_skene
+        else None
+    )
+    pairs = PairWriter(outputs=outputs, options=options, split=split, labels=labels)
+    pairs.stats.labelers = labels.labelers if labels is not None else []
+    pair_stats = pairs.stats
+    judgments = JudgmentWriter(outputs=outputs, options=options, split=split, repeated=repeated)
+    comparison_rows = _rows_fast(ordered.values_list(*fields, "pair_low", "pair_high", named=True))
+    judgment_rows = _rows_fast(
+        _judgments_read(**selection)
+        .order_by("task__prompt_id", "id")
+        .values_list("id", "task_id", "task__prompt_id", "ranks", "likert", "flags", named=True)
+    )
+    texts = PromptTextsReader(build=build)
+    comparison = next(comparison_rows, None)
+    judgment = next(judgment_rows, None)
+    while comparison is not None or judgment is not None:
+        if judgment is None or (comparison is not None and comparison.prompt_id <= judgment.task__prompt_id):
+            prompt_id = comparison.prompt_id
+        else:
+            prompt_id = judgment.task__prompt_id
+        prompt_texts = texts.get(prompt_id)
+        prompt = prompt_render(
+            text=prompt_texts.text, messages=prompt_texts.messages, conversational=options.conversational
+        )
+        if comparison is not None and comparison.prompt_id == prompt_id:
+            pairs.prompt_start(prompt_id=prompt_id, prompt=prompt, texts=prompt_texts.completions)
+            uids = prompt_texts.uids
+            low = high = 0
+            votes: list[Vote] = []
+            while comparison is not None and comparison.prompt_id == prompt_id:
+                pair_stats.comparisons_read += 1
+                if comparison.pair_low != low or comparison.pair_high != high:
+                    if votes:
+                        pairs.group(low=low, high=high, votes=votes)
+                    low, high, votes = comparison.pair_low, comparison.pair_high, []
+                vote = _vote_from(
+                    comparison,
+                    options,
+                    pair_stats,
+                    repeated,
+                    chosen_uid=uids[comparison.chosen_id],
+                    rejected_uid=uids[comparison.rejected_id],
+                )
+                if vote is not None:
+                    pair_stats.votes += 1
+                    pair_stats.tie_votes += vote.tie
+                    votes.append(vote)
+                comparison = next(comparison_rows, None)
+            if votes:
+                pairs.group(low=low, high=high, votes=votes)
+        if judgment is not None and judgment.task__prompt_id == prompt_id:
+            current = PromptJudgments(prompt_id=prompt_id, prompt=prompt, reference=prompt_texts.reference)
+            while judgment is not None and judgment.task__prompt_id == prompt_id:
+                tick()
+                judgments.judgment(current, judgment, prompt_texts.items.get(judgment.task_id, []))
+                judgment = next(judgment_rows, None)
+            judgments.prompt_done(current)
+    return pair_stats, judgments.stats
 
 
 # --- hf/, the card, the hash -------------------------------------------------------
@@ -1816,7 +1869,7 @@ def card_render(*, summary: dict[str, Any], counts: dict[str, dict[str, int]]) -
 
 
 class _Progress:
-    """Counts rows and reports the build's progress every PROGRESS_EVERY_ROWS rows."""
+    """Counts judgments and reports the build's progress every PROGRESS_EVERY_JUDGMENTS of them."""
 
     def __init__(self, report: ProgressCallback, total: int) -> None:
         self.report = report
@@ -1825,7 +1878,7 @@ class _Progress:
 
     def tick(self) -> None:
         self.done += 1
-        if self.done % PROGRESS_EVERY_ROWS == 0:
+        if self.done % PROGRESS_EVERY_JUDGMENTS == 0:
             share = min(self.done / self.total, 1.0)
             self.report(PROGRESS_PROMPTS + (PROGRESS_ROWS_END - PROGRESS_PROMPTS) * share)
 
@@ -1867,8 +1920,7 @@ def dataset_build_write(*, build: DatasetBuild, progress: ProgressCallback) -> B
         }
         selection = {"build": build, "excluded": read_excluded, "judgment_id_max": judgment_id_max}
         versions = judgment_versions_read(**selection)
-        total = _comparisons_read(**selection).count() + _judgments_read(**selection).count()
-        counter = _Progress(progress, total)
+        counter = _Progress(progress, versions.judgments)
         outputs = Outputs(folder=staging, arrow_folder=arrow_folder, options=options, split=split)
         common = {
             **selection,
@@ -1878,8 +1930,7 @@ def dataset_build_write(*, build: DatasetBuild, progress: ProgressCallback) -> B
             "repeated": repeated,
             "tick": counter.tick,
         }
-        pair_stats = pairs_write(**common)
-        judgment_stats = judgments_write(**common)
+        pair_stats, judgment_stats = rows_write(**common)
         outputs.close()
         progress(PROGRESS_ROWS_END)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import date, datetime
 from pathlib import Path
@@ -670,7 +671,7 @@ def test_the_card_reports_counts_options_and_statistics(manager: AbstractUser) -
 def test_a_failing_build_is_marked_failed_with_the_error_and_leaves_no_folder(
     manager: AbstractUser, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # given a build whose writing breaks half-way
+    # given a build whose writing breaks half-way (its rows are written, hf/ is not)
     project = project_with_prompts(DISTINCT_PROMPTS[:2], k=2)
     (alice,) = labelers("alice")
     for task in tasks_of(project):
@@ -679,7 +680,7 @@ def test_a_failing_build_is_marked_failed_with_the_error_and_leaves_no_folder(
     def broken(**kwargs: Any) -> None:
         raise RuntimeError("the disk is on fire")
 
-    monkeypatch.setattr("training.builds.judgments_write", broken)
+    monkeypatch.setattr("training.builds.hf_save", broken)
 
     # when
     build = run_build(created_by=manager, projects=[project])
@@ -700,3 +701,72 @@ def test_running_a_build_that_is_not_queued_does_nothing(manager: AbstractUser) 
 
     build.refresh_from_db()
     assert build.status == DatasetBuild.Status.SUCCEEDED and build.finished_at == finished_at
+
+
+# --- exact bytes -----------------------------------------------------------------------
+
+# sha256 of each JSON Lines file of two builds over fixed judgments, as builds wrote them before the
+# write path became one pass with column-wise batches: consumers read these bytes, so a change to
+# them is a change of the format, never a side effect of making builds faster.
+PINNED_JSONL = {
+    "majority": {
+        "grouped/test.jsonl": "51d6f1c56a684def",
+        "grouped/train.jsonl": "d15af9905e932bfc",
+        "pairs/test.jsonl": "e706f9adf3e73547",
+        "pairs/train.jsonl": "92622aba0c110cbf",
+        "pairs_with_ties/test.jsonl": "1c9c82f05f975565",
+        "pairs_with_ties/train.jsonl": "4e7a67fdd53eee1b",
+        "reference/test.jsonl": "e3b0c44298fc1c14",
+        "reference/train.jsonl": "da8907809f259e1c",
+        "sft/test.jsonl": "64e9046545fff1c4",
+        "sft/train.jsonl": "4a623d3811fa4708",
+    },
+    "every_vote": {
+        "grouped/test.jsonl": "4c8106898b756745",
+        "grouped/train.jsonl": "2929efd9a17bec03",
+        "pairs/test.jsonl": "97225dc3e4a27c67",
+        "pairs/train.jsonl": "c62b7b0a5f4f2d28",
+        "reference/test.jsonl": "e3b0c44298fc1c14",
+        "reference/train.jsonl": "0d82a6a9ab1e0426",
+        "sft/test.jsonl": "867db28c8b7fd031",
+        "sft/train.jsonl": "0dcc8c24bcec0e6f",
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        (
+            "majority",
+            {"aggregation": "majority", "ties": "keep", "margin": "likert_gap", "exclude_flagged": True},
+        ),
+        ("every_vote", {"aggregation": "every_vote", "margin": "rank_gap", "format": "conversational"}),
+    ],
+)
+def test_the_json_lines_keep_their_exact_bytes(
+    manager: AbstractUser, name: str, options: dict[str, Any]
+) -> None:
+    # given text, chat and reference prompts judged with ties, Likert ratings and a flag
+    prompts: list[Any] = [
+        *DISTINCT_PROMPTS[:5],
+        {"prompt": DISTINCT_PROMPTS[5], "metadata": {"reference": "Buenos días; bonjour."}},
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": DISTINCT_PROMPTS[6]}],
+    ]
+    project = project_with_prompts(prompts, k=4, likert_enabled=True, flags=["unsafe"])
+    alice, bob, carol = labelers("alice", "bob", "carol")
+    for task in tasks_of(project):
+        judge(task, alice, [1, 2, 3, 4], likert=[7, 5, 3, 1], flags={3: ["unsafe"]})
+        judge(task, bob, [2, 1, 2, 3], likert=[5, 6, 5, 2])
+        judge(task, carol, [1, 3, 2, 4], likert=[6, 2, 4, 1])
+
+    # when
+    build = run_build(created_by=manager, projects=[project], test_fraction=0.3, **options)
+
+    # then every JSON Lines file has the bytes it had
+    folder = build_folder(build)
+    digests = {
+        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        for path in sorted(folder.glob("*/*.jsonl"))
+    }
+    assert digests == PINNED_JSONL[name]
