@@ -30,8 +30,9 @@ from typing import Any
 
 import krippendorff
 import numpy as np
-from django.db.models import Count, Q, QuerySet
-from django.db.models.functions import TruncDate
+from django.db import connection
+from django.db.models import CharField, Count, Q, QuerySet
+from django.db.models.functions import Cast, TruncDate
 from django.utils import timezone
 
 from annotation.models import (
@@ -120,12 +121,19 @@ def _submitted_judgments(*, project: Project) -> QuerySet[Judgment]:
 def _project_data(*, project: Project) -> _ProjectData:
     """Load the project's tasks and submitted judgments in three queries."""
     uids_by_task: dict[int, list[str]] = defaultdict(list)
-    for task_id, uid in (
+    # PostgreSQL gives the uid as text in str(UUID)'s form: a million uuid.UUID objects made
+    # and printed took seconds. (SQLite stores it as bare hex: converted here.)
+    uid = (
+        Cast("completion__uid", output_field=CharField())
+        if connection.vendor == "postgresql"
+        else "completion__uid"
+    )
+    for task_id, completion_uid in (
         TaskCompletion.objects.filter(task__project=project)
         .order_by("task_id", "position")
-        .values_list("task_id", "completion__uid")
+        .values_list("task_id", uid)
     ):
-        uids_by_task[task_id].append(str(uid))
+        uids_by_task[task_id].append(str(completion_uid))
     tasks = {
         row["id"]: _TaskRow(
             id=row["id"],
@@ -139,10 +147,11 @@ def _project_data(*, project: Project) -> _ProjectData:
         .values("id", "is_gold", "gold_ranks", "judgment_count")
     }
     judgments = []
-    for row in (
+    # Tuples rather than dicts: a million rows.
+    for judgment_id, task_id, user_id, username, ranks, none_acceptable, active_seconds, source in (
         _submitted_judgments(project=project)
         .order_by("id")
-        .values(
+        .values_list(
             "id",
             "task_id",
             "user_id",
@@ -153,18 +162,17 @@ def _project_data(*, project: Project) -> _ProjectData:
             "source",
         )
     ):
-        task = tasks[row["task_id"]]
-        given = row["ranks"] or {}
+        given = ranks or {}
         judgments.append(
             _JudgmentRow(
-                id=row["id"],
-                task_id=row["task_id"],
-                user_id=row["user_id"],
-                username=row["user__username"],
-                none_acceptable=row["none_acceptable"],
-                active_seconds=row["active_seconds"],
-                ranks=[given.get(uid) for uid in task.uids],
-                source=row["source"],
+                id=judgment_id,
+                task_id=task_id,
+                user_id=user_id,
+                username=username,
+                none_acceptable=none_acceptable,
+                active_seconds=active_seconds,
+                ranks=[given.get(uid) for uid in tasks[task_id].uids],
+                source=source,
             )
         )
     return _ProjectData(project=project, tasks=tasks, judgments=judgments)
