@@ -17,7 +17,9 @@ Learning curve (per seed, per order)
        random order under both orders (nothing has scored the tasks yet): the same tasks, ranked
        the same way by the same seeded labelers, so one reward run serves both orders there (the
        rankings are compared first; a run is trained for each order when they differ).
-    Epochs scale with the budget so that every run takes about as many optimizer steps.
+    The orders take turns budget by budget, so a run stopped early still compares them.
+    Epochs scale with the budget so that every run takes about as many optimizer steps (or pass
+    `--reward-hyperparameters '{"max_steps": N}'` for exactly N steps per run on a busy machine).
     Each point also says what its rankings held, measured with the truth after they were made (never
     used to choose tasks): how many of the ranked tasks show a right and a wrong answer, and how many
     of their pairs differ in grade (a pair of one grade is a tie to the labelers, dropped by the build).
@@ -146,10 +148,18 @@ class LabelEfficiency(Loop):
         for seed in plan.seeds:
             # The first budget's rankings, reward run and accuracy, by their content (see the module's text).
             first: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Any]]] = {}
-            for order in plan.orders:
-                project = self._copy_pool(f"{order} seed {seed}", order=order, seed=seed, overlap=1)
-                rngs = {name: random.Random(f"{seed}:labeler:{name}") for name, _ in LABELERS}  # noqa: S311
-                for budget in plan.budgets:
+            projects = {
+                order: self._copy_pool(f"{order} seed {seed}", order=order, seed=seed, overlap=1)
+                for order in plan.orders
+            }
+            labelers = {
+                order: {name: random.Random(f"{seed}:labeler:{name}") for name, _ in LABELERS}  # noqa: S311
+                for order in plan.orders
+            }
+            # Budget by budget, every order in turn: a run stopped early still compares the orders.
+            for budget in plan.budgets:
+                for order in plan.orders:
+                    project, rngs = projects[order], labelers[order]
                     with self.stage(f"{order}, seed {seed}: label to {budget}"):
                         self._label_until(project, budget=budget, people=list(LABELERS), rngs=rngs)
                     held = rankings_held(project, self.truth)
@@ -576,7 +586,10 @@ def report_markdown(result: dict[str, Any]) -> str:
             "| order | seed | rankings | accuracy | 95% CI | tasks with right & wrong | graded pairs per ranking | run |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
-        for point in result["curves"]:
+        orders = list(plan["orders"])
+        for point in sorted(
+            result["curves"], key=lambda p: (p["seed"], orders.index(p["order"]), p["budget"])
+        ):
             held = point.get("held") or {}
             tasks = held.get("tasks") or 0
             share = _percent(held["right_and_wrong"] / tasks) if tasks else "—"
