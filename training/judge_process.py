@@ -32,7 +32,9 @@ tokenizer that cannot tell capital letters apart). Why:
   readings: every response is seen once under every label.
 
 A reading that is not a probability distribution (non-finite numbers, e.g.
-an overflow in half precision) is reported as unreadable with the reason;
+an overflow in half precision), or that prefers no response once positions
+are balanced (a model that always names "A"), is reported as unreadable
+with the reason;
 the supervisor skips such a task (people take it) and counts it on the
 judge, and never turns it into a ranking. A tokenizer that gives two labels
 the same token cannot be read at all: the job fails saying so.
@@ -82,6 +84,8 @@ DEFAULT_TEMPLATE = (
 )
 # Characters of one response shown to the judge; the rest is cut (and the prompt kept whole).
 CANDIDATE_MAX_CHARS = 4000
+# Mean probabilities this close are one preference: no ranking can be read from them.
+SAME_PREFERENCE = 1e-9
 # Tasks read and written together (one transaction, one progress step), and sequences per forward pass.
 TASKS_PER_BATCH = 16
 SEQUENCES_PER_FORWARD = 8
@@ -163,7 +167,11 @@ def verdict_from_readings(readings: list[list[float]], orders: list[list[int]]) 
             return f"the model's label probabilities are not numbers: {probabilities}"
         for label_index, candidate in enumerate(order):
             totals[candidate] += probabilities[label_index]
-    return [total / len(orders) for total in totals]
+    means = [total / len(orders) for total in totals]
+    if max(means) - min(means) <= SAME_PREFERENCE:
+        # Only a preference for a position (or none at all): a ranking from it would be made up.
+        return "the model prefers no response over another once positions are balanced"
+    return means
 
 
 # --- the spec --------------------------------------------------------------------------

@@ -331,9 +331,13 @@ def test_a_template_must_hold_the_prompt_and_the_candidates_and_nothing_unknown(
 def test_each_response_is_read_under_every_label_and_unreadable_readings_say_why() -> None:
     orders = rotations(3)
     assert orders == [[0, 1, 2], [1, 2, 0], [2, 0, 1]]
-    # a judge that always names label A best: every response is named best once, so no preference
+    # a judge that always names label A best prefers a position, not a response: nothing to read
     always_a = [[1.0, 0.0, 0.0]] * 3
-    assert verdict_from_readings(always_a, orders) == pytest.approx([1 / 3] * 3)
+    no_preference = verdict_from_readings(always_a, orders)
+    assert isinstance(no_preference, str) and "prefers no response" in no_preference
+    # a judge that leans to label A: once positions are balanced, what is left is its preference
+    leaning = [[0.5, 0.2, 0.3], [0.6, 0.1, 0.3], [0.7, 0.2, 0.1]]
+    assert verdict_from_readings(leaning, orders) == pytest.approx([1.0 / 3, 0.9 / 3, 1.1 / 3])
     # a judge that always names response 1 best, whatever its label
     prefers_1 = [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
     assert verdict_from_readings(prefers_1, orders) == pytest.approx([0.0, 1.0, 0.0])
