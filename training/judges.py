@@ -182,14 +182,10 @@ def judge_attach(
 
 
 def judge_policies_for_user(*, user: AbstractBaseUser) -> QuerySet[Policy]:
-    """The model policies a manager may attach as judges: those of projects they manage (all, for a superuser)."""
-    models = Policy.objects.filter(kind=Policy.Kind.MODEL)
-    if getattr(user, "is_superuser", False):
-        return models
-    managed = projects_for_user(user=user, role=Role.MANAGER)
-    return models.filter(
-        pk__in=Policy.projects.through.objects.filter(project__in=managed).values("policy_id")
-    ).order_by("name")
+    """The model policies a manager may attach as judges: the model policies they may use."""
+    from annotation.selectors import policies_for_user
+
+    return policies_for_user(user=user).filter(kind=Policy.Kind.MODEL).order_by("name")
 
 
 def judge_policy_for_base_model(
