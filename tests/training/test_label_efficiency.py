@@ -126,12 +126,14 @@ def test_the_report_has_the_tables_the_goal_and_a_picture(tmp_path: Path) -> Non
         "curves": curves([0.65, 0.81, 0.85]),
         "stages": [{"name": "generate", "seconds": 1.0}],
     }
+    result["curves"][2]["rankings"] = 380  # random, seed 0, budget 400: the pool ran out first
     result["curve_summary"] = curve_summary(result["curves"], plan())
     markdown = report_write(result, tmp_path)
     text = markdown.read_text()
     assert "| 200 | 70.0% | 81.0% |" in text
     assert "reached at 200 rankings (50%); the line between the budgets crosses it at about 194 (48%" in text
     assert "**met**" in text and "Seed 1 alone" in text
+    assert "| random | 0 | 400 (380 made: pool exhausted) | 80.0% |" in text
     svg = (tmp_path / "label-efficiency.svg").read_text()
     assert svg.startswith("<?xml") and "held-out accuracy" in svg
     assert "label-efficiency.svg" in report_markdown(result)

@@ -156,12 +156,20 @@ class LabelEfficiency(Loop):
                 order: {name: random.Random(f"{seed}:labeler:{name}") for name, _ in LABELERS}  # noqa: S311
                 for order in plan.orders
             }
+            tasks = Task.objects.filter(project=projects[plan.orders[0]], is_gold=False).count()
+            if tasks < plan.budgets[-1]:
+                # Identical samples are merged, so a pool holds fewer tasks than prompts (about half
+                # of them with the demo policy): past the pool, every order ranks every task alike.
+                raise LoopFailed(
+                    f"the pool holds {tasks} tasks, fewer than the largest budget {plan.budgets[-1]}: "
+                    "give more training prompts (--train-prompts) or smaller budgets"
+                )
             # Budget by budget, every order in turn: a run stopped early still compares the orders.
             for budget in plan.budgets:
                 for order in plan.orders:
                     project, rngs = projects[order], labelers[order]
                     with self.stage(f"{order}, seed {seed}: label to {budget}"):
-                        self._label_until(project, budget=budget, people=list(LABELERS), rngs=rngs)
+                        rankings = self._label_until(project, budget=budget, people=list(LABELERS), rngs=rngs)
                     held = rankings_held(project, self.truth)
                     signature = rankings_signature(project) if budget == plan.budgets[0] else None
                     shared = first.get(signature) if signature is not None else None
@@ -195,6 +203,7 @@ class LabelEfficiency(Loop):
                             "seed": seed,
                             "order": order,
                             "budget": budget,
+                            "rankings": rankings,
                             "run": run["id"],
                             "steps": run.get("total_steps"),
                             **accuracy,
@@ -595,7 +604,7 @@ def report_markdown(result: dict[str, Any]) -> str:
             share = _percent(held["right_and_wrong"] / tasks) if tasks else "—"
             per_ranking = f"{held['graded_pairs'] / tasks:.2f}" if tasks else "—"
             lines.append(
-                f"| {point['order']} | {point['seed']} | {point['budget']} | {_percent(point['value'])} | "
+                f"| {point['order']} | {point['seed']} | {_rankings_text(point)} | {_percent(point['value'])} | "
                 f"{_percent(point['low'])}–{_percent(point['high'])} | {share} | {per_ranking} | {point['run']} |"
             )
         lines += ["", "Mean over seeds:", "", "| rankings | " + " | ".join(plan["orders"]) + " |"]
@@ -650,6 +659,14 @@ def report_markdown(result: dict[str, Any]) -> str:
     lines += ["## Stages", "", "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {stage['name']} | {stage['seconds']:.1f} |" for stage in result.get("stages", [])]
     return "\n".join(lines) + "\n"
+
+
+def _rankings_text(point: dict[str, Any]) -> str:
+    """The budget, and the rankings actually made when the pool ran out first."""
+    made = point.get("rankings")
+    if made is None or made == point["budget"]:
+        return str(point["budget"])
+    return f"{point['budget']} ({made} made: pool exhausted)"
 
 
 def _steps_text(points: list[dict[str, Any]]) -> str:
