@@ -25,6 +25,11 @@ the same migrations), the two builds are also measured with that code's
 "every_vote (before)" and "majority (before)"; their content hashes must
 equal this code's.
 
+On a shared machine wall time depends on the other load; the table also
+gives each step's CPU time, its own and its database server process's (read
+from /proc: local servers only), and rows per CPU second against the naive
+export's.
+
 Speed is measured here, never asserted in tests.
 """
 
@@ -55,7 +60,7 @@ BATCH_PROMPTS = 1000
 STEPS = ("naive", "every_vote", "majority")
 
 
-def setup_django(database_url: str, artifacts: str) -> None:
+def setup_django(database_url: str, artifacts: str, *, code: Path = REPO_ROOT) -> None:
     os.environ["DATABASE_URL"] = database_url
     os.environ["ARTIFACTS_DIR"] = artifacts
     os.environ.setdefault("DEBUG", "1")
@@ -63,7 +68,7 @@ def setup_django(database_url: str, artifacts: str) -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    sys.path.insert(0, str(REPO_ROOT))
+    sys.path.insert(0, str(code))
     import django
 
     django.setup()
@@ -256,14 +261,35 @@ class AnonymousPeak:
         return max(self.peak, anonymous_rss_mib())
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def database_cpu_seconds(pid: int) -> float | None:
+    """CPU time of the database server process serving this connection (local servers only)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(step: str, build_id: int | None, trace: bool, out_dir: str) -> dict[str, Any]:
     import datasets  # noqa: F401 — loaded before the baseline, as a worker has it
+    from django.db import connection
 
     import training.builds  # noqa: F401
     from annotation.models import Comparison
     from training.models import DatasetBuild
     from training.services import dataset_build_run
 
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        backend = cursor.fetchone()[0]
+    database_start = database_cpu_seconds(backend)
+    cpu_start = cpu_seconds()
     rss_start = current_rss_mib()
     anonymous_start = anonymous_rss_mib()
     anonymous = AnonymousPeak()
@@ -289,11 +315,17 @@ def measure(step: str, build_id: int | None, trace: bool, out_dir: str) -> dict[
             "content_hash": build.content_hash,
         }
     wall = time.perf_counter() - began
+    cpu = cpu_seconds() - cpu_start
+    database_end = database_cpu_seconds(backend)
     anonymous_peak = anonymous.stop()
     traced_peak = tracemalloc.get_traced_memory()[1] / 2**20 if trace else None
     return {
         **result,
         "wall_s": wall,
+        "cpu_s": cpu,
+        "database_cpu_s": (
+            database_end - database_start if database_start is not None and database_end is not None else None
+        ),
         "rss_start_mib": rss_start,
         "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "anonymous_growth_mib": anonymous_peak - anonymous_start,
@@ -304,8 +336,8 @@ def measure(step: str, build_id: int | None, trace: bool, out_dir: str) -> dict[
 def run_child(
     step: str, build_id: int | None, trace: bool, out_dir: str, *, code: Path = REPO_ROOT
 ) -> dict[str, Any]:
-    """One step in a child process running the code of the checkout `code`."""
-    command = [sys.executable, str(code / "bench" / "dataset_build.py"), "--measure", step, "--out", out_dir]
+    """One step in a child process (this script) running the product code of the checkout `code`."""
+    command = [sys.executable, __file__, "--measure", step, "--out", out_dir, "--code", str(code)]
     if build_id is not None:
         command += ["--build-id", str(build_id)]
     if trace:
@@ -346,6 +378,8 @@ def print_table(results: dict[str, dict[str, Any]], steps: list[str]) -> None:
         "wall s",
         "rows/s",
         "rows/s vs naive",
+        "CPU s (bench + database)",
+        "rows per CPU s vs naive",
         "ru_maxrss MiB",
         "RSS growth MiB",
         "anon RSS growth MiB",
@@ -357,6 +391,11 @@ def print_table(results: dict[str, dict[str, Any]], steps: list[str]) -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|")
     naive_speed = results["naive"]["plain"]["rows_read"] / results["naive"]["plain"]["wall_s"]
+
+    def cpu_of(plain: dict[str, Any]) -> tuple[float, float]:
+        return plain["cpu_s"], plain.get("database_cpu_s") or 0.0
+
+    naive_cpu = sum(cpu_of(results["naive"]["plain"]))
     for step in steps:
         plain, traced = results[step]["plain"], results[step]["traced"]
         speed = plain["rows_read"] / plain["wall_s"]
@@ -368,6 +407,8 @@ def print_table(results: dict[str, dict[str, Any]], steps: list[str]) -> None:
             f"{plain['wall_s']:.1f}",
             f"{speed:,.0f}",
             f"{speed / naive_speed:.2f}×",
+            "{:.1f} + {:.1f}".format(*cpu_of(plain)),
+            f"{naive_cpu / sum(cpu_of(plain)):.2f}×",
             f"{plain['max_rss_mib']:,.0f}",
             f"{growth:,.0f}",
             f"{plain['anonymous_growth_mib']:,.0f}",
@@ -391,10 +432,11 @@ def main() -> None:
     parser.add_argument("--build-id", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--code", type=Path, default=REPO_ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.measure:  # a child: one step, one JSON line
-        setup_django(os.environ["DATABASE_URL"], os.environ["ARTIFACTS_DIR"])
+        setup_django(os.environ["DATABASE_URL"], os.environ["ARTIFACTS_DIR"], code=args.code)
         print(json.dumps(measure(args.measure, args.build_id, args.trace, args.out)))
         return
 

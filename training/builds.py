@@ -968,8 +968,14 @@ def _vote_from(
     *,
     chosen_uid: str | None = None,
     rejected_uid: str | None = None,
+    judgment: Any = None,
 ) -> Vote | None:
-    """The row's vote under the build's filters (None when one drops it); uids from the row unless given."""
+    """The row's vote under the build's filters (None when one drops it).
+
+    Uids come from the row unless given; the judgment's flags, ranks and
+    Likert ratings from `judgment` (a row with those fields) when given, else
+    from the row's `judgment__…` fields.
+    """
     if repeated.copies and (
         repeated.is_copy(task_id=row.task_id, completion_id=row.chosen_id)
         or repeated.is_copy(task_id=row.task_id, completion_id=row.rejected_id)
@@ -979,16 +985,16 @@ def _vote_from(
     if chosen_uid is None or rejected_uid is None:
         chosen_uid, rejected_uid = str(row.chosen__uid), str(row.rejected__uid)
     if options.exclude_flagged:
-        flags = row.judgment__flags or {}
+        flags = (row.judgment__flags if judgment is None else judgment.flags) or {}
         if flags.get(chosen_uid) or flags.get(rejected_uid):
             stats.dropped_flagged += 1
             return None
     margin: float | None = None
     if options.margin == DatasetBuild.Margin.RANK_GAP:
-        ranks = row.judgment__ranks or {}
+        ranks = (row.judgment__ranks if judgment is None else judgment.ranks) or {}
         margin = float(ranks[rejected_uid] - ranks[chosen_uid])
     elif options.margin == DatasetBuild.Margin.LIKERT_GAP:
-        likert = row.judgment__likert or {}
+        likert = (row.judgment__likert if judgment is None else judgment.likert) or {}
         if chosen_uid not in likert or rejected_uid not in likert:
             stats.dropped_no_likert += 1
             return None
@@ -1329,6 +1335,16 @@ class PromptTextsReader:
         return PromptTexts(text, messages, reference, completions, uids, items)
 
 
+def _judgment_read(judgment_id: int) -> Any:
+    """A comparison's judgment that the judgments' stream did not give (the selections differ for it)."""
+    return next(
+        _rows_fast(
+            Judgment.objects.filter(pk=judgment_id).values_list("id", "ranks", "likert", "flags", named=True),
+            small=True,
+        )
+    )
+
+
 def rows_write(
     *,
     build: DatasetBuild,
@@ -1345,22 +1361,26 @@ def rows_write(
     1. Comparisons stream ordered by (prompt, unordered pair, id) and
        judgments by (prompt, id); the prompts' texts come beside them
        (PromptTextsReader).
-    2. For each prompt in id order: its comparisons, group by group, become
-       pair rows (PairWriter); then its judgments become grouped, SFT and
-       reference rows (JudgmentWriter). Each output's rows come in the same
-       order as if each were written on its own.
+    2. For each prompt in id order: its judgments are read; its comparisons,
+       group by group, become pair rows (PairWriter), each vote reading its
+       judgment's ranks, ratings and flags from them; then the judgments
+       become grouped, SFT and reference rows (JudgmentWriter). Each output's
+       rows come in the same order as if each were written on its own.
     `tick` is called once per judgment.
     """
     selection = {"build": build, "excluded": excluded, "judgment_id_max": judgment_id_max}
     fields = ["id", "prompt_id", "task_id", "chosen_id", "rejected_id", "is_tie", "labeler_id"]
-    # The texts and uids come from a stream of the prompts' completions, not joined into every row:
-    # a completion is in a dozen comparisons, and narrow rows sort and travel far faster.
+    # The texts and uids come from a stream of the prompts' completions, and the judgments' ranks,
+    # Likert ratings and flags from the judgments' own stream, not joined into every row: a
+    # completion is in a dozen comparisons and a judgment in six, and narrow rows sort and travel
+    # far faster. (Dawid–Skene's own pass reads them joined.)
+    joined = []
     if options.exclude_flagged:
-        fields.append("judgment__flags")
+        joined.append("judgment__flags")
     if options.margin == DatasetBuild.Margin.RANK_GAP:
-        fields.append("judgment__ranks")
+        joined.append("judgment__ranks")
     if options.margin == DatasetBuild.Margin.LIKERT_GAP:
-        fields.append("judgment__likert")
+        joined.append("judgment__likert")
     ordered = (
         _comparisons_read(**selection)
         .annotate(pair_low=Least("chosen_id", "rejected_id"), pair_high=Greatest("chosen_id", "rejected_id"))
@@ -1369,7 +1389,7 @@ def rows_write(
     labels = (
         pair_labels_dawid_skene(
             comparisons=ordered.values_list(
-                *fields, "chosen__uid", "rejected__uid", "pair_low", "pair_high", named=True
+                *fields, *joined, "chosen__uid", "rejected__uid", "pair_low", "pair_high", named=True
             ),
             options=options,
             repeated=repeated,
@@ -1381,7 +1401,9 @@ def rows_write(
     pairs.stats.labelers = labels.labelers if labels is not None else []
     pair_stats = pairs.stats
     judgments = JudgmentWriter(outputs=outputs, options=options, split=split, repeated=repeated)
-    comparison_rows = _rows_fast(ordered.values_list(*fields, "pair_low", "pair_high", named=True))
+    comparison_rows = _rows_fast(
+        ordered.values_list(*fields, "judgment_id", "pair_low", "pair_high", named=True)
+    )
     judgment_rows = _rows_fast(
         _judgments_read(**selection)
         .order_by("task__prompt_id", "id")
@@ -1399,6 +1421,12 @@ def rows_write(
         prompt = prompt_render(
             text=prompt_texts.text, messages=prompt_texts.messages, conversational=options.conversational
         )
+        # The prompt's judgments first: its comparisons read their judgment's ranks, ratings and flags.
+        prompt_judgments = []
+        while judgment is not None and judgment.task__prompt_id == prompt_id:
+            prompt_judgments.append(judgment)
+            judgment = next(judgment_rows, None)
+        judgments_by_id = {row.id: row for row in prompt_judgments}
         if comparison is not None and comparison.prompt_id == prompt_id:
             pairs.prompt_start(prompt_id=prompt_id, prompt=prompt, texts=prompt_texts.completions)
             uids = prompt_texts.uids
@@ -1417,6 +1445,8 @@ def rows_write(
                     repeated,
                     chosen_uid=uids[comparison.chosen_id],
                     rejected_uid=uids[comparison.rejected_id],
+                    judgment=judgments_by_id.get(comparison.judgment_id)
+                    or _judgment_read(comparison.judgment_id),
                 )
                 if vote is not None:
                     pair_stats.votes += 1
@@ -1425,12 +1455,11 @@ def rows_write(
                 comparison = next(comparison_rows, None)
             if votes:
                 pairs.group(low=low, high=high, votes=votes)
-        if judgment is not None and judgment.task__prompt_id == prompt_id:
+        if prompt_judgments:
             current = PromptJudgments(prompt_id=prompt_id, prompt=prompt, reference=prompt_texts.reference)
-            while judgment is not None and judgment.task__prompt_id == prompt_id:
+            for row in prompt_judgments:
                 tick()
-                judgments.judgment(current, judgment, prompt_texts.items.get(judgment.task_id, []))
-                judgment = next(judgment_rows, None)
+                judgments.judgment(current, row, prompt_texts.items.get(row.task_id, []))
             judgments.prompt_done(current)
     return pair_stats, judgments.stats
 
