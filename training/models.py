@@ -328,7 +328,7 @@ class TrainingRun(GpuJob):
     )
     peft = models.CharField(_("PEFT method"), max_length=8, choices=Peft.choices, default=Peft.LORA)
     trainer = models.CharField(max_length=16, choices=Trainer.choices, default=Trainer.GROUPED)
-    # Validated by TrainingRunForm / training.runner.RunSpec; only RunSpec's field names.
+    # The names and bounds of training.run_settings (RunSpec checks them; the form and API derive from them).
     hyperparameters = models.JSONField(default=dict, blank=True)
     gpus = models.PositiveSmallIntegerField(
         _("GPUs"),
