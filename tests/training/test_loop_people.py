@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import random
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
 
 import pytest
 
-from training.demo.loop import evaluator_verdict, labeler_ranks, report_markdown, verdict_answer
+from training.demo.loop import (
+    evaluator_verdict,
+    labeler_ranks,
+    recipes_picture,
+    report_markdown,
+    seeds_markdown,
+    seeds_summary,
+    verdict_answer,
+)
 from training.demo.task import DemoProblem
 
 PROBLEM = DemoProblem(
@@ -136,3 +146,85 @@ def test_the_markdown_report_puts_the_goals_first_and_says_which_were_missed():
     assert "| whole loop on this machine | < 20 minutes | 15.0 min | yes |" in text
     assert "45.0%–70.0%" in text
     assert "| DPO | 1010 | 990–1030 |" in text
+
+
+def seed_report(seed: int, *, rl_right: int) -> dict[str, object]:
+    """A two-seed loop's report for one seed: five policies, one A/B session, the RL watch."""
+    keys = ("sft", "sft_top", "dpo", "rl", "best_of_n")
+    right = {"sft": 60, "sft_top": 70, "dpo": 80, "rl": rl_right, "best_of_n": 75}
+    policies: dict[str, object] = {
+        key: {**measure(right[key], 100), "gain_points": None if key == "sft" else float(right[key] - 60)}
+        for key in keys
+    }
+    names = {key: f"loop s{seed} {key}" for key in keys}
+    versus = {
+        key: {
+            "wins": 12,
+            "losses": 4,
+            "ties": 3,
+            "both_bad": 1,
+            "votes": 20,
+            "win_rate": {**measure(12, 16), "low": 0.5, "high": 0.9},
+        }
+        for key in keys[1:]
+    }
+    return {
+        "settings": {"seed": seed},
+        "policies": policies,
+        "best_of_n": {"n": 8, "temperature": 1.0},
+        "ab": {
+            "names": names,
+            "versus_sft": versus,
+            "ratings": [
+                {"policy": names[key], "rating": 900.0 + 10 * index, "low": 880.0, "high": 960.0}
+                for index, key in enumerate(keys)
+            ],
+        },
+        "rl_watch": [
+            {"step": 10, "kl": 0.1, "proxy_reward": 0.2, "true_score": 0.6},
+            {"step": 20, "kl": 0.4, "proxy_reward": 0.9, "true_score": 0.7},
+        ],
+        "goals": [
+            {
+                "goal": "RL accuracy minus SFT accuracy (held-out)",
+                "target": "≥ +10 points",
+                "reached": float(rl_right - 60),
+                "met": rl_right >= 70,
+            }
+        ],
+        "stages": [{"name": "generate", "seconds": 10.0 + seed}],
+        "total_seconds": 300.0,
+    }
+
+
+def test_two_seeds_are_reported_side_by_side_with_both_seeds_pooled(tmp_path: Path):
+    reports = [seed_report(0, rl_right=72), seed_report(1, rl_right=66)]
+
+    summary = seeds_summary(reports, total_seconds=660.0)
+    text = seeds_markdown(summary, picture="loop-recipes.svg")
+
+    # pooled over both seeds' problems, and the mean gain over SFT
+    assert summary["policies"]["rl"]["pooled"]["successes"] == 138
+    assert summary["policies"]["rl"]["pooled"]["trials"] == 200
+    assert summary["policies"]["rl"]["mean_gain_points"] == 9.0
+    assert "| RL (RLOO) | 72.0% (40.0%–90.0%) | 66.0% (40.0%–90.0%) | 69.0% (" in text
+    assert "| best-of-8 |" in text
+    assert (
+        "| RL accuracy minus SFT accuracy (held-out) | ≥ +10 points | +12.0 points (met) | +6.0 points (**not met**) |"
+        in text
+    )
+    assert "| generate | 10.0 | 11.0 |" in text
+    assert "11.0 minutes in all (goal: under 20: met)" in text
+    assert "## Over-optimisation, seed 1" in text and "| 20 | 0.400 | 0.900 | 70.0% |" in text
+
+
+def test_the_picture_is_an_svg_of_the_accuracies_and_the_over_optimisation_curve(tmp_path: Path):
+    path = tmp_path / "loop-recipes.svg"
+
+    recipes_picture([seed_report(0, rl_right=72), seed_report(1, rl_right=66)], path)
+
+    root = ElementTree.parse(path).getroot()  # noqa: S314 (written just now)
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    text = path.read_text()
+    # (matplotlib draws text as paths and names it in a comment beside them)
+    assert "KL to SFT" in text and "best-of-8" in text

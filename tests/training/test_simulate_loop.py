@@ -7,11 +7,13 @@ The full-size run, with the goals against the truth on held-out problems, is `ma
 from __future__ import annotations
 
 import json
+import os
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import pytest
 
-from annotation.models import Comparison, Judgment, Project
+from annotation.models import Comparison, Judgment, Policy, Project
 from training.demo.loop import Loop, LoopSettings, report_write
 from training.models import DatasetBuild, GenerationJob, TrainingRun
 
@@ -25,9 +27,14 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def loop_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from training.demo.model import demo_model_build
+    from training.demo.model import demo_model_build, demo_model_is_complete
     from training.management.commands.simulate_loop import QUICK_MODEL
 
+    # A model `simulate_loop --quick` built already (MODELS_DIR/demo-sft-quick, the same settings),
+    # named here, saves building one on a busy machine.
+    built = os.environ.get("LOOP_TEST_MODEL")
+    if built and demo_model_is_complete(Path(built)):
+        return Path(built)
     out_dir = tmp_path_factory.mktemp("loop") / "sft"
     demo_model_build(out_dir=out_dir, **QUICK_MODEL)
     return out_dir
@@ -39,16 +46,22 @@ def test_every_stage_of_the_loop_runs_and_the_reward_model_beats_chance(
     from training.management.commands.simulate_loop import (
         DPO_HYPERPARAMETERS,
         QUICK,
+        QUICK_BEST_OF_N,
         QUICK_REWARD_HYPERPARAMETERS,
+        QUICK_SFT_HYPERPARAMETERS,
     )
+    from training.models import BestOfN
 
     # given a running server and worker, and a small SFT policy
+    # (no RL run: its process is tested in test_sft_rl.py, its report and picture in test_loop_people.py)
     settings = LoopSettings(
         base_model=str(loop_model),
         base_url=live_server.url,
         out_dir=tmp_path,
         reward_hyperparameters=QUICK_REWARD_HYPERPARAMETERS,
         dpo_hyperparameters=DPO_HYPERPARAMETERS,
+        sft_hyperparameters=QUICK_SFT_HYPERPARAMETERS,
+        best_of_n=QUICK_BEST_OF_N,
         stage_timeout_s=600,
         poll_s=0.5,
         **QUICK,
@@ -63,6 +76,7 @@ def test_every_stage_of_the_loop_runs_and_the_reward_model_beats_chance(
         "generate",
         "label",
         "build",
+        "train SFT on top-ranked",
         "train reward model",
         "train DPO policy",
         "generate held-out answers",
@@ -75,7 +89,18 @@ def test_every_stage_of_the_loop_runs_and_the_reward_model_beats_chance(
     assert sorted(TrainingRun.objects.values_list("kind", "status")) == [
         ("dpo", "succeeded"),
         ("reward", "succeeded"),
+        ("sft", "succeeded"),
     ]
+    # the SFT run trained on the build's top-ranked completions, which share prompts with the pairs
+    sft_run = TrainingRun.objects.get(kind="sft")
+    assert sft_run.dataset_build.sft_in_preferences
+    assert report.dataset_build["counts"]["sft"]["train"] > 0
+    # and best-of-n is the existing policy kind: SFT's samples, the loop's reward model picking
+    best_of_n = BestOfN.objects.get()
+    assert best_of_n.n == QUICK_BEST_OF_N
+    assert best_of_n.base_policy.name == report.policies["sft"]["policy"]
+    assert best_of_n.reward_model.run.kind == "reward"
+    assert best_of_n.policy.kind == Policy.Kind.BEST_OF_N
 
     # every training task was ranked once, through the API, as its C(4,2) comparisons
     train = Project.objects.get(name__endswith=": train")
@@ -89,14 +114,28 @@ def test_every_stage_of_the_loop_runs_and_the_reward_model_beats_chance(
     )
     assert Comparison.objects.filter(judgment__task__project=train).count() == pairs
 
-    # every A/B pair got its vote, and nothing was left unanswered
-    # (a prompt on which SFT and DPO wrote the same text is left out of the session: nothing to compare)
+    # every policy answered every evaluation problem and was measured against the truth
+    keys = ["sft", "sft_top", "dpo", "best_of_n"]
+    for key in keys:
+        measure = report.policies[key]
+        assert measure["trials"] == QUICK["eval_prompts"], (key, measure)
+        assert measure["low"] <= measure["value"] <= measure["high"]
+        assert key == "sft" or "gain_points" in measure
+
+    # one A/B session holds all four policies; every task got its vote, and nothing was left unanswered
+    # (a prompt on which a pair wrote the same text is left out of the session: nothing to compare)
     session = Project.objects.get(kind=Project.Kind.AB)
+    assert session.ab_policies.count() == len(keys)
+    assert set(report.ab["names"]) == set(keys)
     assert 0 < report.ab["votes"] == session.tasks.count() <= QUICK["eval_prompts"]
-    assert (
-        report.ab["dpo_wins"] + report.ab["sft_wins"] + report.ab["ties"] + report.ab["both_bad"]
-        == report.ab["votes"]
-    )
+    assert sum(row["votes"] for row in report.ab["pair_table"]) == report.ab["votes"]
+    for key in keys[1:]:
+        row = report.ab["versus_sft"][key]
+        assert row["wins"] + row["losses"] + row["ties"] + row["both_bad"] == row["votes"]
+    # Bradley–Terry ratings with intervals, for the policies that met in a vote
+    rated = {row["policy"] for row in report.ab["ratings"]}
+    assert rated and rated <= set(report.ab["names"].values())
+    assert all(row["low"] <= row["high"] for row in report.ab["ratings"])
 
     # the reward model learned the labelers' preferences: on the training problems it scores the
     # right answer above a wrong one more often than a coin would
@@ -107,9 +146,13 @@ def test_every_stage_of_the_loop_runs_and_the_reward_model_beats_chance(
     # and it was attached to the A/B session, whose every completion a scoring job scored
     assert report.ab["reward_model_agreement"]["votes"] is not None
 
-    # and the report is written, both ways
+    # and the report is written, as JSON, Markdown and a picture beside them
     assert json.loads(json_path.read_text())["goals"]
-    assert markdown_path.read_text().startswith("# Rankwise loop report")
+    text = markdown_path.read_text()
+    assert text.startswith("# Rankwise loop report")
+    assert "## Recipes compared" in text and "| best-of-2 |" in text and "(loop-recipes.svg)" in text
+    picture = ElementTree.parse(tmp_path / "loop-recipes.svg").getroot()  # noqa: S314 (written just now)
+    assert picture.tag == "{http://www.w3.org/2000/svg}svg"
 
 
 def test_the_label_efficiency_experiment_follows_the_uncertainty_order_and_compares_aggregations(

@@ -10,15 +10,24 @@ Redis and Celery workers (it starts them itself unless given `--url`):
    Each checks the arithmetic: an answer nearer the true one ranks higher,
    equal distances tie; a labeler with noise p ranks a task at random with
    probability p.
-3. build — a dataset build through the API (conversational, grouped rows).
-4. train — a reward run and a DPO run through the API, on the `gpu` queue.
-5. evaluate — SFT and DPO answer held-out problems (generation jobs at a
-   near-greedy temperature); a blind A/B session of the two is answered by
-   simulated evaluators through the API (the right answer wins; both right
-   is a tie, both wrong "both bad"; noise p answers at random).
+3. build — a dataset build through the API (conversational, grouped rows,
+   SFT rows on the same prompts as the preference rows).
+4. train — from the same build, through the API, on the `gpu` queue: an SFT
+   run on the top-ranked completions, a reward run, a DPO run and an RL run
+   against the reward model (RLOO, KL to SFT, the demo's truth watching for
+   reward hacking); a best-of-n policy (n samples of SFT, the reward model's
+   favourite kept) is registered from the reward model.
+5. evaluate — every policy answers held-out problems (generation jobs at a
+   near-greedy temperature; best-of-n samples its candidates at the sampling
+   temperature); one blind A/B session of all of them with the SFT policy
+   (round-robin pairs) is answered by simulated evaluators through the API
+   (the right answer wins; both right is a tie, both wrong "both bad"; noise
+   p answers at random).
 6. report — reward-model accuracy against the truth on held-out problems,
-   SFT and DPO accuracy, the A/B win rate with its 95% Wilson interval and
-   Bradley–Terry ratings, how long each stage took; JSON and Markdown.
+   each policy's accuracy against the truth with its 95% Wilson interval,
+   its head-to-head with SFT and its Bradley–Terry rating with a bootstrap
+   interval, RL's over-optimisation curve as a table and a picture, how long
+   each stage took; JSON, Markdown and SVG.
 
 The manager's own steps (accounts, projects, generation jobs, the A/B
 session) call the same services as the admin and the manager pages do; no
@@ -67,6 +76,14 @@ USER_PREFIX = "loop-"
 # A deployed assistant answers a question with one right answer (near) greedily.
 EVAL_TEMPERATURE = 0.01
 UNPARSEABLE = 10**9  # distance of a completion that states no number: worse than any number
+# The recipes the loop compares, in the report's order (keys of the report's `policies`).
+POLICY_LABELS: dict[str, str] = {
+    "sft": "SFT",
+    "sft_top": "SFT on top-ranked",
+    "dpo": "DPO",
+    "rl": "RL (RLOO)",
+    "best_of_n": "best-of-n",
+}
 
 
 class LoopFailed(RuntimeError):
@@ -90,6 +107,11 @@ class LoopSettings:
     # An RL run against the reward model (RLOO, KL to SFT), with the demo's truth watching for
     # reward hacking; empty: no RL stage.
     rl_hyperparameters: dict[str, Any] = field(default_factory=dict)
+    # An SFT run on the build's top-ranked completions; empty: no such stage.
+    sft_hyperparameters: dict[str, Any] = field(default_factory=dict)
+    # Best-of-n with the reward model: n samples of SFT at `best_of_n_temperature`; 0: no such policy.
+    best_of_n: int = 0
+    best_of_n_temperature: float = 1.0
     peft: str = "full"
     stage_timeout_s: float = 3600.0
     poll_s: float = 1.0
@@ -217,12 +239,34 @@ class LoopReport:
     policies: dict[str, Any] = field(default_factory=dict)
     # The RL run's over-optimisation watch: (step, KL, proxy reward, true score) on held-out prompts.
     rl_watch: list[dict[str, Any]] = field(default_factory=list)
+    # The best-of-n policy: n, sampling temperature, reward model.
+    best_of_n: dict[str, Any] = field(default_factory=dict)
     ab: dict[str, Any] = field(default_factory=dict)
     goals: list[dict[str, Any]] = field(default_factory=list)
     total_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _head_to_head(table: list[dict[str, Any]], policy: str, opponent: str) -> dict[str, Any]:
+    """`policy`'s wins, losses, ties and both-bad against `opponent` in a pair table, and its win rate."""
+    row = next((r for r in table if {r["policy"], r["opponent"]} == {policy, opponent}), None)
+    if row is None:
+        wins = losses = ties = both_bad = 0
+    else:
+        first = row["policy"] == policy
+        wins = row["wins_first"] if first else row["wins_second"]
+        losses = row["wins_second"] if first else row["wins_first"]
+        ties, both_bad = row["ties"], row["both_bad"]
+    return {
+        "wins": wins,
+        "losses": losses,
+        "ties": ties,
+        "both_bad": both_bad,
+        "votes": wins + losses + ties + both_bad,
+        "win_rate": _interval_dict(wins, wins + losses),
+    }
 
 
 def _interval_dict(successes: int, trials: int) -> dict[str, Any]:
@@ -242,7 +286,7 @@ class Loop:
     def __init__(self, settings: LoopSettings, *, say: Callable[[str], Any] = print) -> None:
         self.settings = settings
         self.say = say
-        self.tag = time.strftime("%Y%m%d-%H%M%S")
+        self.tag = f"{time.strftime('%Y%m%d-%H%M%S')}-s{settings.seed}"
         self.report = LoopReport(settings={**asdict(settings), "out_dir": str(settings.out_dir)})
         self.train = demo_problems(count=settings.train_prompts, seed=settings.seed, split="train")
         test = demo_problems(
@@ -359,12 +403,20 @@ class Loop:
         with self.stage("label"):
             self._label()
         with self.stage("build"):
-            build = self._build(manager_api)
+            build = self._build(manager_api, sft_in_preferences=True)
+        # Every policy the loop trains or registers, by report key, SFT first (see POLICY_LABELS).
+        self.policies: dict[str, Policy] = {"sft": self.sft}
+        if settings.sft_hyperparameters:
+            with self.stage("train SFT on top-ranked"):
+                sft_run = self._train(
+                    manager_api, build=build, kind="sft", hyperparameters=settings.sft_hyperparameters
+                )
+            self.policies["sft_top"] = Policy.objects.get(pk=sft_run["policy"])
         with self.stage("train reward model"):
             reward_run = self._train(manager_api, build=build, kind="reward")
         with self.stage("train DPO policy"):
             dpo_run = self._train(manager_api, build=build, kind="dpo")
-        self.dpo = Policy.objects.get(pk=dpo_run["policy"])
+        self.dpo = self.policies["dpo"] = Policy.objects.get(pk=dpo_run["policy"])
         self.rl: Policy | None = None
         if settings.rl_hyperparameters:
             with self.stage("train RL policy"):
@@ -378,14 +430,17 @@ class Loop:
                         "true_scorer": "demo_arithmetic",
                     },
                 )
-            self.rl = Policy.objects.get(pk=rl_run["policy"])
+            self.rl = self.policies["rl"] = Policy.objects.get(pk=rl_run["policy"])
             self._rl_watch(rl_run["id"])
+        if settings.best_of_n:
+            self.policies["best_of_n"] = self._best_of_n(reward_model_id=reward_run["reward_model"])
         with self.stage("generate held-out answers"):
             self._generate(
                 policy=self.sft, project=self.heldout_project, n=settings.k, temperature=settings.temperature
             )
-            for policy in (self.sft, self.dpo, *([self.rl] if self.rl else [])):
-                self._generate(policy=policy, project=self.eval_project, n=1, temperature=EVAL_TEMPERATURE)
+            for key, policy in self.policies.items():
+                temperature = settings.best_of_n_temperature if key == "best_of_n" else EVAL_TEMPERATURE
+                self._generate(policy=policy, project=self.eval_project, n=1, temperature=temperature)
         with self.stage("score reward model against truth"):
             self._reward_accuracy(reward_run)
         with self.stage("blind A/B"):
@@ -396,6 +451,26 @@ class Loop:
         self.report.total_seconds = round(time.monotonic() - started, 1)
         self._goals()
         return self.report
+
+    def _best_of_n(self, *, reward_model_id: int) -> Policy:
+        """The manager registers best-of-n with the loop's reward model over the SFT policy."""
+        from training.models import RewardModel
+        from training.services import best_of_n_policy_create
+
+        n = self.settings.best_of_n
+        policy = best_of_n_policy_create(
+            base_policy=self.sft,
+            reward_model=RewardModel.objects.get(pk=reward_model_id),
+            n=n,
+            name=f"loop {self.tag} best-of-{n}",
+        )
+        self.report.best_of_n = {
+            "policy": str(policy),
+            "n": n,
+            "temperature": self.settings.best_of_n_temperature,
+            "reward_model": reward_model_id,
+        }
+        return policy
 
     def _label(self) -> None:
         people = [(name, noise, *self._person(f"labeler-{name}", Role.LABELER)) for name, noise in LABELERS]
@@ -601,28 +676,33 @@ class Loop:
                 )
 
     def _policy_accuracy(self) -> None:
-        policies = [("sft", self.sft), ("dpo", self.dpo), *([("rl", self.rl)] if self.rl else [])]
-        for key, policy in policies:
+        """Each policy's share of right answers on the evaluation problems, and its gain over SFT."""
+        for key, policy in self.policies.items():
             completions = Completion.objects.filter(prompt__project=self.eval_project, policy=policy)
             right = sum(
                 answer_is_correct(self.truth[c.prompt.messages[0]["content"]], c.text)
                 for c in completions.select_related("prompt")
             )
             self.report.policies[key] = {"policy": str(policy), **_interval_dict(right, completions.count())}
-        sft, dpo = self.report.policies["sft"]["value"], self.report.policies["dpo"]["value"]
-        self.report.policies["gain_points"] = (
-            None if sft is None or dpo is None else round(100 * (dpo - sft), 1)
-        )
+        sft = self.report.policies["sft"]["value"]
+        for key in self.policies:
+            value = self.report.policies[key]["value"]
+            if key != "sft":
+                self.report.policies[key]["gain_points"] = (
+                    None if sft is None or value is None else round(100 * (value - sft), 1)
+                )
+        # The first figures the report had, kept where they were for readers of the JSON.
+        self.report.policies["gain_points"] = self.report.policies["dpo"]["gain_points"]
         if self.rl:
-            rl = self.report.policies["rl"]["value"]
-            self.report.policies["rl_gain_points"] = (
-                None if sft is None or rl is None else round(100 * (rl - sft), 1)
-            )
+            self.report.policies["rl_gain_points"] = self.report.policies["rl"]["gain_points"]
 
     def _ab(self) -> Project:
+        """One blind session of every policy: ab_session_create pairs them round robin over the prompts
+        (prompt i on pair i mod C(P,2)), so each pair gets the same share; the simulated evaluators
+        answer through the API. Head-to-head with SFT per policy, Bradley–Terry ratings over all pairs."""
         session = ab_session_create(
-            name=f"Loop {self.tag}: SFT vs DPO",
-            policies=[self.sft, self.dpo],
+            name=f"Loop {self.tag}: {', '.join(POLICY_LABELS[key] for key in self.policies)}",
+            policies=list(self.policies.values()),
             prompts=list(self.eval_project.prompts.order_by("id")),
             votes_per_pair=1,
             created_by=self.manager,
@@ -637,24 +717,25 @@ class Loop:
         )
         votes = ab_votes(project=session)
         table = pair_table(votes)
-        sft_name, dpo_name = str(self.sft), str(self.dpo)
-        row = table[0]
-        dpo_first = row["policy"] == dpo_name
-        dpo_wins = row["wins_first"] if dpo_first else row["wins_second"]
-        sft_wins = row["wins_second"] if dpo_first else row["wins_first"]
-        ratings = bradley_terry_ratings(votes, rounds=1000, seed=self.settings.seed)
+        names = {key: str(policy) for key, policy in self.policies.items()}
+        versus_sft = {key: _head_to_head(table, names[key], names["sft"]) for key in names if key != "sft"}
+        dpo = versus_sft["dpo"]
         self.report.ab = {
             "session": session.pk,
             "evaluators": results,
             "votes": len(votes),
-            "dpo_wins": dpo_wins,
-            "sft_wins": sft_wins,
-            "ties": row["ties"],
-            "both_bad": row["both_bad"],
-            "dpo_win_rate": _interval_dict(dpo_wins, dpo_wins + sft_wins),
-            "ratings": ratings,
+            "pairs": len(self.policies) * (len(self.policies) - 1) // 2,
+            # DPO against SFT, as the first report had it (now their pair's votes in the session)
+            "dpo_wins": dpo["wins"],
+            "sft_wins": dpo["losses"],
+            "ties": dpo["ties"],
+            "both_bad": dpo["both_bad"],
+            "dpo_win_rate": dpo["win_rate"],
+            "versus_sft": versus_sft,
+            "pair_table": table,
+            "ratings": bradley_terry_ratings(votes, rounds=1000, seed=self.settings.seed),
             "position_bias": position_bias(votes),
-            "names": {"sft": sft_name, "dpo": dpo_name},
+            "names": names,
         }
         return session
 
@@ -743,7 +824,7 @@ class Loop:
                 else []
             ),
             {
-                "goal": "A/B win rate of DPO over SFT, 95% interval",
+                "goal": "A/B win rate of DPO over SFT (their pairs in the session), 95% interval",
                 "target": "lower bound > 50%",
                 "reached": [win["low"], win["high"]],
                 "met": win["low"] is not None and win["low"] > 0.5,
@@ -757,7 +838,9 @@ class Loop:
         ]
 
 
-# --- the report as Markdown ------------------------------------------------------------------
+# --- the report as Markdown and SVG ---------------------------------------------------------
+
+PICTURE = "loop-recipes.svg"
 
 
 def _percent(value: float | None) -> str:
@@ -773,6 +856,16 @@ def _interval_text(measure: dict[str, Any]) -> str:
     )
 
 
+def _interval_short(measure: dict[str, Any] | None) -> str:
+    if not measure or measure.get("value") is None:
+        return "n/a"
+    return f"{_percent(measure['value'])} ({_percent(measure['low'])}–{_percent(measure['high'])})"
+
+
+def _points(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.1f}"
+
+
 def _agreement_text(agreement: dict[str, Any]) -> str:
     if agreement.get("agreement") is None:
         return "n/a"
@@ -782,7 +875,67 @@ def _agreement_text(agreement: dict[str, Any]) -> str:
     )
 
 
-def report_markdown(report: dict[str, Any]) -> str:
+def _policy_keys(report: dict[str, Any]) -> list[str]:
+    """The report's policies in POLICY_LABELS order (a report may lack some)."""
+    return [key for key in POLICY_LABELS if isinstance(report["policies"].get(key), dict)]
+
+
+def _label(report: dict[str, Any], key: str) -> str:
+    if key == "best_of_n" and report.get("best_of_n"):
+        return f"best-of-{report['best_of_n']['n']}"
+    return POLICY_LABELS.get(key, key)
+
+
+def _rating_of(report: dict[str, Any], key: str) -> dict[str, Any] | None:
+    name = report["ab"].get("names", {}).get(key)
+    return next((row for row in report["ab"].get("ratings", []) if row["policy"] == name), None)
+
+
+def _rating_text(rating: dict[str, Any] | None) -> str:
+    return "n/a" if rating is None else f"{rating['rating']:.0f} ({rating['low']:.0f}–{rating['high']:.0f})"
+
+
+def _head_to_head_text(row: dict[str, Any] | None) -> str:
+    if not row:
+        return "—"
+    return f"{row['wins']}–{row['losses']} ({row['ties']} ties, {row['both_bad']} both bad)"
+
+
+def recipes_table(report: dict[str, Any]) -> list[str]:
+    """One row per policy: accuracy against the truth, gain over SFT, head-to-head with SFT, rating."""
+    versus = report["ab"].get("versus_sft", {})
+    lines = [
+        "| policy | right answers (95% CI) | gain over SFT (points) | A/B vs SFT: won–lost | "
+        "A/B win rate vs SFT (95% CI) | Bradley–Terry (95% CI) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for key in _policy_keys(report):
+        measure = report["policies"][key]
+        lines.append(
+            f"| {_label(report, key)} | {_interval_short(measure)} | "
+            f"{'—' if key == 'sft' else _points(measure.get('gain_points'))} | "
+            f"{_head_to_head_text(versus.get(key))} | "
+            f"{'—' if key == 'sft' else _interval_short((versus.get(key) or {}).get('win_rate'))} | "
+            f"{_rating_text(_rating_of(report, key))} |"
+        )
+    return lines
+
+
+def watch_table(watch: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| step | KL to SFT | proxy reward (reward model) | true score (share right) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for point in watch:
+        true = point.get("true_score")
+        lines.append(
+            f"| {point['step']} | {point['kl']:.3f} | {point['proxy_reward']:.3f} | "
+            f"{'n/a' if true is None else _percent(true)} |"
+        )
+    return lines
+
+
+def report_markdown(report: dict[str, Any], *, picture: str | None = None) -> str:
     """The report for people: goals first, then each stage's figures and timings."""
     settings = report["settings"]
     lines = [
@@ -790,7 +943,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         "",
         f"Demo task: arithmetic word problems. {settings['train_prompts']} training prompts × K={settings['k']} "
         f"SFT samples (temperature {settings['temperature']}), {settings['heldout_prompts']} held-out prompts "
-        f"for the reward model, {settings['eval_prompts']} held-out prompts for SFT vs DPO. "
+        f"for the reward model, {settings['eval_prompts']} held-out prompts for the policies. "
         f"Base model: `{Path(settings['base_model']).name}`; seed {settings['seed']}.",
         "",
         "## Goals",
@@ -799,21 +952,34 @@ def report_markdown(report: dict[str, Any]) -> str:
         "| --- | --- | --- | --- |",
     ]
     for goal in report["goals"]:
-        reached = goal["reached"]
-        if isinstance(reached, list):
-            reached = f"{_percent(reached[0])}–{_percent(reached[1])}"
-        elif isinstance(reached, float) and goal["target"].endswith("%"):
-            reached = _percent(reached)
-        elif goal["goal"].startswith("whole loop"):
-            reached = f"{reached / 60:.1f} min"
-        elif goal["goal"].startswith(("DPO accuracy", "RL accuracy")):
-            reached = "n/a" if reached is None else f"{reached:+.1f} points"
-        lines.append(
-            f"| {goal['goal']} | {goal['target']} | {reached} | {'yes' if goal['met'] else '**no**'} |"
-        )
+        lines.append(f"| {goal['goal']} | {goal['target']} | {_goal_reached(goal)} | {_goal_met(goal)} |")
     reward = report["reward_model"]
     policies = report["policies"]
     ab = report["ab"]
+    if ab.get("versus_sft"):
+        best_of_n = report.get("best_of_n") or {}
+        lines += [
+            "",
+            "## Recipes compared",
+            "",
+            f"Right answers: each policy answers the {settings['eval_prompts']} held-out problems once, at "
+            f"temperature {EVAL_TEMPERATURE}"
+            + (
+                f" (best-of-{best_of_n['n']} samples its candidates from SFT at temperature "
+                f"{best_of_n['temperature']} and keeps the reward model's favourite)"
+                if best_of_n
+                else ""
+            )
+            + "; 95% Wilson intervals. A/B: one blind session of all of them, round-robin pairs "
+            f"({len(_policy_keys(report))} policies, {ab.get('pairs', 'n/a')} pairs, {ab['votes']} votes: a "
+            "prompt on which a pair wrote the same text gets no vote); won–lost counts the decisive votes "
+            "against SFT; Bradley–Terry ratings on the Elo scale (mean 1000) with 95% bootstrap "
+            "intervals over prompts.",
+            "",
+            *recipes_table(report),
+        ]
+        if picture:
+            lines += ["", f"![accuracy per recipe and the over-optimisation curve]({picture})"]
     lines += [
         "",
         "## Reward model against the truth (held-out problems)",
@@ -827,7 +993,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"{_percent(reward['run_metrics'].get('tie_rate'))} scored as ties: pairs of identical answers "
         "that a labeler ranking at random put in an order, which count as misses",
         "",
-        "## Policies against the truth (held-out problems, temperature 0.01)",
+        f"## Policies against the truth (held-out problems, temperature {EVAL_TEMPERATURE})",
         "",
         f"- SFT: {_interval_text(policies['sft'])}",
         f"- DPO: {_interval_text(policies['dpo'])}",
@@ -843,41 +1009,21 @@ def report_markdown(report: dict[str, Any]) -> str:
             f"- RL gain over SFT: {gain:+.1f} points" if gain is not None else "- RL gain over SFT: n/a",
             "",
         ]
+    for key in ("sft_top", "best_of_n"):
+        if key in policies:
+            lines += [
+                f"- {_label(report, key)}: {_interval_text(policies[key])}, "
+                f"{_points(policies[key].get('gain_points'))} points over SFT",
+                "",
+            ]
     if report.get("rl_watch"):
         lines += [
             "## RL against the reward model: proxy reward and truth against KL (held-out prompts)",
             "",
-            "| step | KL to SFT | proxy reward (reward model) | true score (share right) |",
-            "| --- | --- | --- | --- |",
+            *watch_table(report["rl_watch"]),
+            "",
         ]
-        for point in report["rl_watch"]:
-            true = point.get("true_score")
-            lines.append(
-                f"| {point['step']} | {point['kl']:.3f} | {point['proxy_reward']:.3f} | "
-                f"{'n/a' if true is None else _percent(true)} |"
-            )
-        lines.append("")
-    lines += [
-        "## Blind A/B: DPO vs SFT",
-        "",
-        f"{ab['votes']} votes: DPO won {ab['dpo_wins']}, SFT won {ab['sft_wins']}, "
-        f"{ab['ties']} ties (both right), {ab['both_bad']} both bad (both wrong).",
-        "",
-        f"- DPO win rate over decisive votes: {_interval_text(ab['dpo_win_rate'])}",
-        f"- the reward model sided with the evaluators on "
-        f"{_agreement_text(ab.get('reward_model_agreement') or {})} of the decisive votes "
-        "(scored by a scoring job on the gpu queue, as the results page shows it)",
-        f"- left side won {_percent(ab['position_bias']['left_share'])} of decisive votes "
-        f"(95% CI {_percent(ab['position_bias']['low'])}–{_percent(ab['position_bias']['high'])})",
-        "",
-        "| policy | Bradley–Terry rating | 95% CI (bootstrap over prompts) |",
-        "| --- | --- | --- |",
-    ]
-    names = {value: key.upper() for key, value in ab["names"].items()}
-    for row in ab["ratings"]:
-        lines.append(
-            f"| {names.get(row['policy'], row['policy'])} | {row['rating']:.0f} | {row['low']:.0f}–{row['high']:.0f} |"
-        )
+    lines += _ab_lines(report)
     labeling = report["labeling"]
     lines += [
         "",
@@ -893,17 +1039,297 @@ def report_markdown(report: dict[str, Any]) -> str:
         )
     for person in ab["evaluators"]:
         lines.append(f"| evaluator {person['name']} | {person['noise']:.0%} | {person['votes']} | |")
+    counts = (report.get("dataset_build") or {}).get("counts")
+    if counts:
+        lines += ["", f"Dataset build rows: {json.dumps(counts, sort_keys=True)}."]
     lines += ["", "## Stages", "", "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {stage['name']} | {stage['seconds']:.1f} |" for stage in report["stages"]]
     lines += [f"| **total** | **{report['total_seconds']:.1f}** |", ""]
     return "\n".join(lines)
 
 
+def _goal_reached(goal: dict[str, Any]) -> str:
+    reached = goal["reached"]
+    if isinstance(reached, list):
+        return f"{_percent(reached[0])}–{_percent(reached[1])}"
+    if isinstance(reached, float) and goal["target"].endswith("%"):
+        return _percent(reached)
+    if goal["goal"].startswith("whole loop"):
+        return f"{reached / 60:.1f} min"
+    if goal["goal"].startswith(("DPO accuracy", "RL accuracy")):
+        return "n/a" if reached is None else f"{reached:+.1f} points"
+    return str(reached)
+
+
+def _goal_met(goal: dict[str, Any]) -> str:
+    return "yes" if goal["met"] else "**no**"
+
+
+def _ab_lines(report: dict[str, Any]) -> list[str]:
+    ab = report["ab"]
+    names = ab.get("names", {})
+    label = {
+        value: _label(report, key) if key in POLICY_LABELS else key.upper() for key, value in names.items()
+    }
+    several = len(names) > 2
+    lines = [
+        "## Blind A/B: every policy with SFT, round-robin pairs" if several else "## Blind A/B: DPO vs SFT",
+        "",
+        f"{ab['votes']} votes. DPO against SFT: DPO won {ab['dpo_wins']}, SFT won {ab['sft_wins']}, "
+        f"{ab['ties']} ties (both right), {ab['both_bad']} both bad (both wrong).",
+        "",
+        f"- DPO win rate over decisive votes: {_interval_text(ab['dpo_win_rate'])}",
+        f"- the reward model sided with the evaluators on "
+        f"{_agreement_text(ab.get('reward_model_agreement') or {})} of the decisive votes "
+        "(scored by a scoring job on the gpu queue, as the results page shows it)",
+        f"- left side won {_percent(ab['position_bias']['left_share'])} of decisive votes "
+        f"(95% CI {_percent(ab['position_bias']['low'])}–{_percent(ab['position_bias']['high'])})",
+        "",
+    ]
+    if several and ab.get("pair_table"):
+        lines += [
+            "| pair | won–lost | ties | both bad | win rate (95% CI) |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for row in ab["pair_table"]:
+            first, second = (
+                label.get(row["policy"], row["policy"]),
+                label.get(row["opponent"], row["opponent"]),
+            )
+            rate = (
+                "n/a"
+                if row["win_rate"] is None
+                else f"{_percent(row['win_rate'])} ({_percent(row['win_rate_low'])}–"
+                f"{_percent(row['win_rate_high'])})"
+            )
+            lines.append(
+                f"| {first} vs {second} | {row['wins_first']}–{row['wins_second']} | {row['ties']} | "
+                f"{row['both_bad']} | {rate} |"
+            )
+        lines.append("")
+    lines += [
+        "| policy | Bradley–Terry rating | 95% CI (bootstrap over prompts) |",
+        "| --- | --- | --- |",
+    ]
+    for row in ab["ratings"]:
+        lines.append(
+            f"| {label.get(row['policy'], row['policy'])} | {row['rating']:.0f} | "
+            f"{row['low']:.0f}–{row['high']:.0f} |"
+        )
+    return lines
+
+
+def recipes_picture(reports: list[dict[str, Any]], path: Path) -> None:
+    """The recipes as an SVG: left, each policy's share of right answers with its 95% interval, per
+    seed; right, RL's over-optimisation curve — proxy reward (solid) and true score (dashed) against
+    KL to SFT — per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, (accuracy, curve) = pyplot.subplots(1, 2, figsize=(11.0, 4.2))
+    colours = ["tab:blue", "tab:orange", "tab:green", "tab:purple"]
+    keys = [key for key in POLICY_LABELS if any(key in _policy_keys(report) for report in reports)]
+    width = 0.8 / max(1, len(reports))
+    for index, report in enumerate(reports):
+        colour = colours[index % len(colours)]
+        seed = report["settings"]["seed"]
+        xs, values, errors = [], [], [[], []]
+        for position, key in enumerate(keys):
+            measure = report["policies"].get(key)
+            if not isinstance(measure, dict) or measure.get("value") is None:
+                continue
+            xs.append(position - 0.4 + width * (index + 0.5))
+            values.append(measure["value"])
+            errors[0].append(measure["value"] - measure["low"])
+            errors[1].append(measure["high"] - measure["value"])
+        accuracy.bar(xs, values, width=width * 0.9, color=colour, alpha=0.8, label=f"seed {seed}")
+        accuracy.errorbar(xs, values, yerr=errors, fmt="none", ecolor="black", capsize=3, linewidth=1)
+    accuracy.set_xticks(range(len(keys)), [_label(reports[0], key) for key in keys], rotation=20, ha="right")
+    accuracy.set_ylabel("right answers, held-out problems")
+    accuracy.set_ylim(0, 1)
+    accuracy.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    accuracy.set_title("accuracy against the truth (95% CI)")
+    accuracy.grid(axis="y", alpha=0.3)
+    accuracy.legend(loc="lower right")
+
+    truth = curve.twinx()
+    drawn = False
+    for index, report in enumerate(reports):
+        watch = report.get("rl_watch") or []
+        if not watch:
+            continue
+        drawn = True
+        colour = colours[index % len(colours)]
+        seed = report["settings"]["seed"]
+        kls = [point["kl"] for point in watch]
+        curve.plot(
+            kls,
+            [point["proxy_reward"] for point in watch],
+            color=colour,
+            marker="o",
+            label=f"proxy reward, seed {seed}",
+        )
+        known = [(point["kl"], point["true_score"]) for point in watch if point.get("true_score") is not None]
+        if known:
+            truth.plot(
+                [kl for kl, _ in known],
+                [score for _, score in known],
+                color=colour,
+                marker="s",
+                linestyle="--",
+                label=f"true score, seed {seed}",
+            )
+    curve.set_xlabel("KL to SFT (held-out prompts)")
+    curve.set_ylabel("proxy reward (reward model score)")
+    truth.set_ylabel("true score (share right)")
+    truth.set_ylim(0, 1)
+    truth.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    curve.set_title("RL against the reward model: over-optimisation")
+    curve.grid(alpha=0.3)
+    if drawn:
+        handles = curve.get_legend_handles_labels()
+        more = truth.get_legend_handles_labels()
+        curve.legend(handles[0] + more[0], handles[1] + more[1], fontsize="small", loc="best")
+    else:
+        curve.text(0.5, 0.5, "no RL run", ha="center", va="center", transform=curve.transAxes)
+    figure.tight_layout()
+    figure.savefig(path, format="svg", metadata={"Date": None})
+    pyplot.close(figure)
+
+
 def report_write(report: LoopReport, out_dir: Path) -> tuple[Path, Path]:
-    """loop-report.json and loop-report.md in `out_dir`."""
+    """loop-report.json, loop-report.md and the picture (loop-recipes.svg) in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     data = report.as_dict()
     json_path, markdown_path = out_dir / "loop-report.json", out_dir / "loop-report.md"
     json_path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    markdown_path.write_text(report_markdown(data), encoding="utf-8")
+    recipes_picture([data], out_dir / PICTURE)
+    markdown_path.write_text(report_markdown(data, picture=PICTURE), encoding="utf-8")
+    return json_path, markdown_path
+
+
+# --- several seeds -----------------------------------------------------------------------------
+
+
+def seeds_summary(reports: list[dict[str, Any]], *, total_seconds: float) -> dict[str, Any]:
+    """The seeds side by side: per policy, each seed's accuracy and both seeds pooled (a Wilson
+    interval over all their problems: it covers which problems were drawn, not how training varies
+    between seeds), the mean gain over SFT, and the whole run's wall time."""
+    keys = [key for key in POLICY_LABELS if all(key in _policy_keys(report) for report in reports)]
+    policies: dict[str, Any] = {}
+    for key in keys:
+        measures = [report["policies"][key] for report in reports]
+        gains = [m.get("gain_points") for m in measures]
+        policies[key] = {
+            "label": _label(reports[0], key),
+            "pooled": _interval_dict(
+                sum(m["successes"] for m in measures), sum(m["trials"] for m in measures)
+            ),
+            "mean_gain_points": None
+            if key == "sft" or any(g is None for g in gains)
+            else round(sum(gains) / len(gains), 1),
+        }
+    return {
+        "seeds": [report["settings"]["seed"] for report in reports],
+        "policies": policies,
+        "total_seconds": round(total_seconds, 1),
+        "reports": reports,
+    }
+
+
+def seeds_markdown(summary: dict[str, Any], *, picture: str | None = None) -> str:
+    reports = summary["reports"]
+    seeds = summary["seeds"]
+    minutes = summary["total_seconds"] / 60
+    lines = [
+        f"# Rankwise loop report: seeds {', '.join(map(str, seeds))}",
+        "",
+        f"The whole loop once per seed (new problems, rankings, runs and A/B session each time) on one "
+        f"stack; {minutes:.1f} minutes in all (goal: under 20: "
+        f"{'met' if minutes < 20 else '**not met**'}). Each seed's full report is in `seed-<n>/`.",
+        "",
+        "## Right answers on held-out problems, per seed",
+        "",
+        "| policy | "
+        + " | ".join(f"seed {seed} (95% CI)" for seed in seeds)
+        + " | pooled (95% CI) | mean gain over SFT (points) |",
+        "| --- | " + " | ".join("---" for _ in seeds) + " | --- | --- |",
+    ]
+    for key, row in summary["policies"].items():
+        cells = [_interval_short(report["policies"][key]) for report in reports]
+        gain = "—" if key == "sft" else _points(row["mean_gain_points"])
+        lines.append(f"| {row['label']} | {' | '.join(cells)} | {_interval_short(row['pooled'])} | {gain} |")
+    lines += [
+        "",
+        "## Blind A/B with SFT (one session per seed, round-robin pairs)",
+        "",
+        "| policy | "
+        + " | ".join(f"seed {seed}: win rate vs SFT (95% CI)" for seed in seeds)
+        + " | "
+        + " | ".join(f"seed {seed}: Bradley–Terry (95% CI)" for seed in seeds)
+        + " |",
+        "| --- | " + " | ".join("---" for _ in seeds * 2) + " |",
+    ]
+    for key, row in summary["policies"].items():
+        rates = [
+            "—"
+            if key == "sft"
+            else _interval_short((report["ab"].get("versus_sft", {}).get(key) or {}).get("win_rate"))
+            for report in reports
+        ]
+        ratings = [_rating_text(_rating_of(report, key)) for report in reports]
+        lines.append(f"| {row['label']} | {' | '.join(rates)} | {' | '.join(ratings)} |")
+    lines += [
+        "",
+        "## Goals, per seed",
+        "",
+        "| goal | target | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in seeds) + " |",
+    ]
+    for position, goal in enumerate(reports[0]["goals"]):
+        cells = []
+        for report in reports:
+            other = report["goals"][position]
+            cells.append(f"{_goal_reached(other)} ({'met' if other['met'] else '**not met**'})")
+        lines.append(f"| {goal['goal']} | {goal['target']} | {' | '.join(cells)} |")
+    for report in reports:
+        if report.get("rl_watch"):
+            lines += [
+                "",
+                f"## Over-optimisation, seed {report['settings']['seed']}: proxy reward and truth against KL",
+                "",
+                *watch_table(report["rl_watch"]),
+            ]
+    if picture:
+        lines += ["", f"![accuracy per recipe and the over-optimisation curve]({picture})"]
+    stage_names = [stage["name"] for stage in reports[0]["stages"]]
+    lines += [
+        "",
+        "## Stages (seconds)",
+        "",
+        "| stage | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+        "| --- | " + " | ".join("---" for _ in seeds) + " |",
+    ]
+    for name in stage_names:
+        cells = [
+            next((f"{stage['seconds']:.1f}" for stage in report["stages"] if stage["name"] == name), "—")
+            for report in reports
+        ]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    lines.append(
+        "| **loop** | " + " | ".join(f"**{report['total_seconds']:.1f}**" for report in reports) + " |"
+    )
+    lines += ["", f"Whole run, stack start included: {summary['total_seconds']:.1f} s.", ""]
+    return "\n".join(lines)
+
+
+def seeds_write(summary: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    """loop-report.json, loop-report.md and loop-recipes.svg for all seeds in `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, markdown_path = out_dir / "loop-report.json", out_dir / "loop-report.md"
+    json_path.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    recipes_picture(summary["reports"], out_dir / PICTURE)
+    markdown_path.write_text(seeds_markdown(summary, picture=PICTURE), encoding="utf-8")
     return json_path, markdown_path

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -17,8 +18,11 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from training.demo.stack import LocalStack, StackError, port_free
 
-# The full run: sized to reach the goals on a 2-core machine in under 20 minutes.
-FULL = {"train_prompts": 1000, "heldout_prompts": 200, "eval_prompts": 400}
+# The full run: sized to reach the goals on a 2-core machine in under 20 minutes for two seeds.
+# Five policies share one A/B session (ten pairs, round robin), hence more evaluation prompts
+# than one pair needed: each pair gets a tenth of them.
+FULL = {"train_prompts": 1000, "heldout_prompts": 200, "eval_prompts": 1000}
+SEEDS = [0, 1]
 # The test suite's run: every stage, on little data, with a smaller SFT policy built in a minute or two.
 QUICK = {"train_prompts": 40, "heldout_prompts": 10, "eval_prompts": 16}
 QUICK_MODEL: dict[str, Any] = {
@@ -52,6 +56,19 @@ DPO_HYPERPARAMETERS: dict[str, Any] = {
     "save_steps": 1000,
     "gradient_checkpointing": False,
 }
+# SFT on the build's top-ranked completions (one row per judgment with a single top answer),
+# starting from the SFT policy: the rejection-sampling step of the recipe, at DPO's learning rate.
+SFT_HYPERPARAMETERS: dict[str, Any] = {
+    "learning_rate": 5e-5,
+    "num_train_epochs": 3,
+    "per_device_train_batch_size": 8,
+    "max_length": 128,
+    "logging_steps": 10,
+    "save_steps": 1000,
+    "gradient_checkpointing": False,
+}
+# Best-of-n with the reward model: n SFT samples per problem at the sampling temperature.
+BEST_OF_N = 4
 # RL against the loop's reward model (RLOO): the SFT policy samples four answers per problem at
 # temperature 1 and is pushed towards what the reward model prefers, with RLOO's KL penalty to SFT;
 # the watch scores 32 held-out problems every 10 steps with the reward model and the truth.
@@ -70,6 +87,17 @@ RL_HYPERPARAMETERS: dict[str, Any] = {
     "save_steps": 1000,
     "gradient_checkpointing": False,
 }
+# The quick run's RL: a few steps, the watch twice, so that every stage and the curve are there.
+QUICK_RL_HYPERPARAMETERS: dict[str, Any] = {
+    **RL_HYPERPARAMETERS,
+    "max_steps": 4,
+    "per_device_train_batch_size": 8,
+    "rl_watch_steps": 2,
+    "rl_watch_prompts": 4,
+    "logging_steps": 1,
+}
+QUICK_SFT_HYPERPARAMETERS: dict[str, Any] = {**SFT_HYPERPARAMETERS, "num_train_epochs": 1}
+QUICK_BEST_OF_N = 2
 
 
 def _integers(value: str) -> list[int]:
@@ -88,8 +116,9 @@ def _words(value: str) -> list[str]:
 class Command(BaseCommand):
     help = (
         "Run the whole loop on the demo arithmetic task: generate, simulated labelers over the API, "
-        "dataset build, reward and DPO runs on the gpu queue, a blind A/B session answered by simulated "
-        "evaluators; print the report and write it as JSON and Markdown."
+        "dataset build, SFT, reward, DPO and RL runs on the gpu queue, best-of-n with the reward model, "
+        "a blind A/B session of all of them answered by simulated evaluators; once per seed (0 and 1 "
+        "unless --seed/--seeds or --quick); print the report and write it as JSON, Markdown and SVG."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -108,7 +137,9 @@ class Command(BaseCommand):
         parser.add_argument("--train-prompts", type=int, default=None)
         parser.add_argument("--heldout-prompts", type=int, default=None)
         parser.add_argument("--eval-prompts", type=int, default=None)
-        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument(
+            "--seed", type=int, default=None, help="one seed (default: --seeds, or 0 with --quick)"
+        )
         parser.add_argument("--peft", default="full", choices=("full", "lora", "ia3"))
         parser.add_argument(
             "--reward-hyperparameters", default=None, help="JSON object overriding the reward run's settings"
@@ -120,7 +151,18 @@ class Command(BaseCommand):
             "--rl-hyperparameters", default=None, help="JSON object overriding the RL run's settings"
         )
         parser.add_argument(
+            "--sft-hyperparameters",
+            default=None,
+            help="JSON object overriding the settings of the SFT run on top-ranked completions",
+        )
+        parser.add_argument(
             "--no-rl", action="store_true", help="leave out the RL run against the reward model"
+        )
+        parser.add_argument(
+            "--best-of-n",
+            type=int,
+            default=None,
+            help=f"n for best-of-n with the reward model (default {BEST_OF_N}; 0 leaves it out)",
         )
         parser.add_argument("--timeout", type=float, default=3600.0, help="seconds any one stage may take")
         experiments = parser.add_argument_group(
@@ -135,8 +177,11 @@ class Command(BaseCommand):
         experiments.add_argument(
             "--order", type=_words, default=["random", "uncertainty"], help="task orders to compare"
         )
-        experiments.add_argument(
-            "--seeds", type=_integers, default=None, help="seeds to repeat the curve with"
+        parser.add_argument(
+            "--seeds",
+            type=_integers,
+            default=None,
+            help=f"seeds to run the loop (or repeat the curve) with (default {','.join(map(str, SEEDS))})",
         )
         experiments.add_argument(
             "--aggregation-check",
@@ -149,14 +194,32 @@ class Command(BaseCommand):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from training.demo.label_efficiency import LabelEfficiency, LabelEfficiencySettings
         from training.demo.label_efficiency import report_write as label_efficiency_write
-        from training.demo.loop import Loop, LoopFailed, LoopSettings, report_markdown, report_write
+        from training.demo.loop import (
+            Loop,
+            LoopFailed,
+            LoopSettings,
+            report_markdown,
+            report_write,
+            seeds_markdown,
+            seeds_summary,
+            seeds_write,
+        )
 
+        quick = options["quick"]
+        if options["seeds"]:
+            seeds = options["seeds"]
+        elif options["seed"] is not None:
+            seeds = [options["seed"]]
+        else:
+            seeds = [0] if quick else SEEDS
         plan = None
         if options["label_budget"] or options["aggregation_check"]:
+            if options["seeds"] is None:
+                seeds = [seeds[0]]
             plan = LabelEfficiencySettings(
                 budgets=options["label_budget"],
                 orders=options["order"] if options["label_budget"] else [],
-                seeds=options["seeds"] or [options["seed"]],
+                seeds=seeds,
                 aggregation_check=options["aggregation_check"],
                 aggregation_prompts=options["aggregation_prompts"],
             )
@@ -165,32 +228,45 @@ class Command(BaseCommand):
             except ValueError as error:
                 raise CommandError(str(error)) from None
 
-        sizes = dict(QUICK if options["quick"] else FULL)
+        sizes = dict(QUICK if quick else FULL)
         for key in sizes:
             if options[key] is not None:
                 sizes[key] = options[key]
-        model = options["model"] or self._demo_model(quick=options["quick"])
+        model = options["model"] or self._demo_model(quick=quick)
         out_dir = options["out"] or Path(settings.VAR_DIR) / "loop" / time.strftime("%Y%m%d-%H%M%S")
+        best_of_n = options["best_of_n"]
+        if best_of_n is None:
+            best_of_n = QUICK_BEST_OF_N if quick else BEST_OF_N
         loop_settings = LoopSettings(
             base_model=model,
             base_url="",
             out_dir=out_dir,
-            seed=options["seed"],
+            seed=seeds[0],
             peft=options["peft"],
             reward_hyperparameters={
-                **(QUICK_REWARD_HYPERPARAMETERS if options["quick"] else REWARD_HYPERPARAMETERS),
+                **(QUICK_REWARD_HYPERPARAMETERS if quick else REWARD_HYPERPARAMETERS),
                 **self._json_option(options, "reward_hyperparameters"),
             },
             dpo_hyperparameters={**DPO_HYPERPARAMETERS, **self._json_option(options, "dpo_hyperparameters")},
             rl_hyperparameters={}
             if options["no_rl"]
-            else {**RL_HYPERPARAMETERS, **self._json_option(options, "rl_hyperparameters")},
+            else {
+                **(QUICK_RL_HYPERPARAMETERS if quick else RL_HYPERPARAMETERS),
+                **self._json_option(options, "rl_hyperparameters"),
+            },
+            sft_hyperparameters={
+                **(QUICK_SFT_HYPERPARAMETERS if quick else SFT_HYPERPARAMETERS),
+                **self._json_option(options, "sft_hyperparameters"),
+            },
+            best_of_n=best_of_n,
             stage_timeout_s=options["timeout"],
             **sizes,
         )
 
         stack = LocalStack(say=self.stdout.write)
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        started = time.monotonic()
+        reports = []
         try:
             if options["url"]:
                 loop_settings.base_url = options["url"].rstrip("/")
@@ -200,7 +276,16 @@ class Command(BaseCommand):
             if plan is not None:
                 result = LabelEfficiency(loop_settings, say=self.stdout.write).experiment(plan)
             else:
-                report = Loop(loop_settings, say=self.stdout.write).run()
+                for seed in seeds:
+                    one = replace(
+                        loop_settings,
+                        seed=seed,
+                        out_dir=out_dir if len(seeds) == 1 else out_dir / f"seed-{seed}",
+                    )
+                    self.stdout.write(f"Seed {seed}:")
+                    report = Loop(one, say=self.stdout.write).run()
+                    report_write(report, one.out_dir)
+                    reports.append(report.as_dict())
         except (LoopFailed, StackError) as error:
             raise CommandError(str(error)) from None
         finally:
@@ -210,8 +295,13 @@ class Command(BaseCommand):
             self.stdout.write("\n" + markdown_path.read_text(encoding="utf-8"))
             self.stdout.write(self.style.SUCCESS(f"Report written to {markdown_path}"))
             return
-        json_path, markdown_path = report_write(report, out_dir)
-        self.stdout.write("\n" + report_markdown(report.as_dict()))
+        if len(reports) == 1:
+            self.stdout.write("\n" + report_markdown(reports[0]))
+            self.stdout.write(self.style.SUCCESS(f"Report written to {out_dir / 'loop-report.md'}"))
+            return
+        summary = seeds_summary(reports, total_seconds=time.monotonic() - started)
+        json_path, markdown_path = seeds_write(summary, out_dir)
+        self.stdout.write("\n" + seeds_markdown(summary))
         self.stdout.write(self.style.SUCCESS(f"Report written to {markdown_path} and {json_path}"))
 
     def _start_stack(self, stack: LocalStack, out_dir: Path) -> str:
