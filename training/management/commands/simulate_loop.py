@@ -71,20 +71,21 @@ SFT_HYPERPARAMETERS: dict[str, Any] = {
 BEST_OF_N = 4
 # RL against the loop's reward model (RLOO): the SFT policy samples four answers per problem at
 # temperature 1 and is pushed towards what the reward model prefers, with RLOO's KL penalty to SFT;
-# the watch scores 32 held-out problems every 20 steps with the reward model and the truth.
-# At 2e-5 for 100 steps the policy barely left SFT (watch KL about 0, +8 points); at 3e-4 it
-# over-optimised (KL 2.9 to 13.7 in 20 steps, truncated answers, the truth flat); 1e-4 for 200 steps
-# lies between.
+# the watch scores 32 held-out problems every 10 steps with the reward model and the truth.
+# At 2e-5 the policy never left SFT (watch KL 0.00 for 100 steps, about +5 to +9 points); at 3e-4 it
+# over-optimised within 40 steps (KL 13.7, truncated answers, the truth flat). At 1e-4, 100 steps
+# gained more than 200: past 100 the policy starts answering sums wrongly where the reward model,
+# which never saw a wrong answer on them, cannot tell (measured on seed 0, 1,000 training prompts).
 RL_HYPERPARAMETERS: dict[str, Any] = {
     "learning_rate": 1e-4,
-    "max_steps": 200,
+    "max_steps": 100,
     "per_device_train_batch_size": 16,
     "rl_num_generations": 4,
     "rl_temperature": 1.0,
     "rl_max_completion_length": 32,
     "beta": 0.05,
     "max_length": 128,
-    "rl_watch_steps": 20,
+    "rl_watch_steps": 10,
     "rl_watch_prompts": 32,
     "logging_steps": 5,
     "save_steps": 1000,
