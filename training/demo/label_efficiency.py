@@ -590,7 +590,7 @@ def report_markdown(result: dict[str, Any]) -> str:
             "showing a right and a wrong answer, and the pairs per ranking whose answers differ in grade "
             "(the others are ties to a checking labeler and are dropped from the build).",
             f"Orders: {', '.join(plan['orders'])}; seeds: {', '.join(map(str, plan['seeds']))}; K = {result['k']}; "
-            f"Optimizer steps per reward run: {_steps_text(result['curves'])}.",
+            f"optimizer steps per reward run: {_steps_text(result['curves'])}.",
             "",
             "| order | seed | rankings | accuracy | 95% CI | tasks with right & wrong | graded pairs per ranking | run |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
