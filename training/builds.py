@@ -155,7 +155,7 @@ import unicodedata
 import uuid
 import warnings
 from collections import Counter, namedtuple
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,7 +215,7 @@ def _json_loads(text: str) -> Any:
         return text
 
 
-def _rows_fast(queryset: QuerySet[Any], *, small: bool = False) -> Iterator[Any]:
+def _rows_fast(queryset: QuerySet[Any], *, small: bool = False) -> Generator[Any, None, None]:
     """The rows of a `values_list(..., named=True)` queryset, read straight off a server-side cursor.
 
     The same values Django's iterator gives (uuids as text, JSON decoded) at a
@@ -1302,6 +1302,11 @@ class PromptTextsReader:
         self._completion = next(self._completions, None)
         self._item = next(self._items, None)
 
+    def close(self) -> None:
+        """Close the three streams (and their server-side cursors), read to the end or not."""
+        for stream in (self._prompts, self._completions, self._items):
+            stream.close()
+
     def get(self, prompt_id: int) -> PromptTexts:
         for row in self._prompts:
             if row[0] == prompt_id:
@@ -1337,12 +1342,11 @@ class PromptTextsReader:
 
 def _judgment_read(judgment_id: int) -> Any:
     """A comparison's judgment that the judgments' stream did not give (the selections differ for it)."""
-    return next(
-        _rows_fast(
-            Judgment.objects.filter(pk=judgment_id).values_list("id", "ranks", "likert", "flags", named=True),
-            small=True,
-        )
+    (row,) = _rows_fast(
+        Judgment.objects.filter(pk=judgment_id).values_list("id", "ranks", "likert", "flags", named=True),
+        small=True,
     )
+    return row
 
 
 def rows_write(
@@ -1410,57 +1414,68 @@ def rows_write(
         .values_list("id", "task_id", "task__prompt_id", "ranks", "likert", "flags", named=True)
     )
     texts = PromptTextsReader(build=build)
-    comparison = next(comparison_rows, None)
-    judgment = next(judgment_rows, None)
-    while comparison is not None or judgment is not None:
-        if judgment is None or (comparison is not None and comparison.prompt_id <= judgment.task__prompt_id):
-            prompt_id = comparison.prompt_id
-        else:
-            prompt_id = judgment.task__prompt_id
-        prompt_texts = texts.get(prompt_id)
-        prompt = prompt_render(
-            text=prompt_texts.text, messages=prompt_texts.messages, conversational=options.conversational
-        )
-        # The prompt's judgments first: its comparisons read their judgment's ranks, ratings and flags.
-        prompt_judgments = []
-        while judgment is not None and judgment.task__prompt_id == prompt_id:
-            prompt_judgments.append(judgment)
-            judgment = next(judgment_rows, None)
-        judgments_by_id = {row.id: row for row in prompt_judgments}
-        if comparison is not None and comparison.prompt_id == prompt_id:
-            pairs.prompt_start(prompt_id=prompt_id, prompt=prompt, texts=prompt_texts.completions)
-            uids = prompt_texts.uids
-            low = high = 0
-            votes: list[Vote] = []
-            while comparison is not None and comparison.prompt_id == prompt_id:
-                pair_stats.comparisons_read += 1
-                if comparison.pair_low != low or comparison.pair_high != high:
-                    if votes:
-                        pairs.group(low=low, high=high, votes=votes)
-                    low, high, votes = comparison.pair_low, comparison.pair_high, []
-                vote = _vote_from(
-                    comparison,
-                    options,
-                    pair_stats,
-                    repeated,
-                    chosen_uid=uids[comparison.chosen_id],
-                    rejected_uid=uids[comparison.rejected_id],
-                    judgment=judgments_by_id.get(comparison.judgment_id)
-                    or _judgment_read(comparison.judgment_id),
+    # Server-side cursors are closed here, when the pass ends however it ends: a stream left to the
+    # garbage collector would close its cursor in the middle of a later query on the same connection.
+    try:
+        comparison = next(comparison_rows, None)
+        judgment = next(judgment_rows, None)
+        while comparison is not None or judgment is not None:
+            if judgment is None or (
+                comparison is not None and comparison.prompt_id <= judgment.task__prompt_id
+            ):
+                prompt_id = comparison.prompt_id
+            else:
+                prompt_id = judgment.task__prompt_id
+            prompt_texts = texts.get(prompt_id)
+            prompt = prompt_render(
+                text=prompt_texts.text, messages=prompt_texts.messages, conversational=options.conversational
+            )
+            # The prompt's judgments first: its comparisons read their judgment's ranks, ratings and flags.
+            prompt_judgments = []
+            while judgment is not None and judgment.task__prompt_id == prompt_id:
+                prompt_judgments.append(judgment)
+                judgment = next(judgment_rows, None)
+            judgments_by_id = {row.id: row for row in prompt_judgments}
+            if comparison is not None and comparison.prompt_id == prompt_id:
+                pairs.prompt_start(prompt_id=prompt_id, prompt=prompt, texts=prompt_texts.completions)
+                uids = prompt_texts.uids
+                low = high = 0
+                votes: list[Vote] = []
+                while comparison is not None and comparison.prompt_id == prompt_id:
+                    pair_stats.comparisons_read += 1
+                    if comparison.pair_low != low or comparison.pair_high != high:
+                        if votes:
+                            pairs.group(low=low, high=high, votes=votes)
+                        low, high, votes = comparison.pair_low, comparison.pair_high, []
+                    vote = _vote_from(
+                        comparison,
+                        options,
+                        pair_stats,
+                        repeated,
+                        chosen_uid=uids[comparison.chosen_id],
+                        rejected_uid=uids[comparison.rejected_id],
+                        judgment=judgments_by_id.get(comparison.judgment_id)
+                        or _judgment_read(comparison.judgment_id),
+                    )
+                    if vote is not None:
+                        pair_stats.votes += 1
+                        pair_stats.tie_votes += vote.tie
+                        votes.append(vote)
+                    comparison = next(comparison_rows, None)
+                if votes:
+                    pairs.group(low=low, high=high, votes=votes)
+            if prompt_judgments:
+                current = PromptJudgments(
+                    prompt_id=prompt_id, prompt=prompt, reference=prompt_texts.reference
                 )
-                if vote is not None:
-                    pair_stats.votes += 1
-                    pair_stats.tie_votes += vote.tie
-                    votes.append(vote)
-                comparison = next(comparison_rows, None)
-            if votes:
-                pairs.group(low=low, high=high, votes=votes)
-        if prompt_judgments:
-            current = PromptJudgments(prompt_id=prompt_id, prompt=prompt, reference=prompt_texts.reference)
-            for row in prompt_judgments:
-                tick()
-                judgments.judgment(current, row, prompt_texts.items.get(row.task_id, []))
-            judgments.prompt_done(current)
+                for row in prompt_judgments:
+                    tick()
+                    judgments.judgment(current, row, prompt_texts.items.get(row.task_id, []))
+                judgments.prompt_done(current)
+    finally:
+        comparison_rows.close()
+        judgment_rows.close()
+        texts.close()
     return pair_stats, judgments.stats
 
 

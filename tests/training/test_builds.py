@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 from datetime import date, datetime
@@ -284,6 +285,34 @@ def test_building_twice_gives_the_same_hash_and_identical_bytes(manager: Abstrac
     card = (build_folder(first) / "README.md").read_text()
     assert str(timezone.now().year) not in card  # no timestamps
     assert first.counts["pairs"]["train"] > 0 and first.counts["pairs"]["test"] > 0
+
+
+def test_a_build_leaves_no_server_side_cursor_open_on_its_connection(manager: AbstractUser) -> None:
+    """The build walks several streams side by side and stops some before their end (the prompts'
+    texts cover more prompts than the rows name). A stream left to the garbage collector closes
+    its cursor whenever it is collected, in the middle of a later query on the same connection,
+    where the driver waits for itself: the next request hangs."""
+    from django.db import connection
+
+    # given a project with judged tasks and a prompt judged by nobody
+    project = project_with_prompts([*DISTINCT_PROMPTS, "A prompt nobody judges."], k=4)
+    alice, bob = labelers("alice", "bob")
+    for task in tasks_of(project)[:-1]:
+        judge(task, alice, [1, 2, 3, 4])
+        judge(task, bob, [2, 1, 3, 4])
+
+    # when it is built, with the garbage collector held off (it runs at moments nobody chooses)
+    gc.disable()
+    try:
+        build = run_build(created_by=manager, projects=[project], test_fraction=0.0)
+        # then every cursor the build opened on this connection is already closed
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT name FROM pg_cursors")
+            open_cursors = cursor.fetchall()
+    finally:
+        gc.enable()
+    assert build.status == DatasetBuild.Status.SUCCEEDED
+    assert open_cursors == []
 
 
 # --- the split -------------------------------------------------------------------------
