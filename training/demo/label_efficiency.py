@@ -106,6 +106,8 @@ class LabelEfficiency(Loop):
             self._manager_and_sft()
             self.pool = self._project("pool", problems=self.train, k=settings.k)
             self.heldout_project = self._project("held-out", problems=self.heldout, k=settings.k)
+            # A policy is used only in the projects it belongs to.
+            self.sft.projects.add(self.pool, self.heldout_project)
         self.api = ApiClient(settings.base_url, self.manager_token)
         self.labelers = {
             name: self._person(f"labeler-{name}", Role.LABELER) for name, _noise in (*LABELERS, CARELESS)
