@@ -519,6 +519,11 @@ def _lock_task_with_free_slot(
     return None, 0
 
 
+# Claims of one person lost to their own other tab before one gets through (each loss means that
+# tab's claim went through, so a few are plenty).
+_CLAIM_RACE_RETRIES = 3
+
+
 def assignment_claim_next(
     *, project: Project, user: AbstractBaseUser, now: datetime | None = None
 ) -> Assignment | None:
@@ -540,16 +545,16 @@ def assignment_claim_next(
        slot is taken; unique constraints back both rules.
     """
     now = now or timezone.now()
-    try:
-        return _assignment_claim_next(project=project, user=user, now=now)
-    except IntegrityError:
-        # Another claim of the same person (a second tab) won the race for
-        # "one active lease per person and project"; theirs is the lease.
-        if not Assignment.objects.filter(
-            project=project, user=user, status=Assignment.Status.ACTIVE
-        ).exists():
-            raise
-        return _assignment_claim_next(project=project, user=user, now=now)
+    for _attempt in range(_CLAIM_RACE_RETRIES):
+        try:
+            return _assignment_claim_next(project=project, user=user, now=now)
+        except IntegrityError:
+            # Another claim of the same person (a second tab) won the race for
+            # "one active lease per person and project". Claiming again returns
+            # their lease, or, when that tab has already skipped or submitted
+            # it, the next task.
+            continue
+    return _assignment_claim_next(project=project, user=user, now=now)
 
 
 def _assignment_claim_next(*, project: Project, user: AbstractBaseUser, now: datetime) -> Assignment | None:

@@ -87,11 +87,6 @@ def _at_once(count: int, work) -> None:  # type: ignore[no-untyped-def]
     assert not errors, errors
 
 
-@pytest.mark.xfail(
-    reason="known defect, open: two tabs of one person claiming right after a skip can meet the "
-    "one-active-lease constraint as an IntegrityError the claim does not catch (seen once in a full run)",
-    strict=False,
-)
 @pytest.mark.django_db(transaction=True)
 def test_after_concurrent_claims_skips_submits_expiries_and_deletions_the_counter_equals_the_recount(
     make_project,
