@@ -214,8 +214,20 @@ def test_two_seeds_are_reported_side_by_side_with_both_seeds_pooled(tmp_path: Pa
         in text
     )
     assert "| generate | 10.0 | 11.0 |" in text
-    assert "11.0 minutes in all (goal: under 20: met)" in text
+    assert (
+        "one seed after the other; 11.0 minutes in all, the stack's start included (goal: under 20: met)"
+        in text
+    )
     assert "## Over-optimisation, seed 1" in text and "| 20 | 0.400 | 0.900 | 70.0% |" in text
+
+
+def test_seeds_run_side_by_side_say_so_and_their_goal_is_the_whole_wall_time():
+    reports = [seed_report(0, rl_right=72), seed_report(1, rl_right=66)]
+
+    text = seeds_markdown(seeds_summary(reports, total_seconds=1260.0, at_once=2))
+
+    assert "2 seeds at a time, side by side, the gpu worker running 2 jobs at once" in text
+    assert "21.0 minutes in all, the stack's start included (goal: under 20: **not met**)" in text
 
 
 def test_the_picture_is_an_svg_of_the_accuracies_and_the_over_optimisation_curve(tmp_path: Path):

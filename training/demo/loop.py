@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -73,6 +74,8 @@ from training.services import generation_job_create
 LABELERS: tuple[tuple[str, float], ...] = (("careful", 0.05), ("average", 0.15), ("hasty", 0.30))
 EVALUATORS: tuple[tuple[str, float], ...] = (("careful", 0.05), ("average", 0.15))
 USER_PREFIX = "loop-"
+# Seeds run side by side in one process share the simulated people's accounts: one creates each.
+_PEOPLE_LOCK = threading.Lock()
 # A deployed assistant answers a question with one right answer (near) greedily.
 EVAL_TEMPERATURE = 0.01
 UNPARSEABLE = 10**9  # distance of a completion that states no number: worse than any number
@@ -283,9 +286,18 @@ def _interval_dict(successes: int, trials: int) -> dict[str, Any]:
 class Loop:
     """One run of the loop; `run()` returns the report (also written as JSON and Markdown)."""
 
-    def __init__(self, settings: LoopSettings, *, say: Callable[[str], Any] = print) -> None:
+    def __init__(
+        self,
+        settings: LoopSettings,
+        *,
+        say: Callable[[str], Any] = print,
+        stop: threading.Event | None = None,
+    ) -> None:
         self.settings = settings
         self.say = say
+        # Set by whoever runs several loops at once when one of them failed: the others give up at
+        # their next wait instead of running on for nothing.
+        self.stop = stop or threading.Event()
         self.tag = f"{time.strftime('%Y%m%d-%H%M%S')}-s{settings.seed}"
         self.report = LoopReport(settings={**asdict(settings), "out_dir": str(settings.out_dir)})
         self.train = demo_problems(count=settings.train_prompts, seed=settings.seed, split="train")
@@ -319,7 +331,8 @@ class Loop:
                 return
             if time.monotonic() > deadline:
                 raise LoopFailed(f"{what} did not finish in {self.settings.stage_timeout_s:.0f} s ({text})")
-            time.sleep(self.settings.poll_s)
+            if self.stop.wait(self.settings.poll_s):
+                raise LoopFailed(f"stopped while waiting for {what}: another seed's loop failed")
 
     def _manager_and_sft(self) -> None:
         """The manager's account and token, and the SFT policy registered by them."""
@@ -334,10 +347,12 @@ class Loop:
     def _person(self, name: str, role: str) -> tuple[Any, str]:
         User = get_user_model()
         username = f"{USER_PREFIX}{name}"
-        user = (
-            User.objects.filter(username=username).first() or user_create(username=username, roles=[role])[0]
-        )
-        token, _ = Token.objects.get_or_create(user=user)
+        with _PEOPLE_LOCK:
+            user = (
+                User.objects.filter(username=username).first()
+                or user_create(username=username, roles=[role])[0]
+            )
+            token, _ = Token.objects.get_or_create(user=user)
         return user, token.key
 
     def _project(self, name: str, *, problems: list[DemoProblem], k: int) -> Project:
@@ -1213,10 +1228,11 @@ def report_write(report: LoopReport, out_dir: Path) -> tuple[Path, Path]:
 # --- several seeds -----------------------------------------------------------------------------
 
 
-def seeds_summary(reports: list[dict[str, Any]], *, total_seconds: float) -> dict[str, Any]:
+def seeds_summary(reports: list[dict[str, Any]], *, total_seconds: float, at_once: int = 1) -> dict[str, Any]:
     """The seeds side by side: per policy, each seed's accuracy and both seeds pooled (a Wilson
     interval over all their problems: it covers which problems were drawn, not how training varies
-    between seeds), the mean gain over SFT, and the whole run's wall time."""
+    between seeds), the mean gain over SFT, and the whole run's wall time (`at_once` seeds ran at
+    the same time)."""
     keys = [key for key in POLICY_LABELS if all(key in _policy_keys(report) for report in reports)]
     policies: dict[str, Any] = {}
     for key in keys:
@@ -1235,6 +1251,7 @@ def seeds_summary(reports: list[dict[str, Any]], *, total_seconds: float) -> dic
         "seeds": [report["settings"]["seed"] for report in reports],
         "policies": policies,
         "total_seconds": round(total_seconds, 1),
+        "at_once": at_once,
         "reports": reports,
     }
 
@@ -1243,11 +1260,17 @@ def seeds_markdown(summary: dict[str, Any], *, picture: str | None = None) -> st
     reports = summary["reports"]
     seeds = summary["seeds"]
     minutes = summary["total_seconds"] / 60
+    at_once = summary.get("at_once", 1)
+    how = (
+        "one seed after the other"
+        if at_once == 1
+        else f"{at_once} seeds at a time, side by side, the gpu worker running {at_once} jobs at once"
+    )
     lines = [
         f"# Rankwise loop report: seeds {', '.join(map(str, seeds))}",
         "",
-        f"The whole loop once per seed (new problems, rankings, runs and A/B session each time) on one "
-        f"stack; {minutes:.1f} minutes in all (goal: under 20: "
+        f"The whole loop once per seed (new problems, rankings, runs and A/B session each time), "
+        f"{how}; {minutes:.1f} minutes in all, the stack's start included (goal: under 20: "
         f"{'met' if minutes < 20 else '**not met**'}). Each seed's full report is in `seed-<n>/`.",
         "",
         "## Right answers on held-out problems, per seed",

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -60,6 +61,21 @@ def port_free(host: str = "127.0.0.1") -> int:
         return int(probe.getsockname()[1])
 
 
+def cpu_share_environment(jobs: int) -> dict[str, str]:
+    """Thread counts that share this machine's cores between `jobs` jobs running at once.
+
+    torch (through OpenMP and MKL) starts one thread per core in every job's
+    process; several jobs at once on a machine without a GPU would then run
+    cores-times-jobs threads that wait for each other. Each job gets its share
+    of the cores instead (at least one). Nothing changes for one job at a
+    time, nor where the person already chose (OMP_NUM_THREADS set).
+    """
+    if jobs <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return {}
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
 class LocalStack:
     """Start the app's processes as children, watch them, stop them in order.
 
@@ -77,14 +93,22 @@ class LocalStack:
         self.finite: set[str] = set()
 
     def spawn(
-        self, name: str, command: list[str], *, output: IO[bytes] | None = None, finite: bool = False
+        self,
+        name: str,
+        command: list[str],
+        *,
+        output: IO[bytes] | None = None,
+        finite: bool = False,
+        env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
-        """Start a child in its own session; `output` overrides the stack's log for this one."""
+        """Start a child in its own session; `output` overrides the stack's log for this one, `env`
+        adds to (or overrides) the environment it inherits."""
         stdout = output if output is not None else self.log
         process = subprocess.Popen(
             command,
             start_new_session=True,
             cwd=settings.BASE_DIR,
+            env={**os.environ, **env} if env else None,
             stdout=stdout,
             stderr=subprocess.STDOUT if stdout is not None else None,
         )
@@ -131,12 +155,17 @@ class LocalStack:
                 raise StackError(f"redis-server did not start on port {port} (is the port taken?)")
             time.sleep(0.2)
 
-    def start_workers(self, *, beat: bool = True, name_suffix: str = "%h") -> None:
+    def start_workers(self, *, beat: bool = True, name_suffix: str = "%h", gpu_jobs: int = 1) -> None:
+        """The `default` queue's worker (with the beat) and the `gpu` queue's, running `gpu_jobs` jobs
+        at once (one by default, as on a machine with one GPU)."""
         celery = [sys.executable, "-m", "celery", "-A", "config", "worker", "--loglevel", "INFO"]
         default = [*celery, "-Q", "default", "--concurrency", "2", "-n", f"default@{name_suffix}"]
         self.spawn("worker-default", [*default, "--beat"] if beat else default)
-        # One GPU job at a time per worker, as on a real GPU machine.
-        self.spawn("worker-gpu", [*celery, "-Q", "gpu", "--concurrency", "1", "-n", f"gpu@{name_suffix}"])
+        self.spawn(
+            "worker-gpu",
+            [*celery, "-Q", "gpu", "--concurrency", str(gpu_jobs), "-n", f"gpu@{name_suffix}"],
+            env=cpu_share_environment(gpu_jobs),
+        )
 
     def start_web(self, host: str, port: int) -> None:
         self.spawn("web", [sys.executable, "manage.py", "runserver", f"{host}:{port}", "--noreload"])

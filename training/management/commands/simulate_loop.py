@@ -6,7 +6,9 @@ import argparse
 import json
 import os
 import signal
+import threading
 import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
@@ -169,6 +171,13 @@ class Command(BaseCommand):
             help=f"n for best-of-n with the reward model (default {BEST_OF_N}; 0 leaves it out)",
         )
         parser.add_argument("--timeout", type=float, default=3600.0, help="seconds any one stage may take")
+        parser.add_argument(
+            "--seeds-at-once",
+            type=int,
+            default=None,
+            help="seeds whose loops run side by side, the gpu worker running as many jobs at once and "
+            "sharing the cores between them (default: every seed, at most one per core)",
+        )
         experiments = parser.add_argument_group(
             "label efficiency (instead of the whole loop; see training/demo/label_efficiency.py)"
         )
@@ -199,11 +208,9 @@ class Command(BaseCommand):
         from training.demo.label_efficiency import LabelEfficiency, LabelEfficiencySettings
         from training.demo.label_efficiency import report_write as label_efficiency_write
         from training.demo.loop import (
-            Loop,
             LoopFailed,
             LoopSettings,
             report_markdown,
-            report_write,
             seeds_markdown,
             seeds_summary,
             seeds_write,
@@ -267,6 +274,12 @@ class Command(BaseCommand):
             **sizes,
         )
 
+        at_once = 1 if plan is not None else options["seeds_at_once"]
+        if at_once is None:
+            at_once = max(1, min(len(seeds), os.cpu_count() or 1))
+        if at_once < 1:
+            raise CommandError(f"--seeds-at-once must be 1 or more, got {at_once}")
+        at_once = min(at_once, len(seeds))
         stack = LocalStack(say=self.stdout.write)
         signal.signal(signal.SIGTERM, self._on_sigterm)
         started = time.monotonic()
@@ -275,21 +288,20 @@ class Command(BaseCommand):
             if options["url"]:
                 loop_settings.base_url = options["url"].rstrip("/")
             else:
-                loop_settings.base_url = self._start_stack(stack, out_dir)
+                loop_settings.base_url = self._start_stack(stack, out_dir, gpu_jobs=at_once)
             self.stdout.write(f"Loop against {loop_settings.base_url}; report in {out_dir}")
             if plan is not None:
                 result = LabelEfficiency(loop_settings, say=self.stdout.write).experiment(plan)
             else:
-                for seed in seeds:
-                    one = replace(
+                runs = [
+                    replace(
                         loop_settings,
                         seed=seed,
                         out_dir=out_dir if len(seeds) == 1 else out_dir / f"seed-{seed}",
                     )
-                    self.stdout.write(f"Seed {seed}:")
-                    report = Loop(one, say=self.stdout.write).run()
-                    report_write(report, one.out_dir)
-                    reports.append(report.as_dict())
+                    for seed in seeds
+                ]
+                reports = self._loops(runs, at_once=at_once)
         except (LoopFailed, StackError) as error:
             raise CommandError(str(error)) from None
         finally:
@@ -303,18 +315,66 @@ class Command(BaseCommand):
             self.stdout.write("\n" + report_markdown(reports[0]))
             self.stdout.write(self.style.SUCCESS(f"Report written to {out_dir / 'loop-report.md'}"))
             return
-        summary = seeds_summary(reports, total_seconds=time.monotonic() - started)
+        summary = seeds_summary(reports, total_seconds=time.monotonic() - started, at_once=at_once)
         json_path, markdown_path = seeds_write(summary, out_dir)
         self.stdout.write("\n" + seeds_markdown(summary))
         self.stdout.write(self.style.SUCCESS(f"Report written to {markdown_path} and {json_path}"))
 
-    def _start_stack(self, stack: LocalStack, out_dir: Path) -> str:
+    def _loops(self, runs: list[Any], *, at_once: int) -> list[dict[str, Any]]:
+        """Each seed's loop, `at_once` of them side by side (one thread each: the work is in the
+        workers; the threads post, poll and answer as the simulated people); their reports in seed
+        order. When one fails, the others stop at their next wait, and the first failure is raised."""
+        from django.db import connection
+
+        from training.demo.loop import Loop, LoopFailed, report_write
+
+        stop = threading.Event()
+
+        def one(settings: Any) -> dict[str, Any]:
+            prefix = f"seed {settings.seed}: " if len(runs) > 1 else ""
+
+            def say(text: str) -> None:
+                self.stdout.write(prefix + text)
+
+            try:
+                report = Loop(settings, say=say, stop=stop).run()
+                report_write(report, settings.out_dir)
+                return report.as_dict()
+            except BaseException:
+                stop.set()
+                raise
+            finally:
+                connection.close()  # each thread opened its own
+
+        if at_once == 1:
+            return [one(settings) for settings in runs]
+        pool = ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="loop-seed")
+        futures = [pool.submit(one, settings) for settings in runs]
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [future for future in futures if future.done() and future.exception()]
+            if failed:
+                stop.set()
+                wait(futures)
+                errors = [future.exception() for future in futures if future.exception()]
+                # The seed that failed first, not the ones that stopped because of it.
+                first = next((e for e in errors if not str(e).startswith("stopped while")), errors[0])
+                if isinstance(first, LoopFailed):
+                    raise first
+                raise LoopFailed(f"a seed's loop stopped: {first!r}") from first
+            return [future.result() for future in futures]
+        finally:
+            # On Ctrl-C the threads are not waited for here: the stack's stop, next, ends their requests.
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _start_stack(self, stack: LocalStack, out_dir: Path, *, gpu_jobs: int = 1) -> str:
         out_dir.mkdir(parents=True, exist_ok=True)
         # The workers' and the server's logs would drown the progress lines.
         stack.log = (out_dir / "processes.log").open("ab")
         port = port_free()
         stack.start_redis_if_needed()
-        stack.start_workers(name_suffix="loop-%h")
+        stack.start_workers(name_suffix="loop-%h", gpu_jobs=gpu_jobs)
         stack.start_web("127.0.0.1", port)
         base_url = f"http://127.0.0.1:{port}"
         stack.wait_healthy(base_url)
