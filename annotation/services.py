@@ -248,9 +248,24 @@ def tasks_create_for_project(*, project: Project, batch_size: int = 1000) -> int
 
 
 # Below any disagreement step (half a pair: 1 / (2 × C(K, 2) × scorer pairs) ≥ 1/216 for K ≤ 9 and
-# three scorers):
-# within one disagreement, the newest model's gap orders the tasks without crossing into another.
+# three scorers): within one disagreement, the newest model's separation (0 to 1) orders the tasks
+# without crossing into another.
 DISAGREEMENT_GAP_WEIGHT = 1e-3
+
+
+def _separation(scores: list[float]) -> float:
+    """How well one reward model separates a task's completions: 1 − 4 × the mean, over all C(K, 2)
+    pairs, of p(1 − p), p = σ(s_i − s_j) the Bradley–Terry probability that one is preferred.
+
+    p(1 − p) is the variance of the pair's label under the model, and the curvature a label on that
+    pair adds to the Bradley–Terry loss: 1/4 where the model cannot tell the two apart, near 0 where
+    it is sure. Averaged over every pair, a task whose completions are all close scores near 0, while
+    one with a single tied pair among clearly separated ones scores near 1 − 1/C(K, 2) (the smallest
+    gap alone would put it first, though labelers tie such pairs anyway). 1 − 4p(1 − p) = tanh²(d/2),
+    d = s_i − s_j, which stays exact for large gaps.
+    """
+    pairs = list(itertools.combinations(scores, 2))
+    return sum(math.tanh((first - second) / 2) ** 2 for first, second in pairs) / len(pairs)
 
 
 def _discordance(first: list[float], second: list[float]) -> float:
@@ -279,17 +294,21 @@ def tasks_uncertainty_refresh(
     `other_scorers` the labels of earlier reward models that scored the
     project, newest first (the training side chooses them).
 
-    1. Uncertainty: the smallest gap between the newest scorer's scores of
-       two of the task's completions. A small gap means the reward model can
-       hardly tell them apart, so a person's ranking there teaches it most.
+    1. Uncertainty: the newest scorer's separation S of the task's
+       completions (`_separation`: 1 − 4 × the mean over all pairs of
+       p(1 − p) under Bradley–Terry; 0 when it can tell no pair apart,
+       toward 1 when every pair is clear). Lowest first: where the reward
+       model is unsure about most pairs, a person's ranking teaches it most;
+       one tied pair among clear ones (often two equally good answers, which
+       labelers tie) does not put a task first.
     2. Disagreement, when at least one other scorer scored every completion
        of the task: D, the mean over pairs of those scorers (the newest
        included) of the share of the task's completion pairs they order the
        opposite way (0: they agree; 1: one reverses the other). Stored as
-       −D + DISAGREEMENT_GAP_WEIGHT × g / (1 + g), g the newest gap: the
-       largest disagreement first, the newest model's small gaps first among
-       equal ones. A task no other scorer covers stores the newest gap, as
-       under uncertainty (so those come after every task the models disagree on).
+       −D + DISAGREEMENT_GAP_WEIGHT × S: the largest disagreement first, the
+       newest model's least separated tasks first among equal ones. A task
+       no other scorer covers stores S, as under uncertainty (so those come
+       after every task the models disagree on).
     3. A task with a completion the newest scorer has not scored gets None
        in both (served after the scored ones).
 
@@ -311,10 +330,9 @@ def tasks_uncertainty_refresh(
     updates = []
     scored = 0
     for task_id, completion_ids in items.items():
-        gap = disagreement = None
+        separation = disagreement = None
         if len(completion_ids) >= 2 and all(pk in newest for pk in completion_ids):
-            values = sorted(newest[pk] for pk in completion_ids)
-            gap = min(high - low for low, high in itertools.pairwise(values))
+            separation = _separation([newest[pk] for pk in completion_ids])
             covering = [
                 [scores[label][pk] for pk in completion_ids]
                 for label in labels
@@ -323,11 +341,11 @@ def tasks_uncertainty_refresh(
             if len(covering) >= 2:
                 pairs = list(itertools.combinations(covering, 2))
                 mean = sum(_discordance(a, b) for a, b in pairs) / len(pairs)
-                disagreement = -mean + DISAGREEMENT_GAP_WEIGHT * gap / (1 + gap)
+                disagreement = -mean + DISAGREEMENT_GAP_WEIGHT * separation
             else:
-                disagreement = gap
+                disagreement = separation
             scored += 1
-        updates.append(Task(pk=task_id, uncertainty=gap, disagreement=disagreement))
+        updates.append(Task(pk=task_id, uncertainty=separation, disagreement=disagreement))
     Task.objects.bulk_update(updates, ["uncertainty", "disagreement"], batch_size=batch_size)
     return scored
 

@@ -3,6 +3,8 @@ from stored values."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from django.db import connection
 
@@ -51,7 +53,7 @@ def test_the_random_order_serves_tasks_by_their_stored_random_rank(make_project)
 
 
 @pytest.mark.django_db
-def test_the_uncertainty_order_serves_the_smallest_score_gap_first_and_unscored_tasks_last(
+def test_the_uncertainty_order_serves_the_least_separated_task_first_and_unscored_tasks_last(
     make_project,
 ) -> None:
     # given six tasks: four scored with different gaps, two with a completion not scored
@@ -63,13 +65,36 @@ def test_the_uncertainty_order_serves_the_smallest_score_gap_first_and_unscored_
     # when the scores are turned into the tasks' uncertainty
     assert tasks_uncertainty_refresh(project=project, scorer="rm-1") == 4
 
-    # then the queue goes from least sure to most sure, then the unscored at random
+    # then each stores 1 − 4 × the mean over its pairs of p(1 − p), p = σ(score gap): tanh²(gap / 2)
     stored = dict(project.tasks.values_list("pk", "uncertainty"))
-    assert stored[tasks[4]] == pytest.approx(0.01) and stored[tasks[2]] is None
+    separation = (2 * math.tanh(0.01 / 2) ** 2 + math.tanh(0.02 / 2) ** 2) / 3
+    assert stored[tasks[4]] == pytest.approx(separation) and stored[tasks[2]] is None
+    # and the queue goes from least sure to most sure, then the unscored at random
     unscored = list(
         project.tasks.filter(uncertainty__isnull=True).order_by("random_rank").values_list("pk", flat=True)
     )
     assert claim_order(project, 6) == [tasks[4], tasks[1], tasks[3], tasks[0], *unscored]
+
+
+@pytest.mark.django_db
+def test_the_uncertainty_order_serves_a_task_with_all_answers_close_before_one_with_two_clear_tiers(
+    make_project,
+) -> None:
+    # given a task whose answers form two clear tiers, tied within each (a tie labelers would give
+    # anyway), and one whose answers are all close: its smallest gap is 0.2, the tiers' is 0
+    project = make_project(tasks=2, k=4, task_order=Project.TaskOrder.UNCERTAINTY)
+    tiers, close = project.tasks.order_by("id")
+    scores_in_order(tiers, "rm-1", [5.0, 5.0, -5.0, -5.0])
+    scores_in_order(close, "rm-1", [0.3, 0.1, -0.1, -0.3])
+
+    # when the scores are turned into the tasks' uncertainty
+    tasks_uncertainty_refresh(project=project, scorer="rm-1")
+
+    # then the task where the model can separate no pair comes first: over all C(4, 2) pairs it is
+    # less sure there than where only one pair of each tier is tied
+    stored = dict(project.tasks.values_list("pk", "uncertainty"))
+    assert stored[close.pk] < stored[tiers.pk]
+    assert claim_order(project, 2) == [close.pk, tiers.pk]
 
 
 @pytest.mark.django_db

@@ -8,6 +8,7 @@ on the real workers, and the tasks' uncertainty follows the new model.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from pathlib import Path
 
@@ -170,8 +171,9 @@ def test_new_judgments_start_a_cycle_whose_reward_model_re_orders_the_queue(
     assert job.status == ScoringJob.Status.SUCCEEDED and job.reward_model == run.reward_model
     scored = dict(CompletionScore.objects.filter(scorer=job.scorer).values_list("completion_id", "score"))
     for task in Task.objects.filter(project=project).prefetch_related("items"):
-        values = sorted(scored[item.completion_id] for item in task.items.all())
-        assert task.uncertainty == pytest.approx(min(b - a for a, b in itertools.pairwise(values)), abs=1e-9)
+        pairs = list(itertools.combinations([scored[item.completion_id] for item in task.items.all()], 2))
+        separation = sum(math.tanh((a - b) / 2) ** 2 for a, b in pairs) / len(pairs)
+        assert task.uncertainty == pytest.approx(separation, abs=1e-9)
 
     # and with no new judgments, the next tick waits
     assert continuous_training_tick()[project.pk] == "waiting"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -467,12 +468,14 @@ def test_a_reward_model_attached_to_a_ranking_project_orders_its_queue_by_uncert
     job = wait_for(ScoringJob.objects.get(project=project))
     assert job.status == ScoringJob.Status.SUCCEEDED, job.error + job.log_tail
 
-    # then every task holds the smallest gap between its completions' scores
+    # then every task holds how well the scores separate its completions over all pairs:
+    # 1 − 4 × the mean of p(1 − p), p = σ(score gap), which is the mean of tanh²(gap / 2)
     scores = dict(CompletionScore.objects.filter(scorer=job.scorer).values_list("completion_id", "score"))
     expected = {}
     for task in Task.objects.filter(project=project).prefetch_related("items"):
-        values = sorted(scores[item.completion_id] for item in task.items.all())
-        expected[task.pk] = min(b - a for a, b in itertools.pairwise(values))
+        values = [scores[item.completion_id] for item in task.items.all()]
+        pairs = list(itertools.combinations(values, 2))
+        expected[task.pk] = sum(math.tanh((a - b) / 2) ** 2 for a, b in pairs) / len(pairs)
         assert task.uncertainty == pytest.approx(expected[task.pk], abs=1e-9)
 
     # and a labeler is served the task the reward model is least sure about
