@@ -218,12 +218,15 @@ class Task(models.Model):
     # The task's place in the project's random order, drawn when it is made.
     random_rank = models.FloatField(default=random_rank_draw)
     # How unsure the latest reward model scoring the project is about this
-    # task: the smallest score gap between two of its completions (lower is
-    # less sure); None until a scoring job has scored all of them.
+    # task: how well its scores separate the completions over all pairs,
+    # 1 − 4 × the mean Bradley–Terry p(1 − p) (0 to 1, lower is less sure;
+    # annotation.services.tasks_uncertainty_refresh); None until a scoring
+    # job has scored all of them.
     uncertainty = models.FloatField(null=True, blank=True)
     # The task's place in the disagreement order (lower first), stored with `uncertainty` by the
     # same refresh: minus how far the newest reward models disagree on its ranking (0 to 1), then
-    # the newest model's gap; only the newest model's gap while no other scored it; None as above.
+    # the newest model's separation (as in `uncertainty`); only that separation while no other
+    # scored it; None as above.
     disagreement = models.FloatField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
