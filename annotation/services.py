@@ -261,8 +261,11 @@ def _separation(scores: list[float]) -> float:
     pair adds to the Bradley–Terry loss: 1/4 where the model cannot tell the two apart, near 0 where
     it is sure. Averaged over every pair, a task whose completions are all close scores near 0, while
     one with a single tied pair among clearly separated ones scores near 1 − 1/C(K, 2) (the smallest
-    gap alone would put it first, though labelers tie such pairs anyway). 1 − 4p(1 − p) = tanh²(d/2),
-    d = s_i − s_j, which stays exact for large gaps.
+    gap alone would put it first, though labelers tie such pairs anyway). Computed as the mean of
+    tanh²(d/2), d = s_i − s_j, which equals 1 − 4p(1 − p) pair by pair.
+    Scores alone cannot tell a pair the model is unsure of from two equally good answers, so a task
+    whose answers are all equally good still comes first (the disagreement order looks at how the
+    models differ instead).
     """
     pairs = list(itertools.combinations(scores, 2))
     return sum(math.tanh((first - second) / 2) ** 2 for first, second in pairs) / len(pairs)
