@@ -78,6 +78,9 @@ BEST_OF_N = 4
 # over-optimised within 40 steps (KL 13.7, truncated answers, the truth flat). At 1e-4, 100 steps
 # gained more than 200: past 100 the policy starts answering sums wrongly where the reward model,
 # which never saw a wrong answer on them, cannot tell (measured on seed 0, 1,000 training prompts).
+# β = 0.2 rather than 0.05: the tighter KL keeps the policy near the sums SFT already answers right
+# while it fixes its habits, +14.7 and +13.5 points over SFT against +9.9 and +12.2 at 0.05 (the
+# loop at full size, seeds 0 and 1; see the README's table).
 RL_HYPERPARAMETERS: dict[str, Any] = {
     "learning_rate": 1e-4,
     "max_steps": 100,
@@ -85,7 +88,7 @@ RL_HYPERPARAMETERS: dict[str, Any] = {
     "rl_num_generations": 4,
     "rl_temperature": 1.0,
     "rl_max_completion_length": 32,
-    "beta": 0.05,
+    "beta": 0.2,
     "max_length": 128,
     "rl_watch_steps": 10,
     "rl_watch_prompts": 32,
